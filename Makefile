@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export AVP_DATA_DIR ?= $(CURDIR)/data
+export DAGSTER_HOME ?= $(AVP_DATA_DIR)/dagster_home
+DEMO_FRAMES ?= 600
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: install demo test dev instance clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+instance:
+	mkdir -p "$(DAGSTER_HOME)"
+	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+
+# The main job: synthetic footage if the landing zone is empty, then every asset.
+demo: install instance
+	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) --if-empty
+	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select '*'
+	$(BIN)/python -m avperception_assets.summary
+
+test: install
+	$(BIN)/python -m pytest -q avperception_assets_tests
+
+# The web UI and the daemon (sensors, run queue) on http://$(HOST):$(PORT).
+dev: install instance
+	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+clean:
+	rm -rf "$(AVP_DATA_DIR)/landing" "$(AVP_DATA_DIR)/lancedb" "$(AVP_DATA_DIR)/checkpoints" \
+	       "$(AVP_DATA_DIR)/reports" "$(AVP_DATA_DIR)/dagster_home"

@@ -1,0 +1,1 @@
+"""The thin Dagster layer: assets, checks, sensors and resources that wire the stages."""

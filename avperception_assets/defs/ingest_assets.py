@@ -1,0 +1,91 @@
+"""`raw_frames`: landing batches into the `bdd100k` Lance table, with its checks."""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from .. import ingest, settings, storage
+from .resources import LanceDBResource
+
+
+class RawFramesConfig(dg.Config):
+    batch_ids: list[str] = Field(
+        default_factory=list,
+        description="Landing batches to ingest; empty means every READY batch not ingested yet.",
+    )
+    val_fraction: float = Field(0.2, description="Share of frames put in val when the labels name no split.")
+
+
+def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
+    lines = ["| batch | ingested | already present | quarantined | boxes | clipped | seconds |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for s in summaries:
+        quarantined = ", ".join(f"{reason}: {n}" for reason, n in sorted(s.quarantined.items())) or "none"
+        lines.append(f"| {s.batch_id} | {s.ingested} | {s.already_present} | {quarantined} | {s.boxes} "
+                     f"| {s.boxes_clipped} | {s.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+@dg.asset(
+    group_name="ingest",
+    kinds={"lancedb"},
+    pool="lancedb_writes",
+    description="Dashcam frames (JPEG bytes + BDD100K labels) in the Lance table `bdd100k`; "
+    "rejected inputs go to `quarantine` with their reason.",
+)
+def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
+    started = time.perf_counter()
+    conn = lancedb.connect()
+    summaries = ingest.ingest_batches(conn, settings.landing_dir(), config.batch_ids or None,
+                                      val_fraction=config.val_fraction, log=context.log.info)
+    table = storage.open_or_create(conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
+    quarantined: dict[str, int] = {}
+    for s in summaries:
+        for reason, n in s.quarantined.items():
+            quarantined[reason] = quarantined.get(reason, 0) + n
+    ingested = sum(s.ingested for s in summaries)
+    seconds = time.perf_counter() - started
+    return dg.MaterializeResult(
+        metadata={
+            "batches": dg.MetadataValue.md(_batch_table(summaries)) if summaries else "no pending batch",
+            "ingested": ingested,
+            "already_present": sum(s.already_present for s in summaries),
+            "quarantined": sum(quarantined.values()),
+            **{f"quarantined_{reason}": n for reason, n in sorted(quarantined.items())},
+            "rows_total": table.count_rows(),
+            "table_version": table.version,
+            "table_uri": dg.MetadataValue.path(str(table.uri)),
+            "frames_per_second": round(ingested / seconds, 1) if ingested else 0.0,
+        },
+        data_version=dg.DataVersion(str(table.version)),
+    )
+
+
+def _frames_table(lancedb: LanceDBResource):
+    return storage.open_or_create(lancedb.connect(), storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
+
+
+def _audit_result(bad: list[str], what: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=not bad,
+        metadata={f"{what}_count": len(bad), "examples": dg.MetadataValue.json(bad[:20])},
+    )
+
+
+@dg.asset_check(asset=raw_frames, blocking=True, description="No image_id appears twice.")
+def no_duplicate_image_ids(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _audit_result(ingest.duplicate_image_ids(_frames_table(lancedb)), "duplicate_ids")
+
+
+@dg.asset_check(asset=raw_frames, blocking=True, description="Every box lies inside its frame and has an area.")
+def boxes_inside_frames(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _audit_result(ingest.frames_with_boxes_outside(_frames_table(lancedb)), "frames_with_bad_boxes")
+
+
+@dg.asset_check(asset=raw_frames, description="Every frame's bytes decode fully.")
+def frames_decode(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _audit_result(ingest.undecodable_frames(_frames_table(lancedb)), "undecodable_frames")
+
+
+defs = dg.Definitions(assets=[raw_frames], asset_checks=[no_duplicate_image_ids, boxes_inside_frames, frames_decode])

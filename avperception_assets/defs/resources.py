@@ -1,0 +1,36 @@
+"""Dagster resources shared by every stage."""
+
+import contextlib
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from .. import storage
+
+
+class LanceDBResource(dg.ConfigurableResource):
+    """The LanceDB/Geneva backbone, plus one Ray context per run (started on first use).
+
+    `uri` defaults to `$AVP_DATA_DIR/lancedb` (or `$AVP_LANCEDB_URI`); `ray_address` sends
+    backfills and view refreshes to a Ray cluster instead of a local Ray.
+    """
+
+    uri: str | None = None
+    ray_address: str | None = None
+
+    _ray_stack: contextlib.ExitStack | None = PrivateAttr(default=None)
+
+    def connect(self):
+        return storage.connect(self.uri)
+
+    def ensure_ray(self) -> None:
+        """Start Ray once; later calls in the same run reuse it (Ray's start costs seconds)."""
+        if self._ray_stack is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(storage.ray_context(self.ray_address))
+            self._ray_stack = stack
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._ray_stack is not None:
+            self._ray_stack.close()
+            self._ray_stack = None

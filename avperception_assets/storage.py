@@ -1,0 +1,91 @@
+"""The one LanceDB/Geneva backbone: connection, table names and the frames schema."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from . import settings
+
+FRAMES_TABLE = "bdd100k"
+QUARANTINE_TABLE = "quarantine"
+
+# Geneva view refresh after an append needs stable row ids on the source table.
+STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
+
+BOX = pa.list_(pa.float32())  # [x1, y1, x2, y2] in pixels
+
+FRAMES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string()),  # path inside the batch folder
+        pa.field("label_format", pa.string()),  # bdd_per_image_2018 | bdd_split_list_2018 | bdd_det_20
+        pa.field("split", pa.string(), nullable=False),  # train | val
+        pa.field("image_bytes", pa.large_binary()),
+        pa.field("image_format", pa.string()),  # jpeg | png
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("weather", pa.string()),
+        pa.field("scene", pa.string()),
+        pa.field("timeofday", pa.string()),
+        pa.field("timestamp", pa.int64()),
+        pa.field("ann_categories", pa.list_(pa.string())),
+        pa.field("ann_bboxes", pa.list_(BOX)),
+        pa.field("ann_occluded", pa.list_(pa.bool_())),
+        pa.field("ann_truncated", pa.list_(pa.bool_())),
+        pa.field("ingest_seq", pa.int64(), nullable=False),  # global ingestion order
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("quarantined_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def connect(uri: str | None = None):
+    """Geneva connection (a LanceDB connection that can also run UDF backfills and views)."""
+    import geneva
+
+    return geneva.connect(uri or settings.lancedb_uri())
+
+
+def table_names(conn) -> set[str]:
+    """Every table and view name (list_tables pages its answer)."""
+    names, token = set(), None
+    while True:
+        page = conn.list_tables(page_token=token)
+        names.update(page.tables)
+        token = page.page_token
+        if not token:
+            return names
+
+
+def table_exists(conn, name: str) -> bool:
+    return name in table_names(conn)
+
+
+def open_or_create(conn, name: str, schema: pa.Schema):
+    """Open `name`, creating it empty (with stable row ids) on first use."""
+    if table_exists(conn, name):
+        return conn.open_table(name)
+    return conn.create_table(name, schema=schema, storage_options=STABLE_ROW_IDS, exist_ok=True)
+
+
+def ray_context(ray_address: str | None = None):
+    """Context manager for the Ray that Geneva backfills and view refreshes run on.
+
+    No address: a local Ray on this machine. An address (`ray://host:10001`): the same jobs
+    run on that cluster, which is how a deployment outgrows one machine.
+    """
+    from geneva.runners.ray._mgr import ray_cluster
+
+    if ray_address:
+        return ray_cluster(addr=ray_address, use_portforwarding=False)
+    return ray_cluster(local=True, log_to_driver=False)
