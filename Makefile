@@ -9,7 +9,7 @@ DEMO_FRAMES ?= 600
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install demo test dev instance clean
+.PHONY: install browser demo test dev instance clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: install instance
 	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select '*'
 	$(BIN)/python -m avperception_assets.summary
 
-test: install
+# The web UI test drives Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q avperception_assets_tests
 
 # The web UI and the daemon (sensors, run queue) on http://$(HOST):$(PORT).

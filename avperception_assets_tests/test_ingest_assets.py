@@ -1,0 +1,113 @@
+"""raw_frames materialized for real, its checks, and the new-footage sensor's ticks."""
+
+import os
+import time
+
+import dagster as dg
+
+from avperception_assets import storage, synthetic
+from avperception_assets.defs import ingest_assets
+from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.sensors import new_footage_sensor
+
+
+RAW_FRAMES_DEFS = [ingest_assets.raw_frames, ingest_assets.no_duplicate_image_ids,
+                   ingest_assets.boxes_inside_frames, ingest_assets.frames_decode]
+
+
+def _materialize(data_dir, run_config=None):
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            RAW_FRAMES_DEFS,
+            resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+            instance=instance,
+            run_config=run_config,
+        )
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        return result, checks
+
+
+def test_raw_frames_materializes_pending_batches_with_metadata(data_dir):
+    synthetic.write_batch(data_dir / "landing", "b1", 10, seed=1)
+    synthetic.write_batch(data_dir / "landing", "b2", 6, seed=2)
+    result, checks = _materialize(data_dir)
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("raw_frames")
+    metadata = materialization.metadata
+    assert metadata["ingested"].value == 16 and metadata["rows_total"].value == 16
+    assert metadata["quarantined"].value == 0
+    assert set(checks) == {"no_duplicate_image_ids", "boxes_inside_frames", "frames_decode"}
+    assert all(c.passed for c in checks.values())
+
+    again, _ = _materialize(data_dir)  # nothing pending: safe to re-run
+    [materialization] = again.asset_materializations_for_node("raw_frames")
+    assert materialization.metadata["ingested"].value == 0
+    assert materialization.metadata["rows_total"].value == 16
+
+
+def test_raw_frames_reports_quarantine_counts_by_reason(data_dir):
+    batch = synthetic.write_batch(data_dir / "landing", "b1", 5, seed=1)
+    next(batch.rglob("*.jpg")).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result, _ = _materialize(data_dir, {"ops": {"raw_frames": {"config": {"batch_ids": ["b1"]}}}})
+    [materialization] = result.asset_materializations_for_node("raw_frames")
+    assert materialization.metadata["ingested"].value == 4
+    assert materialization.metadata["quarantined_corrupt_image"].value == 1
+
+
+def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
+    synthetic.write_batch(data_dir / "landing", "b1", 3, seed=1)
+    _materialize(data_dir)
+    table = storage.connect(str(data_dir / "lancedb")).open_table(storage.FRAMES_TABLE)
+    table.add(table.to_lance().to_table().slice(0, 1))  # a write that bypassed ingestion
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            RAW_FRAMES_DEFS, instance=instance, raise_on_error=False,
+            resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+            selection=dg.AssetSelection.checks_for_assets(ingest_assets.raw_frames),
+        )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["no_duplicate_image_ids"].passed
+    assert checks["boxes_inside_frames"].passed
+
+
+def _tick(data_dir, instance, cursor=None):
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor,
+        resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+    ) as context:
+        result = new_footage_sensor(context)
+        runs = result if isinstance(result, list) else []
+        return runs, context.cursor
+
+
+def test_sensor_requests_one_run_per_ready_batch_once(data_dir):
+    landing = data_dir / "landing"
+    with dg.instance_for_test() as instance:
+        runs, cursor = _tick(data_dir, instance)
+        assert runs == []  # empty landing zone
+
+        synthetic.write_batch(landing, "b1", 2, seed=1)
+        copying = synthetic.write_batch(landing, "b2", 2, seed=2)
+        (copying / synthetic.READY_MARKER).unlink()  # still copying: must not be read
+        runs, cursor = _tick(data_dir, instance, cursor)
+        assert [r.run_key for r in runs] == ["b1"]
+        assert runs[0].run_config["ops"]["raw_frames"]["config"]["batch_ids"] == ["b1"]
+
+        runs, cursor = _tick(data_dir, instance, cursor)
+        assert runs == []  # the same batch never gets a second run
+
+        (copying / synthetic.READY_MARKER).write_text("")
+        late = synthetic.write_batch(landing, "a0-late", 2, seed=3)
+        old = time.time() - 30 * 24 * 3600  # landed late but carries an old mtime (cp -p)
+        for path in [late, *late.rglob("*")]:
+            os.utime(path, (old, old))
+        runs, cursor = _tick(data_dir, instance, cursor)
+        assert sorted(r.run_key for r in runs) == ["a0-late", "b2"]
+
+
+def test_sensor_skips_batches_already_ingested(data_dir):
+    synthetic.write_batch(data_dir / "landing", "b1", 2, seed=1)
+    _materialize(data_dir)
+    with dg.instance_for_test() as instance:
+        runs, _ = _tick(data_dir, instance)  # a fresh cursor still knows b1 from the table
+        assert runs == []
