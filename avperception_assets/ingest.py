@@ -288,35 +288,45 @@ class BatchIngestor:
                 candidates.append(_Candidate(rel, path, labels[image_id]))
         return candidates
 
+    def _loaded_chunks(self, candidates: list[_Candidate]) -> Iterator[list]:
+        """Read and check images on 2 threads (PIL decodes without the GIL), one chunk ahead,
+        so checking chunk n+1 overlaps with Lance writing chunk n; memory stays two chunks."""
+        chunks = [candidates[i:i + CHUNK_FRAMES] for i in range(0, len(candidates), CHUNK_FRAMES)]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            ahead = [pool.submit(_load_candidate, c) for c in chunks[0]] if chunks else []
+            for index in range(len(chunks)):
+                current = ahead
+                ahead = [pool.submit(_load_candidate, c) for c in chunks[index + 1]] if index + 1 < len(chunks) else []
+                yield [future.result() for future in current]
+
     def _rows(self, candidates: list[_Candidate], first_seq: int) -> Iterator[pa.RecordBatch]:
         seq = first_seq
         now = datetime.now(timezone.utc)
-        with ThreadPoolExecutor(max_workers=2) as pool:  # PIL decodes without the GIL
-            for start in range(0, len(candidates), CHUNK_FRAMES):
-                rows = []
-                for candidate, data, info, rejection in pool.map(_load_candidate, candidates[start:start + CHUNK_FRAMES]):
-                    if rejection:
-                        self._reject(rejection)
-                        continue
-                    image_format, width, height = info
-                    label = candidate.label
-                    boxes, rejected = normalize_objects(label, width, height, self.summary)
-                    for item in rejected:
-                        self._reject(item)
-                    split = label.split if label.split in SPLITS else assign_split(label.image_id, self.val_fraction)
-                    rows.append({
-                        "image_id": label.image_id, "batch_id": self.batch_id, "source_file": candidate.rel,
-                        "label_format": label.layout, "split": split, "image_bytes": data,
-                        "image_format": image_format, "width": width, "height": height,
-                        "weather": label.attributes.get("weather"), "scene": label.attributes.get("scene"),
-                        "timeofday": label.attributes.get("timeofday"), "timestamp": label.timestamp,
-                        **boxes, "ingest_seq": seq, "ingested_at": now,
-                    })
-                    seq += 1
-                self.summary.ingested += len(rows)
-                self.log(f"{self.batch_id}: {self.summary.ingested}/{len(candidates)} frames read")
-                if rows:
-                    yield pa.RecordBatch.from_pylist(rows, schema=storage.FRAMES_SCHEMA)
+        for loaded in self._loaded_chunks(candidates):
+            rows = []
+            for candidate, data, info, rejection in loaded:
+                if rejection:
+                    self._reject(rejection)
+                    continue
+                image_format, width, height = info
+                label = candidate.label
+                boxes, rejected = normalize_objects(label, width, height, self.summary)
+                for item in rejected:
+                    self._reject(item)
+                split = label.split if label.split in SPLITS else assign_split(label.image_id, self.val_fraction)
+                rows.append({
+                    "image_id": label.image_id, "batch_id": self.batch_id, "source_file": candidate.rel,
+                    "label_format": label.layout, "split": split, "image_bytes": data,
+                    "image_format": image_format, "width": width, "height": height,
+                    "weather": label.attributes.get("weather"), "scene": label.attributes.get("scene"),
+                    "timeofday": label.attributes.get("timeofday"), "timestamp": label.timestamp,
+                    **boxes, "ingest_seq": seq, "ingested_at": now,
+                })
+                seq += 1
+            self.summary.ingested += len(rows)
+            self.log(f"{self.batch_id}: {self.summary.ingested}/{len(candidates)} frames read")
+            if rows:
+                yield pa.RecordBatch.from_pylist(rows, schema=storage.FRAMES_SCHEMA)
 
     def run(self) -> BatchSummary:
         started = time.perf_counter()

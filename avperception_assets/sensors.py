@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import ingest
@@ -23,3 +25,27 @@ def batches_to_request(landing_dir: Path, processed: set[str], requested: set[st
     mtime (copied with `cp -p`, `rsync -a`) is still picked up.
     """
     return [b for b in ingest.ready_batches(landing_dir) if b not in processed and b not in requested]
+
+
+@dataclass(frozen=True)
+class RetrainPolicy:
+    """A mode retrains when its train view grew by `min_new_rows` rows or by `min_growth` (a
+    fraction of the rows its checkpoint saw), whichever comes first; 0 disables a criterion."""
+
+    min_new_rows: int = 100
+    min_growth: float = 0.25
+
+    @classmethod
+    def from_env(cls) -> "RetrainPolicy":
+        return cls(int(os.environ.get("AVP_RETRAIN_MIN_NEW_ROWS", cls.min_new_rows)),
+                   float(os.environ.get("AVP_RETRAIN_MIN_GROWTH", cls.min_growth)))
+
+    def should_retrain(self, view_rows: int, trained_rows: int | None) -> bool:
+        if trained_rows is None:  # never trained
+            return view_rows > 0
+        grown = view_rows - trained_rows
+        if grown <= 0:
+            return False
+        by_rows = self.min_new_rows > 0 and grown >= self.min_new_rows
+        by_share = self.min_growth > 0 and grown >= self.min_growth * max(trained_rows, 1)
+        return by_rows or by_share
