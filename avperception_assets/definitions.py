@@ -4,11 +4,15 @@ import os
 
 import dagster as dg
 
-from .defs import ingest_assets, sensors
+from .defs import curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets, training_assets
 from .defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
     ingest_assets.defs,
+    curation_assets.defs,
+    slice_assets.defs,
+    training_assets.defs,
+    evaluation_assets.defs,
     sensors.defs,
     dg.Definitions(
         resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},

@@ -11,6 +11,7 @@ import pytest
 # Before any project import reads it: nothing a test does may touch the repository's data/.
 os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; read when Geneva is imported
 
 from avperception_assets import ingest, storage, synthetic  # noqa: E402
 

@@ -24,8 +24,11 @@ class LanceDBResource(dg.ConfigurableResource):
         return storage.connect(self.uri)
 
     def ensure_ray(self) -> None:
-        """Start Ray once; later calls in the same run reuse it (Ray's start costs seconds)."""
-        if self._ray_stack is None:
+        """Start Ray once; later calls in the same run, or a Ray already running in this
+        process (a test session's), are reused: Ray's start costs seconds."""
+        import ray
+
+        if self._ray_stack is None and not ray.is_initialized():
             stack = contextlib.ExitStack()
             stack.enter_context(storage.ray_context(self.ray_address))
             self._ray_stack = stack

@@ -1,12 +1,18 @@
-"""`new_footage_sensor`: a READY landing batch becomes one ingestion run."""
+"""The closed loop: `new_footage_sensor` ingests each READY batch (curation columns and slice
+views refresh in the same run); `slice_growth_sensor` then retrains and re-evaluates exactly the
+failure modes whose train view grew past the retrain policy."""
 
 import dagster as dg
 
 from .. import ingest, sensors, settings
+from ..failure_modes import FAILURE_MODES, check_registry
+from ..slices import view_name
 from .resources import LanceDBResource
 
-# Ingestion and everything that refreshes with it; retraining is decided by its own sensor.
+# Ingestion and everything that refreshes with it; retraining is the growth sensor's call.
 FOOTAGE_SELECTION = dg.AssetSelection.assets("raw_frames").downstream() - dg.AssetSelection.groups("training", "evaluation")
+SUMMARY = dg.AssetKey("failure_mode_summary")
+BASE_DETECTOR = dg.AssetKey("base_detector")
 
 
 @dg.sensor(
@@ -14,7 +20,8 @@ FOOTAGE_SELECTION = dg.AssetSelection.assets("raw_frames").downstream() - dg.Ass
     target=FOOTAGE_SELECTION,
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    description="Requests one run per READY batch in the landing zone (run key = batch id).",
+    description="Requests one run per READY batch in the landing zone (run key = batch id): "
+                "ingestion, incremental backfill of the curation columns, refresh of every slice view.",
 )
 def new_footage_sensor(context: dg.SensorEvaluationContext, lancedb: LanceDBResource):
     requested = sensors.read_cursor(context.cursor)
@@ -33,4 +40,70 @@ def new_footage_sensor(context: dg.SensorEvaluationContext, lancedb: LanceDBReso
     ]
 
 
-defs = dg.Definitions(sensors=[new_footage_sensor])
+def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | None:
+    event = instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def modes_due(instance: dg.DagsterInstance, modes, policy: sensors.RetrainPolicy) -> dict[str, int]:
+    """Failure mode → train view version, for each mode whose view grew past the policy."""
+    due = {}
+    for mode in modes:
+        view = _latest_metadata(instance, dg.AssetKey(view_name(mode, "train")))
+        if view is None:
+            continue
+        checkpoint = _latest_metadata(instance, dg.AssetKey(f"{mode.name}_checkpoint"))
+        if checkpoint is not None and checkpoint.get("train_view_version") == view["view_version"]:
+            continue
+        trained_rows = None if checkpoint is None else checkpoint["dagster/row_count"]
+        if policy.should_retrain(view["dagster/row_count"], trained_rows):
+            due[mode.name] = view["view_version"]
+    return due
+
+
+def _retrain_request(due: dict[str, int], with_base: bool) -> dg.RunRequest:
+    keys = [dg.AssetKey(f"{m}_{suffix}") for m in due for suffix in ("checkpoint", "eval_report")]
+    return dg.RunRequest(
+        # Mode and view version: however many ticks see the same growth, it retrains once.
+        run_key="+".join(f"{m}@{v}" for m, v in sorted(due.items())),
+        asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, SUMMARY],
+        tags={"avp/failure_modes": ",".join(sorted(due))},
+    )
+
+
+def retrain_requests(instance: dg.DagsterInstance, modes, policy: sensors.RetrainPolicy) -> list[dg.RunRequest]:
+    """Runs that retrain and re-evaluate the modes whose train view grew past the policy.
+
+    One run per mode, so modes retrain independently (the `training` pool runs one at a time).
+    On a deployment with no base detector yet, one run trains it and then every due mode. The
+    base detector is not retrained by the loop: it stays the fixed generic baseline.
+    """
+    due = modes_due(instance, modes, policy)
+    if not due:
+        return []
+    if instance.get_latest_materialization_event(BASE_DETECTOR) is None:
+        return [_retrain_request(due, with_base=True)]
+    return [_retrain_request({mode: version}, with_base=False) for mode, version in due.items()]
+
+
+def build_sensor_defs(modes=None) -> dg.Definitions:
+    modes = check_registry(FAILURE_MODES if modes is None else modes)
+
+    @dg.sensor(
+        name="slice_growth_sensor",
+        target=dg.AssetSelection.groups("training", "evaluation"),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=60,
+        description="Retrains and re-evaluates a failure mode when its train view grew by "
+                    "AVP_RETRAIN_MIN_NEW_ROWS rows or AVP_RETRAIN_MIN_GROWTH (fraction) since its checkpoint.",
+    )
+    def slice_growth_sensor(context: dg.SensorEvaluationContext):
+        requests = retrain_requests(context.instance, modes, sensors.RetrainPolicy.from_env())
+        return requests or dg.SkipReason("no train view grew past the retrain policy")
+
+    return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor])
+
+
+defs = build_sensor_defs()

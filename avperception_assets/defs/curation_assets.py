@@ -1,0 +1,124 @@
+"""Curation columns as Dagster assets: one asset per column, one Geneva backfill job per column.
+
+All columns live in one `multi_asset` (subsettable) so a run starts Ray once and backfills the
+selected columns together (independent columns concurrently, `is_duplicate` after `dhash`).
+"""
+
+import dagster as dg
+
+from .. import curation, storage
+from .resources import LanceDBResource
+
+RAW_FRAMES = dg.AssetKey("raw_frames")
+
+DESCRIPTIONS = {
+    "has_person": "Frame has at least one annotated pedestrian (any BDD name for a person).",
+    "has_rider": "Frame has at least one annotated rider.",
+    "num_persons": "Number of annotated pedestrians in the frame.",
+    "person_bbox_area_pct": "Largest person box as a percentage of the frame area, from the configured "
+                            "detector or the annotations (metadata `source` says which).",
+    "dhash": "64-bit difference hash of the decoded image (perceptual near-duplicate key).",
+    "is_duplicate": "Frame is within `dup_threshold` bits of an earlier-ingested frame; each duplicate "
+                    "group keeps its earliest frame unflagged.",
+}
+
+
+class CurationRunConfig(dg.Config):
+    """Run configuration of the curation columns (see `curation.CurationConfig`)."""
+
+    person_area_source: str = curation.SOURCE_AUTO
+    detector_profile: str | None = None
+    score_threshold: float = 0.5
+    dup_threshold: int = 6
+    recompute: list[str] = []
+    concurrency: int | None = None
+
+    def to_curation(self) -> curation.CurationConfig:
+        return curation.CurationConfig(
+            person_area_source=self.person_area_source, detector_profile=self.detector_profile,
+            score_threshold=self.score_threshold, dup_threshold=self.dup_threshold,
+            recompute=tuple(self.recompute), concurrency=self.concurrency)
+
+
+def _spec(name: str) -> dg.AssetSpec:
+    deps = [RAW_FRAMES, *(dg.AssetKey(d) for d in curation.COLUMN_DEPS.get(name, ()))]
+    return dg.AssetSpec(name, group_name="curation", deps=deps, description=DESCRIPTIONS[name],
+                        kinds={"lancedb", "geneva"}, skippable=True)
+
+
+def open_frames(lancedb: LanceDBResource):
+    conn = lancedb.connect()
+    if not storage.table_exists(conn, storage.FRAMES_TABLE):
+        raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
+    return conn.open_table(storage.FRAMES_TABLE)
+
+
+def _metadata(stats: curation.ColumnStats) -> dict:
+    meta = stats.as_metadata()
+    meta["params"] = dg.MetadataValue.json(meta["params"])
+    if "errors" in meta:
+        meta["errors"] = dg.MetadataValue.json(meta["errors"])
+    if "source" in stats.params:
+        meta["source"] = stats.params["source"]
+    meta["coverage"] = dg.MetadataValue.float(meta["coverage"])
+    return meta
+
+
+@dg.multi_asset(specs=[_spec(name) for name in curation.COLUMNS], can_subset=True, name="curation_columns",
+                pool="lancedb_writes")
+def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
+    """Backfill the selected curation columns where they are NULL (new rows only)."""
+    selected = [key.path[-1] for key in context.selected_asset_keys]
+    table = open_frames(lancedb)
+    lancedb.ensure_ray()
+    stats = curation.backfill_columns(table, selected, config.to_curation(), log=context.log.info)
+    for name, column_stats in stats.items():
+        yield dg.MaterializeResult(asset_key=name, metadata=_metadata(column_stats))
+
+
+def _result(outcome: curation.CheckOutcome) -> dg.AssetCheckResult:
+    # A NULL explained by a recorded row error warns; anything else fails hard (and blocks).
+    severity = dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR
+    metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
+                for k, v in outcome.metadata.items()}
+    return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
+
+
+def _coverage_check(column: str):
+    @dg.asset_check(asset=column, name="full_coverage", blocking=True,
+                    description="Every row has a value; NULLs with a recorded UDF error only warn.")
+    def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+        return _result(curation.check_coverage(open_frames(lancedb), column))
+
+    return _check
+
+
+def _consistency_check(column: str):
+    @dg.asset_check(asset=column, name="consistent_with_annotations", blocking=True,
+                    description="Values agree with the frame's annotations.")
+    def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+        return _result(curation.check_annotation_consistency(open_frames(lancedb), column))
+
+    return _check
+
+
+@dg.asset_check(asset="person_bbox_area_pct", name="value_range", blocking=True,
+                description="0 <= person_bbox_area_pct <= 100.")
+def person_area_range(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _result(curation.check_area_range(open_frames(lancedb)))
+
+
+@dg.asset_check(asset="is_duplicate", name="one_survivor_per_group", blocking=True,
+                description="Each near-duplicate group keeps exactly its earliest frame unflagged.")
+def duplicate_groups(lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _result(curation.check_duplicate_groups(open_frames(lancedb)))
+
+
+CURATION_CHECKS = [
+    *(_coverage_check(name) for name in curation.COLUMNS),
+    *(_consistency_check(name) for name in ("has_person", "has_rider", "num_persons")),
+    person_area_range,
+    duplicate_groups,
+]
+
+defs = dg.Definitions(assets=[curation_columns], asset_checks=CURATION_CHECKS)

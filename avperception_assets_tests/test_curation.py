@@ -1,0 +1,281 @@
+"""Curation columns on a real frames table with real Geneva backfills on the session's local Ray.
+
+One module fixture does the expensive part once: ingest a batch (plus injected near-duplicate
+copies), backfill every column, append a second batch (more copies and one corrupt frame),
+backfill again. The tests then read what happened.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from avperception_assets import curation, ingest, storage, synthetic
+from avperception_assets.bdd100k import PERSON_CLASSES
+
+SIZE = dict(width=640, height=360)
+
+
+def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:
+    """A re-encoded, slightly resized copy of a frame."""
+    image = Image.open(io.BytesIO(jpeg))
+    size = (round(image.width * scale), round(image.height * scale))
+    out = io.BytesIO()
+    image.resize(size, Image.Resampling.BILINEAR).save(out, "JPEG", quality=quality)
+    return out.getvalue(), size[0], size[1]
+
+
+def _append_rows(table, rows: list[dict]) -> None:
+    table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
+
+
+def _copy_rows(table, sources: list[tuple[str, float, int]], batch_id: str) -> list[dict]:
+    """Near-duplicate copies [(image_id, scale, jpeg quality)] appended after every existing frame."""
+    frames = table.to_lance().to_table(columns=[f.name for f in storage.FRAMES_SCHEMA]).to_pylist()
+    by_id = {f["image_id"]: f for f in frames}
+    seq = max(f["ingest_seq"] for f in frames) + 1
+    rows = []
+    for n, (image_id, scale, quality) in enumerate(sources):
+        row = dict(by_id[image_id])
+        row["image_bytes"], row["width"], row["height"] = _variant(row["image_bytes"], scale, quality)
+        row["ann_bboxes"] = [[v * scale for v in box] for box in row["ann_bboxes"]]
+        row.update(image_id=f"copy-{batch_id}-{n}-{image_id}", batch_id=batch_id, ingest_seq=seq + n)
+        rows.append(row)
+    return rows
+
+
+def _frames(table) -> list[dict]:
+    columns = ["image_id", "image_bytes", "ingest_seq", "ann_categories", "ann_bboxes", "width", "height",
+               *(c for c in curation.COLUMNS if c in table.schema.names)]
+    return sorted(table.to_lance().to_table(columns=columns).to_pylist(), key=lambda r: r["ingest_seq"])
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, local_ray):
+    root = tmp_path_factory.mktemp("curation")
+    landing = root / "landing"
+    synthetic.write_batch(landing, "b1", 14, seed=3, **SIZE)
+    conn = storage.connect(str(root / "lancedb"))
+    ingest.ingest_batches(conn, landing)
+    table = conn.open_table(storage.FRAMES_TABLE)
+    first_ids = [r["image_id"] for r in _frames(table)]
+    # A group inside the first batch: frame 0 and two copies.
+    _append_rows(table, _copy_rows(table, [(first_ids[0], 0.95, 75), (first_ids[0], 1.05, 60)], "b1dups"))
+    config = curation.CurationConfig(person_area_source="annotations", concurrency=1)
+    run1 = curation.backfill_columns(table, config=config)
+    before = {r["image_id"]: r for r in _frames(table)}
+
+    # Canary: an old row holding a value no run would compute; a rerun that touched old rows would fix it.
+    canary = first_ids[1]
+    table.update(where=f"image_id = '{canary}'", values={"num_persons": 99})
+
+    synthetic.write_batch(landing, "b2", 6, seed=4, **SIZE)
+    ingest.ingest_batches(conn, landing)
+    table.checkout_latest()
+    second_ids = [r["image_id"] for r in _frames(table) if r["image_id"] not in before]
+    # Copies of an old frame (new vs old) and of a new frame (new vs new), plus one corrupt frame.
+    copies = _copy_rows(table, [(first_ids[3], 0.97, 50), (second_ids[0], 0.9, 90)], "b2dups")
+    corrupt = dict(copies[0], image_id="corrupt-frame", image_bytes=b"\xff\xd8 not a jpeg",
+                   ingest_seq=copies[-1]["ingest_seq"] + 1)
+    _append_rows(table, [*copies, corrupt])
+    new_rows = table.count_rows() - len(before)
+    run2 = curation.backfill_columns(table, config=config)
+    canary_after = table.to_lance().to_table(columns=["num_persons"], filter=f"image_id = '{canary}'")
+    table.update(where=f"image_id = '{canary}'", values={"num_persons": before[canary]["num_persons"]})
+    table.checkout_latest()
+    return dict(table=table, conn=conn, run1=run1, run2=run2, before=before, new_rows=new_rows,
+                canary_after=canary_after["num_persons"][0].as_py(), first_ids=first_ids, second_ids=second_ids)
+
+
+def test_columns_match_an_independent_computation(curated):
+    for row in _frames(curated["table"]):
+        persons = [b for c, b in zip(row["ann_categories"], row["ann_bboxes"]) if c in PERSON_CLASSES]
+        assert row["has_person"] == bool(persons), row["image_id"]
+        assert row["num_persons"] == len(persons)
+        assert row["has_rider"] == ("rider" in row["ann_categories"])
+        largest = max(((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in persons), default=0.0)
+        assert row["person_bbox_area_pct"] == pytest.approx(100 * largest / (row["width"] * row["height"]), rel=1e-5)
+        if row["image_id"] == "corrupt-frame":
+            continue
+        grey = Image.open(io.BytesIO(row["image_bytes"])).convert("L").resize((9, 8), Image.Resampling.LANCZOS)
+        pixels = np.asarray(grey, dtype=int)
+        bits = "".join("1" if b else "0" for b in (pixels[:, 1:] > pixels[:, :-1]).flatten())
+        # Same algorithm, full-resolution decode: a few bits may differ from the draft decode.
+        assert bin(row["dhash"] ^ int(bits, 2)).count("1") <= 3, row["image_id"]
+    frames = _frames(curated["table"])
+    assert any(r["has_person"] for r in frames) and not all(r["has_person"] for r in frames)
+
+
+def test_first_run_fills_every_row(curated):
+    for name, stats in curated["run1"].items():
+        assert stats.rows_processed == stats.rows_total == len(curated["before"]), name
+        assert stats.coverage == 1.0 and stats.error_rows == 0, name
+
+
+def test_second_run_processes_only_new_rows(curated):
+    table = curated["table"]
+    for name, stats in curated["run2"].items():
+        assert stats.rows_processed == curated["new_rows"] == 9, name
+        assert stats.rows_total == len(curated["before"]) + 9
+    assert curated["canary_after"] == 99  # the old row was not recomputed
+    after = {r["image_id"]: r for r in _frames(table)}
+    for image_id, old in curated["before"].items():  # old values never change
+        assert {c: after[image_id][c] for c in curated["run1"]} == {c: old[c] for c in curated["run1"]}
+
+
+def test_duplicates_caught_with_one_survivor_per_group(curated):
+    frames = _frames(curated["table"])
+    flagged = {r["image_id"] for r in frames if r["is_duplicate"]}
+    copies = {r["image_id"] for r in frames if r["image_id"].startswith("copy-")}
+    assert flagged == copies  # every copy caught, no distinct synthetic frame flagged
+    originals = {curated["first_ids"][0], curated["first_ids"][3], curated["second_ids"][0]}
+    assert all(not r["is_duplicate"] for r in frames if r["image_id"] in originals)
+    outcome = curation.check_duplicate_groups(curated["table"])
+    assert outcome.passed, outcome.metadata
+    hashes = np.array([r["dhash"] for r in frames if r["dhash"] is not None and r["image_id"] not in copies],
+                      dtype=np.uint64)
+    distances = curation.hamming(hashes[:, None], hashes[None, :])
+    np.fill_diagonal(distances, 64)
+    assert distances.min() > curation.CurationConfig().dup_threshold  # distinct frames stay distinct
+
+
+def test_a_bad_row_is_recorded_not_fatal(curated):
+    table, run2 = curated["table"], curated["run2"]
+    corrupt = table.to_lance().to_table(columns=list(curation.COLUMNS), filter="image_id = 'corrupt-frame'")
+    row = corrupt.to_pylist()[0]
+    assert row["dhash"] is None and row["is_duplicate"] is None
+    assert row["has_person"] is not None and row["person_bbox_area_pct"] is not None
+    assert run2["dhash"].error_rows == 1 and run2["is_duplicate"].error_rows == 1
+    assert run2["dhash"].errors[0]["image_id"] == "corrupt-frame"
+    assert run2["dhash"].rows_filled == run2["dhash"].rows_total - 1
+    coverage = curation.check_coverage(table, "dhash")
+    assert not coverage.passed and coverage.warn_only
+    assert coverage.metadata["null_rows_with_recorded_error"] == 1
+    assert curation.check_coverage(table, "has_person").passed
+
+
+def test_checks_pass_on_the_curated_table(curated):
+    table = curated["table"]
+    for name in ("has_person", "has_rider", "num_persons"):
+        assert curation.check_annotation_consistency(table, name).passed
+    assert curation.check_area_range(table).passed
+
+
+def test_checks_catch_wrong_values(curated, tmp_path):
+    table = curated["table"]
+    victim = curated["first_ids"][2]
+    original = table.to_lance().to_table(columns=["has_person", "is_duplicate", "person_bbox_area_pct"],
+                                         filter=f"image_id = '{victim}'").to_pylist()[0]
+    try:
+        table.update(where=f"image_id = '{victim}'", values={
+            "has_person": not original["has_person"], "is_duplicate": True, "person_bbox_area_pct": 150.0})
+        assert not curation.check_annotation_consistency(table, "has_person").passed
+        assert not curation.check_area_range(table).passed
+        assert not curation.check_duplicate_groups(table).passed  # a flagged frame with no earlier twin
+    finally:
+        table.update(where=f"image_id = '{victim}'", values=original)
+
+
+def test_source_is_recorded_and_never_mixed(curated, tmp_path):
+    table = curated["table"]
+    metadata = table.schema.field("person_bbox_area_pct").metadata
+    assert metadata[curation.META_SOURCE.encode()] == b"annotations"
+    assert curated["run2"]["person_bbox_area_pct"].params == {"source": "annotations"}
+    checkpoint = tmp_path / "other.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(curation.CurationError, match="never mixes sources"):
+        curation.backfill_columns(table, ["person_bbox_area_pct"],
+                                  curation.CurationConfig(person_area_source=str(checkpoint)))
+
+
+def test_auto_falls_back_to_annotations_without_cached_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    source = curation.resolve_person_area_source(curation.CurationConfig())
+    assert (source.kind, source.label) == ("annotations", "annotations")
+    with pytest.raises(FileNotFoundError, match="torch hub cache"):
+        curation.resolve_person_area_source(curation.CurationConfig(person_area_source="coco"))
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(curation.CurationError, match="unknown curation columns"):
+        curation.ordered(["has_person", "nope"])
+    with pytest.raises(curation.CurationError, match="dup_threshold"):
+        curation.CurationConfig(dup_threshold=65)
+    with pytest.raises(curation.CurationError, match="neither"):
+        curation.resolve_person_area_source(curation.CurationConfig(person_area_source="/no/such/file.pt"))
+    assert curation.waves(list(curation.COLUMNS))[-1] == ["is_duplicate"]
+
+
+# --- detector path -------------------------------------------------------------------------
+
+
+def _random_detector(path: Path, person_bias: float) -> Path:
+    """A randomly initialised CPU-profile detector whose person logit is shifted by `person_bias`."""
+    import torch
+
+    from avperception_assets import detector
+
+    torch.manual_seed(0)
+    model = detector.build_detector(detector.get_profile("cpu"), detector.WEIGHTS_NONE)
+    state = model.state_dict()
+    state["roi_heads.box_predictor.cls_score.bias"][curation.COCO_PERSON_LABEL] += person_bias
+    torch.save(state, path)
+    return path
+
+
+def _expected_pct(path: Path, jpegs: list[bytes], threshold: float) -> list[float]:
+    """Independent reference: PIL decode, one image at a time."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from avperception_assets import detector
+
+    model = detector.build_detector(detector.get_profile("cpu"), str(path)).eval()
+    values = []
+    for jpeg in jpegs:
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        with torch.inference_mode():
+            out = model([pil_to_tensor(image).float() / 255])[0]
+        keep = (out["labels"] == 1) & (out["scores"] >= threshold)
+        areas = [(x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in out["boxes"][keep].tolist()]
+        values.append(100 * max(areas, default=0.0) / (image.width * image.height))
+    return values
+
+
+def test_detector_udf_values_in_process(curated, tmp_path):
+    jpegs = [r["image_bytes"] for r in _frames(curated["table"])[:3]]
+    path = _random_detector(tmp_path / "random.pt", person_bias=8.0)
+    for threshold in (0.3, 0.999999):
+        udf = curation.PersonAreaDetector(str(path), "cpu", threshold, batch_size=2)
+        got = udf(pa.array(jpegs, pa.large_binary())).to_pylist()
+        expected = _expected_pct(path, jpegs, threshold)
+        assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
+        assert all(0 <= v <= 100 for v in got)
+    assert any(v > 0 for v in _expected_pct(path, jpegs, 0.3))
+    zero = curation.PersonAreaDetector(str(_random_detector(tmp_path / "plain.pt", 0.0)), "cpu", 0.5, 2)
+    assert zero(pa.array(jpegs, pa.large_binary())).to_pylist() == [0.0, 0.0, 0.0]  # nothing detected
+
+
+def test_detector_backfill_records_its_source(curated, tmp_path):
+    frames = curated["table"].to_lance().to_table(columns=[f.name for f in storage.FRAMES_SCHEMA],
+                                                  filter="batch_id = 'b1'", limit=4)
+    conn = storage.connect(str(tmp_path / "lancedb"))
+    table = storage.open_or_create(conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
+    table.add(frames)
+    path = _random_detector(tmp_path / "random.pt", person_bias=8.0)
+    config = curation.CurationConfig(person_area_source=str(path), detector_profile="cpu", score_threshold=0.3,
+                                     concurrency=1)
+    stats = curation.backfill_columns(table, ["person_bbox_area_pct"], config)["person_bbox_area_pct"]
+    assert stats.rows_processed == 4 and stats.coverage == 1.0
+    assert stats.params["source"].startswith("checkpoint:random.pt@")
+    assert table.schema.field("person_bbox_area_pct").metadata[curation.META_SOURCE.encode()].decode() \
+        == stats.params["source"]
+    got = table.to_lance().to_table(columns=["image_bytes", "person_bbox_area_pct"]).to_pylist()
+    expected = _expected_pct(path, [r["image_bytes"] for r in got], 0.3)
+    assert [r["person_bbox_area_pct"] for r in got] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert curation.check_area_range(table).passed
