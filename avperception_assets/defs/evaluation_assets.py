@@ -1,0 +1,185 @@
+"""Evaluation as Dagster assets (group `evaluation`): `<mode>_eval_report` per mode, `failure_mode_summary`.
+
+Each report evaluates the baseline (`base_detector`: COCO weights or the detector trained on
+all of bdd100k) and the mode's latest fine-tuned checkpoint on the latest version of the
+mode's val view, writes COCO JSON, report.json/report.md and PNG panels under
+`reports/<mode>/<val view version>/`, and shows the table and panels in the asset's metadata.
+The summary gathers the latest report of every mode into one table. Torch is imported inside
+the asset bodies only.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from .. import settings
+from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
+from ..slices import view_name
+from .resources import LanceDBResource
+from .training_assets import BASE_DETECTOR, base_weights
+
+GROUP = "evaluation"
+SUMMARY = "failure_mode_summary"
+
+
+def report_key(mode: FailureMode) -> dg.AssetKey:
+    return dg.AssetKey(f"{mode.name}_eval_report")
+
+
+class EvalReportConfig(dg.Config):
+    batch_size: int = Field(8, description="Frames per inference batch.")
+    panel_count: int = Field(3, description="Val frames drawn as GT / baseline / fine-tuned panels.")
+    panel_score_threshold: float = Field(0.5, description="Predictions below this score are not drawn "
+                                         "(all of them count in the metrics).")
+
+
+def _latest_metadata(context: dg.AssetExecutionContext, key: dg.AssetKey) -> dict | None:
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
+    """The mode's latest checkpoint (best epoch) and what the report records about it."""
+    from .. import training
+
+    key = dg.AssetKey(f"{mode.name}_checkpoint")
+    recorded = _latest_metadata(context, key)
+    if recorded is None or "checkpoint_dir" not in recorded:
+        raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first")
+    folder = Path(recorded["checkpoint_dir"])
+    if not (folder / training.BEST_FILE).is_file():
+        raise dg.Failure(f"checkpoint {folder / training.BEST_FILE} is gone; rematerialize {key.to_user_string()}")
+    metadata = training.read_metadata(folder)
+    info = {"source": key.to_user_string(), "checkpoint": str(folder / training.BEST_FILE),
+            "checkpoint_dir": str(folder), "metadata": metadata}
+    return training.load_checkpoint(folder), metadata, info
+
+
+def _baseline(context: dg.AssetExecutionContext, finetuned_metadata: dict):
+    """The base detector, built with the fine-tuned model's profile (same network, same input size)."""
+    from .. import detector, training
+
+    weights = base_weights(context)
+    if weights == detector.WEIGHTS_COCO:
+        profile = detector.get_profile(**finetuned_metadata["profile"])
+        info = {"source": "base_detector", "weights": detector.WEIGHTS_COCO,
+                "weights_file": str(detector.coco_weights_path(profile.architecture)),
+                "architecture": profile.architecture}
+        return detector.build_detector(profile, detector.WEIGHTS_COCO), info
+    folder = Path(weights).parent
+    info = {"source": "base_detector", "weights": weights, "checkpoint_dir": str(folder),
+            "metadata": training.read_metadata(folder)}
+    return training.load_checkpoint(folder, Path(weights).name), info
+
+
+def _figures(report) -> dict:
+    """Headline numbers as Dagster metadata (plottable across materializations)."""
+    from ..evaluation import BASELINE, FINETUNED, delta_pct
+
+    figures = {}
+    for key in ("map_50", "map", "mar_100"):
+        base, tuned = report.data["metrics"][BASELINE][key], report.data["metrics"][FINETUNED][key]
+        figures.update({f"{key}_baseline": base, f"{key}_finetuned": tuned,
+                        f"{key}_delta_pct": delta_pct(base, tuned)})
+    return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
+
+
+def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
+    val_name = view_name(mode, "val")
+
+    @dg.asset(
+        name=report_key(mode).path[-1],
+        group_name=GROUP,
+        deps=[dg.AssetKey(f"{mode.name}_checkpoint"), dg.AssetKey(val_name), BASE_DETECTOR],
+        kinds={"pytorch"},
+        metadata={"failure_mode": mode.name, "val_view": val_name, "classes": list(mode.classes)},
+        description=f"Baseline vs fine-tuned on {val_name} (COCO mAP@0.5, mAP@[.5:.95], mAR@100, "
+                    f"AP of {', '.join(mode.classes)}), with COCO JSON and panels under "
+                    f"reports/{mode.name}/<view version>/.",
+    )
+    def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
+                lancedb: LanceDBResource) -> dg.MaterializeResult:
+        from .. import evaluation
+
+        finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
+        baseline, baseline_info = _baseline(context, finetuned_metadata)
+        uri = lancedb.uri or settings.lancedb_uri()
+        try:
+            report = evaluation.evaluate_view(
+                uri, val_name, mode=mode.name, classes=mode.classes,
+                models={evaluation.BASELINE: (baseline, baseline_info),
+                        evaluation.FINETUNED: (finetuned, finetuned_info)},
+                reports_root=settings.reports_dir(), batch_size=config.batch_size,
+                panel_count=config.panel_count, panel_score_threshold=config.panel_score_threshold)
+        except ValueError as exc:  # missing or empty val view
+            raise dg.Failure(f"{mode.name}: {exc}") from exc
+        table = evaluation.rows_markdown(report.rows)
+        context.log.info(f"{mode.name} on {val_name}@{report.data['val_view']['version']}:\n{table}")
+        view = report.data["val_view"]
+        return dg.MaterializeResult(
+            metadata={
+                "report": dg.MetadataValue.md(table),
+                "panels": dg.MetadataValue.md(evaluation.panels_markdown(report.panels)),
+                **_figures(report),
+                "val_view": view["name"],
+                "val_view_version": view["version"],
+                "source_table_version": view["source_table_version"],
+                "dagster/row_count": report.data["num_images"],
+                "num_objects": report.data["num_objects"],
+                "checkpoint": dg.MetadataValue.path(finetuned_info["checkpoint"]),
+                "train_view_version": finetuned_metadata["train_view_version"],
+                "baseline_weights": baseline_info["weights"],
+                "report_dir": dg.MetadataValue.path(str(report.out_dir)),
+                "report_json": dg.MetadataValue.path(str(report.out_dir / evaluation.REPORT_JSON)),
+            },
+            data_version=dg.DataVersion(f"{view['name']}@{view['version']}:{finetuned_info['checkpoint']}"),
+        )
+
+    return _report
+
+
+def build_summary_asset(modes) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=SUMMARY,
+        group_name=GROUP,
+        deps=[report_key(m) for m in modes],
+        description="One table over every failure mode: metric, baseline, fine-tuned, Δ% "
+                    "(also reports/summary.md and summary.json).",
+    )
+    def _summary(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from .. import evaluation
+
+        reports, missing = {}, []
+        for mode in modes:
+            recorded = _latest_metadata(context, report_key(mode))
+            path = Path(recorded["report_json"]) if recorded and "report_json" in recorded else None
+            if path is None or not path.is_file():
+                missing.append(mode.name)
+                continue
+            reports[mode.name] = evaluation.read_report(path)
+        if not reports:
+            raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}); "
+                             "materialize the <mode>_eval_report assets first")
+        md_path, json_path, table = evaluation.write_summary(settings.reports_dir(), reports)
+        context.log.info(f"Failure modes: baseline vs fine-tuned\n{table}")
+        return dg.MaterializeResult(metadata={
+            "summary": dg.MetadataValue.md(table),
+            "modes": dg.MetadataValue.json(sorted(reports)),
+            "modes_without_report": dg.MetadataValue.json(missing),
+            "summary_md": dg.MetadataValue.path(str(md_path)),
+            "summary_json": dg.MetadataValue.path(str(json_path)),
+        })
+
+    return _summary
+
+
+def build_evaluation_defs(modes=None) -> dg.Definitions:
+    """One eval report per failure mode (default: the registry) plus the summary."""
+    modes = check_registry(FAILURE_MODES if modes is None else modes)
+    return dg.Definitions(assets=[*(build_eval_report_asset(m) for m in modes), build_summary_asset(modes)])
+
+
+defs = build_evaluation_defs()

@@ -1,0 +1,239 @@
+"""Detection data loader over a LanceDB table or view, read through LanceDB's `Permutation`.
+
+Rows are read straight from the view (selected columns, Arrow record batches, one batched
+`take` per training batch); JPEG bytes are decoded in the collate step, so with workers the
+decoding runs in the worker processes. The permutation is pinned to one table version (its
+permutation table records `base_version`), and its order is a seeded shuffle of the view's row
+ids at that version, so the same (view, version, seed, epoch) always yields the same rows in
+the same order; that is what `training.reproduce` relies on.
+
+Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
+"person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
+class a COCO head has. Boxes are clipped to the frame; boxes with no area after clipping are
+dropped; frames without boxes stay in as negatives (empty targets).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from .bdd100k import COCO_IDS
+
+COLUMNS = ["image_id", "image_bytes", "ann_categories", "ann_bboxes"]
+
+
+@dataclass(frozen=True)
+class ViewRef:
+    """A table or view pinned to one version: what a training run saw."""
+
+    uri: str
+    name: str
+    version: int
+    where: str | None = None  # optional SQL filter, e.g. "split = 'train'" on the frames table
+
+
+def open_table(uri: str, name: str, version: int | None = None):
+    """A plain LanceDB handle on `name` (at `version` when given)."""
+    try:
+        table = lancedb.connect(uri).open_table(name)
+    except ValueError as exc:
+        raise ValueError(f"table or view {name!r} does not exist in {uri}") from exc
+    if version is not None:
+        table.checkout(version)
+    return table
+
+
+def pin_view(uri: str, name: str, version: int | None = None, where: str | None = None) -> ViewRef:
+    """Resolve `version` (default: the latest) so every later read sees the same rows."""
+    table = open_table(uri, name, version)
+    return ViewRef(uri=uri, name=name, version=int(table.version), where=where)
+
+
+def count_rows(view: ViewRef) -> int:
+    return open_table(view.uri, view.name, view.version).count_rows(view.where)
+
+
+def _reopen(uri: str, version: int, name: str):
+    # Module-level so that the factory pickles into spawned workers.
+    return open_table(uri, name, version)
+
+
+# The permutation table layout LanceDB's reader expects (what `permutation_builder` writes).
+_ORDER_SCHEMA = pa.schema([pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)])
+
+
+def row_order(view: ViewRef, seed: int | None = None) -> pa.Table:
+    """Row ids of `view` at its version, in stored order or shuffled by `seed`.
+
+    Built here rather than with `lancedb.permutation.permutation_builder`, which panics on
+    Geneva materialized views in lancedb 0.39 ("target schema is not superset of current
+    schema"). `base_version` in the schema pins every read to the view's version.
+    """
+    table = open_table(view.uri, view.name, view.version)
+    row_ids = table.to_lance().to_table(columns=[], filter=view.where, with_row_id=True)["_rowid"].to_numpy()
+    if seed is not None:
+        row_ids = np.random.default_rng(seed).permutation(row_ids)
+    schema = _ORDER_SCHEMA.with_metadata({b"base_version": str(view.version).encode()})
+    return pa.table({"row_id": row_ids.astype(np.uint64), "split_id": np.zeros(len(row_ids), np.uint64)}, schema=schema)
+
+
+def build_permutation(view: ViewRef, seed: int | None = None):
+    """The rows of `view` as a `Permutation` of Arrow batches, shuffled by `seed` (None: stored order)."""
+    from lancedb.permutation import Permutation
+
+    table = open_table(view.uri, view.name, view.version)
+    order = lancedb.connect("memory://").create_table("order", row_order(view, seed))
+    return (
+        Permutation.from_tables(table, order)
+        .select_columns(COLUMNS)
+        .with_format("arrow")
+        .with_connection_factory(functools.partial(_reopen, view.uri, view.version))
+    )
+
+
+class Batch(NamedTuple):
+    images: list  # float32 CHW tensors in [0, 1]
+    targets: list  # dicts with boxes (N, 4) xyxy float32 and labels (N,) int64 COCO ids
+    image_ids: list[str]
+
+
+class FramesDataset:
+    """A map-style torch Dataset whose batched `__getitems__` is one Permutation take.
+
+    Only the Permutation travels to workers; it reopens the view lazily there through its
+    connection factory, so the dataset is safe under the `spawn` start method.
+    """
+
+    def __init__(self, permutation):
+        self.permutation = permutation
+        self._len = permutation.num_rows
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
+        return self.permutation.__getitems__(list(indices))
+
+    def __getitem__(self, index: int) -> pa.RecordBatch:
+        return self.permutation.__getitems__([index])
+
+
+def decode(image_bytes) -> "torch.Tensor":
+    """JPEG/PNG bytes (an Arrow binary scalar or bytes) to a uint8 RGB CHW tensor."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    raw = image_bytes.as_buffer() if hasattr(image_bytes, "as_buffer") else image_bytes
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # copy: Arrow buffers are read-only
+    return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def coco_target(categories, boxes, width: int, height: int) -> dict:
+    """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame."""
+    import torch
+
+    kept_boxes, labels = [], []
+    for category, box in zip(categories or [], boxes or []):
+        label = COCO_IDS.get(category)
+        if label is None or box is None or len(box) != 4:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in box)
+        x1, x2 = max(0.0, min(x1, width)), max(0.0, min(x2, width))
+        y1, y2 = max(0.0, min(y1, height)), max(0.0, min(y2, height))
+        if x2 - x1 < 1.0 or y2 - y1 < 1.0:
+            continue
+        kept_boxes.append([x1, y1, x2, y2])
+        labels.append(label)
+    return {
+        "boxes": torch.tensor(kept_boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+
+
+def train_transform(min_size: int, max_size: int):
+    """Box-aware augmentation: resize to the network size, flip, photometric jitter."""
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.Resize(min_size, max_size=max_size, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+    ])
+
+
+def eval_transform():
+    """No augmentation: boxes stay in the frame's pixel coordinates."""
+    import torch
+    from torchvision.transforms import v2
+
+    return v2.ToDtype(torch.float32, scale=True)
+
+
+class DecodeCollate:
+    """Collate an Arrow record batch into a `Batch`: decode, map labels, transform."""
+
+    def __init__(self, transform=None):
+        self.transform = transform or eval_transform()
+
+    def __call__(self, batch: pa.RecordBatch) -> Batch:
+        import torch
+        from torchvision import tv_tensors
+
+        images, targets = [], []
+        rows = zip(batch.column("image_bytes"), batch.column("ann_categories").to_pylist(),
+                   batch.column("ann_bboxes").to_pylist())
+        for image_bytes, categories, boxes in rows:
+            image = tv_tensors.Image(decode(image_bytes))
+            height, width = image.shape[-2:]
+            target = coco_target(categories, boxes, width, height)
+            target["boxes"] = tv_tensors.BoundingBoxes(
+                target["boxes"], format="XYXY", canvas_size=(height, width))
+            image, target = self.transform(image, target)
+            images.append(image.as_subclass(torch.Tensor))
+            target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+            targets.append(target)
+        return Batch(images, targets, batch.column("image_id").to_pylist())
+
+
+def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoch: int = 0,
+                transform=None, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
+    """A DataLoader over `view` in a deterministic order.
+
+    seed None: the view's stored order; otherwise a LanceDB shuffle seeded by seed + epoch, so
+    each epoch has its own order and any epoch can be rebuilt exactly. Workers are started
+    with `spawn` (Lance's Rust runtime is not fork-safe).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    permutation = build_permutation(view, None if seed is None else seed + epoch)
+    generator = torch.Generator().manual_seed(0 if seed is None else seed + epoch)
+    return DataLoader(
+        FramesDataset(permutation),
+        batch_size=batch_size,
+        shuffle=False,  # the order is the permutation's
+        drop_last=drop_last,
+        num_workers=num_workers,
+        multiprocessing_context="spawn" if num_workers else None,
+        collate_fn=DecodeCollate(transform),
+        generator=generator,  # seeds the workers' augmentation
+        pin_memory=pin_memory,
+    )
+
+
+def iter_view_batches(uri: str, name: str, version: int | None = None, *, batch_size: int = 8,
+                      num_workers: int = 0) -> Iterator[Batch]:
+    """Every row of a (val) view once, in stored order, unaugmented: for evaluation."""
+    view = pin_view(uri, name, version)
+    if count_rows(view) == 0:
+        return
+    yield from make_loader(view, batch_size=batch_size, num_workers=num_workers)

@@ -1,0 +1,318 @@
+"""Faster R-CNN training on one pinned view version: checkpoints, resume, reproduction.
+
+Plain Python (no Dagster). A run trains on `view@version` and writes, under
+`<root>/<run name>/<version>/`:
+
+- `last.pt` / `best.pt`: model state_dicts (the latest epoch; the best by val mAP@0.5),
+- `train_state.pt`: optimiser, LR schedule, grad scaler and epoch, for resuming,
+- `metadata.json`: data version, profile and hyper-parameters, weights source, seed, code
+  version, per-epoch loss and val mAP@0.5 (rewritten after every epoch),
+- `tensorboard/`: event files (loss, images/s, LR, val mAP@0.5).
+
+The same (view, version, config) resumes from its last saved epoch; a newer view version gets
+a new folder and starts fresh from the starting weights. Every epoch's order is a LanceDB
+shuffle seeded by seed + epoch, so `reproduce` rebuilds the exact order from metadata.json.
+
+CLI: `python -m avperception_assets.training reproduce <checkpoint dir> [--epoch N]` prints the
+image ids of that epoch in training order, read from the time-travelled view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import loader
+from .detector import Profile, build_detector, load_weights
+
+METADATA_FILE = "metadata.json"
+LAST_FILE = "last.pt"
+BEST_FILE = "best.pt"
+STATE_FILE = "train_state.pt"
+TENSORBOARD_DIR = "tensorboard"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is: its data (pinned), its recipe and where it starts from."""
+
+    train: loader.ViewRef
+    val: loader.ViewRef | None  # None or empty: no best-model selection, best = last
+    profile: Profile
+    weights: str  # starting weights: 'coco', 'none' or a state_dict path
+    seed: int = 0
+
+    def config(self) -> dict:
+        """The facts that decide whether an existing checkpoint folder may be resumed."""
+        return {
+            "train_view": self.train.name, "train_view_version": self.train.version,
+            "train_filter": self.train.where,
+            "val_view": self.val.name if self.val else None,
+            "val_view_version": self.val.version if self.val else None,
+            "profile": self.profile.as_dict(), "weights_source": self.weights, "seed": self.seed,
+        }
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with '+dirty' for local changes), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"avperception_assets=={version('avperception_assets')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def source_table_version(view: loader.ViewRef) -> tuple[str, int | None]:
+    """(source table, version) the view's rows come from: a Geneva view's last refresh, or itself."""
+    from . import storage
+
+    if view.name == storage.FRAMES_TABLE:
+        return view.name, view.version
+    from .slices import reflected_version
+
+    table = storage.connect(view.uri).open_table(view.name)
+    table.checkout(view.version)
+    return storage.FRAMES_TABLE, reflected_version(table)
+
+
+def _save(obj, path: Path) -> None:
+    """Write atomically: a run killed mid-save leaves the previous file intact."""
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_metadata(checkpoint_dir: Path) -> dict:
+    path = Path(checkpoint_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METADATA_FILE} in {checkpoint_dir}: not a checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def device_for(profile: Profile):
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and profile.name != "cpu" else "cpu")
+
+
+def val_map50(model, view: loader.ViewRef, *, batch_size: int, device) -> float | None:
+    """mAP@0.5 of `model` on every frame of `view` (COCO protocol, as the evaluation reports)."""
+    from .evaluation import compute_metrics, predict
+
+    predictions, targets = [], []
+    for batch in loader.make_loader(view, batch_size=batch_size):
+        predictions.extend(predict(model, [image.to(device) for image in batch.images]))
+        targets.extend(batch.targets)
+    model.train()
+    if not targets:
+        return None
+    return compute_metrics(predictions, targets, {})["map_50"]
+
+
+def _optimizer(model, profile: Profile):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=profile.lr, momentum=profile.momentum,
+                                weight_decay=profile.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=profile.lr_step_epochs,
+                                                gamma=profile.lr_gamma)
+    return optimizer, scheduler
+
+
+def _resume_point(out: Path, spec: RunSpec) -> dict | None:
+    """The saved metadata when `out` holds an unfinished or finished run of the same config."""
+    if not (out / METADATA_FILE).is_file() or not (out / STATE_FILE).is_file():
+        return None
+    metadata = read_metadata(out)
+    return metadata if metadata.get("config") == spec.config() else None
+
+
+def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
+    """Train (or resume, or reuse a finished run of) `spec` in folder `out`; returns the metadata."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    rows = loader.count_rows(spec.train)
+    if rows == 0:
+        raise ValueError(f"{spec.train.name}@{spec.train.version} has no training rows"
+                         f"{f' matching {spec.train.where!r}' if spec.train.where else ''}")
+    profile = spec.profile
+    out.mkdir(parents=True, exist_ok=True)
+    saved = _resume_point(out, spec)
+    if saved and saved["status"] == "complete":
+        log(f"{out} already holds this run (complete); nothing to train")
+        return saved
+
+    device = device_for(profile)
+    amp = profile.amp and device.type == "cuda"
+    model = build_detector(profile, spec.weights).to(device)
+    optimizer, scheduler = _optimizer(model, profile)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    source_table, source_version = source_table_version(spec.train)
+    metadata = {
+        "config": spec.config(), **spec.config(), "status": "training",
+        "lancedb_uri": spec.train.uri, "train_rows": rows, "source_table": source_table, "source_table_version": source_version,
+        "code_version": code_version(), "device": str(device), "amp": amp, "epochs": [],
+        "best_epoch": None, "best_val_map_50": None, "resumed_from_epoch": None,
+    }
+    start_epoch = 0
+    if saved:
+        state = torch.load(out / STATE_FILE, map_location=device, weights_only=False)
+        load_weights(model, torch.load(out / LAST_FILE, map_location=device, weights_only=True))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        metadata.update({k: saved[k] for k in ("epochs", "best_epoch", "best_val_map_50")},
+                        resumed_from_epoch=start_epoch)
+        log(f"resuming {spec.train.name}@{spec.train.version} from saved epoch {start_epoch}")
+
+    writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+    try:
+        for epoch in range(start_epoch, profile.epochs):
+            record = _train_epoch(model, optimizer, scaler, spec, epoch, device, amp, writer, log)
+            scheduler.step()
+            _save(model.state_dict(), out / LAST_FILE)
+            record["val_map_50"] = (val_map50(model, spec.val, batch_size=profile.batch_size, device=device)
+                                    if spec.val else None)
+            best = metadata["best_val_map_50"]
+            if best is None or (record["val_map_50"] or 0.0) > best or not (out / BEST_FILE).is_file():
+                _save(model.state_dict(), out / BEST_FILE)
+                metadata.update(best_epoch=epoch + 1, best_val_map_50=record["val_map_50"])
+            metadata["epochs"].append(record)
+            _save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "epoch": epoch + 1}, out / STATE_FILE)
+            _write_json(metadata, out / METADATA_FILE)
+            if record["val_map_50"] is not None:
+                writer.add_scalar("val/map_50", record["val_map_50"], epoch + 1)
+            log(f"epoch {epoch + 1}/{profile.epochs} saved: loss {record['loss']:.4f}, "
+                f"{record['images_per_s']:.2f} img/s, val mAP@0.5 {record['val_map_50']}")
+    finally:
+        writer.close()
+    metadata["status"] = "complete"
+    _write_json(metadata, out / METADATA_FILE)
+    return metadata
+
+
+def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, amp: bool, writer,
+                 log: Log) -> dict:
+    import torch
+
+    profile = spec.profile
+    torch.manual_seed(spec.seed + epoch)  # augmentation in the main process (0 workers)
+    batches = loader.make_loader(
+        spec.train, batch_size=profile.batch_size, seed=spec.seed, epoch=epoch,
+        transform=loader.train_transform(profile.min_size, profile.max_size),
+        num_workers=profile.num_workers, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(batches) if profile.max_steps_per_epoch is None else min(
+        len(batches), profile.max_steps_per_epoch)
+    model.train()
+    losses, images, started = [], 0, time.perf_counter()
+    for step, batch in enumerate(batches):
+        if step >= steps_per_epoch:
+            break
+        global_step = epoch * steps_per_epoch + step
+        if epoch == 0 and step < profile.warmup_steps:  # linear warm-up of a fresh start
+            for group in optimizer.param_groups:
+                group["lr"] = profile.lr * (step + 1) / profile.warmup_steps
+        inputs = [image.to(device, non_blocking=True) for image in batch.images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch.targets]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = sum(model(inputs, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), profile.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+        images += len(inputs)
+        rate = images / (time.perf_counter() - started)
+        writer.add_scalar("train/loss", losses[-1], global_step)
+        writer.add_scalar("train/images_per_s", rate, global_step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+        if (step + 1) % profile.log_every_steps == 0 or step + 1 == steps_per_epoch:
+            log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: loss {losses[-1]:.4f}, "
+                f"{rate:.2f} img/s")
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch + 1, "steps": len(losses), "images": images,
+            "loss": sum(losses) / max(1, len(losses)), "seconds": round(seconds, 2),
+            "images_per_s": images / seconds if seconds else 0.0,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def load_checkpoint(checkpoint_dir: Path, which: str = BEST_FILE):
+    """The trained model saved in `checkpoint_dir` (its profile comes from metadata.json)."""
+    from .detector import get_profile
+
+    metadata = read_metadata(checkpoint_dir)
+    profile = get_profile(**metadata["profile"])
+    return build_detector(profile, str(Path(checkpoint_dir) / which))
+
+
+def reproduce_loader(metadata: dict, *, epoch: int = 0, uri: str | None = None):
+    """The DataLoader of `epoch` exactly as the recorded run saw it: same rows, same order."""
+    import torch
+
+    from .detector import get_profile
+
+    profile = get_profile(**metadata["profile"])
+    view = loader.ViewRef(uri=uri or metadata["lancedb_uri"], name=metadata["train_view"],
+                          version=metadata["train_view_version"], where=metadata["train_filter"])
+    torch.manual_seed(metadata["seed"] + epoch)  # as the run did: same augmentation with 0 workers
+    return loader.make_loader(view, batch_size=profile.batch_size, seed=metadata["seed"], epoch=epoch,
+                              transform=loader.train_transform(profile.min_size, profile.max_size),
+                              num_workers=profile.num_workers)
+
+
+def reproduce_order(metadata: dict, *, epoch: int = 0, uri: str | None = None) -> list[str]:
+    """The image ids of `epoch` in training order, read from the time-travelled view."""
+    view = loader.ViewRef(uri=uri or metadata["lancedb_uri"], name=metadata["train_view"],
+                          version=metadata["train_view_version"], where=metadata["train_filter"])
+    permutation = loader.build_permutation(view, metadata["seed"] + epoch).select_columns(["image_id"])
+    return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m avperception_assets.training")
+    commands = parser.add_subparsers(dest="command", required=True)
+    reproduce = commands.add_parser("reproduce", help="print the training order a checkpoint saw")
+    reproduce.add_argument("checkpoint_dir", type=Path)
+    reproduce.add_argument("--epoch", type=int, default=0, help="0-based epoch (default 0)")
+    reproduce.add_argument("--uri", default=None, help="LanceDB location (default: the recorded one)")
+    args = parser.parse_args(argv)
+    metadata = read_metadata(args.checkpoint_dir)
+    order = reproduce_order(metadata, epoch=args.epoch, uri=args.uri)
+    print(f"# {metadata['train_view']}@{metadata['train_view_version']} seed {metadata['seed']} "
+          f"epoch {args.epoch}: {len(order)} rows")
+    print("\n".join(order))
+
+
+if __name__ == "__main__":
+    main()

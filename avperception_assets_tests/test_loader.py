@@ -1,0 +1,125 @@
+"""The Permutation loader: rows, labels, boxes and order exactly as in the view; augmentation."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from avperception_assets import loader, storage
+from avperception_assets.bdd100k import COCO_IDS
+
+from .conftest import build_frames_table
+
+
+@pytest.fixture(scope="module")
+def frames_uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("loader")
+    build_frames_table(root, [("loader-a", 14, 3)])
+    return str(root / "lancedb")
+
+
+def expected_rows(uri: str, name: str = storage.FRAMES_TABLE) -> dict[str, dict]:
+    """image_id -> COCO labels and boxes, computed straight from the stored columns."""
+    rows = loader.open_table(uri, name).to_arrow().to_pylist()
+    expected = {}
+    for row in rows:
+        pairs = [(COCO_IDS[c], b) for c, b in zip(row["ann_categories"], row["ann_bboxes"])
+                 if c in COCO_IDS and b[2] > b[0] and b[3] > b[1]]
+        expected[row["image_id"]] = {"labels": [p[0] for p in pairs], "boxes": [p[1] for p in pairs],
+                                     "size": (row["height"], row["width"])}
+    return expected
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_equal_the_view_rows(frames_uri, num_workers):
+    view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
+    batches = loader.make_loader(view, batch_size=4, num_workers=num_workers)
+    if num_workers:
+        assert batches.multiprocessing_context.get_start_method() == "spawn"
+    expected = expected_rows(frames_uri)
+    stored_order = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow().column("image_id").to_pylist()
+    seen = []
+    for batch in batches:
+        assert len(batch.images) == len(batch.targets) == len(batch.image_ids) <= 4
+        for image, target, image_id in zip(*batch):
+            want = expected[image_id]
+            assert image.dtype == torch.float32 and tuple(image.shape[-2:]) == want["size"]
+            assert target["labels"].tolist() == want["labels"]
+            assert torch.allclose(target["boxes"], torch.tensor(want["boxes"]).reshape(-1, 4))
+            seen.append(image_id)
+    assert seen == stored_order  # no seed: the view's stored order, every row once
+
+
+def test_seeded_order_is_deterministic_per_epoch(frames_uri):
+    view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
+
+    def order(seed, epoch):
+        return [i for b in loader.make_loader(view, batch_size=5, seed=seed, epoch=epoch) for i in b.image_ids]
+
+    first = order(7, 0)
+    assert order(7, 0) == first
+    assert order(7, 1) != first and sorted(order(7, 1)) == sorted(first)
+    assert sorted(first) == sorted(expected_rows(frames_uri))
+
+
+def test_filter_selects_rows(frames_uri):
+    view = loader.pin_view(frames_uri, storage.FRAMES_TABLE, where="split = 'val'")
+    table = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow().to_pylist()
+    val_ids = sorted(r["image_id"] for r in table if r["split"] == "val")
+    ids = [i for b in loader.make_loader(view, batch_size=4, seed=1) for i in b.image_ids]
+    assert sorted(ids) == val_ids and loader.count_rows(view) == len(val_ids)
+
+
+def test_degenerate_boxes_dropped_negatives_kept_signs_mapped(frames_uri, tmp_path):
+    rows = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow().slice(0, 2).to_pylist()
+    rows[0].update(ann_categories=[], ann_bboxes=[], ann_occluded=[], ann_truncated=[])
+    rows[1].update(
+        ann_categories=["traffic sign", "car", "pedestrian", "rider"],
+        ann_bboxes=[[10, 10, 60, 40], [100, 100, 100, 150], [1200, 600, 1400, 800], [5, 5, 5.5, 90]],
+        ann_occluded=[False] * 4, ann_truncated=[False] * 4)
+    db = storage.connect(str(tmp_path))
+    db.create_table("edge", pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
+    view = loader.pin_view(str(tmp_path), "edge")
+    (batch,) = list(loader.make_loader(view, batch_size=2))
+    by_id = dict(zip(batch.image_ids, batch.targets))
+    negative, edge = by_id[rows[0]["image_id"]], by_id[rows[1]["image_id"]]
+    assert negative["boxes"].shape == (0, 4) and negative["labels"].numel() == 0
+    assert edge["labels"].tolist() == [13, 1]  # sign -> COCO stop sign; zero-width car and rider dropped
+    assert edge["boxes"].tolist() == [[10, 10, 60, 40], [1200, 600, 1280, 720]]  # clipped to the frame
+
+
+def test_iter_view_batches_for_evaluation(frames_uri):
+    batches = list(loader.iter_view_batches(frames_uri, storage.FRAMES_TABLE, batch_size=6))
+    assert [len(b.images) for b in batches] == [6, 6, 2]
+    assert all(isinstance(b.image_ids[0], str) for b in batches)
+
+
+def _bright_box(image: torch.Tensor) -> list[float]:
+    """Bounding box of the pixels brighter than the dark background."""
+    ys, xs = torch.nonzero(image.mean(0) > 0.3, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_augmentation_moves_boxes_with_the_image():
+    image = torch.zeros(3, 360, 640, dtype=torch.uint8)
+    image[:, 100:220, 40:100] = 230  # an object near the left edge
+    box = [40.0, 100.0, 100.0, 220.0]
+    transform = loader.train_transform(180, 320)
+    flipped = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        target = {"boxes": tv_tensors.BoundingBoxes([box], format="XYXY", canvas_size=(360, 640)),
+                  "labels": torch.tensor([1])}
+        out_image, out_target = transform(tv_tensors.Image(image), target)
+        assert out_image.shape[-2:] == (180, 320) and out_image.dtype == torch.float32
+        moved = out_target["boxes"][0].tolist()
+        assert moved == pytest.approx(_bright_box(out_image), abs=1.5)
+        flipped += moved[0] > 160  # flipped to the right half
+    assert 0 < flipped < 8  # both outcomes of the random flip were exercised
+
+
+def test_missing_view_is_a_clear_error(frames_uri):
+    with pytest.raises(ValueError, match="does not exist"):
+        loader.pin_view(frames_uri, "bdd100k_nothing_train")

@@ -1,0 +1,155 @@
+"""Training on a pinned view: checkpoint files, metadata, resume, time-travel reproduction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from avperception_assets import detector, loader, storage, training
+
+from .conftest import build_frames_table
+
+# mobilenet at a tiny input size: a step takes about a second on a 2-core CPU.
+TINY = dict(batch_size=2, max_steps_per_epoch=2, min_size=96, max_size=160, epochs=1,
+            log_every_steps=1, warmup_steps=0)
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("training")
+    build_frames_table(root, [("train-a", 10, 5)])
+    return str(root / "lancedb")
+
+
+def spec_for(uri: str, **profile_overrides) -> training.RunSpec:
+    view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
+    val = loader.ViewRef(uri, storage.FRAMES_TABLE, view.version, "split = 'val'")
+    profile = detector.get_profile("cpu", **{**TINY, **profile_overrides})
+    return training.RunSpec(train=view, val=val, profile=profile, weights="none", seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(uri, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "ckpt"
+    lines: list[str] = []
+    metadata = training.train(spec_for(uri), out, log=lines.append)
+    return out, metadata, lines
+
+
+def test_two_step_run_writes_a_loadable_checkpoint(trained, uri):
+    out, metadata, lines = trained
+    for name in ("last.pt", "best.pt", "train_state.pt", "metadata.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    on_disk = training.read_metadata(out)
+    assert on_disk == json.loads(json.dumps(metadata))
+    table_version = loader.open_table(uri, storage.FRAMES_TABLE).version
+    assert on_disk["train_view"] == storage.FRAMES_TABLE and on_disk["train_view_version"] == table_version
+    assert on_disk["source_table"] == storage.FRAMES_TABLE and on_disk["source_table_version"] == table_version
+    assert on_disk["status"] == "complete" and on_disk["seed"] == 3 and on_disk["weights_source"] == "none"
+    assert on_disk["profile"]["architecture"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert on_disk["profile"]["min_size"] == 96 and on_disk["code_version"]
+    (epoch,) = on_disk["epochs"]
+    assert epoch["steps"] == 2 and epoch["images"] == 4 and epoch["loss"] > 0
+    assert on_disk["best_epoch"] == 1 and on_disk["best_val_map_50"] is not None
+    assert any("step 2/2" in line and "img/s" in line for line in lines)
+
+    model = training.load_checkpoint(out)
+    saved = torch.load(out / "best.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.inference_mode():
+        (prediction,) = model([torch.rand(3, 90, 160)])
+    assert set(prediction) == {"boxes", "labels", "scores"}
+
+
+def test_rerun_of_a_finished_run_reuses_it(trained, uri):
+    out, metadata, _ = trained
+    before = (out / "last.pt").stat().st_mtime_ns
+    lines: list[str] = []
+    again = training.train(spec_for(uri), out, log=lines.append)
+    assert again["epochs"] == json.loads(json.dumps(metadata))["epochs"]
+    assert (out / "last.pt").stat().st_mtime_ns == before and "nothing to train" in lines[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
+    spec = spec_for(uri, epochs=2)
+
+    def kill_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/2 saved"):
+            raise Interrupted(line)
+
+    with pytest.raises(Interrupted):
+        training.train(spec, tmp_path, log=kill_after_first_epoch)
+    interrupted = training.read_metadata(tmp_path)
+    assert interrupted["status"] == "training" and len(interrupted["epochs"]) == 1
+
+    lines: list[str] = []
+    resumed = training.train(spec, tmp_path, log=lines.append)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["status"] == "complete"
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert resumed["epochs"][0] == interrupted["epochs"][0]  # epoch 1 was not trained again
+    assert not any(line.startswith("epoch 1 step") for line in lines)
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["epoch"] == 2
+
+    # A different recipe in the same folder is not resumed: it starts over.
+    other = training.train(spec_for(uri, epochs=1, lr=0.001), tmp_path, log=lines.append)
+    assert other["resumed_from_epoch"] is None and len(other["epochs"]) == 1
+
+
+def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
+    out, metadata, _ = trained
+    order = training.reproduce_order(metadata, epoch=0)
+    # What the run's own loader yields for that epoch is exactly that order.
+    seen = [i for batch in training.reproduce_loader(metadata, epoch=0) for i in batch.image_ids]
+    assert seen == order and len(order) == metadata["train_rows"]
+
+    # New footage lands: the table moves on, the recorded version does not.
+    conn, _ = build_frames_table(tmp_path, [("train-b", 6, 9)])
+    newer = conn.open_table(storage.FRAMES_TABLE).to_arrow()
+    conn_main = storage.connect(uri)
+    conn_main.open_table(storage.FRAMES_TABLE).add(newer)
+    latest = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
+    assert latest.version > metadata["train_view_version"]
+    assert loader.count_rows(latest) > metadata["train_rows"]
+
+    assert training.reproduce_order(metadata, epoch=0) == order
+    assert training.reproduce_order(metadata, epoch=1) != order
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.training", "reproduce", str(out)],
+                         capture_output=True, text=True, check=True)
+    assert cli.stdout.splitlines()[1:] == order
+
+
+def test_empty_training_view_is_a_clear_error(uri, tmp_path):
+    spec = spec_for(uri)
+    empty = loader.ViewRef(uri, storage.FRAMES_TABLE, spec.train.version, "split = 'nowhere'")
+    with pytest.raises(ValueError, match="no training rows"):
+        training.train(training.RunSpec(train=empty, val=None, profile=spec.profile, weights="none"), tmp_path)
+
+
+def test_missing_coco_weights_name_the_expected_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    profile = detector.get_profile("cpu")
+    expected = tmp_path / "hub" / "checkpoints" / "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"
+    with pytest.raises(FileNotFoundError, match=str(expected)):
+        detector.build_detector(profile, "coco")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        detector.build_detector(profile, str(tmp_path / "missing.pt"))
+
+
+def test_profiles_match_the_reference():
+    gpu = detector.get_profile("gpu")
+    assert (gpu.architecture, gpu.batch_size, gpu.lr, gpu.momentum, gpu.weight_decay) == (
+        "fasterrcnn_resnet50_fpn_v2", 64, 0.04, 0.9, 1e-4)
+    assert (gpu.lr_step_epochs, gpu.lr_gamma, gpu.epochs, gpu.amp, gpu.grad_clip_norm) == (3, 0.1, 10, True, 10.0)
+    assert detector.get_profile("cpu", lr=0.5).lr == 0.5
+    with pytest.raises(ValueError, match="unknown training profile"):
+        detector.get_profile("tpu")
