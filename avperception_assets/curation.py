@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from . import storage
 from .bdd100k import PERSON_CLASSES
 
 COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
@@ -514,7 +515,7 @@ def _finish(table, launch: _Launch) -> ColumnStats:
         try:
             launch.job.result()
         finally:
-            _release_job_tracker(launch.job.job_id)
+            storage.release_job_tracker(launch.job.job_id)
         job_id = launch.job.job_id
     table.checkout_latest()
     errors, sample = _error_rows(table, name, job_id) if job_id else (0, [])
@@ -523,19 +524,6 @@ def _finish(table, launch: _Launch) -> ColumnStats:
         rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors,
         elapsed_s=time.perf_counter() - launch.started, params=launch.plan.params, job_id=job_id,
         errors=sample)
-
-
-def _release_job_tracker(job_id: str) -> None:
-    """Kill the job's Geneva JobTracker actor once the job is over.
-
-    Geneva 0.17 leaves one alive per backfill (0.1 CPU and ~0.5 GB each), so a long-lived
-    Ray (a Dagster run, a test session) runs out of CPU for new appliers after ~10 jobs.
-    """
-    import ray
-    from geneva.runners.ray.naming import job_tracker_name
-
-    with contextlib.suppress(ValueError):  # already gone
-        ray.kill(ray.get_actor(job_tracker_name(job_id)))
 
 
 def waves(names: list[str]) -> list[list[str]]:
@@ -557,8 +545,6 @@ def _ray(ray_address: str | None):
     if ray.is_initialized():
         yield
         return
-    from . import storage
-
     with storage.ray_context(ray_address):
         yield
 

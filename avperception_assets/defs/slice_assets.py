@@ -1,0 +1,96 @@
+"""Slice views as Dagster assets: one asset per view (`bdd100k_<mode>_<split>`, group `slices`).
+
+Built from the failure-mode registry: each registry entry yields its train and val assets,
+each depending on `raw_frames` and exactly the curation columns its filter reads (train
+views also on `is_duplicate`). All views live in one subsettable multi_asset so a run starts
+Ray once for all the selected views. `build_slice_defs(modes)` builds the
+same definitions from any registry (tests, or a deployment with its own modes).
+"""
+
+import dagster as dg
+
+from .. import slices
+from ..failure_modes import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
+from .resources import LanceDBResource
+
+GROUP = "slices"
+RAW_FRAMES = dg.AssetKey("raw_frames")
+CHECK_NAME = "row_count_matches_source"
+
+
+def view_deps(mode: FailureMode, split: str) -> list[dg.AssetKey]:
+    """raw_frames plus the curation columns the view's filter reads."""
+    return [RAW_FRAMES, *(dg.AssetKey(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS)]
+
+
+def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        slices.view_name(mode, split),
+        group_name=GROUP,
+        deps=view_deps(mode, split),
+        description=f"{mode.description or mode.name} ({split} split). Geneva materialized view over "
+                    f"`bdd100k` WHERE {slices.view_filter(mode, split)}",
+        metadata={"failure_mode": mode.name, "split": split, "filter": slices.view_filter(mode, split),
+                  "eval_classes": list(mode.classes)},
+        kinds={"lancedb", "geneva"},
+        skippable=True,
+    )
+
+
+def _metadata(stats: slices.ViewStats) -> dict:
+    meta = {k: v for k, v in stats.as_metadata().items() if v is not None}
+    meta["filter"] = dg.MetadataValue.text(stats.filter)
+    meta["columns"] = dg.MetadataValue.json(list(stats.columns))
+    meta["dagster/row_count"] = stats.row_count
+    if stats.recreated:
+        meta["note"] = dg.MetadataValue.text(
+            f"view recreated: the registry filter changed from {stats.previous_filter!r}; its version history "
+            "restarted")
+    return meta
+
+
+def build_slice_defs(modes=None) -> dg.Definitions:
+    """Slice-view assets and checks for `modes` (default: the registry FAILURE_MODES)."""
+    modes = check_registry(FAILURE_MODES if modes is None else modes)
+    views = slices.all_views(modes)
+    by_key = {dg.AssetKey(slices.view_name(m, s)): (m, s) for m, s in views}
+
+    @dg.multi_asset(specs=[_spec(m, s) for m, s in views], can_subset=True, name="slice_views",
+                    pool="lancedb_writes")
+    def slice_views(context: dg.AssetExecutionContext, lancedb: LanceDBResource):
+        """Refresh the selected slice views (only qualifying new rows are appended)."""
+        selected = [by_key[key] for key in by_key if key in context.selected_asset_keys]
+        lancedb.ensure_ray()
+        try:
+            stats = slices.refresh_views(lancedb.connect(), selected, modes=modes)
+        except slices.SliceError as exc:
+            raise dg.Failure(str(exc)) from exc
+        for name, view_stats in stats.items():
+            context.log.info(f"{name}: {view_stats.as_metadata()}")
+            yield dg.MaterializeResult(asset_key=name, metadata=_metadata(view_stats))
+
+    check_specs = [
+        dg.AssetCheckSpec(CHECK_NAME, asset=key, blocking=True,
+                          description="Row count equals a direct count on bdd100k with the same filter at "
+                                      "the source version the view reflects.")
+        for key in by_key
+    ]
+
+    @dg.multi_asset_check(specs=check_specs, can_subset=True, name="slice_view_checks")
+    def slice_view_checks(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource):
+        conn = lancedb.connect()
+        for check_key in context.selected_asset_check_keys:
+            mode, split = by_key[check_key.asset_key]
+            outcome = slices.check_view(conn, mode, split, modes=modes)
+            yield dg.AssetCheckResult(asset_key=check_key.asset_key, check_name=CHECK_NAME,
+                                      passed=outcome.passed, metadata=outcome.metadata)
+
+    return dg.Definitions(assets=[slice_views], asset_checks=[slice_view_checks])
+
+
+defs = build_slice_defs()
+
+# Plain functions other stages use (re-exported so they need not know the module layout).
+view_name = slices.view_name
+refresh_view = slices.refresh_view
+open_view = slices.open_view

@@ -1,0 +1,186 @@
+"""The failure-mode registry: the one place that names the long-tail modes the platform targets.
+
+Each FailureMode is a name, a SQL filter over the frames table (raw fields plus curation
+columns), and the det_20 classes its evaluation scores. Adding an entry to FAILURE_MODES
+adds its train/val slice views, and every stage that iterates this registry (checkpoints,
+reports) grows with it; no other file changes.
+
+A filter is checked when its FailureMode is built, so a typo fails when the definitions load,
+not halfway through a run: it must parse, return a boolean, and name only known columns
+(with types, so `person_bbox_area_pct < 'x'` is caught too). Filters come only from here.
+
+distant_person threshold: on the synthetic data (800 frames, 416 with a pedestrian; the
+largest annotated pedestrian box as % of the frame), the share of person frames kept is
+  < 0.1 %: 14.7 %   < 0.2 .. 0.5 %: 20.4 %   < 1 %: 24.0 %   < 2 %: 36.3 %
+  < 5 %: 70.9 %     < 10 %: 100 %            < 30 % (the reference's value): 100 %
+so 30 keeps every person frame. The default, 0.5 % of a 1280x720 frame (≈ 40x115 px), keeps
+the fifth of person frames whose nearest pedestrian is far away (the gap in the distribution
+lies between 0.2 % and 1 %). Set AVP_DISTANT_PERSON_MAX_AREA_PCT to change it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import pyarrow as pa
+
+from .bdd100k import CLASSES
+from .storage import FRAMES_SCHEMA
+
+DISTANT_PERSON_ENV = "AVP_DISTANT_PERSON_MAX_AREA_PCT"
+DEFAULT_DISTANT_PERSON_MAX_AREA_PCT = 0.5
+
+# Types of the curation columns (avperception_assets.curation writes them; names must match
+# curation.COLUMNS, which a test asserts) so filters are type-checked against the real table.
+CURATION_FIELDS = (
+    pa.field("has_person", pa.bool_()),
+    pa.field("has_rider", pa.bool_()),
+    pa.field("num_persons", pa.int32()),
+    pa.field("person_bbox_area_pct", pa.float32()),
+    pa.field("dhash", pa.uint64()),
+    pa.field("is_duplicate", pa.bool_()),
+)
+FILTER_SCHEMA = pa.schema(list(FRAMES_SCHEMA) + list(CURATION_FIELDS))
+CURATION_COLUMNS = tuple(f.name for f in CURATION_FIELDS)
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # becomes part of table and asset names
+
+
+class FailureModeError(ValueError):
+    """A registry entry that cannot be used (the message names the mode)."""
+
+
+@lru_cache(maxsize=1)
+def _empty_frames_dataset():
+    """An empty in-memory Lance dataset with the full schema: the filter's compiler."""
+    import lance
+
+    return lance.write_dataset(FILTER_SCHEMA.empty_table(), "memory://failure-mode-filters")
+
+
+def _filter_error(sql: str, schema: pa.Schema | None = None) -> str | None:
+    """Lance's (DataFusion's) complaint about `sql` as a filter, or None when it is valid."""
+    import lance
+
+    dataset = _empty_frames_dataset() if schema is None else lance.write_dataset(
+        schema.empty_table(), "memory://failure-mode-columns")
+    try:
+        dataset.scanner(filter=sql, columns=[]).to_table()
+    except Exception as exc:  # lance raises ValueError/OSError with the parser's message
+        return str(exc).split(", /")[0].rstrip(".")  # drop the Rust source location
+    return None
+
+
+def filter_columns(sql: str) -> tuple[str, ...]:
+    """The columns `sql` reads (in schema order): those it cannot compile without."""
+    columns = []
+    for name in FILTER_SCHEMA.names:
+        if _filter_error(sql, FILTER_SCHEMA.remove(FILTER_SCHEMA.get_field_index(name))) is not None:
+            columns.append(name)
+    return tuple(columns)
+
+
+def validate_filter(mode_name: str, sql: str) -> None:
+    """Raise FailureModeError naming the mode when `sql` is not a valid boolean filter."""
+    if not isinstance(sql, str) or not sql.strip():
+        raise FailureModeError(f"failure mode {mode_name!r}: filter must be a non-empty SQL string")
+    # The parser reads only the first statement; anything after ';' or a comment would hide.
+    error = "one expression only (no ';' or SQL comments)" if any(t in sql for t in (";", "--", "/*")) \
+        else _filter_error(sql)
+    if error is not None:
+        raise FailureModeError(
+            f"failure mode {mode_name!r}: invalid filter {sql!r}: {error}. Filters may use the frames "
+            f"columns and the curation columns {', '.join(CURATION_COLUMNS)}.")
+
+
+@dataclass(frozen=True)
+class FailureMode:
+    """One long-tail failure mode: its slice filter and the classes that matter for it."""
+
+    name: str
+    filter: str
+    classes: tuple[str, ...]
+    description: str = ""
+    columns: tuple[str, ...] = field(init=False)  # what the filter reads (derived)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
+            raise FailureModeError(
+                f"failure mode name {self.name!r} must be lower-case letters, digits and '_' "
+                "(it becomes a table and asset name)")
+        validate_filter(self.name, self.filter)
+        classes = tuple(self.classes)
+        unknown = [c for c in classes if c not in CLASSES]
+        if not classes or unknown:
+            raise FailureModeError(
+                f"failure mode {self.name!r}: classes must be det_20 names from {CLASSES}, got {classes}")
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "columns", filter_columns(self.filter))
+
+    @property
+    def curation_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c in CURATION_COLUMNS)
+
+
+def distant_person_max_area_pct() -> float:
+    raw = os.environ.get(DISTANT_PERSON_ENV)
+    if raw is None:
+        return DEFAULT_DISTANT_PERSON_MAX_AREA_PCT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 100.0:
+        raise FailureModeError(f"{DISTANT_PERSON_ENV}={raw!r}: expected a percentage in (0, 100]")
+    return value
+
+
+def check_registry(modes) -> tuple[FailureMode, ...]:
+    """The registry as a tuple; rejects anything but FailureModes and repeated names."""
+    modes = tuple(modes)
+    for mode in modes:
+        if not isinstance(mode, FailureMode):
+            raise FailureModeError(f"registry entries must be FailureMode, got {mode!r}")
+    names = [m.name for m in modes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise FailureModeError(f"failure mode names must be unique; repeated: {repeated}")
+    return modes
+
+
+def default_failure_modes() -> tuple[FailureMode, ...]:
+    return check_registry([
+        FailureMode(
+            "rider",
+            "has_rider = true",
+            ("rider", "bicycle", "motorcycle"),
+            "Cyclists and motorcyclists: a person on a two-wheeler.",
+        ),
+        FailureMode(
+            "nighttime_person",
+            "timeofday = 'night' AND has_person = true",
+            ("pedestrian",),
+            "Pedestrians in night frames.",
+        ),
+        FailureMode(
+            "distant_person",
+            f"has_person = true AND person_bbox_area_pct < {distant_person_max_area_pct()!r}",
+            ("pedestrian",),
+            "Frames whose largest pedestrian is small, i.e. far away.",
+        ),
+    ])
+
+
+FAILURE_MODES: tuple[FailureMode, ...] = default_failure_modes()
+
+
+def get_mode(name: str, modes=None) -> FailureMode:
+    """The registry entry called `name` (from `modes`, default FAILURE_MODES)."""
+    for mode in FAILURE_MODES if modes is None else modes:
+        if mode.name == name:
+            return mode
+    known = [m.name for m in (FAILURE_MODES if modes is None else modes)]
+    raise FailureModeError(f"unknown failure mode {name!r}; registered: {known}")

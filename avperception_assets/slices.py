@@ -1,0 +1,248 @@
+"""Curated slices: one Geneva materialized view per failure mode and split.
+
+`bdd100k_<mode>_train` holds the mode's frames of the train split that are not flagged as
+duplicates; `bdd100k_<mode>_val` every frame of the val split the mode's filter keeps. A
+refresh appends only the qualifying rows that are new in the source (Geneva tracks source
+row ids and the source version each refresh reflects), so the cost of a refresh follows the
+new footage, not the table. Rows whose curation values are still NULL do not qualify; refresh
+after the curation backfill (the Dagster graph orders it so).
+
+The filter a view holds is Geneva's own record of its query (view schema metadata). A view
+whose registry filter changed is dropped and recreated (a refresh would keep the old one);
+its Lance history restarts, so checkpoints must record the filter with the view version
+(ViewStats.filter), which `open_view` callers can compare with `view_filter_of`.
+
+Nothing here knows about Dagster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from . import storage
+from .failure_modes import FAILURE_MODES, FailureMode, get_mode
+from .storage import FRAMES_TABLE, table_exists
+
+SPLITS = ("train", "val")
+SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split",)}
+
+
+class SliceError(RuntimeError):
+    """A slice that cannot be built from the table as it is (the message says why)."""
+
+
+def _resolve(mode: FailureMode | str, modes=None) -> FailureMode:
+    return mode if isinstance(mode, FailureMode) else get_mode(mode, modes)
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise SliceError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return split
+
+
+def view_name(mode: FailureMode | str, split: str) -> str:
+    """Table (and asset) name of a slice view: `bdd100k_<mode>_<split>`."""
+    name = mode.name if isinstance(mode, FailureMode) else mode
+    return f"{FRAMES_TABLE}_{name}_{_check_split(split)}"
+
+
+def view_filter(mode: FailureMode, split: str) -> str:
+    """The full SQL filter of a view. `is_duplicate = false` is NULL, so excluded, for
+    frames not yet checked for duplicates: a train view never takes an unchecked frame."""
+    if _check_split(split) == "train":
+        return f"({mode.filter}) AND split = 'train' AND is_duplicate = false"
+    return f"({mode.filter}) AND split = 'val'"
+
+
+def view_columns(mode: FailureMode, split: str) -> tuple[str, ...]:
+    """Source columns the view's filter reads (the view's data dependencies)."""
+    extra = [c for c in SPLIT_COLUMNS[_check_split(split)] if c not in mode.columns]
+    return tuple(mode.columns) + tuple(extra)
+
+
+def all_views(modes=None) -> list[tuple[FailureMode, str]]:
+    """(mode, split) of every view of the registry, in registry order."""
+    return [(mode, split) for mode in (FAILURE_MODES if modes is None else modes) for split in SPLITS]
+
+
+# --- what a view records ----------------------------------------------------------------
+
+
+def view_filter_of(view) -> str | None:
+    """The filter a view was created with, from Geneva's record of its query."""
+    from geneva.query import MATVIEW_META_QUERY, GenevaQuery
+
+    raw = (view.schema.metadata or {}).get(MATVIEW_META_QUERY.encode())
+    return None if raw is None else GenevaQuery.model_validate_json(raw).base.filter
+
+
+def reflected_version(view) -> int | None:
+    """Source table version the view's last successful refresh reflects (None: never)."""
+    from geneva.table import _get_last_refreshed_version
+
+    return _get_last_refreshed_version(view)
+
+
+def open_view(conn, name: str, version: int | None = None):
+    """Open a slice view, time-travelled to `version` when given (reproduces a checkpoint's data)."""
+    if not table_exists(conn, name):
+        raise SliceError(f"slice view {name!r} does not exist; materialize it first")
+    view = conn.open_table(name)
+    if version is not None:
+        versions = [v["version"] for v in view.list_versions()]
+        if version not in versions:
+            raise SliceError(f"slice view {name!r} has no version {version}; it has {versions}")
+        view.checkout(version)
+    return view
+
+
+def _source_row_ids(view) -> set[int]:
+    return set(view.to_lance().to_table(columns=["__source_row_id"])["__source_row_id"].to_pylist())
+
+
+# --- refresh --------------------------------------------------------------------------
+
+
+@dataclass
+class ViewStats:
+    """What one materialization of a view did, and what the view now holds."""
+
+    view: str
+    mode: str
+    split: str
+    filter: str
+    columns: tuple[str, ...]
+    row_count: int
+    view_version: int
+    source_version: int  # source table version the view reflects
+    rows_added: int  # rows this refresh appended
+    rows_removed: int  # rows whose source rows were deleted
+    created: bool  # the view did not exist (or was recreated) in this run
+    recreated: bool  # the registry's filter changed, so the old view was dropped
+    previous_filter: str | None
+    refreshed: bool  # False: the view already reflected the current source version
+    source_rows_not_curated: int  # rows of the split whose filter columns are still NULL
+    elapsed_s: float
+
+    def as_metadata(self) -> dict[str, Any]:
+        meta = asdict(self)
+        meta["columns"] = list(self.columns)
+        meta["elapsed_s"] = round(self.elapsed_s, 3)
+        if self.previous_filter is None:
+            del meta["previous_filter"]
+        return meta
+
+
+def _open_source(conn):
+    if not table_exists(conn, FRAMES_TABLE):
+        raise SliceError(f"table {FRAMES_TABLE!r} does not exist; ingest footage first")
+    source = conn.open_table(FRAMES_TABLE)
+    if source.count_rows() == 0:
+        raise SliceError(f"table {FRAMES_TABLE!r} has no rows yet; ingest footage first")
+    return source
+
+
+def _check_source_columns(source, mode: FailureMode, split: str) -> None:
+    missing = [c for c in view_columns(mode, split) if c not in source.schema.names]
+    if missing:
+        raise SliceError(
+            f"view {view_name(mode, split)!r} (failure mode {mode.name!r}) reads columns missing from "
+            f"{FRAMES_TABLE!r}: {missing}; materialize those curation columns first")
+
+
+def _view_select(schema) -> dict[str, str]:
+    """Every source column, as the view's columns. Geneva 0.17 copies a bare column's
+    nullability into the view, then cannot append its placeholder rows to a non-nullable
+    column; `coalesce(col)` is the same values in a nullable column."""
+    return {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in schema}
+
+
+def _not_curated(source, mode: FailureMode, split: str) -> int:
+    nullable = [c for c in view_columns(mode, split) if c != "split"]
+    return source.count_rows(f"split = '{split}' AND ({' OR '.join(f'{c} IS NULL' for c in nullable)})")
+
+
+def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int) -> ViewStats:
+    """Create the view if absent, recreate it if its filter is not the registry's, and
+    refresh it unless it already reflects the source's current version."""
+    started = time.perf_counter()
+    name, wanted = view_name(mode, split), view_filter(mode, split)
+    view, previous, before = None, None, set()
+    if table_exists(conn, name):
+        view = conn.open_table(name)
+        held = view_filter_of(view)
+        if held == wanted:
+            before = _source_row_ids(view)
+        else:
+            conn.drop_table(name)
+            view, previous = None, held
+    created = view is None
+    if created:
+        view = conn.create_materialized_view(
+            name, source.search().select(_view_select(source.schema)).where(wanted))
+    refreshed = created or reflected_version(view) != source.version
+    if refreshed:
+        result = view.refresh(src_version=source.version, concurrency=concurrency)
+        storage.release_job_tracker(result.job_id)
+    view.checkout_latest()
+    after = _source_row_ids(view)
+    return ViewStats(
+        view=name, mode=mode.name, split=split, filter=view_filter_of(view), columns=view_columns(mode, split),
+        row_count=view.count_rows(), view_version=view.version, source_version=reflected_version(view),
+        rows_added=len(after - before), rows_removed=len(before - after), created=created,
+        recreated=previous is not None, previous_filter=previous, refreshed=refreshed,
+        source_rows_not_curated=_not_curated(source, mode, split), elapsed_s=time.perf_counter() - started)
+
+
+def refresh_views(conn, targets: Iterable[tuple[FailureMode | str, str]] | None = None, *, modes=None,
+                  concurrency: int = 1) -> dict[str, ViewStats]:
+    """Bring the views `targets` [(mode, split)] (default: all of the registry) up to date
+    with the frames table; returns their stats by view name.
+
+    Needs a running Ray (Geneva's refresh jobs run on it). The refreshes run one after
+    another: each Geneva job pins a driver, a tracker and writers (0.1 CPU each) while its
+    copy actors wait for a whole CPU, so concurrent jobs on a small Ray starve each other
+    for good. `concurrency` is the number of copy actors per job.
+    """
+    targets = all_views(modes) if targets is None else [(_resolve(m, modes), s) for m, s in targets]
+    source = _open_source(conn)
+    for mode, split in targets:  # every view's columns exist before any job starts
+        _check_source_columns(source, mode, split)
+    return {view_name(mode, split): _refresh_one(conn, source, mode, split, concurrency) for mode, split in targets}
+
+
+def refresh_view(conn, mode: FailureMode | str, split: str, *, modes=None, concurrency: int = 1) -> ViewStats:
+    """Refresh one view (see refresh_views)."""
+    return refresh_views(conn, [(mode, split)], modes=modes, concurrency=concurrency)[view_name(mode, split)]
+
+
+# --- check --------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewCheck:
+    passed: bool
+    metadata: dict[str, Any]
+
+
+def check_view(conn, mode: FailureMode | str, split: str, *, modes=None) -> ViewCheck:
+    """The view's row count equals a direct count on the source table, with the view's
+    filter, at the source version the view reflects."""
+    mode = _resolve(mode, modes)
+    name = view_name(mode, split)
+    if not table_exists(conn, name):
+        return ViewCheck(False, {"reason": f"view {name!r} does not exist"})
+    view = conn.open_table(name)
+    version, held = reflected_version(view), view_filter_of(view)
+    if version is None:
+        return ViewCheck(False, {"reason": f"view {name!r} has never been refreshed"})
+    source = conn.open_table(FRAMES_TABLE)
+    source.checkout(version)
+    expected, actual = source.count_rows(held), view.count_rows()
+    return ViewCheck(expected == actual, {
+        "view_rows": actual, "source_rows_matching": expected, "source_version": version,
+        "view_version": view.version, "filter": held,
+        "filter_matches_registry": held == view_filter(mode, split)})

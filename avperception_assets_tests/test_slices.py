@@ -1,0 +1,197 @@
+"""Failure-mode registry and slice views: real bdd100k table, real Geneva backfills and views."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from avperception_assets import curation, failure_modes, ingest, slices, storage, synthetic
+from avperception_assets.failure_modes import FAILURE_MODES, FailureMode, FailureModeError
+from avperception_assets_tests.conftest import build_frames_table
+
+SLICE_COLUMNS = ["has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"]
+CURATION = curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS)
+# Each Geneva refresh costs seconds: the Ray tests use two of the three default modes.
+MODES = FAILURE_MODES[:2]
+RIDER, NIGHT = MODES
+
+
+def backfill(conn):
+    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), SLICE_COLUMNS, CURATION)
+
+
+def source_ids(conn, sql: str, version: int | None = None) -> list[str]:
+    table = conn.open_table(storage.FRAMES_TABLE)
+    if version is not None:
+        table.checkout(version)
+    return sorted(table.to_lance().to_table(columns=["image_id"], filter=sql)["image_id"].to_pylist())
+
+
+def view_ids(view) -> list[str]:
+    return sorted(view.to_lance().to_table(columns=["image_id"])["image_id"].to_pylist())
+
+
+# --- registry (no Ray) ----------------------------------------------------------------------
+
+
+def test_default_registry():
+    assert [m.name for m in FAILURE_MODES] == ["rider", "nighttime_person", "distant_person"]
+    rider, night, distant = FAILURE_MODES
+    assert rider.filter == "has_rider = true" and set(rider.classes) == {"rider", "bicycle", "motorcycle"}
+    assert night.columns == ("timeofday", "has_person") and night.curation_columns == ("has_person",)
+    assert distant.curation_columns == ("has_person", "person_bbox_area_pct")
+    assert f"< {failure_modes.DEFAULT_DISTANT_PERSON_MAX_AREA_PCT}" in distant.filter
+
+
+def test_curation_fields_match_curation_columns():
+    assert set(failure_modes.CURATION_COLUMNS) == set(curation.COLUMNS)
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("has_persn = true", "No field named has_persn"),
+    ("has_person = = true", "sql parser error"),
+    ("num_persons + 1", "does not return a boolean"),
+    ("person_bbox_area_pct < 'far'", "could not convert"),
+    ("has_rider = true; DROP TABLE bdd100k", "one expression only"),
+    ("  ", "non-empty"),
+])
+def test_bad_filter_names_the_mode(sql, says):
+    with pytest.raises(FailureModeError, match="'broken_mode'") as info:
+        FailureMode("broken_mode", sql, ("pedestrian",))
+    assert says in str(info.value)
+
+
+def test_bad_entries_rejected():
+    with pytest.raises(FailureModeError, match="det_20"):
+        FailureMode("cats", "has_person = true", ("cat",))
+    with pytest.raises(FailureModeError, match="lower-case"):
+        FailureMode("Bad Name", "has_person = true", ("pedestrian",))
+    with pytest.raises(FailureModeError, match="repeated"):
+        failure_modes.check_registry([FAILURE_MODES[0], FAILURE_MODES[0]])
+
+
+def test_distant_threshold_is_configurable(monkeypatch):
+    monkeypatch.setenv(failure_modes.DISTANT_PERSON_ENV, "2.5")
+    assert failure_modes.default_failure_modes()[2].filter.endswith("< 2.5")
+    monkeypatch.setenv(failure_modes.DISTANT_PERSON_ENV, "far")
+    with pytest.raises(FailureModeError, match=failure_modes.DISTANT_PERSON_ENV):
+        failure_modes.default_failure_modes()
+
+
+def test_filter_columns_are_what_it_reads():
+    assert failure_modes.filter_columns("num_persons >= 2 OR weather = 'rainy'") == ("weather", "num_persons")
+
+
+def test_view_names_and_filters():
+    rider = FAILURE_MODES[0]
+    assert slices.view_name(rider, "train") == "bdd100k_rider_train"
+    assert slices.view_name("nighttime_person", "val") == "bdd100k_nighttime_person_val"
+    assert slices.view_columns(rider, "train") == ("has_rider", "split", "is_duplicate")
+    assert slices.view_columns(rider, "val") == ("has_rider", "split")
+    with pytest.raises(slices.SliceError, match="unknown split"):
+        slices.view_name(rider, "test")
+
+
+def test_train_filter_drops_duplicates_and_unchecked_frames_val_keeps_them():
+    """The filters' NULL semantics, evaluated by Lance on rows with every is_duplicate state."""
+    import lance
+
+    rows = pa.table({"split": ["train", "train", "train", "val", "val"],
+                     "has_rider": [True, True, True, True, None],
+                     "is_duplicate": [False, True, None, True, False]})
+    dataset = lance.write_dataset(rows, "memory://null-semantics")
+    rider = FAILURE_MODES[0]
+    kept = {s: dataset.count_rows(filter=slices.view_filter(rider, s)) for s in slices.SPLITS}
+    assert kept == {"train": 1, "val": 1}
+
+
+# --- real views -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, local_ray):
+    conn, landing = build_frames_table(tmp_path_factory.mktemp("slices"), [("b1", 36, 1)])
+    backfill(conn)
+    return conn, landing
+
+
+@pytest.fixture(scope="module")
+def first(table):
+    conn, _ = table
+    return slices.refresh_views(conn, modes=MODES)
+
+
+def test_views_hold_the_source_filtered_the_same_way(table, first):
+    conn, _ = table
+    source_version = conn.open_table(storage.FRAMES_TABLE).version
+    assert set(first) == {slices.view_name(m, s) for m, s in slices.all_views(MODES)}
+    for mode, split in slices.all_views(MODES):
+        stats = first[slices.view_name(mode, split)]
+        view = slices.open_view(conn, stats.view)
+        expected = source_ids(conn, slices.view_filter(mode, split))
+        assert view_ids(view) == expected
+        assert stats.row_count == stats.rows_added == len(expected)
+        assert stats.created and stats.refreshed and not stats.recreated
+        assert stats.source_version == source_version and stats.view_version == view.version
+        assert stats.filter == slices.view_filter(mode, split) == slices.view_filter_of(view)
+        assert slices.check_view(conn, mode, split).passed
+    # Not vacuous: the synthetic footage has riders and night persons in both splits.
+    assert all(stats.row_count > 0 for stats in first.values()), {n: s.row_count for n, s in first.items()}
+
+
+def test_refresh_appends_exactly_the_new_qualifying_rows(table, first):
+    conn, landing = table
+    synthetic.write_batch(landing, "b2", 24, seed=2)
+    ingest.ingest_batches(conn, landing)
+    targets = [(RIDER, "train"), (NIGHT, "val")]
+    # Before the backfill the new rows' curation values are NULL: they do not qualify yet.
+    early = slices.refresh_view(conn, RIDER, "train")
+    assert early.rows_added == 0 and early.source_rows_not_curated > 0
+    backfill(conn)
+    second = slices.refresh_views(conn, targets)
+    source_version = conn.open_table(storage.FRAMES_TABLE).version
+    for mode, split in targets:
+        name = slices.view_name(mode, split)
+        old, new = first[name], second[name]
+        sql = slices.view_filter(mode, split)
+        assert new.rows_added == len(source_ids(conn, f"({sql}) AND batch_id = 'b2'")), name
+        assert new.row_count == old.row_count + new.rows_added
+        assert view_ids(slices.open_view(conn, name)) == source_ids(conn, sql)
+        assert new.source_version == source_version > old.source_version
+        assert new.view_version > old.view_version and not new.created and new.source_rows_not_curated == 0
+        assert slices.check_view(conn, mode, split).passed
+        # Time travel: the version a checkpoint recorded still reads the rows it trained on.
+        assert view_ids(slices.open_view(conn, name, old.view_version)) == source_ids(conn, sql, old.source_version)
+    assert sum(s.rows_added for s in second.values()) > 0
+    # Nothing new in the source: the view is already current and no job runs.
+    again = slices.refresh_view(conn, NIGHT, "val")
+    assert not again.refreshed and again.rows_added == 0
+    assert again.view_version == second[slices.view_name(NIGHT, "val")].view_version
+    # A view not refreshed since the append no longer matches the source's latest version.
+    stale = slices.check_view(conn, NIGHT, "train")
+    assert stale.passed and stale.metadata["source_version"] < source_version
+
+
+def test_changed_filter_recreates_the_view(table, first):
+    conn, _ = table
+    changed = FailureMode("rider", "has_rider = true AND timeofday = 'daytime'", RIDER.classes)
+    stats = slices.refresh_view(conn, changed, "val")
+    assert stats.created and stats.recreated and stats.refreshed
+    assert stats.previous_filter == slices.view_filter(RIDER, "val")
+    view = slices.open_view(conn, "bdd100k_rider_val")
+    assert slices.view_filter_of(view) == slices.view_filter(changed, "val")
+    assert view_ids(view) == source_ids(conn, slices.view_filter(changed, "val"))
+    assert slices.check_view(conn, changed, "val").passed
+    # The registry's rider filter is not what the view holds now.
+    assert slices.check_view(conn, RIDER, "val").metadata["filter_matches_registry"] is False
+
+
+def test_missing_curation_column_and_unknown_version_are_clear(table, first):
+    conn, _ = table
+    needs = FailureMode("crowded", "num_persons >= 3", ("pedestrian",))  # num_persons is not backfilled here
+    with pytest.raises(slices.SliceError, match="num_persons"):
+        slices.refresh_view(conn, needs, "val")
+    with pytest.raises(slices.SliceError, match="no version 999"):
+        slices.open_view(conn, "bdd100k_rider_train", 999)
+    with pytest.raises(slices.SliceError, match="does not exist"):
+        slices.open_view(conn, "bdd100k_nope_val")
