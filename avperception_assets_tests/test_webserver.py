@@ -53,7 +53,8 @@ def webserver(tmp_path_factory):
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     synthetic.write_batch(data_dir / "landing", "ui-batch", 6, seed=5)
     port = _free_port()
-    env = {**os.environ, "AVP_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home)}
+    # Sensors stopped: the daemon must not start its own ingestion run of the test batch.
+    env = {**os.environ, "AVP_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home), "AVP_SENSORS_DEFAULT_STATUS": "stopped"}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -2,6 +2,8 @@
 views refresh in the same run); `slice_growth_sensor` then retrains and re-evaluates exactly the
 failure modes whose train view grew past the retrain policy."""
 
+import os
+
 import dagster as dg
 
 from .. import ingest, sensors, settings
@@ -12,13 +14,16 @@ from .resources import LanceDBResource
 # Ingestion and everything that refreshes with it; retraining is the growth sensor's call.
 FOOTAGE_SELECTION = dg.AssetSelection.assets("raw_frames").downstream() - dg.AssetSelection.groups("training", "evaluation")
 SUMMARY = dg.AssetKey("failure_mode_summary")
+# `stopped` serves the UI without the loop (a staging deployment); the UI can start them.
+DEFAULT_STATUS = (dg.DefaultSensorStatus.STOPPED if os.environ.get("AVP_SENSORS_DEFAULT_STATUS", "running") == "stopped"
+                  else dg.DefaultSensorStatus.RUNNING)
 BASE_DETECTOR = dg.AssetKey("base_detector")
 
 
 @dg.sensor(
     name="new_footage_sensor",
     target=FOOTAGE_SELECTION,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=DEFAULT_STATUS,
     minimum_interval_seconds=30,
     description="Requests one run per READY batch in the landing zone (run key = batch id): "
                 "ingestion, incremental backfill of the curation columns, refresh of every slice view.",
@@ -94,7 +99,7 @@ def build_sensor_defs(modes=None) -> dg.Definitions:
     @dg.sensor(
         name="slice_growth_sensor",
         target=dg.AssetSelection.groups("training", "evaluation"),
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=DEFAULT_STATUS,
         minimum_interval_seconds=60,
         description="Retrains and re-evaluates a failure mode when its train view grew by "
                     "AVP_RETRAIN_MIN_NEW_ROWS rows or AVP_RETRAIN_MIN_GROWTH (fraction) since its checkpoint.",
