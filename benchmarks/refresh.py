@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}: +{args.new} frames (table {total}): refresh {seconds:.1f} s, {added} view rows added")
                 times[name].append(seconds)
 
-    small, large = statistics.mean(times["small"]), statistics.mean(times["large"])
+    small, large = statistics.median(times["small"]), statistics.median(times["large"])
     ratio = large / small
     print(f"refresh after +{args.new}: {small:.1f} s on {args.small} (runs {[round(t, 1) for t in times['small']]}), "
           f"{large:.1f} s on {args.large} (runs {[round(t, 1) for t in times['large']]}); ratio {ratio:.2f}")
