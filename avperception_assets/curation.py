@@ -225,6 +225,12 @@ def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.
 
 
 def dhash(image_bytes: bytes) -> int:
+    from .loader import decode
+
+    # The pipeline's first full decode of a frame (ingestion checks structure only): a frame
+    # the training decoder rejects gets no dhash, so it stays out of every slice and is
+    # quarantined by `quarantine_undecodable`.
+    decode(image_bytes)
     return dhash_bytes(image_bytes)
 
 
@@ -470,18 +476,41 @@ def _add_column(table, plan: ColumnPlan) -> None:
         table.add_columns({plan.name: plan.make_udf(table)})
 
 
-def _error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:
-    """NULL rows of `column` that have a recorded UDF error: (count, sample)."""
+def _errored_rows(table, column: str, job_id: str | None = None,
+                  columns: tuple[str, ...] = ("image_id",)) -> list[tuple[dict, str]]:
+    """NULL rows of `column` that have a recorded UDF error: (row's `columns`, error text)."""
     errors = table.get_errors(column_name=column, job_id=job_id)
     by_address = {e.row_address: e for e in errors if e.row_address is not None}
     if not by_address:
-        return 0, []
-    nulls = table.to_lance().to_table(columns=["image_id"], filter=f"{column} IS NULL", with_row_address=True)
-    hits = [(image_id, by_address[addr]) for image_id, addr in
-            zip(nulls["image_id"].to_pylist(), nulls["_rowaddr"].to_pylist()) if addr in by_address]
-    sample = [{"image_id": image_id, "error": f"{e.error_type}: {e.error_message}"[:300]}
-              for image_id, e in hits[:limit]]
+        return []
+    nulls = table.to_lance().to_table(columns=list(columns), filter=f"{column} IS NULL", with_row_address=True)
+    return [(row, f"{by_address[row['_rowaddr']].error_type}: {by_address[row['_rowaddr']].error_message}")
+            for row in nulls.to_pylist() if row["_rowaddr"] in by_address]
+
+
+def _error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:
+    """NULL rows of `column` that have a recorded UDF error: (count, sample)."""
+    hits = _errored_rows(table, column, job_id)
+    sample = [{"image_id": row["image_id"], "error": error[:300]} for row, error in hits[:limit]]
     return len(hits), sample
+
+
+def quarantine_undecodable(conn, table) -> int:
+    """Record a `corrupt_image` quarantine entry for every frame the dhash UDF could not decode.
+
+    Such frames passed ingestion's structural check; they stay in the frames table (nothing
+    is lost) but never reach a slice. Idempotent, like all quarantine writes. Returns their count.
+    """
+    from .ingest import Rejection, record_quarantine
+
+    by_batch: dict[str, list] = {}
+    hits = _errored_rows(table, "dhash", columns=("image_id", "batch_id", "source_file"))
+    for row, error in hits:
+        by_batch.setdefault(row["batch_id"], []).append(
+            Rejection(row["source_file"], "corrupt_image", f"does not decode (found by curation): {error}"[:500]))
+    for batch_id, rejections in by_batch.items():
+        record_quarantine(conn, batch_id, rejections)
+    return len(hits)
 
 
 @dataclass

@@ -10,6 +10,7 @@ Heads always have 91 outputs (COCO category ids), see `bdd100k.COCO_IDS`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ class Profile:
     finetune_epochs: int
     finetune_lr: float
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FasterRCNN arguments
+    # RPN anchor sizes in px, the same at every feature level; None: the architecture's own.
+    anchor_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.anchor_sizes is not None:  # read back from JSON as a list
+            object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
 
     def replace(self, **changes) -> "Profile":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -54,7 +61,18 @@ class Profile:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-shaped (tuples as lists), so it equals what a checkpoint's metadata.json holds."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def with_min_input(self, min_size: int | None) -> "Profile":
+        """This recipe with a shorter image side of at least `min_size` (aspect kept)."""
+        if min_size is None or self.min_size >= min_size:
+            return self
+        return self.replace(min_size=min_size, max_size=round(self.max_size * min_size / self.min_size))
+
+    def for_weights(self, weights: str) -> "Profile":
+        """The recipe as it applies to `weights`: COCO weights keep the anchors their RPN learned."""
+        return self.replace(anchor_sizes=None) if weights == WEIGHTS_COCO else self
 
     def for_finetune(self) -> "Profile":
         """The fine-tune recipe: same model and input, the fine-tune epochs and LR, no warm-up."""
@@ -86,8 +104,10 @@ PROFILES: dict[str, Profile] = {
         finetune_lr=0.04,
     ),
     # Small enough for a 2-core CPU: mobilenet backbone at 192x341 px (about the 320x180 that
-    # DESIGN.md measured at ~2.7 img/s for batch 8), fewer RPN/RoI samples, and short epochs
-    # (25 steps) so the generic model takes ~4 min and each fine-tune ~1.5 min.
+    # DESIGN.md measured at ~2.7 img/s for batch 8), fewer RPN/RoI samples (RoI align's backward
+    # and the box head's FC layers were half of a step's time with 64 RoIs per image), and short
+    # epochs (40 steps, ~1 s each here). Anchors start at 16 px instead of 32: at this input size
+    # most pedestrians are 5-30 px, and with no COCO weights here the anchors are free to choose.
     "cpu": Profile(
         name="cpu",
         architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -97,25 +117,26 @@ PROFILES: dict[str, Profile] = {
         weight_decay=1e-4,
         lr_step_epochs=100,  # i.e. a constant LR over the short CPU schedule
         lr_gamma=0.1,
-        epochs=3,
+        epochs=4,
         amp=False,
         grad_clip_norm=10.0,
         warmup_steps=10,
         min_size=192,
         max_size=342,
         trainable_backbone_layers=None,
-        max_steps_per_epoch=25,
+        max_steps_per_epoch=40,
         log_every_steps=5,
         num_workers=0,  # 2 cores: decoding in the main process beats sharing them with workers
-        finetune_epochs=3,
+        finetune_epochs=5,
         finetune_lr=0.01,
         model_kwargs={
             "rpn_pre_nms_top_n_train": 600,
             "rpn_post_nms_top_n_train": 300,
             "rpn_batch_size_per_image": 128,
-            "box_batch_size_per_image": 64,
+            "box_batch_size_per_image": 32,
             "box_detections_per_img": 50,
         },
+        anchor_sizes=(16, 32, 64, 128, 256),
     ),
 }
 
@@ -181,9 +202,30 @@ def build_detector(profile: Profile, weights: str = WEIGHTS_NONE):
     else:
         model = get_model(profile.architecture, weights=None, weights_backbone=None,
                           num_classes=NUM_COCO_CLASSES, **kwargs)
-        if weights != WEIGHTS_NONE:
-            load_weights(model, torch.load(weights, map_location="cpu", weights_only=True))
+    if profile.anchor_sizes:
+        _set_anchor_sizes(model, profile.anchor_sizes)
+    if weights not in (WEIGHTS_NONE, WEIGHTS_COCO):
+        load_weights(model, torch.load(weights, map_location="cpu", weights_only=True))
     return model
+
+
+def set_input_size(model, min_size: int, max_size: int) -> None:
+    """Resize inputs to `min_size`/`max_size` inside `model` (e.g. to evaluate two models on the same pixels)."""
+    model.transform.min_size = (min_size,)
+    model.transform.max_size = max_size
+
+
+def _set_anchor_sizes(model, sizes: tuple[int, ...]) -> None:
+    """Replace the RPN anchor sizes, keeping the levels, aspect ratios and anchors per location
+    (so the RPN head, and any weights loaded into it, keep their shape)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    current = model.rpn.anchor_generator
+    generator = AnchorGenerator(sizes=(tuple(sizes),) * len(current.sizes), aspect_ratios=current.aspect_ratios)
+    if generator.num_anchors_per_location() != current.num_anchors_per_location():
+        raise ValueError(f"anchor_sizes {list(sizes)} give {generator.num_anchors_per_location()} anchors per "
+                         f"location; the {type(model).__name__} RPN head expects {current.num_anchors_per_location()}")
+    model.rpn.anchor_generator = generator
 
 
 def load_weights(model, state_dict: dict) -> None:

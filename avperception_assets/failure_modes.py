@@ -32,6 +32,10 @@ from .storage import FRAMES_SCHEMA
 
 DISTANT_PERSON_ENV = "AVP_DISTANT_PERSON_MAX_AREA_PCT"
 DEFAULT_DISTANT_PERSON_MAX_AREA_PCT = 0.5
+# Distant pedestrians of the synthetic val slice are 8-23 x 21-60 px (10th-90th percentile, median
+# 13x34) in 1280x720 frames: 448 px input keeps the median at 8x21 px, within reach of the CPU
+# profile's 16 px anchors; its default 192 px would leave 4x9 px.
+DISTANT_PERSON_MIN_INPUT_SIZE = 448
 
 # Types of the curation columns (avperception_assets.curation writes them; names must match
 # curation.COLUMNS, which a test asserts) so filters are type-checked against the real table.
@@ -104,6 +108,9 @@ class FailureMode:
     filter: str
     classes: tuple[str, ...]
     description: str = ""
+    # Shorter image side (px) this mode's fine-tune and evaluation need at least: small
+    # objects need pixels. Raises a profile's smaller input size; None keeps the profile's.
+    min_input_size: int | None = None
     columns: tuple[str, ...] = field(init=False)  # what the filter reads (derived)
 
     def __post_init__(self):
@@ -118,6 +125,9 @@ class FailureMode:
             raise FailureModeError(
                 f"failure mode {self.name!r}: classes must be det_20 names from {CLASSES}, got {classes}")
         object.__setattr__(self, "classes", classes)
+        if self.min_input_size is not None and not (isinstance(self.min_input_size, int) and self.min_input_size > 0):
+            raise FailureModeError(f"failure mode {self.name!r}: min_input_size must be a positive number of "
+                                   f"pixels, got {self.min_input_size!r}")
         object.__setattr__(self, "columns", filter_columns(self.filter))
 
     @property
@@ -170,6 +180,7 @@ def default_failure_modes() -> tuple[FailureMode, ...]:
             f"has_person = true AND person_bbox_area_pct < {distant_person_max_area_pct()!r}",
             ("pedestrian",),
             "Frames whose largest pedestrian is small, i.e. far away.",
+            min_input_size=DISTANT_PERSON_MIN_INPUT_SIZE,
         ),
     ])
 

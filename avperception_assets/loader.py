@@ -1,8 +1,8 @@
 """Detection data loader over a LanceDB table or view, read through LanceDB's `Permutation`.
 
-Rows are read straight from the view (selected columns, Arrow record batches, one batched
-`take` per training batch); JPEG bytes are decoded in the collate step, so with workers the
-decoding runs in the worker processes. The permutation is pinned to one table version (its
+Rows are read straight from the view (selected columns, Arrow record batches, batched `take`s
+read ahead in a background thread); JPEG bytes are decoded in the collate step, so with workers
+the decoding runs in the worker processes. The permutation is pinned to one table version (its
 permutation table records `base_version`), and its order is a seeded shuffle of the view's row
 ids at that version, so the same (view, version, seed, epoch) always yields the same rows in
 the same order; that is what `training.reproduce` relies on.
@@ -16,6 +16,7 @@ dropped; frames without boxes stay in as negatives (empty targets).
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -108,20 +109,84 @@ class FramesDataset:
 
     Only the Permutation travels to workers; it reopens the view lazily there through its
     connection factory, so the dataset is safe under the `spawn` start method.
+
+    The DataLoader asks for the permutation in order (the shuffle is the permutation's), so
+    each process can predict its next batches: the following one with no workers, every
+    `num_workers`-th one in a worker. While a batch is decoded, a background thread takes the
+    next `read_ahead` batches in one take (Lance releases the GIL); a request that does not match
+    the prediction is taken directly, so the rows returned are always exactly the requested ones.
     """
 
-    def __init__(self, permutation):
+    def __init__(self, permutation, read_ahead: int = 4):
         self.permutation = permutation
+        self.read_ahead = read_ahead
         self._len = permutation.num_rows
+        self._executor = None  # created lazily per process, never pickled
+        self._ahead: dict[tuple[int, ...], tuple] = {}  # offsets -> (future of a chunk, slice start)
+
+    def __getstate__(self) -> dict:
+        return {"permutation": self.permutation, "read_ahead": self.read_ahead, "_len": self._len}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _executor=None, _ahead={})
 
     def __len__(self) -> int:
         return self._len
 
     def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
-        return self.permutation.__getitems__(list(indices))
+        offsets = tuple(indices)
+        hit = self._ahead.pop(offsets, None)
+        if hit is None:
+            self._ahead.clear()  # the prediction failed: drop it rather than keep stale takes
+            batch = self._submit(list(offsets)).result()
+        else:
+            future, start = hit
+            batch = future.result().slice(start, len(offsets))
+        if not self._ahead:
+            self._read_ahead(offsets)
+        return batch
 
     def __getitem__(self, index: int) -> pa.RecordBatch:
-        return self.permutation.__getitems__([index])
+        return self._submit([index]).result()
+
+    def _submit(self, offsets: list[int]):
+        # One thread runs every take, so takes never race on the Permutation's lazy reopen.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames-take")
+        return self._executor.submit(self.permutation.__getitems__, offsets)
+
+    def _read_ahead(self, offsets: tuple[int, ...]) -> None:
+        """Start one take of the batches this process will be asked for after `offsets`."""
+        batches = _next_batches(offsets, self._len, self.read_ahead)
+        if not batches:
+            return
+        future = self._submit([i for batch in batches for i in batch])
+        start = 0
+        for batch in batches:
+            self._ahead[batch] = (future, start)
+            start += len(batch)
+
+
+def _next_batches(offsets: tuple[int, ...], length: int, count: int) -> list[tuple[int, ...]]:
+    """The next `count` batches of this process after the contiguous run `offsets`.
+
+    Batches are consecutive runs of the same size, handed round-robin to the workers; anything
+    else (a custom sampler) gets no prediction.
+    """
+    from torch.utils.data import get_worker_info
+
+    if not offsets or offsets != tuple(range(offsets[0], offsets[0] + len(offsets))):
+        return []
+    info = get_worker_info()
+    stride = len(offsets) * (info.num_workers if info else 1)
+    batches = []
+    for step in range(1, count + 1):
+        first = offsets[0] + step * stride
+        batch = tuple(range(first, min(first + len(offsets), length)))
+        if not batch:
+            break
+        batches.append(batch)
+    return batches
 
 
 def decode(image_bytes) -> "torch.Tensor":
@@ -179,29 +244,39 @@ def eval_transform():
 
 
 class DecodeCollate:
-    """Collate an Arrow record batch into a `Batch`: decode, map labels, transform."""
+    """Collate an Arrow record batch into a `Batch`: decode, map labels, transform.
+
+    With no transform (evaluation) nothing moves the boxes, so the image is only converted to
+    float and the targets stay plain tensors; a given transform gets the box-aware v2 inputs.
+    """
 
     def __init__(self, transform=None):
-        self.transform = transform or eval_transform()
+        self.transform = transform
+        self.to_float = eval_transform()
 
     def __call__(self, batch: pa.RecordBatch) -> Batch:
+        sample = self._eval_sample if self.transform is None else self._augmented_sample
+        rows = zip(batch.column("image_bytes"), batch.column("ann_categories").to_pylist(),
+                   batch.column("ann_bboxes").to_pylist())
+        images, targets = zip(*(sample(*row) for row in rows)) if batch.num_rows else ((), ())
+        return Batch(list(images), list(targets), batch.column("image_id").to_pylist())
+
+    def _eval_sample(self, image_bytes, categories, boxes) -> tuple:
+        image = decode(image_bytes)
+        return self.to_float(image), coco_target(categories, boxes, image.shape[-1], image.shape[-2])
+
+    def _augmented_sample(self, image_bytes, categories, boxes) -> tuple:
         import torch
         from torchvision import tv_tensors
 
-        images, targets = [], []
-        rows = zip(batch.column("image_bytes"), batch.column("ann_categories").to_pylist(),
-                   batch.column("ann_bboxes").to_pylist())
-        for image_bytes, categories, boxes in rows:
-            image = tv_tensors.Image(decode(image_bytes))
-            height, width = image.shape[-2:]
-            target = coco_target(categories, boxes, width, height)
-            target["boxes"] = tv_tensors.BoundingBoxes(
-                target["boxes"], format="XYXY", canvas_size=(height, width))
-            image, target = self.transform(image, target)
-            images.append(image.as_subclass(torch.Tensor))
-            target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
-            targets.append(target)
-        return Batch(images, targets, batch.column("image_id").to_pylist())
+        image = tv_tensors.Image(decode(image_bytes))
+        height, width = image.shape[-2:]
+        target = coco_target(categories, boxes, width, height)
+        target["boxes"] = tv_tensors.BoundingBoxes(
+            target["boxes"], format="XYXY", canvas_size=(height, width))
+        image, target = self.transform(image, target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        return image.as_subclass(torch.Tensor), target
 
 
 def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoch: int = 0,

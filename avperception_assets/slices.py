@@ -1,7 +1,8 @@
 """Curated slices: one Geneva materialized view per failure mode and split.
 
 `bdd100k_<mode>_train` holds the mode's frames of the train split that are not flagged as
-duplicates; `bdd100k_<mode>_val` every frame of the val split the mode's filter keeps. A
+duplicates; `bdd100k_<mode>_val` every frame of the val split the mode's filter keeps. Both
+take only frames that decoded in curation (`dhash` set). A
 refresh appends only the qualifying rows that are new in the source (Geneva tracks source
 row ids and the source version each refresh reflects), so the cost of a refresh follows the
 new footage, not the table. Rows whose curation values are still NULL do not qualify; refresh
@@ -26,7 +27,7 @@ from .failure_modes import FAILURE_MODES, FailureMode, get_mode
 from .storage import FRAMES_TABLE, table_exists
 
 SPLITS = ("train", "val")
-SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split",)}
+SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split", "dhash")}
 
 
 class SliceError(RuntimeError):
@@ -50,11 +51,12 @@ def view_name(mode: FailureMode | str, split: str) -> str:
 
 
 def view_filter(mode: FailureMode, split: str) -> str:
-    """The full SQL filter of a view. `is_duplicate = false` is NULL, so excluded, for
-    frames not yet checked for duplicates: a train view never takes an unchecked frame."""
+    """The full SQL filter of a view. Only frames that decoded in curation qualify: `dhash`
+    (and so `is_duplicate`) stays NULL for a frame that does not decode or is not curated
+    yet, and `is_duplicate = false` is NULL, so excluded, for such frames."""
     if _check_split(split) == "train":
         return f"({mode.filter}) AND split = 'train' AND is_duplicate = false"
-    return f"({mode.filter}) AND split = 'val'"
+    return f"({mode.filter}) AND split = 'val' AND dhash IS NOT NULL"
 
 
 def view_columns(mode: FailureMode, split: str) -> tuple[str, ...]:

@@ -23,7 +23,9 @@ FRAMES_SCHEMA = pa.schema(
         pa.field("source_file", pa.string()),  # path inside the batch folder
         pa.field("label_format", pa.string()),  # bdd_per_image_2018 | bdd_split_list_2018 | bdd_det_20
         pa.field("split", pa.string(), nullable=False),  # train | val
-        pa.field("image_bytes", pa.large_binary()),
+        # JPEG/PNG bytes are compressed already: Lance compressing them again would mostly add
+        # decompression to every read.
+        pa.field("image_bytes", pa.large_binary(), metadata={"lance-encoding:compression": "none"}),
         pa.field("image_format", pa.string()),  # jpeg | png
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),

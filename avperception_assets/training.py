@@ -50,6 +50,9 @@ class RunSpec:
     weights: str  # starting weights: 'coco', 'none' or a state_dict path
     seed: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "profile", self.profile.for_weights(self.weights))
+
     def config(self) -> dict:
         """The facts that decide whether an existing checkpoint folder may be resumed."""
         return {

@@ -30,6 +30,14 @@ def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:
     return out.getvalue(), size[0], size[1]
 
 
+def damaged_inside(jpeg: bytes) -> bytes:
+    """A JPEG whose container is intact but whose scan names Huffman tables never defined:
+    it passes ingestion's structural check and fails any decoder."""
+    damaged = bytearray(jpeg)
+    damaged[jpeg.index(b"\xff\xda") + 6] = 0x33  # first scan component: DC/AC tables 3/3
+    return bytes(damaged)
+
+
 def _append_rows(table, rows: list[dict]) -> None:
     table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
 
@@ -80,8 +88,8 @@ def curated(tmp_path_factory, local_ray):
     second_ids = [r["image_id"] for r in _frames(table) if r["image_id"] not in before]
     # Copies of an old frame (new vs old) and of a new frame (new vs new), plus one corrupt frame.
     copies = _copy_rows(table, [(first_ids[3], 0.97, 50), (second_ids[0], 0.9, 90)], "b2dups")
-    corrupt = dict(copies[0], image_id="corrupt-frame", image_bytes=b"\xff\xd8 not a jpeg",
-                   ingest_seq=copies[-1]["ingest_seq"] + 1)
+    corrupt = dict(copies[0], image_id="corrupt-frame", image_bytes=damaged_inside(copies[0]["image_bytes"]),
+                   source_file="images/corrupt-frame.jpg", ingest_seq=copies[-1]["ingest_seq"] + 1)
     _append_rows(table, [*copies, corrupt])
     new_rows = table.count_rows() - len(before)
     run2 = curation.backfill_columns(table, config=config)
@@ -157,6 +165,19 @@ def test_a_bad_row_is_recorded_not_fatal(curated):
     assert not coverage.passed and coverage.warn_only
     assert coverage.metadata["null_rows_with_recorded_error"] == 1
     assert curation.check_coverage(table, "has_person").passed
+
+
+def test_a_frame_that_does_not_decode_is_quarantined_once(curated):
+    table, conn = curated["table"], curated["conn"]
+    corrupt = table.to_lance().to_table(columns=["image_bytes", "batch_id"], filter="image_id = 'corrupt-frame'")
+    assert ingest.inspect_image(corrupt["image_bytes"][0].as_py())[0] == "jpeg"  # ingestion let it through
+    assert ingest.undecodable_frames(table) == ["corrupt-frame"]
+    for _ in range(2):  # re-running never duplicates the record
+        assert curation.quarantine_undecodable(conn, table) == 1
+    records = conn.open_table(storage.QUARANTINE_TABLE).to_arrow().to_pylist()
+    assert [(r["batch_id"], r["file"], r["reason"]) for r in records] == [
+        (corrupt["batch_id"][0].as_py(), "images/corrupt-frame.jpg", "corrupt_image")]
+    assert "Huffman table" in records[0]["detail"]
 
 
 def test_checks_pass_on_the_curated_table(curated):

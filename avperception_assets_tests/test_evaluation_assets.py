@@ -28,7 +28,8 @@ def _assets():
 
 def _run_config():
     return {"ops": {"base_detector": {"config": TINY_TRAINING},
-                    "rider_checkpoint": {"config": TINY_TRAINING},
+                    # Fine-tuned at a larger input than the base (as distant_person is by default).
+                    "rider_checkpoint": {"config": {**TINY_TRAINING, "min_size": 128, "max_size": 228}},
                     "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2}}}}
 
 
@@ -77,6 +78,10 @@ def test_report_is_written_with_data_and_model_versions(materialized):
     assert finetuned["metadata"]["train_view_version"] == checkpoint["train_view_version"]
     base = _metadata(result, "base_detector")
     assert data["models"]["baseline"]["weights"] == base["weights"] == meta["baseline_weights"]
+    # Both models see the same pixels: the baseline runs at the fine-tuned model's input size.
+    assert data["models"]["baseline"]["metadata"]["profile"]["min_size"] == 96
+    assert data["models"]["baseline"]["input_size"] == [128, 228] == [
+        finetuned["metadata"]["profile"]["min_size"], finetuned["metadata"]["profile"]["max_size"]]
     assert data["num_images"] == meta["dagster/row_count"] > 0
     for name in [GROUND_TRUTH_FILE, *PREDICTIONS_FILES.values(), "report.md"]:
         assert (out / name).stat().st_size > 0

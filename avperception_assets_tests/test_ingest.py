@@ -70,10 +70,18 @@ def test_reingest_adds_nothing(tmp_path):
     assert ingest.pending_batches(conn, landing) == []
 
 
-def _jpeg(color=(90, 90, 90)) -> bytes:
+def _encode(image_format: str, color=(90, 90, 90), mode: str = "RGB", **options) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (1280, 720), color).save(buffer, format="JPEG")
+    Image.new(mode, (1280, 720), color).save(buffer, format=image_format, **options)
     return buffer.getvalue()
+
+
+def _jpeg(color=(90, 90, 90)) -> bytes:
+    return _encode("JPEG", color)
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1:]
 
 
 def _label(name: str, objects: list[dict]) -> dict:
@@ -96,6 +104,9 @@ def bad_batch(tmp_path):
     extra = [
         _label("truncated.jpg", [_box("car", 10, 10, 100, 100)]),
         _label("text.jpg", [_box("car", 10, 10, 100, 100)]),
+        _label("half_copied.jpg", [_box("car", 10, 10, 100, 100)]),
+        _label("bit_error.png", [_box("car", 10, 10, 100, 100)]),
+        _label("lossless.png", [_box("car", 10, 10, 100, 100)]),
         _label("missing.jpg", [_box("car", 10, 10, 100, 100)]),
         _label("boxes.jpg", [_box("car", 10, 10, 100, 100), _box("car", 50, 50, 50, 90),
                              _box("person", 2000, 10, 2100, 100), _box("spaceship", 10, 10, 40, 40),
@@ -103,6 +114,11 @@ def bad_batch(tmp_path):
     ]
     (images / "truncated.jpg").write_bytes(_jpeg()[:4000])
     (images / "text.jpg").write_text("this is not a picture")
+    jpeg = _jpeg((30, 60, 90))  # a copy preallocated at full size and cut off: a zero-filled tail
+    (images / "half_copied.jpg").write_bytes(jpeg[:len(jpeg) // 2] + bytes(len(jpeg) - len(jpeg) // 2))
+    png = _encode("PNG", (10, 200, 10))
+    (images / "bit_error.png").write_bytes(_flip(png, len(png) // 2))
+    (images / "lossless.png").write_bytes(png)
     (images / "boxes.jpg").write_bytes(_jpeg((20, 120, 20)))
     (images / "unlabelled.jpg").write_bytes(_jpeg((200, 20, 20)))
     duplicate = next(good_dir.joinpath("images").rglob("*.jpg"))
@@ -124,6 +140,8 @@ def test_bad_input_is_quarantined_and_good_frames_land(bad_batch):
     assert records == {
         ("truncated.jpg", "corrupt_image"),
         ("text.jpg", "not_an_image"),
+        ("half_copied.jpg", "corrupt_image"),
+        ("bit_error.png", "corrupt_image"),
         ("det_extra_train.json#missing", "label_without_image"),
         ("unlabelled.jpg", "image_without_labels"),
         (f"{duplicate_id}.jpg", "duplicate_frame"),
@@ -134,15 +152,56 @@ def test_bad_input_is_quarantined_and_good_frames_land(bad_batch):
         ("det_extra_train.json#boxes/3", "unknown_category"),
     }
     assert all(r["detail"] for r in _quarantine(conn))
-    rows = {r["image_id"]: r for r in _frames(conn) if r["batch_id"] == "bad"}
-    assert len(rows) == 8 + 1  # the 8 good synthetic frames and the frame whose bad boxes were dropped
+    columns = ("image_id", "batch_id", "ann_categories", "ann_bboxes", "image_format", "width", "height")
+    rows = {r["image_id"]: r for r in _frames(conn, columns) if r["batch_id"] == "bad"}
+    assert len(rows) == 8 + 2  # the 8 good synthetic frames, the PNG and the frame whose bad boxes were dropped
+    assert rows["lossless"]["image_format"] == "png" and (rows["lossless"]["width"], rows["lossless"]["height"]) == (1280, 720)
     assert rows["boxes"]["ann_categories"] == ["car", "bicycle"]
     assert rows["boxes"]["ann_bboxes"][1] == [1250.0, 600.0, 1280.0, 719.0]  # clipped to the frame
-    assert summary.ingested == 9 and sum(summary.quarantined.values()) == 10
+    assert summary.ingested == 10 and sum(summary.quarantined.values()) == 12
 
     [again] = ingest.ingest_batches(conn, landing, ["bad"])
-    assert (again.ingested, again.already_present) == (0, 9)
-    assert len([r for r in _quarantine(conn) if r["batch_id"] == "bad"]) == 10
+    assert (again.ingested, again.already_present) == (0, 10)
+    assert len([r for r in _quarantine(conn) if r["batch_id"] == "bad"]) == 12
+
+
+def _without_eoi(data: bytes) -> bytes:
+    return data[:-2]
+
+
+def _sof_offset(data: bytes) -> int:
+    return data.index(b"\xff\xc0")
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: _jpeg()[:3000], "EOI"),
+    (lambda: _without_eoi(_jpeg()), "EOI"),
+    (lambda: _jpeg()[:200] + _jpeg()[-2:], "overruns"),
+    (lambda: (lambda d: d[:_sof_offset(d) + 5] + b"\x00\x00\x00\x00" + d[_sof_offset(d) + 9:])(_jpeg()), "frame header"),
+    (lambda: b"\xff\xd8\xff\xd9", "no image data"),
+    (lambda: _encode("PNG")[:-20], "truncated"),
+    (lambda: _encode("PNG")[:-12], "before its IEND"),
+    (lambda: _flip(_encode("PNG"), 20), "CRC"),
+])
+def test_structural_damage_is_named(make, says):
+    with pytest.raises(ingest.CorruptImageError, match=says):
+        ingest.inspect_image(make())
+
+
+@pytest.mark.parametrize("data, expected", [
+    (_encode("JPEG", progressive=True), ("jpeg", 1280, 720)),
+    (_encode("JPEG", 128, mode="L"), ("jpeg", 1280, 720)),
+    (_jpeg() + bytes(64), ("jpeg", 1280, 720)),  # zero padding after EOI is harmless
+    (_jpeg() + b"camera trailer", ("jpeg", 1280, 720)),  # so is a maker's trailer
+    (_encode("PNG", 128, mode="L"), ("png", 1280, 720)),
+])
+def test_valid_images_pass_the_structural_check(data, expected):
+    assert ingest.inspect_image(data) == expected
+
+
+def test_non_images_are_named():
+    with pytest.raises(ingest.NotAnImageError, match="neither JPEG nor PNG"):
+        ingest.inspect_image(b"GIF89a....")
 
 
 def test_batch_without_ready_marker_is_never_read(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pyarrow as pa
 import pytest
 import torch
@@ -28,7 +30,7 @@ def expected_rows(uri: str, name: str = storage.FRAMES_TABLE) -> dict[str, dict]
         pairs = [(COCO_IDS[c], b) for c, b in zip(row["ann_categories"], row["ann_bboxes"])
                  if c in COCO_IDS and b[2] > b[0] and b[3] > b[1]]
         expected[row["image_id"]] = {"labels": [p[0] for p in pairs], "boxes": [p[1] for p in pairs],
-                                     "size": (row["height"], row["width"])}
+                                     "size": (row["height"], row["width"]), "bytes": row["image_bytes"]}
     return expected
 
 
@@ -46,10 +48,39 @@ def test_batches_equal_the_view_rows(frames_uri, num_workers):
         for image, target, image_id in zip(*batch):
             want = expected[image_id]
             assert image.dtype == torch.float32 and tuple(image.shape[-2:]) == want["size"]
+            assert torch.equal(image, loader.eval_transform()(loader.decode(want["bytes"])))
             assert target["labels"].tolist() == want["labels"]
             assert torch.allclose(target["boxes"], torch.tensor(want["boxes"]).reshape(-1, 4))
             seen.append(image_id)
     assert seen == stored_order  # no seed: the view's stored order, every row once
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_read_ahead_yields_the_rows_of_a_direct_take(frames_uri, num_workers):
+    view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
+    direct = loader.build_permutation(view, seed=5).__getitems__(list(range(loader.count_rows(view))))
+    batches = loader.make_loader(view, batch_size=3, seed=5, num_workers=num_workers)  # several read-aheads
+    assert [i for b in batches for i in b.image_ids] == direct.column("image_id").to_pylist()
+
+
+def test_unpredicted_requests_are_taken_directly(frames_uri):
+    permutation = loader.build_permutation(loader.pin_view(frames_uri, storage.FRAMES_TABLE), seed=2)
+    dataset = loader.FramesDataset(permutation, read_ahead=2)
+    for indices in ([4, 5], [6, 7], [8, 9], [0, 1], [9, 3], [10, 11], [12, 13], [len(dataset) - 1]):
+        assert dataset.__getitems__(indices).to_pylist() == permutation.__getitems__(indices).to_pylist()
+    assert pickle.loads(pickle.dumps(dataset))._executor is None  # the take thread stays in its process
+
+
+def test_evaluation_collate_matches_the_box_aware_path(frames_uri):
+    view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
+    batch = loader.build_permutation(view).__getitems__([0, 1, 2])
+    fast, box_aware = loader.DecodeCollate()(batch), loader.DecodeCollate(loader.eval_transform())(batch)
+    assert fast.image_ids == box_aware.image_ids
+    for (image, target), (other_image, other) in zip(zip(fast.images, fast.targets),
+                                                     zip(box_aware.images, box_aware.targets)):
+        assert type(image) is type(target["boxes"]) is torch.Tensor
+        assert torch.equal(image, other_image) and torch.equal(target["boxes"], other["boxes"])
+        assert torch.equal(target["labels"], other["labels"])
 
 
 def test_seeded_order_is_deterministic_per_epoch(frames_uri):

@@ -38,8 +38,8 @@ def test_default_definitions_have_one_asset_per_view():
         assert node.group_name == "slices"
     deps = {name: {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys} for name in expected}
     assert deps["bdd100k_rider_train"] == {"raw_frames", "has_rider", "is_duplicate"}
-    assert deps["bdd100k_rider_val"] == {"raw_frames", "has_rider"}
-    assert deps["bdd100k_nighttime_person_val"] == {"raw_frames", "has_person"}
+    assert deps["bdd100k_rider_val"] == {"raw_frames", "has_rider", "dhash"}
+    assert deps["bdd100k_nighttime_person_val"] == {"raw_frames", "has_person", "dhash"}
     assert deps["bdd100k_distant_person_train"] == {"raw_frames", "has_person", "person_bbox_area_pct",
                                                     "is_duplicate"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}

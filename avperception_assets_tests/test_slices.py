@@ -87,18 +87,21 @@ def test_view_names_and_filters():
     assert slices.view_name(rider, "train") == "bdd100k_rider_train"
     assert slices.view_name("nighttime_person", "val") == "bdd100k_nighttime_person_val"
     assert slices.view_columns(rider, "train") == ("has_rider", "split", "is_duplicate")
-    assert slices.view_columns(rider, "val") == ("has_rider", "split")
+    assert slices.view_columns(rider, "val") == ("has_rider", "split", "dhash")
     with pytest.raises(slices.SliceError, match="unknown split"):
         slices.view_name(rider, "test")
 
 
-def test_train_filter_drops_duplicates_and_unchecked_frames_val_keeps_them():
-    """The filters' NULL semantics, evaluated by Lance on rows with every is_duplicate state."""
+def test_filters_drop_undecoded_frames_train_also_duplicates():
+    """The filters' NULL semantics, evaluated by Lance: a NULL dhash (the frame did not decode
+    in curation, or is not curated yet) keeps a frame out of both splits; duplicates leave
+    only the train split."""
     import lance
 
-    rows = pa.table({"split": ["train", "train", "train", "val", "val"],
-                     "has_rider": [True, True, True, True, None],
-                     "is_duplicate": [False, True, None, True, False]})
+    rows = pa.table({"split": ["train", "train", "train", "val", "val", "val"],
+                     "has_rider": [True, True, True, True, None, True],
+                     "dhash": pa.array([1, 2, None, 3, 4, None], pa.uint64()),
+                     "is_duplicate": [False, True, None, True, False, None]})
     dataset = lance.write_dataset(rows, "memory://null-semantics")
     rider = FAILURE_MODES[0]
     kept = {s: dataset.count_rows(filter=slices.view_filter(rider, s)) for s in slices.SPLITS}

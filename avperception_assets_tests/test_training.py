@@ -145,6 +145,19 @@ def test_missing_coco_weights_name_the_expected_file(monkeypatch, tmp_path):
         detector.build_detector(profile, str(tmp_path / "missing.pt"))
 
 
+def test_anchor_sizes_are_recorded_and_rebuilt(trained):
+    out, metadata, _ = trained
+    assert metadata["profile"]["anchor_sizes"] == [16, 32, 64, 128, 256]  # the cpu profile's small anchors
+    model = training.load_checkpoint(out)  # rebuilt from metadata.json, where they are a JSON list
+    assert model.rpn.anchor_generator.sizes == ((16, 32, 64, 128, 256),) * 3
+    with pytest.raises(ValueError, match="anchors per location"):
+        detector.build_detector(detector.get_profile("cpu", anchor_sizes=(16, 32)))
+    # A run from COCO weights keeps the anchors those weights' RPN learned, and records that.
+    view = loader.ViewRef(uri="unused", name=storage.FRAMES_TABLE, version=1)
+    coco_run = training.RunSpec(view, None, detector.get_profile("cpu"), detector.WEIGHTS_COCO)
+    assert coco_run.profile.anchor_sizes is None and coco_run.config()["profile"]["anchor_sizes"] is None
+
+
 def test_profiles_match_the_reference():
     gpu = detector.get_profile("gpu")
     assert (gpu.architecture, gpu.batch_size, gpu.lr, gpu.momentum, gpu.weight_decay) == (

@@ -69,6 +69,17 @@ def test_materialize_base_and_checkpoint_then_retrain_on_a_newer_view(data_dir: 
         assert newer["checkpoint_dir"] != meta["checkpoint_dir"] and (out / "best.pt").is_file()
 
 
+def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():
+    plain = TrainingConfig(profile="cpu")
+    base = plain.resolve_profile(finetune=True)
+    raised = plain.resolve_profile(finetune=True, min_input_size=448)
+    assert (raised.min_size, raised.max_size) == (448, round(base.max_size * 448 / base.min_size))
+    assert raised.replace(min_size=base.min_size, max_size=base.max_size) == base  # nothing else changes
+    assert plain.resolve_profile(finetune=True, min_input_size=base.min_size // 2) == base  # never lowered
+    explicit = TrainingConfig(profile="cpu", min_size=96, max_size=160)
+    assert explicit.resolve_profile(finetune=True, min_input_size=448).min_size == 96
+
+
 def test_checkpoint_without_base_detector_fails_clearly(data_dir: Path):
     conn, _ = build_frames_table(data_dir, [("assets-b", 4, 2)])
     _write_views(conn, conn.open_table(storage.FRAMES_TABLE).to_arrow())

@@ -31,8 +31,11 @@ def ingest_seconds(landing: Path, batch_id: str, db: Path) -> float:
 
 
 def bare_write_seconds(landing: Path, batch_id: str, db: Path) -> float:
-    """The floor: stream the same image files into a Lance table, no labels, no checks."""
-    schema = pa.schema([("image_id", pa.string()), ("image_bytes", pa.large_binary())])
+    """The floor: stream the same image files into a Lance table, no labels, no checks.
+
+    The bytes column is the frames table's own (same Lance encoding), so the two write alike.
+    """
+    schema = pa.schema([pa.field("image_id", pa.string()), storage.FRAMES_SCHEMA.field("image_bytes")])
     files = sorted((landing / batch_id).rglob("*.jpg"))
 
     def batches():

@@ -3,19 +3,20 @@
 Same frames, one run: synthetic BDD-like 1280x720 JPEGs are landed on disk and ingested into a
 Lance table, then three loaders yield decoded float images + COCO targets in batches:
 
-- lance:   this project's loader (LanceDB Permutation, batched take, decode in collate),
+- lance:   this project's loader (LanceDB Permutation, batched takes read ahead, decode in collate),
 - folder:  a conventional Dataset reading each JPEG file from disk (labels parsed up front),
 - decode:  decode_jpeg over bytes already in memory (no I/O at all): the upper limit.
 
 Each runs with 0 and 2 spawned workers through the same DataLoader settings; figures are
-steady-state (a warm-up pass first, persistent workers), best of the timed passes.
-Usage: python benchmarks/loader.py [--frames 160] [--batch-size 8] [--passes 3]
+steady-state (a warm-up pass first, persistent workers), medians of the timed passes.
+Usage: python benchmarks/loader.py [--frames 160] [--batch-size 8] [--passes 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -92,21 +93,21 @@ def _one_pass(batches) -> float:
 
 
 def images_per_s(loaders: dict, passes: int) -> dict:
-    """Best images/s of each loader; passes interleave the loaders so load drift hits all alike."""
+    """Median images/s of each loader; passes interleave the loaders so load drift hits all alike."""
     for batches in loaders.values():  # warm-up: worker start, page cache, allocator
         _one_pass(batches)
-    best = dict.fromkeys(loaders, 0.0)
+    rates = {name: [] for name in loaders}
     for _ in range(passes):
         for name, batches in loaders.items():
-            best[name] = max(best[name], _one_pass(batches))
-    return best
+            rates[name].append(_one_pass(batches))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)  # decoding is per image; workers give the parallelism
 
@@ -117,7 +118,7 @@ def main() -> None:
         ingest.ingest_batches(storage.connect(uri), root / "landing")
         view = loader.pin_view(uri, storage.FRAMES_TABLE)
         rows = loader.open_table(uri, storage.FRAMES_TABLE).to_arrow().to_pylist()
-        print(f"{args.frames} frames 1280x720 JPEG, batch {args.batch_size}, best of {args.passes} passes")
+        print(f"{args.frames} frames 1280x720 JPEG, batch {args.batch_size}, median of {args.passes} passes")
 
         results = {}
         for workers in (0, 2):

@@ -46,8 +46,8 @@ def _spec(name: str) -> dg.AssetSpec:
                         kinds={"lancedb", "geneva"}, skippable=True)
 
 
-def open_frames(lancedb: LanceDBResource):
-    conn = lancedb.connect()
+def open_frames(lancedb: LanceDBResource, conn=None):
+    conn = conn or lancedb.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
     return conn.open_table(storage.FRAMES_TABLE)
@@ -69,11 +69,15 @@ def _metadata(stats: curation.ColumnStats) -> dict:
 def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
     """Backfill the selected curation columns where they are NULL (new rows only)."""
     selected = [key.path[-1] for key in context.selected_asset_keys]
-    table = open_frames(lancedb)
+    conn = lancedb.connect()
+    table = open_frames(lancedb, conn)
     lancedb.ensure_ray()
     stats = curation.backfill_columns(table, selected, config.to_curation(), log=context.log.info)
     for name, column_stats in stats.items():
-        yield dg.MaterializeResult(asset_key=name, metadata=_metadata(column_stats))
+        metadata = _metadata(column_stats)
+        if name == "dhash":  # the first full decode: frames that fail it are quarantined here
+            metadata["frames_quarantined_undecodable"] = curation.quarantine_undecodable(conn, table)
+        yield dg.MaterializeResult(asset_key=name, metadata=metadata)
 
 
 def _result(outcome: curation.CheckOutcome) -> dg.AssetCheckResult:

@@ -72,7 +72,11 @@ def _baseline(context: dg.AssetExecutionContext, finetuned_metadata: dict):
     folder = Path(weights).parent
     info = {"source": "base_detector", "weights": weights, "checkpoint_dir": str(folder),
             "metadata": training.read_metadata(folder)}
-    return training.load_checkpoint(folder, Path(weights).name), info
+    model = training.load_checkpoint(folder, Path(weights).name)
+    finetuned = finetuned_metadata["profile"]
+    detector.set_input_size(model, finetuned["min_size"], finetuned["max_size"])
+    info["input_size"] = [finetuned["min_size"], finetuned["max_size"]]
+    return model, info
 
 
 def _figures(report) -> dict:

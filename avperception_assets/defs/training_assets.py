@@ -43,13 +43,14 @@ class TrainingConfig(dg.Config):
     max_size: Optional[int] = None
     num_workers: Optional[int] = None
 
-    def resolve_profile(self, finetune: bool):
+    def resolve_profile(self, finetune: bool, min_input_size: int | None = None):
+        """The profile, as a fine-tune if asked, raised to a mode's input size, then this config's overrides."""
         from ..detector import get_profile
 
         profile = get_profile(self.profile)
         if finetune:
             profile = profile.for_finetune()
-        return profile.replace(**{k: v for k, v in {
+        return profile.with_min_input(min_input_size).replace(**{k: v for k, v in {
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
             "max_steps_per_epoch": self.max_steps_per_epoch, "min_size": self.min_size,
             "max_size": self.max_size, "num_workers": self.num_workers}.items() if v is not None})
@@ -176,7 +177,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         except ValueError as exc:
             raise dg.Failure(f"{exc}; materialize the slice views first") from exc
         spec = training.RunSpec(train=train_view, val=val_view,
-                                profile=config.resolve_profile(finetune=True),
+                                profile=config.resolve_profile(finetune=True, min_input_size=mode.min_input_size),
                                 weights=base_weights(context), seed=config.seed)
         out = settings.checkpoints_dir() / mode.name / str(train_view.version)
         metadata = _train(context, spec, out)
