@@ -51,7 +51,7 @@ def test_adding_a_registry_entry_adds_its_two_views():
     defs = slice_assets.build_slice_defs([*FAILURE_MODES, CROWD])
     assert keys_of(defs) - before == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val"}
     parents = graph_of(defs).get(dg.AssetKey("bdd100k_crowded_night_val")).parent_keys
-    assert {k.to_user_string() for k in parents} == {"raw_frames", "num_persons"}
+    assert {k.to_user_string() for k in parents} == {"raw_frames", "num_persons", "dhash"}
 
 
 def test_definitions_load_fails_on_a_bad_filter_naming_the_mode():
