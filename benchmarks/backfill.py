@@ -25,6 +25,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; set before
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avperception_assets import curation, ingest, storage, synthetic  # noqa: E402
+from targets import target  # noqa: E402
 
 SIZE = dict(width=640, height=360)
 RATIO_GOAL = 1.2
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = large / small
     print(f"incremental backfill (median of {args.repeats}): {small:.1f} s after +{args.new} on {args.small}, "
           f"{large:.1f} s after +{args.new} on {args.large}; ratio {ratio:.2f}")
-    verdict = "PASS" if ratio <= RATIO_GOAL else "FAIL"
-    print(f"target incremental_backfill_ratio: {ratio:.2f} (goal <= {RATIO_GOAL}) {verdict}")
+    target("incremental_backfill_ratio", ratio, "<=", RATIO_GOAL)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avperception_assets import detector, evaluation, ingest, storage, synthetic  # noqa: E402
+from targets import target  # noqa: E402
 
 
 def _model(seed: int, score_thresh: float):
@@ -105,10 +106,9 @@ def main() -> None:
           f"{two_pass_s:.1f} s; ratio {two_pass_s / one_pass_s:.2f}x; {len(report.rows)} report rows")
     print(f"peak RSS during evaluate_view: {rss_gib:.2f} GiB")
     worst = max(per_frame.values())
-    print(f"target inference_s_per_frame_per_model: {worst:.3f} (goal <= 0.25) {'PASS' if worst <= 0.25 else 'FAIL'}")
-    per_report = one_pass_s / n
-    print(f"target eval_report_s_per_frame: {per_report:.3f} (goal <= 0.6) {'PASS' if per_report <= 0.6 else 'FAIL'}")
-    print(f"target peak_rss_gib: {rss_gib:.2f} (goal <= 3.0) {'PASS' if rss_gib <= 3.0 else 'FAIL'}")
+    target("inference_s_per_frame_per_model", worst, "<=", 0.25, digits=3)
+    target("eval_report_s_per_frame", one_pass_s / n, "<=", 0.6, digits=3)
+    target("peak_rss_gib", rss_gib, "<=", 3.0)
 
 
 if __name__ == "__main__":

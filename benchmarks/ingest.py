@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from avperception_assets import ingest, storage, synthetic
+from targets import target
 
 
 def ingest_seconds(landing: Path, batch_id: str, db: Path) -> float:
@@ -97,9 +98,8 @@ def main() -> None:
         f"peak_rss_mb_{args.small}": round(rss_small, 1), f"peak_rss_mb_{args.frames}": round(rss_large, 1),
         "rss_ratio": round(rss_ratio, 3),
     }, indent=2))
-    print(f"target ingest_vs_bare_write: {ratio:.2f}x (goal >= 0.8) {'PASS' if ratio >= 0.8 else 'FAIL'}")
-    print(f"target peak_rss_flat_{args.small}_vs_{args.frames}: {rss_ratio:.2f}x (goal <= 1.25) "
-          f"{'PASS' if rss_ratio <= 1.25 else 'FAIL'}")
+    target("ingest_vs_bare_write", ratio, ">=", 0.8, unit="x")
+    target(f"peak_rss_flat_{args.small}_vs_{args.frames}", rss_ratio, "<=", 1.25, unit="x")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avperception_assets import ingest, loader, storage, synthetic  # noqa: E402
+from targets import target  # noqa: E402
 
 TO_FLOAT = loader.eval_transform()
 
@@ -140,7 +141,7 @@ def main() -> None:
         targets.append((f"lance_vs_folder_{workers}_workers", vs_folder, 1.0))
         targets.append((f"lance_vs_decode_only_{workers}_workers", vs_decode, 0.85))
     for name, measured, goal in targets:
-        print(f"target {name}: {measured:.2f}x (goal >= {goal:.2f}x) {'PASS' if measured >= goal else 'FAIL'}")
+        target(name, measured, ">=", goal, unit="x")
 
 
 if __name__ == "__main__":
