@@ -2,7 +2,9 @@
 
 Rows are read straight from the view (selected columns, Arrow record batches, batched `take`s
 read ahead in a background thread); JPEG bytes are decoded in the collate step, so with workers
-the decoding runs in the worker processes. The permutation is pinned to one table version (its
+the decoding runs in the worker processes. Frames leave the loader as uint8 and become float only
+at the consumer (`model_inputs`, after the copy to the device): a float frame is four times the
+bytes to move through worker shared memory and over PCIe. The permutation is pinned to one table version (its
 permutation table records `base_version`), and its order is a seeded shuffle of the view's row
 ids at that version, so the same (view, version, seed, epoch) always yields the same rows in
 the same order; that is what `training.reproduce` relies on.
@@ -16,6 +18,7 @@ dropped; frames without boxes stay in as negatives (empty targets).
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -99,7 +102,7 @@ def build_permutation(view: ViewRef, seed: int | None = None):
 
 
 class Batch(NamedTuple):
-    images: list  # float32 CHW tensors in [0, 1]
+    images: list  # uint8 CHW tensors (`model_inputs` makes them float in [0, 1] on a device)
     targets: list  # dicts with boxes (N, 4) xyxy float32 and labels (N,) int64 COCO ids
     image_ids: list[str]
 
@@ -222,54 +225,65 @@ def coco_target(categories, boxes, width: int, height: int) -> dict:
 
 
 def train_transform(min_size: int, max_size: int):
-    """Box-aware augmentation: resize to the network size, flip, photometric jitter."""
-    import torch
+    """Box-aware augmentation on uint8 frames: resize to the network size, flip, photometric jitter."""
     from torchvision.transforms import v2
 
     return v2.Compose([
         v2.Resize(min_size, max_size=max_size, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
-        v2.ToDtype(torch.float32, scale=True),
         v2.SanitizeBoundingBoxes(min_size=1.0),
     ])
 
 
-def eval_transform():
-    """No augmentation: boxes stay in the frame's pixel coordinates."""
-    import torch
-    from torchvision.transforms import v2
+def model_inputs(images, device) -> list:
+    """uint8 frames as the float [0, 1] tensors a detector takes, cast on `device` after the copy."""
+    return [image.to(device, non_blocking=True).float().div_(255) for image in images]
 
-    return v2.ToDtype(torch.float32, scale=True)
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames-decode")
+
+
+def decode_all(column) -> list:
+    """Decode a batch's frames: on a few threads in the main process (torchvision's decoders
+    release the GIL), one after another in a worker, which is already one process per core."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None or len(column) < 2:
+        return [decode(data) for data in column]
+    return list(_decode_pool().map(decode, column))
 
 
 class DecodeCollate:
     """Collate an Arrow record batch into a `Batch`: decode, map labels, transform.
 
-    With no transform (evaluation) nothing moves the boxes, so the image is only converted to
-    float and the targets stay plain tensors; a given transform gets the box-aware v2 inputs.
+    With no transform (evaluation) nothing moves the boxes, so the decoded frame and plain target
+    tensors are returned as they are; a given transform gets the box-aware v2 inputs. Transforms
+    run one frame after another, so a seeded augmentation draws the same numbers every time.
     """
 
     def __init__(self, transform=None):
         self.transform = transform
-        self.to_float = eval_transform()
 
     def __call__(self, batch: pa.RecordBatch) -> Batch:
         sample = self._eval_sample if self.transform is None else self._augmented_sample
-        rows = zip(batch.column("image_bytes"), batch.column("ann_categories").to_pylist(),
+        rows = zip(decode_all(batch.column("image_bytes")), batch.column("ann_categories").to_pylist(),
                    batch.column("ann_bboxes").to_pylist())
         images, targets = zip(*(sample(*row) for row in rows)) if batch.num_rows else ((), ())
         return Batch(list(images), list(targets), batch.column("image_id").to_pylist())
 
-    def _eval_sample(self, image_bytes, categories, boxes) -> tuple:
-        image = decode(image_bytes)
-        return self.to_float(image), coco_target(categories, boxes, image.shape[-1], image.shape[-2])
+    @staticmethod
+    def _eval_sample(image, categories, boxes) -> tuple:
+        return image, coco_target(categories, boxes, image.shape[-1], image.shape[-2])
 
-    def _augmented_sample(self, image_bytes, categories, boxes) -> tuple:
+    def _augmented_sample(self, image, categories, boxes) -> tuple:
         import torch
         from torchvision import tv_tensors
 
-        image = tv_tensors.Image(decode(image_bytes))
+        image = tv_tensors.Image(image)
         height, width = image.shape[-2:]
         target = coco_target(categories, boxes, width, height)
         target["boxes"] = tv_tensors.BoundingBoxes(

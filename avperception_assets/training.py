@@ -129,7 +129,7 @@ def val_map50(model, view: loader.ViewRef, *, batch_size: int, device) -> float 
 
     predictions, targets = [], []
     for batch in loader.make_loader(view, batch_size=batch_size):
-        predictions.extend(predict(model, [image.to(device) for image in batch.images]))
+        predictions.extend(predict(model, loader.model_inputs(batch.images, device)))
         targets.extend(batch.targets)
     model.train()
     if not targets:
@@ -244,7 +244,7 @@ def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, am
         if epoch == 0 and step < profile.warmup_steps:  # linear warm-up of a fresh start
             for group in optimizer.param_groups:
                 group["lr"] = profile.lr * (step + 1) / profile.warmup_steps
-        inputs = [image.to(device, non_blocking=True) for image in batch.images]
+        inputs = loader.model_inputs(batch.images, device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch.targets]
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = sum(model(inputs, targets).values())

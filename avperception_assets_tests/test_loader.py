@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from avperception_assets import loader, storage
 from avperception_assets.bdd100k import COCO_IDS
@@ -47,8 +48,8 @@ def test_batches_equal_the_view_rows(frames_uri, num_workers):
         assert len(batch.images) == len(batch.targets) == len(batch.image_ids) <= 4
         for image, target, image_id in zip(*batch):
             want = expected[image_id]
-            assert image.dtype == torch.float32 and tuple(image.shape[-2:]) == want["size"]
-            assert torch.equal(image, loader.eval_transform()(loader.decode(want["bytes"])))
+            assert image.dtype == torch.uint8 and tuple(image.shape[-2:]) == want["size"]
+            assert torch.equal(image, loader.decode(want["bytes"]))
             assert target["labels"].tolist() == want["labels"]
             assert torch.allclose(target["boxes"], torch.tensor(want["boxes"]).reshape(-1, 4))
             seen.append(image_id)
@@ -74,7 +75,7 @@ def test_unpredicted_requests_are_taken_directly(frames_uri):
 def test_evaluation_collate_matches_the_box_aware_path(frames_uri):
     view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
     batch = loader.build_permutation(view).__getitems__([0, 1, 2])
-    fast, box_aware = loader.DecodeCollate()(batch), loader.DecodeCollate(loader.eval_transform())(batch)
+    fast, box_aware = loader.DecodeCollate()(batch), loader.DecodeCollate(v2.Identity())(batch)
     assert fast.image_ids == box_aware.image_ids
     for (image, target), (other_image, other) in zip(zip(fast.images, fast.targets),
                                                      zip(box_aware.images, box_aware.targets)):
@@ -121,6 +122,13 @@ def test_degenerate_boxes_dropped_negatives_kept_signs_mapped(frames_uri, tmp_pa
     assert edge["boxes"].tolist() == [[10, 10, 60, 40], [1200, 600, 1280, 720]]  # clipped to the frame
 
 
+def test_model_inputs_are_float_frames_in_unit_range():
+    frame = torch.tensor([[[0, 51, 255]]], dtype=torch.uint8)
+    (model_input,) = loader.model_inputs([frame], torch.device("cpu"))
+    assert model_input.dtype == torch.float32 and model_input.flatten().tolist() == pytest.approx([0.0, 0.2, 1.0])
+    assert frame.tolist() == [[[0, 51, 255]]]  # the loader's frame is left as it was
+
+
 def test_iter_view_batches_for_evaluation(frames_uri):
     batches = list(loader.iter_view_batches(frames_uri, storage.FRAMES_TABLE, batch_size=6))
     assert [len(b.images) for b in batches] == [6, 6, 2]
@@ -129,7 +137,7 @@ def test_iter_view_batches_for_evaluation(frames_uri):
 
 def _bright_box(image: torch.Tensor) -> list[float]:
     """Bounding box of the pixels brighter than the dark background."""
-    ys, xs = torch.nonzero(image.mean(0) > 0.3, as_tuple=True)
+    ys, xs = torch.nonzero(image.float().mean(0) > 0.3 * 255, as_tuple=True)
     return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
 
 
@@ -144,7 +152,7 @@ def test_augmentation_moves_boxes_with_the_image():
         target = {"boxes": tv_tensors.BoundingBoxes([box], format="XYXY", canvas_size=(360, 640)),
                   "labels": torch.tensor([1])}
         out_image, out_target = transform(tv_tensors.Image(image), target)
-        assert out_image.shape[-2:] == (180, 320) and out_image.dtype == torch.float32
+        assert out_image.shape[-2:] == (180, 320) and out_image.dtype == torch.uint8
         moved = out_target["boxes"][0].tolist()
         assert moved == pytest.approx(_bright_box(out_image), abs=1.5)
         flipped += moved[0] > 160  # flipped to the right half

@@ -1,11 +1,19 @@
 """Throughput of the Permutation loader against a folder of JPEGs and the decode-only limit.
 
 Same frames, one run: synthetic BDD-like 1280x720 JPEGs are landed on disk and ingested into a
-Lance table, then three loaders yield decoded float images + COCO targets in batches:
+Lance table; each loader below delivers batches of float [0, 1] images + COCO targets to the
+consumer (the main process), and the time to get them there is what is measured:
 
-- lance:   this project's loader (LanceDB Permutation, batched takes read ahead, decode in collate),
-- folder:  a conventional Dataset reading each JPEG file from disk (labels parsed up front),
-- decode:  decode_jpeg over bytes already in memory (no I/O at all): the upper limit.
+- lance:  this project's loader: LanceDB Permutation, batched takes read ahead, the collate
+          decodes (on a few threads when it runs in the main process), frames cross the process
+          boundary as uint8 and `loader.model_inputs` makes them float in the consumer, as the
+          training loop does;
+- folder: a conventional Dataset reading each JPEG file from disk (labels parsed up front),
+          decoding and returning float images per frame, as torchvision's detection references do;
+- decode: the decode-only limit of this loader: its collate over frames already in memory.
+
+Also printed, without a target: `folder_bytes`, the same files handed to this loader's collate,
+which separates what reading from Lance costs from what the collate and hand-off save.
 
 Each runs with 0 and 2 spawned workers through the same DataLoader settings; figures are
 steady-state (a warm-up pass first, persistent workers), medians of the timed passes.
@@ -22,22 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avperception_assets import ingest, loader, storage, synthetic  # noqa: E402
 from targets import target  # noqa: E402
 
-TO_FLOAT = loader.eval_transform()
-
-
-def _sample(data: torch.Tensor, categories, boxes):
-    image = decode_jpeg(data, mode=ImageReadMode.RGB)
-    target = loader.coco_target(categories, boxes, image.shape[-1], image.shape[-2])
-    return TO_FLOAT(image), target
+TO_FLOAT = v2.ToDtype(torch.float32, scale=True)
+CPU = torch.device("cpu")
 
 
 def _collate_samples(samples):
@@ -45,7 +50,8 @@ def _collate_samples(samples):
 
 
 class FolderDataset(Dataset):
-    """The conventional layout: one JPEG file per frame, labels loaded once from the label file."""
+    """The conventional layout: one JPEG file per frame, labels loaded once from the label file,
+    each frame decoded and made float in `__getitem__`."""
 
     def __init__(self, batch_dir: Path):
         self.items = []
@@ -62,22 +68,33 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index):
         path, categories, boxes = self.items[index]
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        return _sample(data, categories, boxes)
+        image = decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return TO_FLOAT(image), loader.coco_target(categories, boxes, image.shape[-1], image.shape[-2])
+
+
+class FolderBytesDataset(FolderDataset):
+    """The same files as Arrow batches for this project's collate: Lance versus files, all else equal."""
+
+    def __getitems__(self, indices) -> pa.RecordBatch:
+        items = [self.items[i] for i in indices]
+        return pa.record_batch({
+            "image_id": [path.stem for path, _, _ in items],
+            "image_bytes": pa.array([path.read_bytes() for path, _, _ in items], pa.binary()),
+            "ann_categories": [categories for _, categories, _ in items],
+            "ann_bboxes": [boxes for _, _, boxes in items]})
 
 
 class InMemoryDataset(Dataset):
-    """Decode-only limit: JPEG bytes already in memory as tensors."""
+    """Decode-only limit: this project's collate over frames already in memory (no I/O at all)."""
 
-    def __init__(self, rows):
-        self.rows = [(torch.frombuffer(bytearray(r["image_bytes"]), dtype=torch.uint8),
-                      r["ann_categories"], r["ann_bboxes"]) for r in rows]
+    def __init__(self, table: pa.Table):
+        self.batch = table.select(loader.COLUMNS).combine_chunks().to_batches()[0]
 
     def __len__(self):
-        return len(self.rows)
+        return self.batch.num_rows
 
-    def __getitem__(self, index):
-        return _sample(*self.rows[index])
+    def __getitems__(self, indices) -> pa.RecordBatch:
+        return self.batch.take(pa.array(indices))
 
 
 def _dataloader(dataset, collate, batch_size, workers):
@@ -86,21 +103,23 @@ def _dataloader(dataset, collate, batch_size, workers):
                       multiprocessing_context="spawn" if workers else None)
 
 
-def _one_pass(batches) -> float:
+def _one_pass(batches, uint8_frames: bool) -> float:
+    """Images/s until every image of a pass is a float tensor in the consumer."""
     started, count = time.perf_counter(), 0
     for batch in batches:
-        count += len(batch[0])
+        images = loader.model_inputs(batch[0], CPU) if uint8_frames else batch[0]
+        count += len(images)
     return count / (time.perf_counter() - started)
 
 
 def images_per_s(loaders: dict, passes: int) -> dict:
-    """Median images/s of each loader; passes interleave the loaders so load drift hits all alike."""
-    for batches in loaders.values():  # warm-up: worker start, page cache, allocator
-        _one_pass(batches)
+    """Median images/s of each (loader, uint8 frames); passes interleave the loaders so load drift hits all alike."""
+    for batches, uint8_frames in loaders.values():  # warm-up: worker start, page cache, allocator
+        _one_pass(batches, uint8_frames)
     rates = {name: [] for name in loaders}
     for _ in range(passes):
-        for name, batches in loaders.items():
-            rates[name].append(_one_pass(batches))
+        for name, (batches, uint8_frames) in loaders.items():
+            rates[name].append(_one_pass(batches, uint8_frames))
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -118,26 +137,32 @@ def main() -> None:
         uri = str(root / "lancedb")
         ingest.ingest_batches(storage.connect(uri), root / "landing")
         view = loader.pin_view(uri, storage.FRAMES_TABLE)
-        rows = loader.open_table(uri, storage.FRAMES_TABLE).to_arrow().to_pylist()
+        frames = loader.open_table(uri, storage.FRAMES_TABLE).to_arrow()
         print(f"{args.frames} frames 1280x720 JPEG, batch {args.batch_size}, median of {args.passes} passes")
 
         results = {}
         for workers in (0, 2):
-            lance = _dataloader(loader.FramesDataset(loader.build_permutation(view)), loader.DecodeCollate(),
-                                args.batch_size, workers)
-            folder = _dataloader(FolderDataset(batch_dir), _collate_samples, args.batch_size, workers)
-            decode = _dataloader(InMemoryDataset(rows), _collate_samples, args.batch_size, workers)
-            measured = images_per_s({"lance": lance, "folder": folder, "decode": decode}, args.passes)
+            collate = loader.DecodeCollate()
+            loaders = {
+                "lance": (loader.FramesDataset(loader.build_permutation(view)), collate, True),
+                "folder": (FolderDataset(batch_dir), _collate_samples, False),
+                "folder_bytes": (FolderBytesDataset(batch_dir), collate, True),
+                "decode": (InMemoryDataset(frames), collate, True),
+            }
+            measured = images_per_s({name: (_dataloader(dataset, collate_fn, args.batch_size, workers), uint8)
+                                     for name, (dataset, collate_fn, uint8) in loaders.items()}, args.passes)
             for name, value in measured.items():
                 results[name, workers] = value
-                print(f"{name:>6} {workers} workers: {value:8.1f} images/s")
+                print(f"{name:>12} {workers} workers: {value:8.1f} images/s")
 
     print()
     targets = []
     for workers in (0, 2):
         vs_folder = results["lance", workers] / results["folder", workers]
         vs_decode = results["lance", workers] / results["decode", workers]
-        print(f"{workers} workers: lance/folder {vs_folder:.2f}x, lance/decode-only {vs_decode:.2f}x")
+        vs_files = results["lance", workers] / results["folder_bytes", workers]
+        print(f"{workers} workers: lance/folder {vs_folder:.2f}x, lance/decode-only {vs_decode:.2f}x, "
+              f"lance/folder_bytes {vs_files:.2f}x (no target)")
         targets.append((f"lance_vs_folder_{workers}_workers", vs_folder, 1.0))
         targets.append((f"lance_vs_decode_only_{workers}_workers", vs_decode, 0.85))
     for name, measured, goal in targets:
