@@ -2,12 +2,14 @@
 
 Rows are read straight from the view (selected columns, Arrow record batches, batched `take`s
 read ahead in a background thread); JPEG bytes are decoded in the collate step, so with workers
-the decoding runs in the worker processes. Frames leave the loader as uint8 and become float only
-at the consumer (`model_inputs`, after the copy to the device): a float frame is four times the
-bytes to move through worker shared memory and over PCIe. The permutation is pinned to one table version (its
-permutation table records `base_version`), and its order is a seeded shuffle of the view's row
-ids at that version, so the same (view, version, seed, epoch) always yields the same rows in
-the same order; that is what `training.reproduce` relies on.
+the decoding runs in the worker processes. Frames leave the loader as uint8 and become float
+only at the consumer (`model_inputs`, after the copy to the device): a float frame is four
+times the bytes to move through worker shared memory and over PCIe.
+
+The permutation is pinned to one table version (its permutation table records `base_version`),
+and its order is a seeded shuffle of the view's row ids at that version, so the same (view,
+version, seed, epoch) always yields the same rows in the same order; that is what
+`training.reproduce` relies on.
 
 Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
 "person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
@@ -237,14 +239,24 @@ def train_transform(min_size: int, max_size: int):
 
 
 def model_inputs(images, device) -> list:
-    """uint8 frames as the float [0, 1] tensors a detector takes, cast on `device` after the copy."""
-    return [image.to(device, non_blocking=True).float().div_(255) for image in images]
+    """uint8 frames as the float [0, 1] tensors a detector takes, cast on `device` after the copy.
+
+    On the CPU the casts run on the frame threads: each writes a fresh float frame, and the
+    page faults of one run while another is being filled."""
+    import torch
+
+    def to_float(image):
+        return image.to(device, non_blocking=True).float().div_(255)
+
+    if torch.device(device).type == "cpu" and len(images) > 1:
+        return list(_frame_pool().map(to_float, images))
+    return [to_float(image) for image in images]
 
 
 @functools.cache
-def _decode_pool() -> ThreadPoolExecutor:
+def _frame_pool() -> ThreadPoolExecutor:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames-decode")
+    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames")
 
 
 def decode_all(column) -> list:
@@ -254,7 +266,7 @@ def decode_all(column) -> list:
 
     if get_worker_info() is not None or len(column) < 2:
         return [decode(data) for data in column]
-    return list(_decode_pool().map(decode, column))
+    return list(_frame_pool().map(decode, column))
 
 
 class DecodeCollate:
