@@ -259,6 +259,10 @@ def _frame_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start afresh
+    os.register_at_fork(after_in_child=_frame_pool.cache_clear)
+
+
 def decode_all(column) -> list:
     """Decode a batch's frames: on a few threads in the main process (torchvision's decoders
     release the GIL), one after another in a worker, which is already one process per core."""

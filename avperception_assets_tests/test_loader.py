@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 
 import pyarrow as pa
@@ -127,6 +128,22 @@ def test_model_inputs_are_float_frames_in_unit_range():
     (model_input,) = loader.model_inputs([frame], torch.device("cpu"))
     assert model_input.dtype == torch.float32 and model_input.flatten().tolist() == pytest.approx([0.0, 0.2, 1.0])
     assert frame.tolist() == [[[0, 51, 255]]]  # the loader's frame is left as it was
+
+
+def _cast_in_child(frames) -> None:
+    converted = loader.model_inputs(frames, torch.device("cpu"))
+    raise SystemExit(0 if all(image.dtype == torch.float32 for image in converted) else 1)
+
+
+def test_model_inputs_work_in_a_forked_child():
+    frames = [torch.full((3, 8, 8), 255, dtype=torch.uint8)] * 3
+    loader.model_inputs(frames, torch.device("cpu"))  # the parent's frame threads exist now
+    child = multiprocessing.get_context("fork").Process(target=_cast_in_child, args=(frames,), daemon=True)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():  # hung: a pool inherited without its threads never runs the casts
+        child.kill()
+    assert child.exitcode == 0
 
 
 def test_iter_view_batches_for_evaluation(frames_uri):
