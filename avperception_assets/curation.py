@@ -484,8 +484,8 @@ def _errored_rows(table, column: str, job_id: str | None = None,
     if not by_address:
         return []
     nulls = table.to_lance().to_table(columns=list(columns), filter=f"{column} IS NULL", with_row_address=True)
-    return [(row, f"{by_address[row['_rowaddr']].error_type}: {by_address[row['_rowaddr']].error_message}")
-            for row in nulls.to_pylist() if row["_rowaddr"] in by_address]
+    hits = [(row, by_address.get(row["_rowaddr"])) for row in nulls.to_pylist()]
+    return [(row, f"{error.error_type}: {error.error_message}") for row, error in hits if error is not None]
 
 
 def _error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:

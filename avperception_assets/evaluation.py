@@ -88,10 +88,6 @@ def _to_uint8(image: Tensor) -> Tensor:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _to_float(image: Tensor) -> Tensor:
-    return image.float() / 255 if image.dtype == torch.uint8 else image
-
-
 def _check_target(target: Mapping[str, Tensor], image_id: str) -> dict[str, Tensor]:
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)
@@ -101,10 +97,13 @@ def _check_target(target: Mapping[str, Tensor], image_id: str) -> dict[str, Tens
 
 
 def predict(model: torch.nn.Module, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-    """Detections of a torchvision detector for one batch (CPU tensors)."""
+    """Detections of a torchvision detector for one batch of frames (uint8 or float [0, 1]),
+    returned on the CPU."""
+    from .loader import model_inputs
+
     model.eval()
     with torch.inference_mode():
-        outputs = model([_to_float(image) for image in images])
+        outputs = model(model_inputs(images, next(model.parameters()).device))
     return [{key: out[key].detach().cpu() for key in ("boxes", "scores", "labels")} for out in outputs]
 
 

@@ -239,28 +239,31 @@ def train_transform(min_size: int, max_size: int):
 
 
 def model_inputs(images, device) -> list:
-    """uint8 frames as the float [0, 1] tensors a detector takes, cast on `device` after the copy.
+    """uint8 frames as the float [0, 1] tensors a detector takes, cast on `device` after the copy
+    (frames already float are only moved).
 
     On the CPU the casts run on the frame threads: each writes a fresh float frame, and the
     page faults of one run while another is being filled."""
     import torch
 
     def to_float(image):
-        return image.to(device, non_blocking=True).float().div_(255)
+        image = image.to(device, non_blocking=True)
+        return image if image.is_floating_point() else image.float().div_(255)
 
     if torch.device(device).type == "cpu" and len(images) > 1:
-        return list(_frame_pool().map(to_float, images))
+        return list(frame_threads().map(to_float, images))
     return [to_float(image) for image in images]
 
 
 @functools.cache
-def _frame_pool() -> ThreadPoolExecutor:
+def frame_threads() -> ThreadPoolExecutor:
+    """This process's threads for per-frame work that releases the GIL (decodes, casts)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames")
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start afresh
-    os.register_at_fork(after_in_child=_frame_pool.cache_clear)
+    os.register_at_fork(after_in_child=frame_threads.cache_clear)
 
 
 def decode_all(column) -> list:
@@ -270,7 +273,7 @@ def decode_all(column) -> list:
 
     if get_worker_info() is not None or len(column) < 2:
         return [decode(data) for data in column]
-    return list(_frame_pool().map(decode, column))
+    return list(frame_threads().map(decode, column))
 
 
 class DecodeCollate:

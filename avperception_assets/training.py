@@ -123,13 +123,13 @@ def device_for(profile: Profile):
     return torch.device("cuda" if torch.cuda.is_available() and profile.name != "cpu" else "cpu")
 
 
-def val_map50(model, view: loader.ViewRef, *, batch_size: int, device) -> float | None:
+def val_map50(model, view: loader.ViewRef, *, batch_size: int) -> float | None:
     """mAP@0.5 of `model` on every frame of `view` (COCO protocol, as the evaluation reports)."""
     from .evaluation import compute_metrics, predict
 
     predictions, targets = [], []
     for batch in loader.make_loader(view, batch_size=batch_size):
-        predictions.extend(predict(model, loader.model_inputs(batch.images, device)))
+        predictions.extend(predict(model, batch.images))
         targets.extend(batch.targets)
     model.train()
     if not targets:
@@ -202,7 +202,7 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
             record = _train_epoch(model, optimizer, scaler, spec, epoch, device, amp, writer, log)
             scheduler.step()
             _save(model.state_dict(), out / LAST_FILE)
-            record["val_map_50"] = (val_map50(model, spec.val, batch_size=profile.batch_size, device=device)
+            record["val_map_50"] = (val_map50(model, spec.val, batch_size=profile.batch_size)
                                     if spec.val else None)
             best = metadata["best_val_map_50"]
             if best is None or (record["val_map_50"] or 0.0) > best or not (out / BEST_FILE).is_file():
