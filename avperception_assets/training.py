@@ -174,6 +174,7 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
 
     device = device_for(profile)
     amp = profile.amp and device.type == "cuda"
+    torch.manual_seed(spec.seed)  # random init draws from the global RNG: same seed, same start
     model = build_detector(profile, spec.weights).to(device)
     optimizer, scheduler = _optimizer(model, profile)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)

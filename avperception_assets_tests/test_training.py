@@ -76,6 +76,14 @@ def test_rerun_of_a_finished_run_reuses_it(trained, uri):
     assert (out / "last.pt").stat().st_mtime_ns == before and "nothing to train" in lines[0]
 
 
+def test_same_seed_trains_the_same_weights(trained, uri, tmp_path):
+    out, _, _ = trained
+    torch.rand(1000)  # whatever ran before in the process must not change the run
+    training.train(spec_for(uri), tmp_path / "again", log=lambda line: None)
+    first, again = (torch.load(d / "last.pt", weights_only=True) for d in (out, tmp_path / "again"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 class Interrupted(Exception):
     pass
 
