@@ -589,6 +589,7 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
     names = ordered(columns)
     plans = plan_columns(config)
     stats: dict[str, ColumnStats] = {}
+    storage.create_error_table(table)  # before concurrent jobs would each create it
     with _ray(config.ray_address):
         # Each Geneva job has a fixed cost of seconds; independent columns run concurrently.
         for wave in waves(names):

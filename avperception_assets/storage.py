@@ -95,6 +95,17 @@ def ray_context(ray_address: str | None = None):
     return ray_cluster(local=True, log_to_driver=False)
 
 
+def create_error_table(table) -> None:
+    """Create Geneva's `geneva_errors` table for the database of `table`, if it is missing.
+
+    Each backfill's driver process creates it on first use, so two backfills started together
+    on a fresh database race to create it and one job fails (TableAlreadyExists; seen in CI).
+    """
+    from geneva.debug.error_store import ErrorStore
+
+    ErrorStore(table._conn)  # Geneva's Table has no public accessor for its connection
+
+
 def release_job_tracker(job_id: str) -> None:
     """Kill a finished Geneva job's JobTracker actor.
 

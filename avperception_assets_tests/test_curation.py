@@ -8,6 +8,7 @@ backfill again. The tests then read what happened.
 from __future__ import annotations
 
 import io
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +301,37 @@ def test_detector_backfill_records_its_source(curated, tmp_path):
     expected = _expected_pct(path, [r["image_bytes"] for r in got], 0.3)
     assert [r["person_bbox_area_pct"] for r in got] == pytest.approx(expected, rel=1e-3, abs=1e-3)
     assert curation.check_area_range(table).passed
+
+
+
+def _open_error_tables(uris: list[str], ready, results) -> None:
+    """What each backfill's driver process does first: open Geneva's error table (per database)."""
+    for uri in uris:
+        table = storage.connect(uri).open_table(storage.FRAMES_TABLE)
+        ready.wait()
+        try:
+            storage.create_error_table(table)
+            results.put("")
+        except Exception as error:  # noqa: BLE001 - the test reports whatever a driver would raise
+            results.put(repr(error))
+
+
+def test_backfills_started_together_on_a_fresh_database_do_not_race(tmp_path, local_ray):
+    """Every backfill's driver opens Geneva's error table, creating it if missing; drivers that
+    start together on a fresh database raced to create it, failing a job (seen in CI).
+    `backfill_columns` creates it before launching any job."""
+    uris = [str(tmp_path / f"db{n}") for n in range(12)]  # a race is likely, not certain: run several
+    for uri in uris:
+        table = storage.connect(uri).create_table(storage.FRAMES_TABLE, schema=storage.FRAMES_SCHEMA)
+        curation.backfill_columns(table, ["has_person"], curation.CurationConfig(person_area_source="annotations"))
+
+    spawn = multiprocessing.get_context("spawn")
+    drivers = 8
+    ready, results = spawn.Barrier(drivers), spawn.Queue()
+    processes = [spawn.Process(target=_open_error_tables, args=(uris, ready, results)) for _ in range(drivers)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in range(drivers * len(uris))]
+    for process in processes:
+        process.join()
+    assert outcomes == [""] * len(outcomes), sum(map(bool, outcomes))
