@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import bdd100k
+from . import bdd100k, loader
 
 # One batch from the loader: images (C,H,W float in [0,1] or uint8), targets with `boxes`
 # (x1,y1,x2,y2 pixels) and `labels` (COCO ids), and the frames' `image_id`s.
@@ -99,11 +99,9 @@ def _check_target(target: Mapping[str, Tensor], image_id: str) -> dict[str, Tens
 def predict(model: torch.nn.Module, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Detections of a torchvision detector for one batch of frames (uint8 or float [0, 1]),
     returned on the CPU."""
-    from .loader import model_inputs
-
     model.eval()
     with torch.inference_mode():
-        outputs = model(model_inputs(images, next(model.parameters()).device))
+        outputs = model(loader.model_inputs(images, next(model.parameters()).device))
     return [{key: out[key].detach().cpu() for key in ("boxes", "scores", "labels")} for out in outputs]
 
 
@@ -484,8 +482,6 @@ def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> I
     A sequential Lance scan: evaluation needs no shuffle, and a scan also reads Geneva
     materialized views, on which LanceDB's permutation builder (lancedb 0.39) panics.
     """
-    from . import loader
-
     table = loader.open_table(uri, name, version)
     collate = loader.DecodeCollate()
     for record_batch in table.to_lance().to_batches(columns=loader.COLUMNS, batch_size=batch_size):
@@ -503,7 +499,6 @@ def evaluate_view(uri: str, view_name: str, *, mode: str, classes: Sequence[str]
     goes to `<reports_root>/<mode>/<view version>/`, with the view's name, version and the
     frames-table version it reflects.
     """
-    from . import loader
     from .training import source_table_version
 
     missing = {BASELINE, FINETUNED} - set(models)

@@ -589,10 +589,10 @@ def _decodes(data: bytes) -> bool:
 
 def undecodable_frames(table) -> list[str]:
     """Frames whose bytes do not decode with the training decoder (ingestion checks structure only)."""
-    from .loader import frame_threads
+    from .loader import on_frame_threads
 
     bad = []
     for batch in table.to_lance().to_batches(columns=["image_id", "image_bytes"], batch_size=64):
         ids, blobs = batch["image_id"].to_pylist(), batch["image_bytes"].to_pylist()
-        bad.extend(i for i, ok in zip(ids, frame_threads().map(_decodes, blobs)) if not ok)
+        bad.extend(i for i, ok in zip(ids, on_frame_threads(_decodes, blobs)) if not ok)
     return bad

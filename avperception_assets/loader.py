@@ -250,8 +250,8 @@ def model_inputs(images, device) -> list:
         image = image.to(device, non_blocking=True)
         return image if image.is_floating_point() else image.float().div_(255)
 
-    if torch.device(device).type == "cpu" and len(images) > 1:
-        return list(frame_threads().map(to_float, images))
+    if torch.device(device).type == "cpu":
+        return on_frame_threads(to_float, images)
     return [to_float(image) for image in images]
 
 
@@ -266,14 +266,21 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
     os.register_at_fork(after_in_child=frame_threads.cache_clear)
 
 
+def on_frame_threads(func, items) -> list:
+    """`func` of each item, in order, on the frame threads (a single item runs inline)."""
+    if len(items) < 2:
+        return [func(item) for item in items]
+    return list(frame_threads().map(func, items))
+
+
 def decode_all(column) -> list:
     """Decode a batch's frames: on a few threads in the main process (torchvision's decoders
     release the GIL), one after another in a worker, which is already one process per core."""
     from torch.utils.data import get_worker_info
 
-    if get_worker_info() is not None or len(column) < 2:
+    if get_worker_info() is not None:
         return [decode(data) for data in column]
-    return list(frame_threads().map(decode, column))
+    return on_frame_threads(decode, column)
 
 
 class DecodeCollate:
