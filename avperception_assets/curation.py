@@ -1,8 +1,11 @@
-"""Curation columns on the frames table: Geneva UDFs, backfilled incrementally.
+"""Curation columns on the frames table: which UDF defines each column, and its incremental backfill.
 
 Each column is a Geneva UDF column added once with `add_columns` and filled with `backfill`
 over the rows where it is still NULL, so the cost of a run grows with the new rows, not with
 the table. The slices are SQL filters over these columns.
+
+What a column computes per row lives in `curation_udfs` (what Ray workers run); the checks
+on the columns in `curation_checks`.
 
 - `has_person`, `has_rider`, `num_persons`: from the (already det_20-normalised) annotations.
 - `person_bbox_area_pct`: largest person box as a percentage of the frame area, from a
@@ -17,18 +20,18 @@ the table. The slices are SQL filters over these columns.
 
 A UDF error on one row does not abort a column: Geneva's `skip_on_error` isolates the row
 (bisecting batches), writes NULL and records the error in the `geneva_errors` table;
-`ColumnStats` and `check_coverage` report those rows by image id. An interrupted backfill
+`ColumnStats` and `curation_checks.check_coverage` report those rows by image id. An interrupted backfill
 resumes from Geneva's per-batch checkpoints: a rerun with the same UDF version and filter
 recomputes only the missing batches (checked by hand here: a job that failed after 37 of 40
 rows recomputed 20 on rerun).
-Nothing here knows about Dagster.
+
+Backfills run on the Ray the caller opened (`storage.ray_context`; in Dagster runs the
+`LanceDBResource` owns it): nothing here starts Ray. Nothing here knows about Dagster.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import time
@@ -41,7 +44,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .bdd100k import PERSON_CLASSES
+from .curation_udfs import (DuplicateFlagger, PersonAreaDetector, dhash, has_person, has_rider, num_persons,
+                            person_bbox_area_pct_annotations)
+from .quarantine import Rejection, record_quarantine
 
 COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
 # Columns a column's UDF reads (beyond raw frame fields): backfill order follows it.
@@ -59,8 +64,6 @@ META_SOURCE = "avp.source"  # person_bbox_area_pct: which source produced the va
 # jobs share a core; image decoding gets more; the detector a whole core.
 LIGHT_CPUS = 0.25
 DECODE_CPUS = 0.5
-
-COCO_PERSON_LABEL = 1  # torchvision COCO heads (and this project's detector) use COCO ids
 
 
 class CurationError(ValueError):
@@ -87,7 +90,6 @@ class CurationConfig:
     recompute: tuple[str, ...] = ()
     concurrency: int | None = None
     checkpoint_size: int = 64
-    ray_address: str | None = None
 
     def __post_init__(self):
         unknown = set(self.recompute) - set(COLUMNS)
@@ -139,183 +141,6 @@ class ColumnStats:
         return meta
 
 
-# ---------------------------------------------------------------------------------------
-# Row-level computations (plain functions: the UDFs and the checks both use them)
-# ---------------------------------------------------------------------------------------
-
-
-def _categories(ann_categories) -> list[str]:
-    return [] if ann_categories is None else [str(c) for c in ann_categories]
-
-
-def count_persons(ann_categories) -> int:
-    return sum(c in PERSON_CLASSES for c in _categories(ann_categories))
-
-
-def person_area_pct_from_boxes(boxes, width: float, height: float) -> float:
-    """Largest box area as a percentage of the frame area (0 when there is no box)."""
-    if width is None or height is None or width <= 0 or height <= 0:
-        raise ValueError(f"frame size must be positive, got {width}x{height}")
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if not len(boxes):
-        return 0.0
-    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    return float(min(100.0, 100.0 * areas.max() / (width * height)))
-
-
-def annotated_person_area_pct(ann_categories, ann_bboxes, width, height) -> float:
-    categories = _categories(ann_categories)
-    boxes = [] if ann_bboxes is None else list(ann_bboxes)
-    persons = [np.asarray(b, dtype=np.float64) for c, b in zip(categories, boxes) if c in PERSON_CLASSES]
-    return person_area_pct_from_boxes(persons, width, height)
-
-
-def dhash_bytes(image_bytes: bytes, hash_size: int = 8) -> int:
-    """64-bit difference hash: sign of horizontal gradients of a 9x8 grey thumbnail."""
-    from PIL import Image
-
-    if not image_bytes:
-        raise ValueError("empty image bytes")
-    with Image.open(io.BytesIO(image_bytes)) as image:
-        image.draft("L", (hash_size * 16, hash_size * 16))  # JPEG: decode at reduced scale
-        grey = image.convert("L").resize((hash_size + 1, hash_size), Image.Resampling.LANCZOS)
-    pixels = np.asarray(grey, dtype=np.int16)
-    bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-def hamming(a: np.ndarray, b) -> np.ndarray:
-    """Bitwise Hamming distance between uint64 hashes (broadcasting)."""
-    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
-
-
-def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, ref_hashes: np.ndarray, ref_seqs: np.ndarray,
-                    threshold: int, chunk: int = 256) -> np.ndarray:
-    """True where some reference frame ingested earlier is within `threshold` bits."""
-    hashes, seqs = np.asarray(hashes, dtype=np.uint64), np.asarray(seqs, dtype=np.int64)
-    ref_hashes, ref_seqs = np.asarray(ref_hashes, dtype=np.uint64), np.asarray(ref_seqs, dtype=np.int64)
-    flags = np.zeros(len(hashes), dtype=bool)
-    for start in range(0, len(hashes), chunk):  # bounded memory: chunk x reference matrix
-        h, s = hashes[start:start + chunk, None], seqs[start:start + chunk, None]
-        near = hamming(h, ref_hashes[None, :]) <= threshold
-        flags[start:start + chunk] = (near & (ref_seqs[None, :] < s)).any(axis=1)
-    return flags
-
-
-# ---------------------------------------------------------------------------------------
-# Geneva UDFs
-# ---------------------------------------------------------------------------------------
-
-
-def has_person(ann_categories: np.ndarray) -> bool:
-    return count_persons(ann_categories) > 0
-
-
-def has_rider(ann_categories: np.ndarray) -> bool:
-    return "rider" in _categories(ann_categories)
-
-
-def num_persons(ann_categories: np.ndarray) -> int:
-    return count_persons(ann_categories)
-
-
-def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray,
-                                     width: int, height: int) -> float:
-    return annotated_person_area_pct(ann_categories, ann_bboxes, width, height)
-
-
-def dhash(image_bytes: bytes) -> int:
-    from .loader import decode
-
-    # The pipeline's first full decode of a frame (ingestion checks structure only): a frame
-    # the training decoder rejects gets no dhash, so it stays out of every slice and is
-    # quarantined by `quarantine_undecodable`.
-    decode(image_bytes)
-    return dhash_bytes(image_bytes)
-
-
-# One model per worker process: Geneva may unpickle the UDF per task, the cache survives.
-_MODEL_CACHE: dict[tuple[str, str], Any] = {}
-
-
-class PersonAreaDetector:
-    """Batched detector UDF: decode the batch once, one forward pass, largest person box."""
-
-    def __init__(self, weights: str, profile: str, score_threshold: float, batch_size: int):
-        self.weights = weights
-        self.profile = profile
-        self.score_threshold = score_threshold
-        self.batch_size = batch_size
-
-    def _model(self):
-        import torch
-
-        from . import detector
-
-        key = (self.weights, self.profile)
-        if key not in _MODEL_CACHE:
-            model = detector.build_detector(detector.get_profile(self.profile), self.weights).eval()
-            if torch.cuda.is_available():
-                model = model.cuda().half()
-            _MODEL_CACHE[key] = model
-        return _MODEL_CACHE[key]
-
-    def __call__(self, image_bytes: pa.Array) -> pa.Array:
-        import torch
-
-        model = self._model()
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        values = []
-        for start in range(0, len(image_bytes), self.batch_size):
-            chunk = image_bytes.slice(start, self.batch_size).to_pylist()
-            if any(not b for b in chunk):
-                raise ValueError("frame has no image bytes")
-            images = _decode_batch(chunk, device)
-            batch = [img.to(dtype) / 255.0 for img in images]
-            with torch.inference_mode():
-                outputs = model(batch)
-            for img, out in zip(images, outputs):
-                keep = (out["labels"] == COCO_PERSON_LABEL) & (out["scores"] >= self.score_threshold)
-                boxes = out["boxes"][keep].float().cpu().numpy()
-                values.append(person_area_pct_from_boxes(boxes, img.shape[2], img.shape[1]))
-        return pa.array(values, type=pa.float32())
-
-
-def _decode_batch(blobs: list[bytes], device) -> list:
-    """Decode a batch of frames once, as RGB uint8 tensors on `device` (JPEGs on the GPU there)."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-    if all(b[:2] == b"\xff\xd8" for b in blobs):
-        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-    return [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in data]
-
-
-class DuplicateFlagger:
-    """Batched UDF: flag frames with an earlier-ingested frame within `threshold` bits.
-
-    The reference hashes (every frame with a dhash, old and new) travel with the UDF, so
-    workers need no table access; 16 bytes per frame.
-    """
-
-    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int):
-        self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
-        self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
-        self.threshold = threshold
-
-    def __call__(self, dhash: pa.Array, ingest_seq: pa.Array) -> pa.Array:
-        if dhash.null_count:
-            raise ValueError("frame has no dhash (its image could not be hashed)")
-        flags = duplicate_flags(dhash.to_numpy(), ingest_seq.to_numpy(), self.ref_hashes, self.ref_seqs,
-                                self.threshold)
-        return pa.array(flags, type=pa.bool_())
-
-
-# ---------------------------------------------------------------------------------------
-# Column definitions
-# ---------------------------------------------------------------------------------------
 
 
 def _file_digest(path: Path) -> str:
@@ -427,11 +252,6 @@ def reference_hashes(table) -> tuple[np.ndarray, np.ndarray]:
             data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-# ---------------------------------------------------------------------------------------
-# Backfill
-# ---------------------------------------------------------------------------------------
-
-
 def column_params(table, column: str) -> dict[str, Any] | None:
     """The defining parameters recorded on an existing column (None: no such column)."""
     schema = table.schema
@@ -488,7 +308,7 @@ def _errored_rows(table, column: str, job_id: str | None = None,
     return [(row, f"{error.error_type}: {error.error_message}") for row, error in hits if error is not None]
 
 
-def _error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:
+def error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:
     """NULL rows of `column` that have a recorded UDF error: (count, sample)."""
     hits = _errored_rows(table, column, job_id)
     sample = [{"image_id": row["image_id"], "error": error[:300]} for row, error in hits[:limit]]
@@ -501,8 +321,6 @@ def quarantine_undecodable(conn, table) -> int:
     Such frames passed ingestion's structural check; they stay in the frames table (nothing
     is lost) but never reach a slice. Idempotent, like all quarantine writes. Returns their count.
     """
-    from .ingest import Rejection, record_quarantine
-
     by_batch: dict[str, list] = {}
     hits = _errored_rows(table, "dhash", columns=("image_id", "batch_id", "source_file"))
     for row, error in hits:
@@ -547,7 +365,7 @@ def _finish(table, launch: _Launch) -> ColumnStats:
             storage.release_job_tracker(launch.job.job_id)
         job_id = launch.job.job_id
     table.checkout_latest()
-    errors, sample = _error_rows(table, name, job_id) if job_id else (0, [])
+    errors, sample = error_rows(table, name, job_id) if job_id else (0, [])
     return ColumnStats(
         column=name, rows_processed=launch.pending, rows_total=table.count_rows(),
         rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors,
@@ -566,111 +384,23 @@ def waves(names: list[str]) -> list[list[str]]:
     return result
 
 
-@contextlib.contextmanager
-def _ray(ray_address: str | None):
-    """Reuse a running Ray (one context per run); otherwise start one for this call."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    with storage.ray_context(ray_address):
-        yield
-
-
 def backfill_columns(table, columns=None, config: CurationConfig | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, ColumnStats]:
-    """Backfill the curation `columns` (default: all) of the frames `table`, in dependency order.
-
-    Uses the running Ray if there is one, else starts one (local, or `config.ray_address`)
-    for the whole call.
-    """
+    """Backfill the curation `columns` (default: all) of the frames `table`, in dependency order,
+    on the Ray the caller opened."""
+    storage.require_ray("curation backfills")
     config = config or CurationConfig()
     names = ordered(columns)
     plans = plan_columns(config)
     stats: dict[str, ColumnStats] = {}
     storage.create_error_table(table)  # before concurrent jobs would each create it
-    with _ray(config.ray_address):
-        # Each Geneva job has a fixed cost of seconds; independent columns run concurrently.
-        for wave in waves(names):
-            for name in wave:  # schema changes first, so they do not race the jobs' commits
-                _ensure_column(table, plans[name], name in config.recompute)
-            launches = [_launch(table, plans[name], config) for name in wave]
-            for launch in launches:
-                stats[launch.plan.name] = _finish(table, launch)
-                if log:
-                    log(f"{launch.plan.name}: {stats[launch.plan.name].as_metadata()}")
+    # Each Geneva job has a fixed cost of seconds; independent columns run concurrently.
+    for wave in waves(names):
+        for name in wave:  # schema changes first, so they do not race the jobs' commits
+            _ensure_column(table, plans[name], name in config.recompute)
+        launches = [_launch(table, plans[name], config) for name in wave]
+        for launch in launches:
+            stats[launch.plan.name] = _finish(table, launch)
+            if log:
+                log(f"{launch.plan.name}: {stats[launch.plan.name].as_metadata()}")
     return stats
-
-
-# ---------------------------------------------------------------------------------------
-# Checks (shared by the asset checks and the tests)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class CheckOutcome:
-    passed: bool
-    metadata: dict[str, Any]
-    warn_only: bool = False  # failing only because of rows with a recorded UDF error
-
-
-def check_coverage(table, column: str) -> CheckOutcome:
-    """Every row holds a value; NULL rows with a recorded UDF error are reported, not hidden."""
-    if column_params(table, column) is None:
-        return CheckOutcome(False, {"reason": f"column {column!r} does not exist yet"})
-    total, nulls = table.count_rows(), table.count_rows(f"{column} IS NULL")
-    errored, sample = _error_rows(table, column)
-    meta = {"rows_total": total, "rows_null": nulls, "null_rows_with_recorded_error": errored,
-            "coverage": round((total - nulls) / total, 6) if total else 1.0}
-    if sample:
-        meta["errors"] = sample
-    return CheckOutcome(nulls == 0, meta, warn_only=0 < nulls == errored)
-
-
-def _read(table, columns: list[str]) -> pa.Table:
-    return table.to_lance().to_table(columns=columns)
-
-
-def check_annotation_consistency(table, column: str) -> CheckOutcome:
-    """has_person / has_rider / num_persons agree with the annotations on every filled row."""
-    expected_of = {"has_person": has_person, "has_rider": has_rider, "num_persons": num_persons}[column]
-    data = _read(table, ["image_id", "ann_categories", column])
-    mismatches = [image_id for image_id, cats, value in
-                  zip(data["image_id"].to_pylist(), data["ann_categories"].to_pylist(), data[column].to_pylist())
-                  if value is not None and value != expected_of(cats)]
-    return CheckOutcome(not mismatches, {"mismatched_rows": len(mismatches), "sample": mismatches[:10]})
-
-
-def check_area_range(table) -> CheckOutcome:
-    """0 <= person_bbox_area_pct <= 100, and one recorded source."""
-    column = "person_bbox_area_pct"
-    bad = table.count_rows(f"{column} < 0 OR {column} > 100 OR isnan({column})")
-    params = column_params(table, column) or {}
-    return CheckOutcome(bad == 0, {"rows_out_of_range": bad, "source": params.get("source", "unknown")})
-
-
-def check_duplicate_groups(table) -> CheckOutcome:
-    """Each duplicate group keeps exactly its earliest frame unflagged.
-
-    Holds iff (a) no two unflagged frames are within the threshold and (b) every flagged frame
-    has an earlier-ingested frame within it; then every group's earliest frame is the survivor.
-    """
-    params = column_params(table, "is_duplicate")
-    if params is None:
-        return CheckOutcome(False, {"reason": "column 'is_duplicate' does not exist yet"})
-    threshold = int(params["hamming_threshold"])
-    data = table.to_lance().to_table(columns=["image_id", "dhash", "ingest_seq", "is_duplicate"],
-                                     filter="dhash IS NOT NULL AND is_duplicate IS NOT NULL")
-    hashes = data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64)
-    seqs = data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64)
-    flagged = data["is_duplicate"].to_numpy(zero_copy_only=False).astype(bool)
-    expected = duplicate_flags(hashes, seqs, hashes, seqs, threshold)
-    wrong = np.flatnonzero(expected != flagged)
-    keep_h, keep_s = hashes[~flagged], seqs[~flagged]
-    # Unflagged frames within the threshold of another unflagged frame (either order).
-    clashes = int((duplicate_flags(keep_h, keep_s, keep_h, keep_s, threshold)).sum())
-    ids = data["image_id"].to_pylist()
-    meta = {"hamming_threshold": threshold, "frames": len(flagged), "flagged": int(flagged.sum()),
-            "survivor_clashes": clashes, "wrong_flags": len(wrong), "sample": [ids[i] for i in wrong[:10]]}
-    return CheckOutcome(clashes == 0 and len(wrong) == 0, meta)

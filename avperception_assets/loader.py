@@ -9,7 +9,7 @@ times the bytes to move through worker shared memory and over PCIe.
 The permutation is pinned to one table version (its permutation table records `base_version`),
 and its order is a seeded shuffle of the view's row ids at that version, so the same (view,
 version, seed, epoch) always yields the same rows in the same order; that is what
-`training.reproduce` relies on.
+`training.reproduce_order` relies on.
 
 Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
 "person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
@@ -20,16 +20,16 @@ dropped; frames without boxes stay in as negatives (empty targets).
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import lancedb
 import numpy as np
 import pyarrow as pa
 
 from .bdd100k import COCO_IDS
+from .decoding import decode, on_frame_threads
 
 COLUMNS = ["image_id", "image_bytes", "ann_categories", "ann_bboxes"]
 
@@ -194,16 +194,6 @@ def _next_batches(offsets: tuple[int, ...], length: int, count: int) -> list[tup
     return batches
 
 
-def decode(image_bytes) -> "torch.Tensor":
-    """JPEG/PNG bytes (an Arrow binary scalar or bytes) to a uint8 RGB CHW tensor."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    raw = image_bytes.as_buffer() if hasattr(image_bytes, "as_buffer") else image_bytes
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # copy: Arrow buffers are read-only
-    return decode_image(data, mode=ImageReadMode.RGB)
-
-
 def coco_target(categories, boxes, width: int, height: int) -> dict:
     """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame."""
     import torch
@@ -253,24 +243,6 @@ def model_inputs(images, device) -> list:
     if torch.device(device).type == "cpu":
         return on_frame_threads(to_float, images)
     return [to_float(image) for image in images]
-
-
-@functools.cache
-def frame_threads() -> ThreadPoolExecutor:
-    """This process's threads for per-frame work that releases the GIL (decodes, casts)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="frames")
-
-
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start afresh
-    os.register_at_fork(after_in_child=frame_threads.cache_clear)
-
-
-def on_frame_threads(func, items) -> list:
-    """`func` of each item, in order, on the frame threads (a single item runs inline)."""
-    if len(items) < 2:
-        return [func(item) for item in items]
-    return list(frame_threads().map(func, items))
 
 
 def decode_all(column) -> list:
@@ -343,12 +315,3 @@ def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoc
         generator=generator,  # seeds the workers' augmentation
         pin_memory=pin_memory,
     )
-
-
-def iter_view_batches(uri: str, name: str, version: int | None = None, *, batch_size: int = 8,
-                      num_workers: int = 0) -> Iterator[Batch]:
-    """Every row of a (val) view once, in stored order, unaugmented: for evaluation."""
-    view = pin_view(uri, name, version)
-    if count_rows(view) == 0:
-        return
-    yield from make_loader(view, batch_size=batch_size, num_workers=num_workers)

@@ -28,7 +28,3 @@ def checkpoints_dir() -> Path:
 
 def reports_dir() -> Path:
     return data_dir() / "reports"
-
-
-def dagster_home() -> Path:
-    return data_dir() / "dagster_home"

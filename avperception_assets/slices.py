@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from . import storage
 from .failure_modes import FAILURE_MODES, FailureMode, get_mode
-from .storage import FRAMES_TABLE, table_exists
+from .storage import FRAMES_TABLE, reflected_version, table_exists
 
 SPLITS = ("train", "val")
 SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split", "dhash")}
@@ -79,13 +79,6 @@ def view_filter_of(view) -> str | None:
 
     raw = (view.schema.metadata or {}).get(MATVIEW_META_QUERY.encode())
     return None if raw is None else GenevaQuery.model_validate_json(raw).base.filter
-
-
-def reflected_version(view) -> int | None:
-    """Source table version the view's last successful refresh reflects (None: never)."""
-    from geneva.table import _get_last_refreshed_version
-
-    return _get_last_refreshed_version(view)
 
 
 def open_view(conn, name: str, version: int | None = None):
@@ -209,16 +202,12 @@ def refresh_views(conn, targets: Iterable[tuple[FailureMode | str, str]] | None 
     copy actors wait for a whole CPU, so concurrent jobs on a small Ray starve each other
     for good. `concurrency` is the number of copy actors per job.
     """
+    storage.require_ray("view refreshes")
     targets = all_views(modes) if targets is None else [(_resolve(m, modes), s) for m, s in targets]
     source = _open_source(conn)
     for mode, split in targets:  # every view's columns exist before any job starts
         _check_source_columns(source, mode, split)
     return {view_name(mode, split): _refresh_one(conn, source, mode, split, concurrency) for mode, split in targets}
-
-
-def refresh_view(conn, mode: FailureMode | str, split: str, *, modes=None, concurrency: int = 1) -> ViewStats:
-    """Refresh one view (see refresh_views)."""
-    return refresh_views(conn, [(mode, split)], modes=modes, concurrency=concurrency)[view_name(mode, split)]
 
 
 # --- check --------------------------------------------------------------------------------

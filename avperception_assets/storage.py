@@ -1,4 +1,5 @@
-"""The one LanceDB/Geneva backbone: connection, table names and the frames schema."""
+"""The one LanceDB/Geneva backbone: connection, table names, the frames schema, and lineage
+(which frames-table version a view's rows come from)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,15 @@ def ray_context(ray_address: str | None = None):
     return ray_cluster(local=True, log_to_driver=False)
 
 
+def require_ray(what: str) -> None:
+    """Fail clearly when no Ray runs in this process: plain functions never start one."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{what} run on Ray, and none is running: open storage.ray_context() around "
+                           "the call (in Dagster runs the lancedb resource does)")
+
+
 def create_error_table(table) -> None:
     """Create Geneva's `geneva_errors` table for the database of `table`, if it is missing.
 
@@ -117,3 +127,20 @@ def release_job_tracker(job_id: str) -> None:
 
     with contextlib.suppress(ValueError):  # already gone
         ray.kill(ray.get_actor(job_tracker_name(job_id)))
+
+
+def reflected_version(view) -> int | None:
+    """Source table version a Geneva view's last successful refresh reflects (None: never)."""
+    from geneva.table import _get_last_refreshed_version
+
+    return _get_last_refreshed_version(view)
+
+
+def source_table_version(uri: str, name: str, version: int) -> tuple[str, int | None]:
+    """(source table, version) the rows of `name@version` come from: a view's last refresh,
+    or the frames table itself."""
+    if name == FRAMES_TABLE:
+        return name, version
+    view = connect(uri).open_table(name)
+    view.checkout(version)
+    return FRAMES_TABLE, reflected_version(view)

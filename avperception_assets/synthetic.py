@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-READY_MARKER = "_READY"
+from .landing import READY_MARKER
+
 LAYOUTS = ("det_20", "split_list_2018", "per_image_2018")
 
 # 2018 label files use the old names; det_20 uses the current ones.

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import loader
-from .detector import Profile, build_detector, load_weights
+from . import loader, storage
+from .detections import compute_metrics, predict
+from .detector import Profile, build_detector, get_profile, load_weights
 
 METADATA_FILE = "metadata.json"
 LAST_FILE = "last.pt"
@@ -82,19 +83,6 @@ def code_version() -> str:
             return "unknown"
 
 
-def source_table_version(view: loader.ViewRef) -> tuple[str, int | None]:
-    """(source table, version) the view's rows come from: a Geneva view's last refresh, or itself."""
-    from . import storage
-
-    if view.name == storage.FRAMES_TABLE:
-        return view.name, view.version
-    from .slices import reflected_version
-
-    table = storage.connect(view.uri).open_table(view.name)
-    table.checkout(view.version)
-    return storage.FRAMES_TABLE, reflected_version(table)
-
-
 def _save(obj, path: Path) -> None:
     """Write atomically: a run killed mid-save leaves the previous file intact."""
     import torch
@@ -125,8 +113,6 @@ def device_for(profile: Profile):
 
 def val_map50(model, view: loader.ViewRef, *, batch_size: int) -> float | None:
     """mAP@0.5 of `model` on every frame of `view` (COCO protocol, as the evaluation reports)."""
-    from .evaluation import compute_metrics, predict
-
     predictions, targets = [], []
     for batch in loader.make_loader(view, batch_size=batch_size):
         predictions.extend(predict(model, batch.images))
@@ -178,7 +164,8 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
     model = build_detector(profile, spec.weights).to(device)
     optimizer, scheduler = _optimizer(model, profile)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    source_table, source_version = source_table_version(spec.train)
+    source_table, source_version = storage.source_table_version(spec.train.uri, spec.train.name,
+                                                                spec.train.version)
     metadata = {
         "config": spec.config(), **spec.config(), "status": "training",
         "lancedb_uri": spec.train.uri, "train_rows": rows, "source_table": source_table, "source_table_version": source_version,
@@ -229,11 +216,7 @@ def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, am
     import torch
 
     profile = spec.profile
-    torch.manual_seed(spec.seed + epoch)  # augmentation in the main process (0 workers)
-    batches = loader.make_loader(
-        spec.train, batch_size=profile.batch_size, seed=spec.seed, epoch=epoch,
-        transform=loader.train_transform(profile.min_size, profile.max_size),
-        num_workers=profile.num_workers, pin_memory=device.type == "cuda")
+    batches = epoch_loader(spec.train, profile, spec.seed, epoch, pin_memory=device.type == "cuda")
     steps_per_epoch = len(batches) if profile.max_steps_per_epoch is None else min(
         len(batches), profile.max_steps_per_epoch)
     model.train()
@@ -273,33 +256,31 @@ def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, am
 
 def load_checkpoint(checkpoint_dir: Path, which: str = BEST_FILE):
     """The trained model saved in `checkpoint_dir` (its profile comes from metadata.json)."""
-    from .detector import get_profile
-
     metadata = read_metadata(checkpoint_dir)
     profile = get_profile(**metadata["profile"])
     return build_detector(profile, str(Path(checkpoint_dir) / which))
 
 
-def reproduce_loader(metadata: dict, *, epoch: int = 0, uri: str | None = None):
-    """The DataLoader of `epoch` exactly as the recorded run saw it: same rows, same order."""
+def epoch_loader(view: loader.ViewRef, profile: Profile, seed: int, epoch: int, *, pin_memory: bool = False):
+    """The DataLoader of one training epoch: the view's rows in the order seeded by seed + epoch,
+    augmented with the torch RNG seeded the same way (in the main process with 0 workers)."""
     import torch
 
-    from .detector import get_profile
-
-    profile = get_profile(**metadata["profile"])
-    view = loader.ViewRef(uri=uri or metadata["lancedb_uri"], name=metadata["train_view"],
-                          version=metadata["train_view_version"], where=metadata["train_filter"])
-    torch.manual_seed(metadata["seed"] + epoch)  # as the run did: same augmentation with 0 workers
-    return loader.make_loader(view, batch_size=profile.batch_size, seed=metadata["seed"], epoch=epoch,
+    torch.manual_seed(seed + epoch)
+    return loader.make_loader(view, batch_size=profile.batch_size, seed=seed, epoch=epoch,
                               transform=loader.train_transform(profile.min_size, profile.max_size),
-                              num_workers=profile.num_workers)
+                              num_workers=profile.num_workers, pin_memory=pin_memory)
+
+
+def recorded_view(metadata: dict, uri: str | None = None) -> loader.ViewRef:
+    """The train view a checkpoint's metadata.json records, pinned to its version."""
+    return loader.ViewRef(uri=uri or metadata["lancedb_uri"], name=metadata["train_view"],
+                          version=metadata["train_view_version"], where=metadata["train_filter"])
 
 
 def reproduce_order(metadata: dict, *, epoch: int = 0, uri: str | None = None) -> list[str]:
     """The image ids of `epoch` in training order, read from the time-travelled view."""
-    view = loader.ViewRef(uri=uri or metadata["lancedb_uri"], name=metadata["train_view"],
-                          version=metadata["train_view_version"], where=metadata["train_filter"])
-    permutation = loader.build_permutation(view, metadata["seed"] + epoch).select_columns(["image_id"])
+    permutation = loader.build_permutation(recorded_view(metadata, uri), metadata["seed"] + epoch).select_columns(["image_id"])
     return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
 
 

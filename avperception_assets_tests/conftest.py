@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
+import pyarrow.compute as pc
 import pytest
 
 # Before any project import reads it: nothing a test does may touch the repository's data/.
@@ -13,7 +17,13 @@ os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; read when Geneva is imported
 
-from avperception_assets import ingest, storage, synthetic  # noqa: E402
+from avperception_assets import curation, ingest, settings, slices, storage, synthetic  # noqa: E402
+from avperception_assets.defs import evaluation_assets, training_assets  # noqa: E402
+from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
+from avperception_assets.failure_modes import get_mode  # noqa: E402
+
+# The curated database every slice and curation-asset test starts from (see `curated_db`).
+CURATED_BATCH = ("b1", 36, 1)
 
 
 def build_frames_table(root: Path, batches: list[tuple[str, int, int]], layout: str = "det_20"):
@@ -38,3 +48,67 @@ def local_ray():
     """One local Ray for the whole session: its start costs seconds."""
     with storage.ray_context():
         yield
+
+
+@pytest.fixture(scope="session")
+def curated_db(tmp_path_factory, local_ray) -> Path:
+    """A frames table with every curation column backfilled, built once per session (Geneva jobs
+    cost seconds each). Tests that write take a copy (`copy_curated_db`); it holds no view,
+    since a view records its source table's absolute path."""
+    root = tmp_path_factory.mktemp("curated")
+    conn, _ = build_frames_table(root, [CURATED_BATCH])
+    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE),
+                              config=curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS))
+    return root
+
+
+def copy_curated_db(curated_db: Path, root: Path):
+    """A private copy of the curated database (with its landing zone) under `root`; returns (conn, landing)."""
+    shutil.copytree(curated_db, root, dirs_exist_ok=True)
+    return storage.connect(str(Path(root) / "lancedb")), Path(root) / "landing"
+
+
+RIDER = get_mode("rider")
+TINY_TRAINING = {"profile": "cpu", "weights": "none", "epochs": 1, "max_steps_per_epoch": 2,
+                 "batch_size": 2, "min_size": 96, "max_size": 160}
+# The fine-tune runs at a larger input than the base, as distant_person does by default.
+TINY_FINETUNE = {**TINY_TRAINING, "min_size": 128, "max_size": 228}
+
+
+@dataclass
+class TrainedRider:
+    root: Path  # its AVP_DATA_DIR
+    instance: dg.DagsterInstance
+    result: dg.ExecuteInJobResult
+    val_version: int
+
+    def metadata(self, asset: str) -> dict:
+        [event] = self.result.asset_materializations_for_node(asset)
+        return {k: v.value for k, v in event.metadata.items()}
+
+
+@pytest.fixture(scope="session")
+def trained_rider(tmp_path_factory):
+    """base_detector, rider_checkpoint, rider_eval_report and the summary materialized once, in one
+    run on a tiny table, and shared by the training- and evaluation-asset tests.
+
+    The rider views are stand-ins: plain Lance tables holding each split's frames (readers treat
+    a Geneva view and a table alike); the real Geneva views run in the end-to-end loop test.
+    """
+    root = tmp_path_factory.mktemp("trained-rider")
+    assets = [*training_assets.build_training_defs([RIDER]).assets, *evaluation_assets.build_evaluation_defs([RIDER]).assets]
+    run_config = {"ops": {"base_detector": {"config": TINY_TRAINING}, "rider_checkpoint": {"config": TINY_FINETUNE},
+                          "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2}}}}
+    with dg.instance_for_test() as instance:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AVP_DATA_DIR", str(root))
+            synthetic.write_batch(settings.landing_dir(), "b1", 16, seed=0, width=320, height=180, val_fraction=0.5)
+            conn = storage.connect(settings.lancedb_uri())
+            ingest.ingest_batches(conn, settings.landing_dir())
+            frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
+            for split in ("train", "val"):
+                conn.create_table(slices.view_name(RIDER, split), frames.filter(pc.equal(frames["split"], split)),
+                                  storage_options=storage.STABLE_ROW_IDS)
+            result = dg.materialize(assets, instance=instance, run_config=run_config,
+                                    resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())})
+        yield TrainedRider(root, instance, result, conn.open_table(slices.view_name(RIDER, "val")).version)

@@ -8,7 +8,8 @@ backfill again. The tests then read what happened.
 from __future__ import annotations
 
 import io
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from avperception_assets import curation, ingest, storage, synthetic
+from avperception_assets import curation, curation_checks, curation_udfs, image_checks, ingest, ingest_checks, storage, synthetic
 from avperception_assets.bdd100k import PERSON_CLASSES
+
+from .conftest import build_frames_table
 
 SIZE = dict(width=640, height=360)
 
@@ -144,11 +147,11 @@ def test_duplicates_caught_with_one_survivor_per_group(curated):
     assert flagged == copies  # every copy caught, no distinct synthetic frame flagged
     originals = {curated["first_ids"][0], curated["first_ids"][3], curated["second_ids"][0]}
     assert all(not r["is_duplicate"] for r in frames if r["image_id"] in originals)
-    outcome = curation.check_duplicate_groups(curated["table"])
+    outcome = curation_checks.check_duplicate_groups(curated["table"])
     assert outcome.passed, outcome.metadata
     hashes = np.array([r["dhash"] for r in frames if r["dhash"] is not None and r["image_id"] not in copies],
                       dtype=np.uint64)
-    distances = curation.hamming(hashes[:, None], hashes[None, :])
+    distances = curation_udfs.hamming(hashes[:, None], hashes[None, :])
     np.fill_diagonal(distances, 64)
     assert distances.min() > curation.CurationConfig().dup_threshold  # distinct frames stay distinct
 
@@ -162,17 +165,17 @@ def test_a_bad_row_is_recorded_not_fatal(curated):
     assert run2["dhash"].error_rows == 1 and run2["is_duplicate"].error_rows == 1
     assert run2["dhash"].errors[0]["image_id"] == "corrupt-frame"
     assert run2["dhash"].rows_filled == run2["dhash"].rows_total - 1
-    coverage = curation.check_coverage(table, "dhash")
+    coverage = curation_checks.check_coverage(table, "dhash")
     assert not coverage.passed and coverage.warn_only
     assert coverage.metadata["null_rows_with_recorded_error"] == 1
-    assert curation.check_coverage(table, "has_person").passed
+    assert curation_checks.check_coverage(table, "has_person").passed
 
 
 def test_a_frame_that_does_not_decode_is_quarantined_once(curated):
     table, conn = curated["table"], curated["conn"]
     corrupt = table.to_lance().to_table(columns=["image_bytes", "batch_id"], filter="image_id = 'corrupt-frame'")
-    assert ingest.inspect_image(corrupt["image_bytes"][0].as_py())[0] == "jpeg"  # ingestion let it through
-    assert ingest.undecodable_frames(table) == ["corrupt-frame"]
+    assert image_checks.inspect_image(corrupt["image_bytes"][0].as_py())[0] == "jpeg"  # ingestion let it through
+    assert ingest_checks.undecodable_frames(table) == ["corrupt-frame"]
     for _ in range(2):  # re-running never duplicates the record
         assert curation.quarantine_undecodable(conn, table) == 1
     records = conn.open_table(storage.QUARANTINE_TABLE).to_arrow().to_pylist()
@@ -184,8 +187,8 @@ def test_a_frame_that_does_not_decode_is_quarantined_once(curated):
 def test_checks_pass_on_the_curated_table(curated):
     table = curated["table"]
     for name in ("has_person", "has_rider", "num_persons"):
-        assert curation.check_annotation_consistency(table, name).passed
-    assert curation.check_area_range(table).passed
+        assert curation_checks.check_annotation_consistency(table, name).passed
+    assert curation_checks.check_area_range(table).passed
 
 
 def test_checks_catch_wrong_values(curated, tmp_path):
@@ -196,9 +199,9 @@ def test_checks_catch_wrong_values(curated, tmp_path):
     try:
         table.update(where=f"image_id = '{victim}'", values={
             "has_person": not original["has_person"], "is_duplicate": True, "person_bbox_area_pct": 150.0})
-        assert not curation.check_annotation_consistency(table, "has_person").passed
-        assert not curation.check_area_range(table).passed
-        assert not curation.check_duplicate_groups(table).passed  # a flagged frame with no earlier twin
+        assert not curation_checks.check_annotation_consistency(table, "has_person").passed
+        assert not curation_checks.check_area_range(table).passed
+        assert not curation_checks.check_duplicate_groups(table).passed  # a flagged frame with no earlier twin
     finally:
         table.update(where=f"image_id = '{victim}'", values=original)
 
@@ -245,7 +248,7 @@ def _random_detector(path: Path, person_bias: float) -> Path:
     torch.manual_seed(0)
     model = detector.build_detector(detector.get_profile("cpu"), detector.WEIGHTS_NONE)
     state = model.state_dict()
-    state["roi_heads.box_predictor.cls_score.bias"][curation.COCO_PERSON_LABEL] += person_bias
+    state["roi_heads.box_predictor.cls_score.bias"][curation_udfs.COCO_PERSON_LABEL] += person_bias
     torch.save(state, path)
     return path
 
@@ -273,13 +276,13 @@ def test_detector_udf_values_in_process(curated, tmp_path):
     jpegs = [r["image_bytes"] for r in _frames(curated["table"])[:3]]
     path = _random_detector(tmp_path / "random.pt", person_bias=8.0)
     for threshold in (0.3, 0.999999):
-        udf = curation.PersonAreaDetector(str(path), "cpu", threshold, batch_size=2)
+        udf = curation_udfs.PersonAreaDetector(str(path), "cpu", threshold, batch_size=2)
         got = udf(pa.array(jpegs, pa.large_binary())).to_pylist()
         expected = _expected_pct(path, jpegs, threshold)
         assert got == pytest.approx(expected, rel=1e-3, abs=1e-3)
         assert all(0 <= v <= 100 for v in got)
     assert any(v > 0 for v in _expected_pct(path, jpegs, 0.3))
-    zero = curation.PersonAreaDetector(str(_random_detector(tmp_path / "plain.pt", 0.0)), "cpu", 0.5, 2)
+    zero = curation_udfs.PersonAreaDetector(str(_random_detector(tmp_path / "plain.pt", 0.0)), "cpu", 0.5, 2)
     assert zero(pa.array(jpegs, pa.large_binary())).to_pylist() == [0.0, 0.0, 0.0]  # nothing detected
 
 
@@ -300,39 +303,54 @@ def test_detector_backfill_records_its_source(curated, tmp_path):
     got = table.to_lance().to_table(columns=["image_bytes", "person_bbox_area_pct"]).to_pylist()
     expected = _expected_pct(path, [r["image_bytes"] for r in got], 0.3)
     assert [r["person_bbox_area_pct"] for r in got] == pytest.approx(expected, rel=1e-3, abs=1e-3)
-    assert curation.check_area_range(table).passed
+    assert curation_checks.check_area_range(table).passed
 
 
-def _open_error_tables(uris: list[str], ready, results) -> None:
-    """What each backfill's driver process does first, per database: open Geneva's error table
-    (the same call as the driver's, which creates the table when it is missing)."""
-    for uri in uris:
-        table = storage.connect(uri).open_table(storage.FRAMES_TABLE)
-        ready.wait(timeout=120)
-        try:
-            storage.create_error_table(table)
-            results.put("")
-        except Exception as error:  # noqa: BLE001 - the test reports whatever a driver would raise
-            results.put(repr(error))
+def _error_table_exists(uri: Path) -> bool:
+    return any(path.name.endswith("system$geneva_errors") for path in uri.iterdir())
 
 
-def test_backfills_started_together_on_a_fresh_database_do_not_race(tmp_path, local_ray):
-    """Every backfill's driver opens Geneva's error table, creating it if missing; drivers that
-    start together on a fresh database raced to create it, failing a job (seen in CI).
-    `backfill_columns` creates it before launching any job."""
-    uris = [str(tmp_path / f"db{n}") for n in range(12)]  # a race is likely, not certain: run several
-    for uri in uris:
-        table = storage.connect(uri).create_table(storage.FRAMES_TABLE, schema=storage.FRAMES_SCHEMA)
-        curation.backfill_columns(table, ["has_person"], curation.CurationConfig(person_area_source="annotations"))
+class _Launched(Exception):
+    pass
 
-    spawn = multiprocessing.get_context("spawn")
-    drivers = 8
-    ready, results = spawn.Barrier(drivers), spawn.Queue()
-    processes = [spawn.Process(target=_open_error_tables, args=(uris, ready, results)) for _ in range(drivers)]
-    for process in processes:
-        process.start()
-    outcomes = [results.get(timeout=300) for _ in range(drivers * len(uris))]
-    for process in processes:
-        process.join()
-    failed = [outcome for outcome in outcomes if outcome]
-    assert not failed, f"{len(failed)} of {len(outcomes)} opens failed, first: {failed[0]}"
+
+def test_the_error_table_exists_before_any_backfill_job_starts(tmp_path, local_ray, monkeypatch):
+    """Every backfill's driver opens Geneva's error table and creates it when it is missing, so
+    drivers started together on a fresh database raced to create it and one job failed (seen in
+    CI). The state that prevents the race: the table exists before the first job is launched."""
+    conn, _ = build_frames_table(tmp_path, [("b1", 2, 1)])
+    table = conn.open_table(storage.FRAMES_TABLE)
+    uri = tmp_path / "lancedb"
+    assert not _error_table_exists(uri)  # a fresh database
+
+    def launch(*args, **kwargs):
+        raise _Launched(_error_table_exists(uri))
+
+    monkeypatch.setattr(table, "backfill_async", launch)
+    with pytest.raises(_Launched) as launched:
+        curation.backfill_columns(table, ["has_person", "has_rider"], curation.CurationConfig(
+            person_area_source="annotations"))
+    assert launched.value.args == (True,)
+
+
+def test_plain_functions_never_start_ray(tmp_path):
+    """Ray belongs to whoever runs the stage (the Dagster resource in runs): without one, a
+    backfill and a view refresh fail with a message that says so, in a process with no Ray."""
+    build_frames_table(tmp_path, [("b1", 2, 1)])
+    probe = f"""
+import ray
+from avperception_assets import curation, slices, storage
+conn = storage.connect({str(tmp_path / "lancedb")!r})
+for call in (lambda: curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["has_person"]),
+             lambda: slices.refresh_views(conn)):
+    try:
+        call()
+    except RuntimeError as error:
+        print(error)
+print("ray started:", ray.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("curation backfills run on Ray, and none is running"), result.stderr
+    assert lines[1].startswith("view refreshes run on Ray, and none is running")
+    assert lines[2] == "ray started: False"

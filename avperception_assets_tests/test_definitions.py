@@ -1,6 +1,12 @@
-"""The code location as users see it: names, groups, and a registry entry growing the graph."""
+"""The graph as users see it, in one place: names, groups, dependencies, checks, pools, sensors,
+and a registry entry growing the graph. Other tests materialize; this one reads the shape."""
+
+import os
+import subprocess
+import sys
 
 import dagster as dg
+import pytest
 
 from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
                                       training_assets)
@@ -8,39 +14,103 @@ from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.definitions import defs
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
 
+MODES = ("rider", "nighttime_person", "distant_person")
+COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
+# The columns each default mode's filter reads.
+MODE_COLUMNS = {"rider": {"has_rider"}, "nighttime_person": {"has_person"},
+                "distant_person": {"has_person", "person_bbox_area_pct"}}
+CROWD = FailureMode("crowded_night", "timeofday = 'night' AND num_persons >= 3", ("pedestrian",))
+
+
+def _graph(definitions: dg.Definitions):
+    return definitions.resolve_asset_graph()
+
 
 def _groups(definitions: dg.Definitions) -> dict[str, str]:
-    graph = definitions.get_repository_def().asset_graph
+    graph = _graph(definitions)
     return {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
 
 
-def test_definitions_load_with_the_names_users_see():
-    dg.Definitions.validate_loadable(defs)
-    groups = _groups(defs)
-    expected = {"raw_frames": "ingest", "base_detector": "training", "failure_mode_summary": "evaluation"}
-    for column in ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate"):
-        expected[column] = "curation"
-    for mode in ("rider", "nighttime_person", "distant_person"):
-        expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
-                     f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation"}
-    assert groups == expected
-    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor"}
+def _parents(definitions: dg.Definitions) -> dict[str, set[str]]:
+    graph = _graph(definitions)
+    return {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
+            for key in graph.get_all_asset_keys()}
 
 
-def test_a_registry_entry_adds_its_views_checkpoint_and_report():
-    crowd = FailureMode("crowded_night", "timeofday = 'night' AND num_persons >= 3", ("pedestrian",))
-    modes = [*FAILURE_MODES, crowd]
-    grown = dg.Definitions.merge(
+def _with_modes(modes) -> dg.Definitions:
+    return dg.Definitions.merge(
         ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(modes),
         training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
         sensors.build_sensor_defs(modes), dg.Definitions(resources={"lancedb": LanceDBResource()}),
     )
+
+
+def test_definitions_load_with_the_names_users_see():
+    dg.Definitions.validate_loadable(defs)
+    expected = {"raw_frames": "ingest", "base_detector": "training", "failure_mode_summary": "evaluation"}
+    expected |= {column: "curation" for column in COLUMNS}
+    for mode in MODES:
+        expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
+                     f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation"}
+    assert _groups(defs) == expected
+    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor"}
+
+
+def test_every_asset_depends_on_exactly_what_it_reads():
+    expected = {"raw_frames": set(), "base_detector": {"raw_frames"},
+                "failure_mode_summary": {f"{mode}_eval_report" for mode in MODES}}
+    expected |= {column: {"raw_frames"} for column in COLUMNS}
+    expected["is_duplicate"] = {"raw_frames", "dhash"}
+    for mode in MODES:
+        train, val = f"bdd100k_{mode}_train", f"bdd100k_{mode}_val"
+        expected[train] = {"raw_frames", "is_duplicate", *MODE_COLUMNS[mode]}  # train views drop duplicates
+        expected[val] = {"raw_frames", "dhash", *MODE_COLUMNS[mode]}  # val views keep frames that decoded
+        expected[f"{mode}_checkpoint"] = {train, val, "base_detector"}
+        expected[f"{mode}_eval_report"] = {f"{mode}_checkpoint", val, "base_detector"}
+    assert _parents(defs) == expected
+
+
+def test_checks_guard_every_stage_and_block_what_follows():
+    graph = _graph(defs)
+    checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
+    expected = {("raw_frames", name) for name in ("no_duplicate_image_ids", "boxes_inside_frames", "frames_decode")}
+    expected |= {(column, "full_coverage") for column in COLUMNS}
+    expected |= {(column, "consistent_with_annotations") for column in ("has_person", "has_rider", "num_persons")}
+    expected |= {("person_bbox_area_pct", "value_range"), ("is_duplicate", "one_survivor_per_group")}
+    expected |= {(f"bdd100k_{mode}_{split}", "row_count_matches_source") for mode in MODES for split in ("train", "val")}
+    assert checks == expected
+    specs = [spec for checks_def in defs.asset_checks for spec in checks_def.check_specs]
+    warn_only = {(s.asset_key.to_user_string(), s.name) for s in specs if not s.blocking}
+    assert warn_only == {("raw_frames", "frames_decode")}  # curation quarantines what it finds
+
+
+def test_writers_share_one_pool_and_training_another():
+    pools = {asset.node_def.name: asset.op.pool for asset in defs.assets}
+    assert {name for name, pool in pools.items() if pool == "lancedb_writes"} == {
+        "raw_frames", "curation_columns", "slice_views"}
+    assert {name for name, pool in pools.items() if pool == "training"} == {
+        "base_detector", *(f"{mode}_checkpoint" for mode in MODES)}
+    subsettable = {asset.node_def.name for asset in defs.assets if asset.can_subset}
+    assert subsettable == {"curation_columns", "slice_views"}  # one Ray start per run, whatever is selected
+
+
+def test_a_registry_entry_adds_its_views_checkpoint_and_report():
+    grown = _with_modes([*FAILURE_MODES, CROWD])
     dg.Definitions.validate_loadable(grown)
-    added = set(_groups(grown)) - set(_groups(defs))
+    parents = _parents(grown)
+    added = set(parents) - set(_parents(defs))
     assert added == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
                      "crowded_night_checkpoint", "crowded_night_eval_report"}
-    graph = grown.get_repository_def().asset_graph
-    summary_parents = graph.get(dg.AssetKey("failure_mode_summary")).parent_keys
-    assert dg.AssetKey("crowded_night_eval_report") in summary_parents
-    checkpoint_parents = {k.to_user_string() for k in graph.get(dg.AssetKey("crowded_night_checkpoint")).parent_keys}
-    assert checkpoint_parents == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val", "base_detector"}
+    assert parents["bdd100k_crowded_night_val"] == {"raw_frames", "num_persons", "dhash"}
+    assert parents["crowded_night_checkpoint"] == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
+                                                   "base_detector"}
+    assert "crowded_night_eval_report" in parents["failure_mode_summary"]
+
+
+def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():
+    env = {**os.environ, "AVP_DISTANT_PERSON_MAX_AREA_PCT": "far away"}
+    result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "AVP_DISTANT_PERSON_MAX_AREA_PCT" in result.stderr
+    with pytest.raises(ValueError, match="'rider_typo'.*No field named has_ridr"):
+        _with_modes([FailureMode("rider_typo", "has_ridr = true", ("rider",))])

@@ -1,4 +1,4 @@
-"""The evaluation assets, materialized for real: tiny bdd100k table, Geneva views, trained checkpoints."""
+"""The evaluation assets, materialized for real on the session's tiny trained rider (see conftest)."""
 
 from __future__ import annotations
 
@@ -6,56 +6,18 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.compute as pc
 import pytest
 
-from avperception_assets import ingest, settings, slices, storage, synthetic
-from avperception_assets.defs import evaluation_assets, training_assets
+from avperception_assets.defs import evaluation_assets
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.evaluation import FINETUNED, GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON
-from avperception_assets.failure_modes import get_mode
+from avperception_assets.evaluation import FINETUNED
+from avperception_assets.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON
 
-RIDER = get_mode("rider")
-TINY_TRAINING = {"profile": "cpu", "weights": "none", "epochs": 1, "max_steps_per_epoch": 1,
-                 "batch_size": 2, "min_size": 96, "max_size": 160}
-
-
-def _assets():
-    training = training_assets.build_training_defs([RIDER])
-    evaluation = evaluation_assets.build_evaluation_defs([RIDER])
-    return [*training.assets, *evaluation.assets]
-
-
-def _run_config():
-    return {"ops": {"base_detector": {"config": TINY_TRAINING},
-                    # Fine-tuned at a larger input than the base (as distant_person is by default).
-                    "rider_checkpoint": {"config": {**TINY_TRAINING, "min_size": 128, "max_size": 228}},
-                    "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2}}}}
-
+from .conftest import RIDER
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
-    """A tiny bdd100k table and stand-in rider views, then the assets materialized in one run.
-
-    The views are plain Lance tables holding each split's frames (readers treat a Geneva
-    view and a table alike); the real Geneva views run in the end-to-end loop test.
-    """
-    root = tmp_path_factory.mktemp("eval-assets")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AVP_DATA_DIR", str(root))
-        synthetic.write_batch(settings.landing_dir(), "b1", 16, seed=0, width=320, height=180,
-                              val_fraction=0.5)
-        conn = storage.connect(settings.lancedb_uri())
-        ingest.ingest_batches(conn, settings.landing_dir())
-        frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
-        for split in ("train", "val"):
-            conn.create_table(slices.view_name(RIDER, split), frames.filter(pc.equal(frames["split"], split)),
-                              storage_options=storage.STABLE_ROW_IDS)
-        with dg.instance_for_test() as instance:
-            result = dg.materialize(_assets(), instance=instance, run_config=_run_config(),
-                                    resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())})
-            val_version = conn.open_table(slices.view_name(RIDER, "val")).version
-            yield root, result, val_version
+def materialized(trained_rider):
+    return trained_rider.root, trained_rider.result, trained_rider.val_version
 
 
 def _metadata(result, key: str) -> dict:
@@ -125,13 +87,3 @@ def test_report_without_a_checkpoint_fails_clearly(tmp_path, monkeypatch):
         with pytest.raises(dg.Failure, match="rider_checkpoint has not been materialized"):
             dg.materialize([evaluation_assets.build_eval_report_asset(RIDER)], instance=instance,
                            resources={"lancedb": LanceDBResource(uri=str(tmp_path / "lancedb"))})
-
-
-def test_definitions_follow_the_registry():
-    keys = {a.key.to_user_string() for a in evaluation_assets.defs.assets}
-    assert keys == {"rider_eval_report", "nighttime_person_eval_report", "distant_person_eval_report",
-                    "failure_mode_summary"}
-    report = next(a for a in evaluation_assets.defs.assets if a.key.to_user_string() == "rider_eval_report")
-    assert set(report.asset_deps[report.key]) == {dg.AssetKey("rider_checkpoint"),
-                                                   dg.AssetKey("bdd100k_rider_val"), dg.AssetKey("base_detector")}
-    assert report.group_names_by_key[report.key] == "evaluation"

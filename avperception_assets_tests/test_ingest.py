@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from avperception_assets import bdd100k, ingest, storage, synthetic
+from avperception_assets import bdd100k, image_checks, ingest, storage, synthetic
+from avperception_assets.landing import READY_MARKER, ready_batches
 
 
 def _frames(conn, columns=("image_id", "batch_id", "split", "ann_categories", "ann_bboxes", "label_format")):
@@ -184,8 +185,8 @@ def _sof_offset(data: bytes) -> int:
     (lambda: _flip(_encode("PNG"), 20), "CRC"),
 ])
 def test_structural_damage_is_named(make, says):
-    with pytest.raises(ingest.CorruptImageError, match=says):
-        ingest.inspect_image(make())
+    with pytest.raises(image_checks.CorruptImageError, match=says):
+        image_checks.inspect_image(make())
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -196,20 +197,20 @@ def test_structural_damage_is_named(make, says):
     (_encode("PNG", 128, mode="L"), ("png", 1280, 720)),
 ])
 def test_valid_images_pass_the_structural_check(data, expected):
-    assert ingest.inspect_image(data) == expected
+    assert image_checks.inspect_image(data) == expected
 
 
 def test_non_images_are_named():
-    with pytest.raises(ingest.NotAnImageError, match="neither JPEG nor PNG"):
-        ingest.inspect_image(b"GIF89a....")
+    with pytest.raises(image_checks.NotAnImageError, match="neither JPEG nor PNG"):
+        image_checks.inspect_image(b"GIF89a....")
 
 
 def test_batch_without_ready_marker_is_never_read(tmp_path):
     landing = tmp_path / "landing"
     batch_dir = synthetic.write_batch(landing, "copying", 3)
-    (batch_dir / synthetic.READY_MARKER).unlink()
+    (batch_dir / READY_MARKER).unlink()
     conn = storage.connect(str(tmp_path / "db"))
-    assert ingest.ready_batches(landing) == []
+    assert ready_batches(landing) == []
     assert ingest.ingest_batches(conn, landing) == []
     with pytest.raises(FileNotFoundError, match="_READY"):
         ingest.ingest_batches(conn, landing, ["copying"])

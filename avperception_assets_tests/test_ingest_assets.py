@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from avperception_assets import storage, synthetic
+from avperception_assets.landing import READY_MARKER
 from avperception_assets.defs import ingest_assets
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.sensors import new_footage_sensor
@@ -70,44 +71,38 @@ def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
     assert checks["boxes_inside_frames"].passed
 
 
-def _tick(data_dir, instance, cursor=None):
+def _tick(data_dir, instance) -> list[dg.RunRequest]:
     with dg.build_sensor_context(
-        instance=instance, cursor=cursor,
-        resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+        instance=instance, resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
     ) as context:
         result = new_footage_sensor(context)
-        runs = result if isinstance(result, list) else []
-        return runs, context.cursor
+        return result if isinstance(result, list) else []
 
 
-def test_sensor_requests_one_run_per_ready_batch_once(data_dir):
+def test_sensor_requests_one_run_per_ready_batch_keyed_by_batch_id(data_dir):
+    """Dagster launches one run per run key: a batch requested again on a later tick while its
+    run is queued is skipped by the daemon, so the key must be the batch id."""
     landing = data_dir / "landing"
     with dg.instance_for_test() as instance:
-        runs, cursor = _tick(data_dir, instance)
-        assert runs == []  # empty landing zone
+        assert _tick(data_dir, instance) == []  # empty landing zone
 
         synthetic.write_batch(landing, "b1", 2, seed=1)
         copying = synthetic.write_batch(landing, "b2", 2, seed=2)
-        (copying / synthetic.READY_MARKER).unlink()  # still copying: must not be read
-        runs, cursor = _tick(data_dir, instance, cursor)
-        assert [r.run_key for r in runs] == ["b1"]
-        assert runs[0].run_config["ops"]["raw_frames"]["config"]["batch_ids"] == ["b1"]
+        (copying / READY_MARKER).unlink()  # still copying: must not be read
+        [request] = _tick(data_dir, instance)
+        assert request.run_key == "b1" and request.tags["avp/batch_id"] == "b1"
+        assert request.run_config["ops"]["raw_frames"]["config"]["batch_ids"] == ["b1"]
 
-        runs, cursor = _tick(data_dir, instance, cursor)
-        assert runs == []  # the same batch never gets a second run
-
-        (copying / synthetic.READY_MARKER).write_text("")
+        (copying / READY_MARKER).write_text("")
         late = synthetic.write_batch(landing, "a0-late", 2, seed=3)
         old = time.time() - 30 * 24 * 3600  # landed late but carries an old mtime (cp -p)
         for path in [late, *late.rglob("*")]:
             os.utime(path, (old, old))
-        runs, cursor = _tick(data_dir, instance, cursor)
-        assert sorted(r.run_key for r in runs) == ["a0-late", "b2"]
+        assert [r.run_key for r in _tick(data_dir, instance)] == ["a0-late", "b1", "b2"]
 
 
 def test_sensor_skips_batches_already_ingested(data_dir):
     synthetic.write_batch(data_dir / "landing", "b1", 2, seed=1)
     _materialize(data_dir)
     with dg.instance_for_test() as instance:
-        runs, _ = _tick(data_dir, instance)  # a fresh cursor still knows b1 from the table
-        assert runs == []
+        assert _tick(data_dir, instance) == []

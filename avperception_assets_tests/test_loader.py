@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from avperception_assets import loader, storage
 from avperception_assets.bdd100k import COCO_IDS
+from avperception_assets.decoding import decode
 
 from .conftest import build_frames_table
 
@@ -50,7 +51,7 @@ def test_batches_equal_the_view_rows(frames_uri, num_workers):
         for image, target, image_id in zip(*batch):
             want = expected[image_id]
             assert image.dtype == torch.uint8 and tuple(image.shape[-2:]) == want["size"]
-            assert torch.equal(image, loader.decode(want["bytes"]))
+            assert torch.equal(image, decode(want["bytes"]))
             assert target["labels"].tolist() == want["labels"]
             assert torch.allclose(target["boxes"], torch.tensor(want["boxes"]).reshape(-1, 4))
             seen.append(image_id)
@@ -144,12 +145,6 @@ def test_model_inputs_work_in_a_forked_child():
     if child.is_alive():  # hung: a pool inherited without its threads never runs the casts
         child.kill()
     assert child.exitcode == 0
-
-
-def test_iter_view_batches_for_evaluation(frames_uri):
-    batches = list(loader.iter_view_batches(frames_uri, storage.FRAMES_TABLE, batch_size=6))
-    assert [len(b.images) for b in batches] == [6, 6, 2]
-    assert all(isinstance(b.image_ids[0], str) for b in batches)
 
 
 def _bright_box(image: torch.Tensor) -> list[float]:

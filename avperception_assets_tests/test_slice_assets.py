@@ -1,74 +1,23 @@
-"""Slice views as Dagster assets: the registry shapes the graph; a real materialization."""
+"""Slice views as Dagster assets: a real materialization with its checks."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import dagster as dg
 import pytest
 
-from avperception_assets import curation, slices, storage
+from avperception_assets import slices
 from avperception_assets.defs import slice_assets
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
-from avperception_assets_tests.conftest import build_frames_table
+from avperception_assets.failure_modes import FAILURE_MODES
+from avperception_assets_tests.conftest import copy_curated_db
 
 RIDER = FAILURE_MODES[0]
-CROWD = FailureMode("crowded_night", "num_persons >= 3 AND timeofday = 'night'", ("pedestrian",))
-
-
-def graph_of(defs: dg.Definitions):
-    """The asset graph as the code location sees it (with the resource it binds)."""
-    return dg.Definitions.merge(defs, dg.Definitions(resources={"lancedb": LanceDBResource()})).resolve_asset_graph()
-
-
-def keys_of(defs: dg.Definitions) -> set[str]:
-    graph = graph_of(defs)
-    return {key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).is_materializable}
-
-
-def test_default_definitions_have_one_asset_per_view():
-    graph = graph_of(slice_assets.defs)
-    expected = {slices.view_name(m, s) for m, s in slices.all_views()}
-    assert keys_of(slice_assets.defs) == expected
-    for name in expected:
-        node = graph.get(dg.AssetKey(name))
-        assert node.group_name == "slices"
-    deps = {name: {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys} for name in expected}
-    assert deps["bdd100k_rider_train"] == {"raw_frames", "has_rider", "is_duplicate"}
-    assert deps["bdd100k_rider_val"] == {"raw_frames", "has_rider", "dhash"}
-    assert deps["bdd100k_nighttime_person_val"] == {"raw_frames", "has_person", "dhash"}
-    assert deps["bdd100k_distant_person_train"] == {"raw_frames", "has_person", "person_bbox_area_pct",
-                                                    "is_duplicate"}
-    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
-    assert checks == {(name, slice_assets.CHECK_NAME) for name in expected}
-
-
-def test_adding_a_registry_entry_adds_its_two_views():
-    before = keys_of(slice_assets.build_slice_defs(FAILURE_MODES))
-    defs = slice_assets.build_slice_defs([*FAILURE_MODES, CROWD])
-    assert keys_of(defs) - before == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val"}
-    parents = graph_of(defs).get(dg.AssetKey("bdd100k_crowded_night_val")).parent_keys
-    assert {k.to_user_string() for k in parents} == {"raw_frames", "num_persons", "dhash"}
-
-
-def test_definitions_load_fails_on_a_bad_filter_naming_the_mode():
-    env = {**os.environ, "AVP_DISTANT_PERSON_MAX_AREA_PCT": "far away"}
-    result = subprocess.run([sys.executable, "-c", "import avperception_assets.defs.slice_assets"],
-                            env=env, capture_output=True, text=True, cwd=os.getcwd(), timeout=120)
-    assert result.returncode != 0 and "AVP_DISTANT_PERSON_MAX_AREA_PCT" in result.stderr
-    with pytest.raises(ValueError, match="'rider_typo'.*No field named has_ridr"):
-        slice_assets.build_slice_defs([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
 
 
 @pytest.fixture(scope="module")
-def frames(tmp_path_factory, local_ray):
+def frames(tmp_path_factory, curated_db):
     root = tmp_path_factory.mktemp("slice-assets")
-    conn, _ = build_frames_table(root, [("b1", 20, 3)])
-    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["has_rider", "dhash", "is_duplicate"],
-                              curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS))
+    copy_curated_db(curated_db, root)
     return str(root / "lancedb")
 
 

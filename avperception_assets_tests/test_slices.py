@@ -7,9 +7,8 @@ import pytest
 
 from avperception_assets import curation, failure_modes, ingest, slices, storage, synthetic
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode, FailureModeError
-from avperception_assets_tests.conftest import build_frames_table
+from avperception_assets_tests.conftest import copy_curated_db
 
-SLICE_COLUMNS = ["has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"]
 CURATION = curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS)
 # Each Geneva refresh costs seconds: the Ray tests use two of the three default modes.
 MODES = FAILURE_MODES[:2]
@@ -17,7 +16,11 @@ RIDER, NIGHT = MODES
 
 
 def backfill(conn):
-    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), SLICE_COLUMNS, CURATION)
+    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), config=CURATION)
+
+
+def refresh(conn, mode, split):
+    return slices.refresh_views(conn, [(mode, split)])[slices.view_name(mode, split)]
 
 
 def source_ids(conn, sql: str, version: int | None = None) -> list[str]:
@@ -112,10 +115,8 @@ def test_filters_drop_undecoded_frames_train_also_duplicates():
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory, local_ray):
-    conn, landing = build_frames_table(tmp_path_factory.mktemp("slices"), [("b1", 36, 1)])
-    backfill(conn)
-    return conn, landing
+def table(tmp_path_factory, curated_db):
+    return copy_curated_db(curated_db, tmp_path_factory.mktemp("slices"))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_refresh_appends_exactly_the_new_qualifying_rows(table, first):
     ingest.ingest_batches(conn, landing)
     targets = [(RIDER, "train"), (NIGHT, "val")]
     # Before the backfill the new rows' curation values are NULL: they do not qualify yet.
-    early = slices.refresh_view(conn, RIDER, "train")
+    early = refresh(conn, RIDER, "train")
     assert early.rows_added == 0 and early.source_rows_not_curated > 0
     backfill(conn)
     second = slices.refresh_views(conn, targets)
@@ -167,7 +168,7 @@ def test_refresh_appends_exactly_the_new_qualifying_rows(table, first):
         assert view_ids(slices.open_view(conn, name, old.view_version)) == source_ids(conn, sql, old.source_version)
     assert sum(s.rows_added for s in second.values()) > 0
     # Nothing new in the source: the view is already current and no job runs.
-    again = slices.refresh_view(conn, NIGHT, "val")
+    again = refresh(conn, NIGHT, "val")
     assert not again.refreshed and again.rows_added == 0
     assert again.view_version == second[slices.view_name(NIGHT, "val")].view_version
     # A view not refreshed since the append no longer matches the source's latest version.
@@ -178,7 +179,7 @@ def test_refresh_appends_exactly_the_new_qualifying_rows(table, first):
 def test_changed_filter_recreates_the_view(table, first):
     conn, _ = table
     changed = FailureMode("rider", "has_rider = true AND timeofday = 'daytime'", RIDER.classes)
-    stats = slices.refresh_view(conn, changed, "val")
+    stats = refresh(conn, changed, "val")
     assert stats.created and stats.recreated and stats.refreshed
     assert stats.previous_filter == slices.view_filter(RIDER, "val")
     view = slices.open_view(conn, "bdd100k_rider_val")
@@ -191,9 +192,10 @@ def test_changed_filter_recreates_the_view(table, first):
 
 def test_missing_curation_column_and_unknown_version_are_clear(table, first):
     conn, _ = table
-    needs = FailureMode("crowded", "num_persons >= 3", ("pedestrian",))  # num_persons is not backfilled here
+    conn.open_table(storage.FRAMES_TABLE).drop_columns(["num_persons"])  # as before its first backfill
+    needs = FailureMode("crowded", "num_persons >= 3", ("pedestrian",))
     with pytest.raises(slices.SliceError, match="num_persons"):
-        slices.refresh_view(conn, needs, "val")
+        refresh(conn, needs, "val")
     with pytest.raises(slices.SliceError, match="no version 999"):
         slices.open_view(conn, "bdd100k_rider_train", 999)
     with pytest.raises(slices.SliceError, match="does not exist"):

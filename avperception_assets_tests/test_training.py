@@ -117,7 +117,9 @@ def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
     out, metadata, _ = trained
     order = training.reproduce_order(metadata, epoch=0)
     # What the run's own loader yields for that epoch is exactly that order.
-    seen = [i for batch in training.reproduce_loader(metadata, epoch=0) for i in batch.image_ids]
+    profile = detector.get_profile(**metadata["profile"])
+    loader_of_epoch = training.epoch_loader(training.recorded_view(metadata), profile, metadata["seed"], 0)
+    seen = [i for batch in loader_of_epoch for i in batch.image_ids]
     assert seen == order and len(order) == metadata["train_rows"]
 
     # New footage lands: the table moves on, the recorded version does not.

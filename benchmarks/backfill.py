@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         tables[name] = (conn, conn.open_table(storage.FRAMES_TABLE))
 
     incremental: dict[str, list[float]] = {"small": [], "large": []}
-    with storage.ray_context(config.ray_address):
+    with storage.ray_context(os.environ.get("AVP_RAY_ADDRESS")):
         for name, (_, table) in tables.items():
             seconds, stats = backfill(table, config)
             report_fill(f"{name}: initial fill of {table.count_rows()} rows", seconds, stats)

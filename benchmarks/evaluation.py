@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets import detector, evaluation, ingest, storage, synthetic  # noqa: E402
+from avperception_assets import detections, detector, evaluation, ingest, reports, storage, synthetic  # noqa: E402
 from targets import target  # noqa: E402
 
 
@@ -64,15 +64,18 @@ def main() -> None:
         ingest.ingest_batches(conn, root / "landing")
         version = conn.open_table(storage.FRAMES_TABLE).version
         models = {evaluation.BASELINE: _model(0, 0.05), evaluation.FINETUNED: _model(1, 0.0)}
-        evaluation.compute_metrics([], [], {})  # import torchmetrics/pycocotools outside the timings
+        detections.compute_metrics([], [], {})  # import torchmetrics/pycocotools outside the timings
         warm = next(evaluation.view_batches(uri, storage.FRAMES_TABLE, version, batch_size=2))
         for model in models.values():  # first calls allocate and pick kernels: keep them out too
-            evaluation.predict(model, warm.images)
+            detections.predict(model, warm.images)
 
-        named = {name: (model, {}) for name, model in models.items()}
-        report, one_pass_s = _timed(lambda: evaluation.evaluate_view(
-            uri, storage.FRAMES_TABLE, mode="rider", classes=["rider", "pedestrian"], models=named,
-            reports_root=root / "reports", batch_size=args.batch_size))
+        def evaluate_and_report():
+            result, view = evaluation.evaluate_view(uri, storage.FRAMES_TABLE, models, classes=["rider", "pedestrian"],
+                                                    batch_size=args.batch_size)
+            return reports.write_report(root / "reports" / "rider", result, mode="rider", val_view=view,
+                                        baseline={}, finetuned={})
+
+        report, one_pass_s = _timed(evaluate_and_report)
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak of the real pass
 
         def single(name):
@@ -84,15 +87,15 @@ def main() -> None:
             uri, storage.FRAMES_TABLE, version, batch_size=args.batch_size)))
         infer_s, infer_cpu_s = {}, {}
         for name, model in models.items():
-            _, infer_s[name] = _timed(lambda m=model: [evaluation.predict(m, b.images) for b in frames])
-            _, infer_cpu_s[name] = _cpu_timed(lambda m=model: [evaluation.predict(m, b.images) for b in frames])
+            _, infer_s[name] = _timed(lambda m=model: [detections.predict(m, b.images) for b in frames])
+            _, infer_cpu_s[name] = _cpu_timed(lambda m=model: [detections.predict(m, b.images) for b in frames])
         result = evaluation.evaluate(models, iter(frames), classes=["rider", "pedestrian"])
         del frames
-        _, metrics_s = _timed(lambda: evaluation.compute_metrics(
-            result.predictions[evaluation.FINETUNED], result.targets, evaluation.mode_class_ids(["pedestrian"])))
-        _, write_s = _timed(lambda: evaluation.write_report(
+        _, metrics_s = _timed(lambda: detections.compute_metrics(
+            result.predictions[evaluation.FINETUNED], result.targets, detections.mode_class_ids(["pedestrian"])))
+        _, write_s = _timed(lambda: reports.write_report(
             root / "reports" / "again", result, mode="rider", val_view={}, baseline={}, finetuned={}))
-        detections = sum(len(p["labels"]) for p in result.predictions[evaluation.FINETUNED])
+        boxes = sum(len(p["labels"]) for p in result.predictions[evaluation.FINETUNED])
     n = args.frames
     per_frame = {name: s / n for name, s in infer_s.items()}
     print(f"frames: {n} at 1280x720, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
@@ -100,7 +103,7 @@ def main() -> None:
     for name, s in per_frame.items():
         print(f"inference {name}: {s:.3f} s/frame wall, {infer_cpu_s[name] / n:.3f} CPU s/frame")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"COCO metrics (fine-tuned, {detections} detections): {metrics_s:.2f} s")
+    print(f"COCO metrics (fine-tuned, {boxes} detections): {metrics_s:.2f} s")
     print(f"report files (COCO JSON x3, panels, report.json/md): {write_s:.2f} s")
     print(f"evaluate_view, both models in one pass: {one_pass_s:.1f} s; two single-model passes: "
           f"{two_pass_s:.1f} s; ratio {two_pass_s / one_pass_s:.2f}x; {len(report.rows)} report rows")

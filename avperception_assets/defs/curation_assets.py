@@ -6,10 +6,9 @@ selected columns together (independent columns concurrently, `is_duplicate` afte
 
 import dagster as dg
 
-from .. import curation, storage
+from .. import curation, curation_checks, storage
+from .names import CURATION, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key
 from .resources import LanceDBResource
-
-RAW_FRAMES = dg.AssetKey("raw_frames")
 
 DESCRIPTIONS = {
     "has_person": "Frame has at least one annotated pedestrian (any BDD name for a person).",
@@ -41,8 +40,8 @@ class CurationRunConfig(dg.Config):
 
 
 def _spec(name: str) -> dg.AssetSpec:
-    deps = [RAW_FRAMES, *(dg.AssetKey(d) for d in curation.COLUMN_DEPS.get(name, ()))]
-    return dg.AssetSpec(name, group_name="curation", deps=deps, description=DESCRIPTIONS[name],
+    deps = [RAW_FRAMES, *(column_key(d) for d in curation.COLUMN_DEPS.get(name, ()))]
+    return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=DESCRIPTIONS[name],
                         kinds={"lancedb", "geneva"}, skippable=True)
 
 
@@ -65,7 +64,7 @@ def _metadata(stats: curation.ColumnStats) -> dict:
 
 
 @dg.multi_asset(specs=[_spec(name) for name in curation.COLUMNS], can_subset=True, name="curation_columns",
-                pool="lancedb_writes")
+                pool=LANCEDB_WRITES_POOL)
 def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
     """Backfill the selected curation columns where they are NULL (new rows only)."""
     selected = [key.path[-1] for key in context.selected_asset_keys]
@@ -77,10 +76,10 @@ def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfi
         metadata = _metadata(column_stats)
         if name == "dhash":  # the first full decode: frames that fail it are quarantined here
             metadata["frames_quarantined_undecodable"] = curation.quarantine_undecodable(conn, table)
-        yield dg.MaterializeResult(asset_key=name, metadata=metadata)
+        yield dg.MaterializeResult(asset_key=column_key(name), metadata=metadata)
 
 
-def _result(outcome: curation.CheckOutcome) -> dg.AssetCheckResult:
+def _result(outcome: curation_checks.CheckOutcome) -> dg.AssetCheckResult:
     # A NULL explained by a recorded row error warns; anything else fails hard (and blocks).
     severity = dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR
     metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
@@ -89,33 +88,33 @@ def _result(outcome: curation.CheckOutcome) -> dg.AssetCheckResult:
 
 
 def _coverage_check(column: str):
-    @dg.asset_check(asset=column, name="full_coverage", blocking=True,
+    @dg.asset_check(asset=column_key(column), name="full_coverage", blocking=True,
                     description="Every row has a value; NULLs with a recorded UDF error only warn.")
     def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _result(curation.check_coverage(open_frames(lancedb), column))
+        return _result(curation_checks.check_coverage(open_frames(lancedb), column))
 
     return _check
 
 
 def _consistency_check(column: str):
-    @dg.asset_check(asset=column, name="consistent_with_annotations", blocking=True,
+    @dg.asset_check(asset=column_key(column), name="consistent_with_annotations", blocking=True,
                     description="Values agree with the frame's annotations.")
     def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _result(curation.check_annotation_consistency(open_frames(lancedb), column))
+        return _result(curation_checks.check_annotation_consistency(open_frames(lancedb), column))
 
     return _check
 
 
-@dg.asset_check(asset="person_bbox_area_pct", name="value_range", blocking=True,
+@dg.asset_check(asset=column_key("person_bbox_area_pct"), name="value_range", blocking=True,
                 description="0 <= person_bbox_area_pct <= 100.")
 def person_area_range(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _result(curation.check_area_range(open_frames(lancedb)))
+    return _result(curation_checks.check_area_range(open_frames(lancedb)))
 
 
-@dg.asset_check(asset="is_duplicate", name="one_survivor_per_group", blocking=True,
+@dg.asset_check(asset=column_key("is_duplicate"), name="one_survivor_per_group", blocking=True,
                 description="Each near-duplicate group keeps exactly its earliest frame unflagged.")
 def duplicate_groups(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _result(curation.check_duplicate_groups(open_frames(lancedb)))
+    return _result(curation_checks.check_duplicate_groups(open_frames(lancedb)))
 
 
 CURATION_CHECKS = [

@@ -16,15 +16,10 @@ from pydantic import Field
 from .. import settings
 from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
 from ..slices import view_name
+from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_metadata,
+                    view_key)
 from .resources import LanceDBResource
-from .training_assets import BASE_DETECTOR, base_weights
-
-GROUP = "evaluation"
-SUMMARY = "failure_mode_summary"
-
-
-def report_key(mode: FailureMode) -> dg.AssetKey:
-    return dg.AssetKey(f"{mode.name}_eval_report")
+from .training_assets import base_weights
 
 
 class EvalReportConfig(dg.Config):
@@ -34,19 +29,12 @@ class EvalReportConfig(dg.Config):
                                          "(all of them count in the metrics).")
 
 
-def _latest_metadata(context: dg.AssetExecutionContext, key: dg.AssetKey) -> dict | None:
-    event = context.instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        return None
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
 def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
     """The mode's latest checkpoint (best epoch) and what the report records about it."""
     from .. import training
 
-    key = dg.AssetKey(f"{mode.name}_checkpoint")
-    recorded = _latest_metadata(context, key)
+    key = checkpoint_key(mode)
+    recorded = latest_metadata(context.instance, key)
     if recorded is None or "checkpoint_dir" not in recorded:
         raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first")
     folder = Path(recorded["checkpoint_dir"])
@@ -81,7 +69,8 @@ def _baseline(context: dg.AssetExecutionContext, finetuned_metadata: dict):
 
 def _figures(report) -> dict:
     """Headline numbers as Dagster metadata (plottable across materializations)."""
-    from ..evaluation import BASELINE, FINETUNED, delta_pct
+    from ..evaluation import BASELINE, FINETUNED
+    from ..reports import delta_pct
 
     figures = {}
     for key in ("map_50", "map", "mar_100"):
@@ -95,9 +84,9 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
     val_name = view_name(mode, "val")
 
     @dg.asset(
-        name=report_key(mode).path[-1],
-        group_name=GROUP,
-        deps=[dg.AssetKey(f"{mode.name}_checkpoint"), dg.AssetKey(val_name), BASE_DETECTOR],
+        key=eval_report_key(mode),
+        group_name=EVALUATION,
+        deps=[checkpoint_key(mode), view_key(mode, "val"), BASE_DETECTOR],
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "val_view": val_name, "classes": list(mode.classes)},
         description=f"Baseline vs fine-tuned on {val_name} (COCO mAP@0.5, mAP@[.5:.95], mAR@100, "
@@ -106,27 +95,26 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
                 lancedb: LanceDBResource) -> dg.MaterializeResult:
-        from .. import evaluation
+        from .. import evaluation, reports
 
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
         baseline, baseline_info = _baseline(context, finetuned_metadata)
         uri = lancedb.uri or settings.lancedb_uri()
         try:
-            report = evaluation.evaluate_view(
-                uri, val_name, mode=mode.name, classes=mode.classes,
-                models={evaluation.BASELINE: (baseline, baseline_info),
-                        evaluation.FINETUNED: (finetuned, finetuned_info)},
-                reports_root=settings.reports_dir(), batch_size=config.batch_size,
-                panel_count=config.panel_count, panel_score_threshold=config.panel_score_threshold)
+            result, view = evaluation.evaluate_view(
+                uri, val_name, {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned},
+                classes=mode.classes, batch_size=config.batch_size, panel_count=config.panel_count)
         except ValueError as exc:  # missing or empty val view
             raise dg.Failure(f"{mode.name}: {exc}") from exc
-        table = evaluation.rows_markdown(report.rows)
-        context.log.info(f"{mode.name} on {val_name}@{report.data['val_view']['version']}:\n{table}")
-        view = report.data["val_view"]
+        report = reports.write_report(
+            settings.reports_dir() / mode.name / str(view["version"]), result, mode=mode.name, val_view=view,
+            baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold)
+        table = reports.rows_markdown(report.rows)
+        context.log.info(f"{mode.name} on {val_name}@{view['version']}:\n{table}")
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(table),
-                "panels": dg.MetadataValue.md(evaluation.panels_markdown(report.panels)),
+                "panels": dg.MetadataValue.md(reports.panels_markdown(report.panels)),
                 **_figures(report),
                 "val_view": view["name"],
                 "val_view_version": view["version"],
@@ -137,7 +125,7 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 "train_view_version": finetuned_metadata["train_view_version"],
                 "baseline_weights": baseline_info["weights"],
                 "report_dir": dg.MetadataValue.path(str(report.out_dir)),
-                "report_json": dg.MetadataValue.path(str(report.out_dir / evaluation.REPORT_JSON)),
+                "report_json": dg.MetadataValue.path(str(report.out_dir / reports.REPORT_JSON)),
             },
             data_version=dg.DataVersion(f"{view['name']}@{view['version']}:{finetuned_info['checkpoint']}"),
         )
@@ -147,31 +135,31 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
 
 def build_summary_asset(modes) -> dg.AssetsDefinition:
     @dg.asset(
-        name=SUMMARY,
-        group_name=GROUP,
-        deps=[report_key(m) for m in modes],
+        key=FAILURE_MODE_SUMMARY,
+        group_name=EVALUATION,
+        deps=[eval_report_key(m) for m in modes],
         description="One table over every failure mode: metric, baseline, fine-tuned, Δ% "
                     "(also reports/summary.md and summary.json).",
     )
     def _summary(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        from .. import evaluation
+        from .. import reports
 
-        reports, missing = {}, []
+        written, missing = {}, []
         for mode in modes:
-            recorded = _latest_metadata(context, report_key(mode))
+            recorded = latest_metadata(context.instance, eval_report_key(mode))
             path = Path(recorded["report_json"]) if recorded and "report_json" in recorded else None
             if path is None or not path.is_file():
                 missing.append(mode.name)
                 continue
-            reports[mode.name] = evaluation.read_report(path)
-        if not reports:
+            written[mode.name] = reports.read_report(path)
+        if not written:
             raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}); "
                              "materialize the <mode>_eval_report assets first")
-        md_path, json_path, table = evaluation.write_summary(settings.reports_dir(), reports)
+        md_path, json_path, table = reports.write_summary(settings.reports_dir(), written)
         context.log.info(f"Failure modes: baseline vs fine-tuned\n{table}")
         return dg.MaterializeResult(metadata={
             "summary": dg.MetadataValue.md(table),
-            "modes": dg.MetadataValue.json(sorted(reports)),
+            "modes": dg.MetadataValue.json(sorted(written)),
             "modes_without_report": dg.MetadataValue.json(missing),
             "summary_md": dg.MetadataValue.path(str(md_path)),
             "summary_json": dg.MetadataValue.path(str(json_path)),

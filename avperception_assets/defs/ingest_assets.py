@@ -5,7 +5,8 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from .. import ingest, settings, storage
+from .. import ingest, ingest_checks, settings, storage
+from .names import INGEST, LANCEDB_WRITES_POOL
 from .resources import LanceDBResource
 
 
@@ -28,9 +29,9 @@ def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
 
 
 @dg.asset(
-    group_name="ingest",
+    group_name=INGEST,
     kinds={"lancedb"},
-    pool="lancedb_writes",
+    pool=LANCEDB_WRITES_POOL,
     description="Dashcam frames (JPEG bytes + BDD100K labels) in the Lance table `bdd100k`; "
     "rejected inputs go to `quarantine` with their reason.",
 )
@@ -75,19 +76,19 @@ def _audit_result(bad: list[str], what: str, severity=dg.AssetCheckSeverity.ERRO
 
 @dg.asset_check(asset=raw_frames, blocking=True, description="No image_id appears twice.")
 def no_duplicate_image_ids(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest.duplicate_image_ids(_frames_table(lancedb)), "duplicate_ids")
+    return _audit_result(ingest_checks.duplicate_image_ids(_frames_table(lancedb)), "duplicate_ids")
 
 
 @dg.asset_check(asset=raw_frames, blocking=True, description="Every box lies inside its frame and has an area.")
 def boxes_inside_frames(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest.frames_with_boxes_outside(_frames_table(lancedb)), "frames_with_bad_boxes")
+    return _audit_result(ingest_checks.frames_with_boxes_outside(_frames_table(lancedb)), "frames_with_bad_boxes")
 
 
 @dg.asset_check(asset=raw_frames, description="Every frame decodes with the training decoder. Ingestion "
                 "checks container structure only; a frame damaged inside its image data is kept out of "
                 "every slice and quarantined by the curation stage, so a failure here warns.")
 def frames_decode(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest.undecodable_frames(_frames_table(lancedb)), "undecodable_frames",
+    return _audit_result(ingest_checks.undecodable_frames(_frames_table(lancedb)), "undecodable_frames",
                          dg.AssetCheckSeverity.WARN)
 
 

@@ -1,23 +1,36 @@
 """The closed loop: `new_footage_sensor` ingests each READY batch (curation columns and slice
 views refresh in the same run); `slice_growth_sensor` then retrains and re-evaluates exactly the
-failure modes whose train view grew past the retrain policy."""
+failure modes whose train view grew past the retrain policy.
+
+Neither keeps a cursor: Dagster launches one run per run key, so a batch id (or a mode at a view
+version) requested again while its run is queued or done is skipped by the daemon."""
 
 import os
 
 import dagster as dg
 
-from .. import ingest, sensors, settings
+from .. import ingest, settings
 from ..failure_modes import FAILURE_MODES, check_registry
-from ..slices import view_name
+from ..retrain_policy import RetrainPolicy
+from .ingest_assets import RawFramesConfig
+from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key,
+                    eval_report_key, latest_metadata, view_key)
 from .resources import LanceDBResource
 
 # Ingestion and everything that refreshes with it; retraining is the growth sensor's call.
-FOOTAGE_SELECTION = dg.AssetSelection.assets("raw_frames").downstream() - dg.AssetSelection.groups("training", "evaluation")
-SUMMARY = dg.AssetKey("failure_mode_summary")
+FOOTAGE_SELECTION = dg.AssetSelection.assets(RAW_FRAMES).downstream() - dg.AssetSelection.groups(TRAINING, EVALUATION)
 # `stopped` serves the UI without the loop (a staging deployment); the UI can start them.
 DEFAULT_STATUS = (dg.DefaultSensorStatus.STOPPED if os.environ.get("AVP_SENSORS_DEFAULT_STATUS", "running") == "stopped"
                   else dg.DefaultSensorStatus.RUNNING)
-BASE_DETECTOR = dg.AssetKey("base_detector")
+
+
+def footage_request(batch_id: str) -> dg.RunRequest:
+    """The run that ingests one batch and refreshes everything downstream of it."""
+    return dg.RunRequest(
+        run_key=batch_id,
+        run_config=dg.RunConfig(ops={RAW_FRAMES.to_python_identifier(): RawFramesConfig(batch_ids=[batch_id])}),
+        tags={"avp/batch_id": batch_id},
+    )
 
 
 @dg.sensor(
@@ -29,37 +42,22 @@ BASE_DETECTOR = dg.AssetKey("base_detector")
                 "ingestion, incremental backfill of the curation columns, refresh of every slice view.",
 )
 def new_footage_sensor(context: dg.SensorEvaluationContext, lancedb: LanceDBResource):
-    requested = sensors.read_cursor(context.cursor)
-    processed = ingest.ingested_batch_ids(lancedb.connect())
-    batches = sensors.batches_to_request(settings.landing_dir(), processed, requested)
+    # Decided by batch id, not by modification time: a batch that lands late with an old mtime
+    # (`cp -p`, `rsync -a`) is still picked up.
+    batches = ingest.pending_batches(lancedb.connect(), settings.landing_dir())
     if not batches:
         return dg.SkipReason("no new READY batch in the landing zone")
-    context.update_cursor(sensors.write_cursor(requested | set(batches)))
-    return [
-        dg.RunRequest(
-            run_key=batch_id,
-            run_config={"ops": {"raw_frames": {"config": {"batch_ids": [batch_id]}}}},
-            tags={"avp/batch_id": batch_id},
-        )
-        for batch_id in batches
-    ]
+    return [footage_request(batch_id) for batch_id in batches]
 
 
-def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | None:
-    event = instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
-        return None
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
-def modes_due(instance: dg.DagsterInstance, modes, policy: sensors.RetrainPolicy) -> dict[str, int]:
+def modes_due(instance: dg.DagsterInstance, modes, policy: RetrainPolicy) -> dict[str, int]:
     """Failure mode → train view version, for each mode whose view grew past the policy."""
     due = {}
     for mode in modes:
-        view = _latest_metadata(instance, dg.AssetKey(view_name(mode, "train")))
+        view = latest_metadata(instance, view_key(mode, "train"))
         if view is None:
             continue
-        checkpoint = _latest_metadata(instance, dg.AssetKey(f"{mode.name}_checkpoint"))
+        checkpoint = latest_metadata(instance, checkpoint_key(mode))
         if checkpoint is not None and checkpoint.get("train_view_version") == view["view_version"]:
             continue
         trained_rows = None if checkpoint is None else checkpoint["dagster/row_count"]
@@ -69,16 +67,16 @@ def modes_due(instance: dg.DagsterInstance, modes, policy: sensors.RetrainPolicy
 
 
 def _retrain_request(due: dict[str, int], with_base: bool) -> dg.RunRequest:
-    keys = [dg.AssetKey(f"{m}_{suffix}") for m in due for suffix in ("checkpoint", "eval_report")]
+    keys = [key for mode in due for key in (checkpoint_key(mode), eval_report_key(mode))]
     return dg.RunRequest(
         # Mode and view version: however many ticks see the same growth, it retrains once.
         run_key="+".join(f"{m}@{v}" for m, v in sorted(due.items())),
-        asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, SUMMARY],
+        asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, FAILURE_MODE_SUMMARY],
         tags={"avp/failure_modes": ",".join(sorted(due))},
     )
 
 
-def retrain_requests(instance: dg.DagsterInstance, modes, policy: sensors.RetrainPolicy) -> list[dg.RunRequest]:
+def retrain_requests(instance: dg.DagsterInstance, modes, policy: RetrainPolicy) -> list[dg.RunRequest]:
     """Runs that retrain and re-evaluate the modes whose train view grew past the policy.
 
     One run per mode, so modes retrain independently (the `training` pool runs one at a time).
@@ -88,7 +86,7 @@ def retrain_requests(instance: dg.DagsterInstance, modes, policy: sensors.Retrai
     due = modes_due(instance, modes, policy)
     if not due:
         return []
-    if instance.get_latest_materialization_event(BASE_DETECTOR) is None:
+    if latest_metadata(instance, BASE_DETECTOR) is None:
         return [_retrain_request(due, with_base=True)]
     return [_retrain_request({mode: version}, with_base=False) for mode, version in due.items()]
 
@@ -98,14 +96,14 @@ def build_sensor_defs(modes=None) -> dg.Definitions:
 
     @dg.sensor(
         name="slice_growth_sensor",
-        target=dg.AssetSelection.groups("training", "evaluation"),
+        target=dg.AssetSelection.groups(TRAINING, EVALUATION),
         default_status=DEFAULT_STATUS,
         minimum_interval_seconds=60,
         description="Retrains and re-evaluates a failure mode when its train view grew by "
                     "AVP_RETRAIN_MIN_NEW_ROWS rows or AVP_RETRAIN_MIN_GROWTH (fraction) since its checkpoint.",
     )
     def slice_growth_sensor(context: dg.SensorEvaluationContext):
-        requests = retrain_requests(context.instance, modes, sensors.RetrainPolicy.from_env())
+        requests = retrain_requests(context.instance, modes, RetrainPolicy.from_env())
         return requests or dg.SkipReason("no train view grew past the retrain policy")
 
     return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor])

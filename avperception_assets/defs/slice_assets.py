@@ -11,22 +11,21 @@ import dagster as dg
 
 from .. import slices
 from ..failure_modes import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
+from .names import LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, column_key, view_key
 from .resources import LanceDBResource
 
-GROUP = "slices"
-RAW_FRAMES = dg.AssetKey("raw_frames")
 CHECK_NAME = "row_count_matches_source"
 
 
 def view_deps(mode: FailureMode, split: str) -> list[dg.AssetKey]:
     """raw_frames plus the curation columns the view's filter reads."""
-    return [RAW_FRAMES, *(dg.AssetKey(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS)]
+    return [RAW_FRAMES, *(column_key(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS)]
 
 
 def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:
     return dg.AssetSpec(
-        slices.view_name(mode, split),
-        group_name=GROUP,
+        view_key(mode, split),
+        group_name=SLICES,
         deps=view_deps(mode, split),
         description=f"{mode.description or mode.name} ({split} split). Geneva materialized view over "
                     f"`bdd100k` WHERE {slices.view_filter(mode, split)}",
@@ -53,10 +52,10 @@ def build_slice_defs(modes=None) -> dg.Definitions:
     """Slice-view assets and checks for `modes` (default: the registry FAILURE_MODES)."""
     modes = check_registry(FAILURE_MODES if modes is None else modes)
     views = slices.all_views(modes)
-    by_key = {dg.AssetKey(slices.view_name(m, s)): (m, s) for m, s in views}
+    by_key = {view_key(m, s): (m, s) for m, s in views}
 
     @dg.multi_asset(specs=[_spec(m, s) for m, s in views], can_subset=True, name="slice_views",
-                    pool="lancedb_writes")
+                    pool=LANCEDB_WRITES_POOL)
     def slice_views(context: dg.AssetExecutionContext, lancedb: LanceDBResource):
         """Refresh the selected slice views (only qualifying new rows are appended)."""
         selected = [by_key[key] for key in by_key if key in context.selected_asset_keys]
@@ -67,7 +66,7 @@ def build_slice_defs(modes=None) -> dg.Definitions:
             raise dg.Failure(str(exc)) from exc
         for name, view_stats in stats.items():
             context.log.info(f"{name}: {view_stats.as_metadata()}")
-            yield dg.MaterializeResult(asset_key=name, metadata=_metadata(view_stats))
+            yield dg.MaterializeResult(asset_key=dg.AssetKey(name), metadata=_metadata(view_stats))
 
     check_specs = [
         dg.AssetCheckSpec(CHECK_NAME, asset=key, blocking=True,
@@ -89,8 +88,3 @@ def build_slice_defs(modes=None) -> dg.Definitions:
 
 
 defs = build_slice_defs()
-
-# Plain functions other stages use (re-exported so they need not know the module layout).
-view_name = slices.view_name
-refresh_view = slices.refresh_view
-open_view = slices.open_view

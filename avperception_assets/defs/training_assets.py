@@ -19,12 +19,9 @@ from .. import settings
 from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
 from ..slices import view_name
 from ..storage import FRAMES_TABLE
+from .names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
 from .resources import LanceDBResource
 
-GROUP = "training"
-POOL = "training"
-BASE_DETECTOR = dg.AssetKey("base_detector")
-RAW_FRAMES = dg.AssetKey("raw_frames")
 AUTO_WEIGHTS = "auto"
 
 
@@ -107,9 +104,10 @@ def _train(context, spec, out: Path) -> dict:
 
 
 @dg.asset(
-    group_name=GROUP,
+    key=BASE_DETECTOR,
+    group_name=TRAINING,
     deps=[RAW_FRAMES],
-    pool=POOL,
+    pool=TRAINING_POOL,
     kinds={"pytorch"},
     description="The generic detector every fine-tune starts from: COCO weights when cached, "
                 "else Faster R-CNN trained on the whole train split of bdd100k (best by val mAP@0.5).",
@@ -145,10 +143,10 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
     """The weights the latest base_detector materialization recorded ('coco' or a file)."""
-    event = context.instance.get_latest_materialization_event(BASE_DETECTOR)
-    if event is None or event.asset_materialization is None:
+    recorded = latest_metadata(context.instance, BASE_DETECTOR)
+    if recorded is None:
         raise dg.Failure("base_detector has not been materialized; materialize it first")
-    weights = event.asset_materialization.metadata["weights"].value
+    weights = recorded["weights"]
     if weights != "coco" and not Path(weights).is_file():
         raise dg.Failure(f"base_detector weights {weights} are gone; rematerialize base_detector")
     return weights
@@ -158,10 +156,10 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
     train_name, val_name = view_name(mode, "train"), view_name(mode, "val")
 
     @dg.asset(
-        name=f"{mode.name}_checkpoint",
-        group_name=GROUP,
-        deps=[dg.AssetKey(train_name), dg.AssetKey(val_name), BASE_DETECTOR],
-        pool=POOL,
+        key=checkpoint_key(mode),
+        group_name=TRAINING,
+        deps=[view_key(mode, "train"), view_key(mode, "val"), BASE_DETECTOR],
+        pool=TRAINING_POOL,
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "train_view": train_name, "val_view": val_name},
         description=f"Faster R-CNN fine-tuned from base_detector on {train_name}, pinned to the view "

@@ -1,8 +1,8 @@
-"""The sensors' decisions as plain functions."""
+"""When a failure mode retrains: the policy as a plain function."""
 
 import pytest
 
-from avperception_assets import sensors
+from avperception_assets.retrain_policy import RetrainPolicy
 
 
 @pytest.mark.parametrize(
@@ -19,19 +19,15 @@ from avperception_assets import sensors
     ],
 )
 def test_retrain_policy_thresholds(view_rows, trained_rows, expected):
-    policy = sensors.RetrainPolicy(min_new_rows=100, min_growth=0.25)
+    policy = RetrainPolicy(min_new_rows=100, min_growth=0.25)
     assert policy.should_retrain(view_rows, trained_rows) is expected
 
 
 def test_retrain_policy_criteria_can_be_disabled(monkeypatch):
     monkeypatch.setenv("AVP_RETRAIN_MIN_NEW_ROWS", "0")
     monkeypatch.setenv("AVP_RETRAIN_MIN_GROWTH", "0.5")
-    policy = sensors.RetrainPolicy.from_env()
-    assert policy == sensors.RetrainPolicy(min_new_rows=0, min_growth=0.5)
+    policy = RetrainPolicy.from_env()
+    assert policy == RetrainPolicy(min_new_rows=0, min_growth=0.5)
     assert not policy.should_retrain(10_000 + 4_999, 10_000)
     assert policy.should_retrain(15_000, 10_000)
 
-
-def test_cursor_round_trip():
-    assert sensors.read_cursor(None) == set()
-    assert sensors.read_cursor(sensors.write_cursor({"b2", "b1"})) == {"b1", "b2"}

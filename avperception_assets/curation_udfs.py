@@ -1,0 +1,184 @@
+"""Curation row functions: what each curation column computes for a frame.
+
+These are the functions Geneva's Ray workers unpickle and run (by reference, so a worker
+imports this module): plain per-row functions for the annotation columns and `dhash`, and
+batched callables for the detector column and duplicate flags. The checks reuse them to
+recompute expected values. Nothing here touches a table.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .bdd100k import PERSON_CLASSES
+from .decoding import decode
+
+COCO_PERSON_LABEL = 1  # torchvision COCO heads (and this project's detector) use COCO ids
+
+
+def _categories(ann_categories) -> list[str]:
+    return [] if ann_categories is None else [str(c) for c in ann_categories]
+
+
+def count_persons(ann_categories) -> int:
+    return sum(c in PERSON_CLASSES for c in _categories(ann_categories))
+
+
+def person_area_pct_from_boxes(boxes, width: float, height: float) -> float:
+    """Largest box area as a percentage of the frame area (0 when there is no box)."""
+    if width is None or height is None or width <= 0 or height <= 0:
+        raise ValueError(f"frame size must be positive, got {width}x{height}")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return 0.0
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    return float(min(100.0, 100.0 * areas.max() / (width * height)))
+
+
+def annotated_person_area_pct(ann_categories, ann_bboxes, width, height) -> float:
+    categories = _categories(ann_categories)
+    boxes = [] if ann_bboxes is None else list(ann_bboxes)
+    persons = [np.asarray(b, dtype=np.float64) for c, b in zip(categories, boxes) if c in PERSON_CLASSES]
+    return person_area_pct_from_boxes(persons, width, height)
+
+
+def dhash_bytes(image_bytes: bytes, hash_size: int = 8) -> int:
+    """64-bit difference hash: sign of horizontal gradients of a 9x8 grey thumbnail."""
+    from PIL import Image
+
+    if not image_bytes:
+        raise ValueError("empty image bytes")
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        image.draft("L", (hash_size * 16, hash_size * 16))  # JPEG: decode at reduced scale
+        grey = image.convert("L").resize((hash_size + 1, hash_size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(grey, dtype=np.int16)
+    bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming(a: np.ndarray, b) -> np.ndarray:
+    """Bitwise Hamming distance between uint64 hashes (broadcasting)."""
+    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
+
+
+def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, ref_hashes: np.ndarray, ref_seqs: np.ndarray,
+                    threshold: int, chunk: int = 256) -> np.ndarray:
+    """True where some reference frame ingested earlier is within `threshold` bits."""
+    hashes, seqs = np.asarray(hashes, dtype=np.uint64), np.asarray(seqs, dtype=np.int64)
+    ref_hashes, ref_seqs = np.asarray(ref_hashes, dtype=np.uint64), np.asarray(ref_seqs, dtype=np.int64)
+    flags = np.zeros(len(hashes), dtype=bool)
+    for start in range(0, len(hashes), chunk):  # bounded memory: chunk x reference matrix
+        h, s = hashes[start:start + chunk, None], seqs[start:start + chunk, None]
+        near = hamming(h, ref_hashes[None, :]) <= threshold
+        flags[start:start + chunk] = (near & (ref_seqs[None, :] < s)).any(axis=1)
+    return flags
+
+
+
+def has_person(ann_categories: np.ndarray) -> bool:
+    return count_persons(ann_categories) > 0
+
+
+def has_rider(ann_categories: np.ndarray) -> bool:
+    return "rider" in _categories(ann_categories)
+
+
+def num_persons(ann_categories: np.ndarray) -> int:
+    return count_persons(ann_categories)
+
+
+def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray,
+                                     width: int, height: int) -> float:
+    return annotated_person_area_pct(ann_categories, ann_bboxes, width, height)
+
+
+def dhash(image_bytes: bytes) -> int:
+    # The pipeline's first full decode of a frame (ingestion checks structure only): a frame
+    # the training decoder rejects gets no dhash, so it stays out of every slice and is
+    # quarantined by `curation.quarantine_undecodable`.
+    decode(image_bytes)
+    return dhash_bytes(image_bytes)
+
+
+# One model per worker process: Geneva may unpickle the UDF per task, the cache survives.
+_MODEL_CACHE: dict[tuple[str, str], Any] = {}
+
+
+class PersonAreaDetector:
+    """Batched detector UDF: decode the batch once, one forward pass, largest person box."""
+
+    def __init__(self, weights: str, profile: str, score_threshold: float, batch_size: int):
+        self.weights = weights
+        self.profile = profile
+        self.score_threshold = score_threshold
+        self.batch_size = batch_size
+
+    def _model(self):
+        import torch
+
+        from . import detector
+
+        key = (self.weights, self.profile)
+        if key not in _MODEL_CACHE:
+            model = detector.build_detector(detector.get_profile(self.profile), self.weights).eval()
+            if torch.cuda.is_available():
+                model = model.cuda().half()
+            _MODEL_CACHE[key] = model
+        return _MODEL_CACHE[key]
+
+    def __call__(self, image_bytes: pa.Array) -> pa.Array:
+        import torch
+
+        model = self._model()
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        values = []
+        for start in range(0, len(image_bytes), self.batch_size):
+            chunk = image_bytes.slice(start, self.batch_size).to_pylist()
+            if any(not b for b in chunk):
+                raise ValueError("frame has no image bytes")
+            images = _decode_batch(chunk, device)
+            batch = [img.to(dtype) / 255.0 for img in images]
+            with torch.inference_mode():
+                outputs = model(batch)
+            for img, out in zip(images, outputs):
+                keep = (out["labels"] == COCO_PERSON_LABEL) & (out["scores"] >= self.score_threshold)
+                boxes = out["boxes"][keep].float().cpu().numpy()
+                values.append(person_area_pct_from_boxes(boxes, img.shape[2], img.shape[1]))
+        return pa.array(values, type=pa.float32())
+
+
+def _decode_batch(blobs: list[bytes], device) -> list:
+    """Decode a batch of frames once, as RGB uint8 tensors on `device` (JPEGs on the GPU there)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    if all(b[:2] == b"\xff\xd8" for b in blobs):
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    return [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in data]
+
+
+class DuplicateFlagger:
+    """Batched UDF: flag frames with an earlier-ingested frame within `threshold` bits.
+
+    The reference hashes (every frame with a dhash, old and new) travel with the UDF, so
+    workers need no table access; 16 bytes per frame.
+    """
+
+    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int):
+        self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
+        self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
+        self.threshold = threshold
+
+    def __call__(self, dhash: pa.Array, ingest_seq: pa.Array) -> pa.Array:
+        if dhash.null_count:
+            raise ValueError("frame has no dhash (its image could not be hashed)")
+        flags = duplicate_flags(dhash.to_numpy(), ingest_seq.to_numpy(), self.ref_hashes, self.ref_seqs,
+                                self.threshold)
+        return pa.array(flags, type=pa.bool_())
+

@@ -1,0 +1,52 @@
+"""Every asset key, group and pool name the code location uses, named once, and the one reader
+of an asset's latest materialization metadata."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ..failure_modes import FailureMode
+from ..slices import view_name
+
+# Groups, in pipeline order.
+INGEST = "ingest"
+CURATION = "curation"
+SLICES = "slices"
+TRAINING = "training"
+EVALUATION = "evaluation"
+
+# Concurrency pools (dagster.yaml gives each a limit of 1).
+LANCEDB_WRITES_POOL = "lancedb_writes"  # ingestion, backfills and view refreshes never race on a table
+TRAINING_POOL = "training"  # two retrains never share one GPU
+
+RAW_FRAMES = dg.AssetKey("raw_frames")
+BASE_DETECTOR = dg.AssetKey("base_detector")
+FAILURE_MODE_SUMMARY = dg.AssetKey("failure_mode_summary")
+
+
+def _mode_name(mode: FailureMode | str) -> str:
+    return mode.name if isinstance(mode, FailureMode) else mode
+
+
+def column_key(column: str) -> dg.AssetKey:
+    return dg.AssetKey(column)
+
+
+def view_key(mode: FailureMode | str, split: str) -> dg.AssetKey:
+    return dg.AssetKey(view_name(mode, split))
+
+
+def checkpoint_key(mode: FailureMode | str) -> dg.AssetKey:
+    return dg.AssetKey(f"{_mode_name(mode)}_checkpoint")
+
+
+def eval_report_key(mode: FailureMode | str) -> dg.AssetKey:
+    return dg.AssetKey(f"{_mode_name(mode)}_eval_report")
+
+
+def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | None:
+    """The metadata values of `key`'s latest materialization; None when it has none."""
+    event = instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    return {name: value.value for name, value in event.asset_materialization.metadata.items()}

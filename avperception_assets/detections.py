@@ -1,0 +1,98 @@
+"""Detections of a model and their COCO metrics: what training's validation and evaluation share.
+
+The metric is torchmetrics' `MeanAveragePrecision` on its pycocotools backend, i.e. the
+official COCO protocol: every prediction is matched against the ground truth of its own image
+and class, so a prediction of a class that is absent from an image is a false positive. (A
+class absent from the *whole* val set has no AP, as in COCO, and is left out of the means.)
+
+Labels are COCO category ids (`bdd100k.COCO_IDS`), so a COCO-pretrained head stays valid.
+BDD's pedestrian and rider both map to COCO "person" (1); per-class AP is therefore reported
+per COCO class and named after it, e.g. `AP@0.5 person` with the BDD classes it covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import bdd100k
+from .loader import model_inputs
+
+METRIC_BACKEND = "pycocotools"
+
+
+def coco_category_names() -> list[str]:
+    """torchvision's 91 COCO category names, indexed by category id."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def mode_class_ids(classes: Iterable[str]) -> dict[int, list[str]]:
+    """COCO ids the mode cares about -> the BDD classes each one covers (sorted by id)."""
+    covered: dict[int, list[str]] = {}
+    for name in classes:
+        if name not in bdd100k.COCO_IDS:
+            raise ValueError(f"unknown BDD class {name!r}; expected one of {sorted(bdd100k.COCO_IDS)}")
+        covered.setdefault(bdd100k.COCO_IDS[name], []).append(name)
+    return dict(sorted(covered.items()))
+
+
+
+def predict(model: torch.nn.Module, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Detections of a torchvision detector for one batch of frames (uint8 or float [0, 1]),
+    returned on the CPU."""
+    model.eval()
+    with torch.inference_mode():
+        outputs = model(model_inputs(images, next(model.parameters()).device))
+    return [{key: out[key].detach().cpu() for key in ("boxes", "scores", "labels")} for out in outputs]
+
+
+def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
+                    targets: Sequence[Mapping[str, Tensor]],
+                    class_ids: Mapping[int, Sequence[str]]) -> dict:
+    """COCO box metrics of one model: mAP@0.5, mAP@[.5:.95], mAR@100 and per-class AP.
+
+    Per-class figures are for the COCO ids in `class_ids` (None when the val set has no
+    object of that class). AP@0.5 per class is read from the same COCOeval precision array
+    that COCO's own summary averages (IoU 0.5, all areas, 100 detections).
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, extended_summary=True,
+                                  backend=METRIC_BACKEND)
+    metric.warn_on_many_detections = False
+    metric.update([dict(p) for p in predictions], [dict(t) for t in targets])
+    result = metric.compute()
+    classes = [int(c) for c in result["classes"].reshape(-1).tolist()]
+    # (IoU thresholds, recall thresholds, classes, areas, max dets); absent when nothing was updated
+    precision = result.get("precision")
+    names = coco_category_names()
+    per_class = {}
+    for coco_id, bdd_names in class_ids.items():
+        ap = ap_50 = ar = None
+        if coco_id in classes:
+            k = classes.index(coco_id)
+            ap = _figure(result["map_per_class"].reshape(-1)[k])
+            ar = _figure(result["mar_100_per_class"].reshape(-1)[k])
+            curve = precision[0, :, k, 0, -1].numpy()
+            valid = curve[curve > -1]  # COCOeval.summarize's mean, in float32 like the other figures
+            ap_50 = float(np.float32(valid.mean())) if len(valid) else None
+        per_class[names[coco_id]] = {"coco_id": coco_id, "bdd_classes": list(bdd_names),
+                                     "ap_50": ap_50, "ap": ap, "ar_100": ar}
+    return {
+        "map_50": _figure(result["map_50"]),
+        "map": _figure(result["map"]),
+        "mar_100": _figure(result["mar_100"]),
+        "per_class": per_class,
+    }
+
+
+def _figure(value: Tensor) -> float | None:
+    """A COCO figure, None where COCO reports -1 (nothing to measure)."""
+    value = float(value)
+    return None if value < 0 else value
+

@@ -1,0 +1,42 @@
+"""Audits of the frames table behind the `raw_frames` asset checks."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+
+from .decoding import decode, on_frame_threads
+
+
+def duplicate_image_ids(table) -> list[str]:
+    ids = table.to_lance().to_table(columns=["image_id"])["image_id"]
+    counts = pc.value_counts(ids)
+    return [c["values"].as_py() for c in counts if c["counts"].as_py() > 1]
+
+
+def frames_with_boxes_outside(table) -> list[str]:
+    """Frames with a box that is empty or leaves the frame (ingestion clips or rejects those)."""
+    bad = []
+    for batch in table.to_lance().to_batches(columns=["image_id", "width", "height", "ann_bboxes"]):
+        for row in batch.to_pylist():
+            w, h = row["width"], row["height"]
+            if any(not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h) for x1, y1, x2, y2 in row["ann_bboxes"] or []):
+                bad.append(row["image_id"])
+    return bad
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        decode(data)
+        return True
+    except RuntimeError:  # torchvision's decoders raise RuntimeError on damaged data
+        return False
+
+
+def undecodable_frames(table) -> list[str]:
+    """Frames whose bytes do not decode with the training decoder (ingestion checks structure only)."""
+    bad = []
+    for batch in table.to_lance().to_batches(columns=["image_id", "image_bytes"], batch_size=64):
+        ids, blobs = batch["image_id"].to_pylist(), batch["image_bytes"].to_pylist()
+        bad.extend(i for i, ok in zip(ids, on_frame_threads(_decodes, blobs)) if not ok)
+    return bad
+
