@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 
 # Before any project import reads it: nothing a test does may touch the repository's data/.
 os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
@@ -22,8 +25,7 @@ from avperception_assets.defs import evaluation_assets, training_assets  # noqa:
 from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
 from avperception_assets.failure_modes import get_mode  # noqa: E402
 
-# The curated database every slice and curation-asset test starts from (see `curated_db`).
-CURATED_BATCH = ("b1", 36, 1)
+CURATED_SIZE = dict(width=640, height=360)
 
 
 def build_frames_table(root: Path, batches: list[tuple[str, int, int]], layout: str = "det_20"):
@@ -50,21 +52,62 @@ def local_ray():
         yield
 
 
+def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:
+    """A re-encoded, slightly resized copy of a frame."""
+    image = Image.open(io.BytesIO(jpeg))
+    size = (round(image.width * scale), round(image.height * scale))
+    out = io.BytesIO()
+    image.resize(size, Image.Resampling.BILINEAR).save(out, "JPEG", quality=quality)
+    return out.getvalue(), size[0], size[1]
+
+
+def append_rows(table, rows: list[dict]) -> None:
+    table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
+
+
+def near_duplicate_rows(table, sources: list[tuple[str, float, int]], batch_id: str) -> list[dict]:
+    """Near-duplicate copies [(image_id, scale, jpeg quality)] appended after every existing frame."""
+    frames = table.to_lance().to_table(columns=[f.name for f in storage.FRAMES_SCHEMA]).to_pylist()
+    by_id = {f["image_id"]: f for f in frames}
+    seq = max(f["ingest_seq"] for f in frames) + 1
+    rows = []
+    for n, (image_id, scale, quality) in enumerate(sources):
+        row = dict(by_id[image_id])
+        row["image_bytes"], row["width"], row["height"] = _variant(row["image_bytes"], scale, quality)
+        row["ann_bboxes"] = [[v * scale for v in box] for box in row["ann_bboxes"]]
+        row.update(image_id=f"copy-{batch_id}-{n}-{image_id}", batch_id=batch_id, ingest_seq=seq + n)
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class CuratedDB:
+    root: Path
+    first_ids: list[str]  # batch b1's image ids in ingestion order
+    run1: dict[str, curation.ColumnStats]
+
+
 @pytest.fixture(scope="session")
-def curated_db(tmp_path_factory, local_ray) -> Path:
-    """A frames table with every curation column backfilled, built once per session (Geneva jobs
-    cost seconds each). Tests that write take a copy (`copy_curated_db`); it holds no view,
-    since a view records its source table's absolute path."""
+def curated_db(tmp_path_factory, local_ray) -> CuratedDB:
+    """Batch b1 with two near-duplicate copies of its first frame, every curation column
+    backfilled: built once per session (each Geneva job costs seconds). Tests that write take a
+    copy (`copy_curated_db`); it holds no view, since a view records its source table's path."""
     root = tmp_path_factory.mktemp("curated")
-    conn, _ = build_frames_table(root, [CURATED_BATCH])
-    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE),
-                              config=curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS))
-    return root
+    synthetic.write_batch(root / "landing", "b1", 14, seed=3, **CURATED_SIZE)
+    conn = storage.connect(str(root / "lancedb"))
+    ingest.ingest_batches(conn, root / "landing")
+    table = conn.open_table(storage.FRAMES_TABLE)
+    first_ids = table.to_lance().to_table(columns=["image_id", "ingest_seq"]).sort_by("ingest_seq")["image_id"].to_pylist()
+    # A group inside the first batch: frame 0 and two copies.
+    append_rows(table, near_duplicate_rows(table, [(first_ids[0], 0.95, 75), (first_ids[0], 1.05, 60)], "b1dups"))
+    run1 = curation.backfill_columns(table, config=curation.CurationConfig(
+        person_area_source=curation.SOURCE_ANNOTATIONS, concurrency=1))
+    return CuratedDB(root, first_ids, run1)
 
 
-def copy_curated_db(curated_db: Path, root: Path):
+def copy_curated_db(curated_db: CuratedDB, root: Path):
     """A private copy of the curated database (with its landing zone) under `root`; returns (conn, landing)."""
-    shutil.copytree(curated_db, root, dirs_exist_ok=True)
+    shutil.copytree(curated_db.root, root, dirs_exist_ok=True)
     return storage.connect(str(Path(root) / "lancedb")), Path(root) / "landing"
 
 

@@ -20,19 +20,7 @@ from PIL import Image
 from avperception_assets import curation, curation_checks, curation_udfs, image_checks, ingest, ingest_checks, storage, synthetic
 from avperception_assets.bdd100k import PERSON_CLASSES
 
-from .conftest import build_frames_table
-
-SIZE = dict(width=640, height=360)
-
-
-def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:
-    """A re-encoded, slightly resized copy of a frame."""
-    image = Image.open(io.BytesIO(jpeg))
-    size = (round(image.width * scale), round(image.height * scale))
-    out = io.BytesIO()
-    image.resize(size, Image.Resampling.BILINEAR).save(out, "JPEG", quality=quality)
-    return out.getvalue(), size[0], size[1]
-
+from .conftest import CURATED_SIZE, append_rows, build_frames_table, copy_curated_db, near_duplicate_rows
 
 def damaged_inside(jpeg: bytes) -> bytes:
     """A JPEG whose container is intact but whose scan names Huffman tables never defined:
@@ -42,25 +30,6 @@ def damaged_inside(jpeg: bytes) -> bytes:
     return bytes(damaged)
 
 
-def _append_rows(table, rows: list[dict]) -> None:
-    table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
-
-
-def _copy_rows(table, sources: list[tuple[str, float, int]], batch_id: str) -> list[dict]:
-    """Near-duplicate copies [(image_id, scale, jpeg quality)] appended after every existing frame."""
-    frames = table.to_lance().to_table(columns=[f.name for f in storage.FRAMES_SCHEMA]).to_pylist()
-    by_id = {f["image_id"]: f for f in frames}
-    seq = max(f["ingest_seq"] for f in frames) + 1
-    rows = []
-    for n, (image_id, scale, quality) in enumerate(sources):
-        row = dict(by_id[image_id])
-        row["image_bytes"], row["width"], row["height"] = _variant(row["image_bytes"], scale, quality)
-        row["ann_bboxes"] = [[v * scale for v in box] for box in row["ann_bboxes"]]
-        row.update(image_id=f"copy-{batch_id}-{n}-{image_id}", batch_id=batch_id, ingest_seq=seq + n)
-        rows.append(row)
-    return rows
-
-
 def _frames(table) -> list[dict]:
     columns = ["image_id", "image_bytes", "ingest_seq", "ann_categories", "ann_bboxes", "width", "height",
                *(c for c in curation.COLUMNS if c in table.schema.names)]
@@ -68,33 +37,29 @@ def _frames(table) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory, local_ray):
-    root = tmp_path_factory.mktemp("curation")
-    landing = root / "landing"
-    synthetic.write_batch(landing, "b1", 14, seed=3, **SIZE)
-    conn = storage.connect(str(root / "lancedb"))
-    ingest.ingest_batches(conn, landing)
+def curated(tmp_path_factory, curated_db):
+    """The session's curated table (batch b1 with two near-duplicate copies of its first frame,
+    every column backfilled once), copied; then a second batch with more copies and one corrupt
+    frame lands and the columns are backfilled again."""
+    conn, landing = copy_curated_db(curated_db, tmp_path_factory.mktemp("curation"))
     table = conn.open_table(storage.FRAMES_TABLE)
-    first_ids = [r["image_id"] for r in _frames(table)]
-    # A group inside the first batch: frame 0 and two copies.
-    _append_rows(table, _copy_rows(table, [(first_ids[0], 0.95, 75), (first_ids[0], 1.05, 60)], "b1dups"))
+    first_ids, run1 = curated_db.first_ids, curated_db.run1
     config = curation.CurationConfig(person_area_source="annotations", concurrency=1)
-    run1 = curation.backfill_columns(table, config=config)
     before = {r["image_id"]: r for r in _frames(table)}
 
     # Canary: an old row holding a value no run would compute; a rerun that touched old rows would fix it.
     canary = first_ids[1]
     table.update(where=f"image_id = '{canary}'", values={"num_persons": 99})
 
-    synthetic.write_batch(landing, "b2", 6, seed=4, **SIZE)
+    synthetic.write_batch(landing, "b2", 6, seed=4, **CURATED_SIZE)
     ingest.ingest_batches(conn, landing)
     table.checkout_latest()
     second_ids = [r["image_id"] for r in _frames(table) if r["image_id"] not in before]
     # Copies of an old frame (new vs old) and of a new frame (new vs new), plus one corrupt frame.
-    copies = _copy_rows(table, [(first_ids[3], 0.97, 50), (second_ids[0], 0.9, 90)], "b2dups")
+    copies = near_duplicate_rows(table, [(first_ids[3], 0.97, 50), (second_ids[0], 0.9, 90)], "b2dups")
     corrupt = dict(copies[0], image_id="corrupt-frame", image_bytes=damaged_inside(copies[0]["image_bytes"]),
                    source_file="images/corrupt-frame.jpg", ingest_seq=copies[-1]["ingest_seq"] + 1)
-    _append_rows(table, [*copies, corrupt])
+    append_rows(table, [*copies, corrupt])
     new_rows = table.count_rows() - len(before)
     run2 = curation.backfill_columns(table, config=config)
     canary_after = table.to_lance().to_table(columns=["num_persons"], filter=f"image_id = '{canary}'")

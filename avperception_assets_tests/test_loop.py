@@ -5,8 +5,9 @@ exactly the modes that grew → re-evaluation, driven by the sensors."""
 import json
 
 import dagster as dg
+import pytest
 
-from avperception_assets import settings, synthetic
+from avperception_assets import curation, settings, slices, storage, synthetic
 from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
                                       training_assets)
 from avperception_assets.defs.resources import LanceDBResource
@@ -22,13 +23,16 @@ FRAME_SIZE = dict(width=320, height=180)
 TINY_TRAINING = {"config": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "min_size": 96,
                             "max_size": 160, "num_workers": 0}}
 TRAINING_ASSETS = ["base_detector", *(f"{m.name}_checkpoint" for m in MODES)]
+VIEWS = [slices.view_name(m, split) for m in MODES for split in slices.SPLITS]
 
 
 def _execute(instance, request: dg.RunRequest, selection: dg.AssetSelection | None = None):
     """Run what a sensor asked for, in process, with the tiny training recipe."""
     selection = selection if selection is not None else dg.AssetSelection.assets(*request.asset_selection)
     keys = selection.resolve(DEFS.resolve_asset_graph())
-    ops = dict(request.run_config.get("ops", {}))
+    ops = dict((request.run_config or {}).get("ops", {}))
+    if any(key.to_user_string() in curation.COLUMNS for key in keys):  # one applier per job on 2 cores
+        ops["curation_columns"] = {"config": {"concurrency": 1}}
     ops.update({name: TINY_TRAINING for name in TRAINING_ASSETS if dg.AssetKey(name) in keys})
     result = dg.materialize([*DEFS.assets, *DEFS.asset_checks], selection=selection, instance=instance,
                             resources={"lancedb": LanceDBResource()}, run_config={"ops": ops}, tags=request.tags)
@@ -47,53 +51,121 @@ def _metadata(instance, key: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def test_new_footage_retrains_exactly_the_modes_that_grew(data_dir, local_ray, monkeypatch):
-    footage_sensor = next(s for s in DEFS.sensors if s.name == "new_footage_sensor")
-    growth_sensor = next(s for s in DEFS.sensors if s.name == "slice_growth_sensor")
-    with dg.instance_for_test() as instance:
+def _view_ids(conn, name: str, version: int | None = None) -> list[str]:
+    return sorted(slices.open_view(conn, name, version).to_lance().to_table(columns=["image_id"])["image_id"].to_pylist())
+
+
+def _source_ids(conn, sql: str, version: int | None = None) -> list[str]:
+    table = conn.open_table(storage.FRAMES_TABLE)
+    if version is not None:
+        table.checkout(version)
+    return sorted(table.to_lance().to_table(columns=["image_id"], filter=sql)["image_id"].to_pylist())
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, local_ray):
+    """Two batches land one after the other; the sensors drive every run. The state is read by
+    the tests below (the loop's own decisions, and the views and columns it left)."""
+    state = {}
+    with pytest.MonkeyPatch.context() as patch, dg.instance_for_test() as instance:
+        patch.setenv("AVP_DATA_DIR", str(tmp_path_factory.mktemp("loop")))
+        footage_sensor = next(s for s in DEFS.sensors if s.name == "new_footage_sensor")
+        growth_sensor = next(s for s in DEFS.sensors if s.name == "slice_growth_sensor")
         # Batch 1 lands: one ingestion run, then the first training of every mode.
         synthetic.write_batch(settings.landing_dir(), "batch-1", 80, seed=11, **FRAME_SIZE)
         [request] = _tick(footage_sensor, instance)
-        _execute(instance, request, sensors.FOOTAGE_SELECTION)
-        assert _tick(footage_sensor, instance) == []  # ingested: never requested again
-        [first_training] = _tick(growth_sensor, instance)
-        assert "base_detector" in [k.to_user_string() for k in first_training.asset_selection]
-        _execute(instance, first_training)
-        before = {m.name: _metadata(instance, f"bdd100k_{m.name}_train") for m in MODES}
-        reports_before = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
-        assert _tick(growth_sensor, instance) == []  # nothing grew since
+        state["footage_1"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
+        state["views_1"] = {view: _metadata(instance, view) for view in VIEWS}
+        state["requests_after_ingest"] = _tick(footage_sensor, instance)
+        state["first_training"] = _tick(growth_sensor, instance)
+        _execute(instance, state["first_training"][0])
+        state["before"] = {m.name: _metadata(instance, f"bdd100k_{m.name}_train") for m in MODES}
+        state["reports_before"] = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
+        state["requests_without_growth"] = _tick(growth_sensor, instance)
+        state["source_version_1"] = storage.connect(settings.lancedb_uri()).open_table(storage.FRAMES_TABLE).version
 
         # Batch 2 lands: only its rows are backfilled and every view refreshes.
         synthetic.write_batch(settings.landing_dir(), "batch-2", 40, seed=12, **FRAME_SIZE)
         [request] = _tick(footage_sensor, instance)
-        assert request.run_key == "batch-2"
-        _execute(instance, request, sensors.FOOTAGE_SELECTION)
-        for column in ("has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"):
-            assert _metadata(instance, column)["rows_processed"] == 40, column
-        after = {m.name: _metadata(instance, f"bdd100k_{m.name}_train") for m in MODES}
-        growth = {m: after[m]["dagster/row_count"] - before[m]["dagster/row_count"] for m in after}
-        assert all(after[m]["view_version"] > before[m]["view_version"] for m in after if growth[m])
+        state["footage_2_key"] = request.run_key
+        state["footage_2"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
+        state["columns_2"] = {c: _metadata(instance, c) for c in curation.COLUMNS}
+        state["views_2"] = {view: _metadata(instance, view) for view in VIEWS}
+        after = {m.name: state["views_2"][f"bdd100k_{m.name}_train"] for m in MODES}
+        growth = {m: after[m]["dagster/row_count"] - state["before"][m]["dagster/row_count"] for m in after}
+        state.update(after=after, growth=growth)
 
         # Retrain only where the train view grew by at least the threshold.
         assert len(set(growth.values())) > 1, f"need modes that grew differently to tell them apart: {growth}"
         threshold = max(growth.values())
-        monkeypatch.setenv("AVP_RETRAIN_MIN_NEW_ROWS", str(threshold))
-        monkeypatch.setenv("AVP_RETRAIN_MIN_GROWTH", "0")
-        requests = _tick(growth_sensor, instance)
-        retrained = {m for m in growth if growth[m] >= threshold}
-        assert {r.tags["avp/failure_modes"] for r in requests} == retrained
-        for request in requests:
-            _execute(instance, request)
-        assert _tick(growth_sensor, instance) == []  # the same growth never retrains twice
+        patch.setenv("AVP_RETRAIN_MIN_NEW_ROWS", str(threshold))
+        patch.setenv("AVP_RETRAIN_MIN_GROWTH", "0")
+        state["retrain_requests"] = _tick(growth_sensor, instance)
+        state["retrained"] = {m for m in growth if growth[m] >= threshold}
+        for retrain in state["retrain_requests"]:
+            _execute(instance, retrain)
+        state["requests_after_retrain"] = _tick(growth_sensor, instance)
+        state["checkpoints"] = {m.name: _metadata(instance, f"{m.name}_checkpoint") for m in MODES}
+        state["reports"] = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
+        # Re-running a view with nothing new is safe: no job, nothing appended.
+        state["rerun"] = _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey(VIEWS[1])]))
+        state["conn"] = storage.connect(settings.lancedb_uri())
+        yield state
 
-        for mode in growth:
-            checkpoint = _metadata(instance, f"{mode}_checkpoint")
-            report = _metadata(instance, f"{mode}_eval_report")
-            if mode in retrained:  # pinned to the new version, report rewritten for it
-                assert checkpoint["train_view_version"] == after[mode]["view_version"]
-                assert report["train_view_version"] == after[mode]["view_version"]
-                data = json.loads(open(report["report_json"]).read())
-                assert data["val_view"]["version"] == report["val_view_version"]
-            else:
-                assert checkpoint["train_view_version"] == before[mode]["view_version"]
-                assert report["report_json"] == reports_before[mode]["report_json"]
+
+def test_new_footage_retrains_exactly_the_modes_that_grew(loop):
+    assert loop["requests_after_ingest"] == []  # an ingested batch is never requested again
+    assert "base_detector" in [k.to_user_string() for k in loop["first_training"][0].asset_selection]
+    assert loop["requests_without_growth"] == []  # nothing grew since the first training
+    assert loop["footage_2_key"] == "batch-2"
+    for column in ("has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"):
+        assert loop["columns_2"][column]["rows_processed"] == 40, column  # only the new rows
+    before, after, growth = loop["before"], loop["after"], loop["growth"]
+    assert all(after[m]["view_version"] > before[m]["view_version"] for m in after if growth[m])
+    assert {r.tags["avp/failure_modes"] for r in loop["retrain_requests"]} == loop["retrained"]
+    assert loop["requests_after_retrain"] == []  # the same growth never retrains twice
+    for mode in growth:
+        checkpoint, report = loop["checkpoints"][mode], loop["reports"][mode]
+        if mode in loop["retrained"]:  # pinned to the new version, report rewritten for it
+            assert checkpoint["train_view_version"] == after[mode]["view_version"]
+            assert report["train_view_version"] == after[mode]["view_version"]
+            data = json.loads(open(report["report_json"]).read())
+            assert data["val_view"]["version"] == report["val_view_version"]
+        else:
+            assert checkpoint["train_view_version"] == before[mode]["view_version"]
+            assert report["report_json"] == loop["reports_before"][mode]["report_json"]
+
+
+def test_views_hold_the_source_filtered_the_same_way_at_every_version(loop):
+    conn = loop["conn"]
+    for mode in MODES:
+        for split in slices.SPLITS:
+            name, sql = slices.view_name(mode, split), slices.view_filter(mode, split)
+            meta = loop["views_2"][name]
+            assert _view_ids(conn, name) == _source_ids(conn, sql)
+            # The refresh appended exactly batch 2's qualifying rows.
+            assert meta["rows_added"] == len(_source_ids(conn, f"({sql}) AND batch_id = 'batch-2'")), name
+            assert meta["filter"] == sql and meta["dagster/row_count"] == meta["row_count"]
+            assert meta["source_version"] == conn.open_table(storage.FRAMES_TABLE).version
+            assert slices.check_view(conn, mode, split).passed
+        # Time travel: the version the first checkpoint recorded still reads the rows it trained on.
+        name = slices.view_name(mode, "train")
+        assert _view_ids(conn, name, loop["before"][mode.name]["view_version"]) == _source_ids(
+            conn, slices.view_filter(mode, "train"), loop["source_version_1"])
+    assert sum(loop["views_2"][v]["rows_added"] for v in VIEWS) > 0
+    for name, meta in loop["views_1"].items():  # the first run created every view from batch 1
+        assert meta["created"] and meta["rows_added"] == meta["row_count"] > 0, name
+
+
+def test_every_check_of_the_footage_runs_passes(loop):
+    for run in ("footage_1", "footage_2"):
+        evaluations = loop[run].get_asset_check_evaluations()
+        checked = {e.asset_key.to_user_string() for e in evaluations}
+        assert checked >= {"raw_frames", *curation.COLUMNS, *VIEWS}, run
+        assert [(e.asset_key, e.check_name) for e in evaluations if not e.passed] == []
+
+
+def test_rerunning_a_current_view_is_safe(loop):
+    [materialization] = loop["rerun"].asset_materializations_for_node("slice_views")
+    assert materialization.metadata["refreshed"].value is False
+    assert materialization.metadata["rows_added"].value == 0
