@@ -155,3 +155,15 @@ def trained_rider(tmp_path_factory):
             result = dg.materialize(assets, instance=instance, run_config=run_config,
                                     resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())})
         yield TrainedRider(root, instance, result, conn.open_table(slices.view_name(RIDER, "val")).version)
+
+
+def source_ids(conn, sql: str, version: int | None = None) -> list[str]:
+    """Image ids of the frames table matching `sql` (at `version` when given), sorted."""
+    table = conn.open_table(storage.FRAMES_TABLE)
+    if version is not None:
+        table.checkout(version)
+    return sorted(table.to_lance().to_table(columns=["image_id"], filter=sql)["image_id"].to_pylist())
+
+
+def view_ids(view) -> list[str]:
+    return sorted(view.to_lance().to_table(columns=["image_id"])["image_id"].to_pylist())

@@ -13,6 +13,8 @@ from avperception_assets.defs import (curation_assets, evaluation_assets, ingest
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.failure_modes import FAILURE_MODES
 
+from .conftest import source_ids, view_ids
+
 MODES = FAILURE_MODES[:2]  # rider, nighttime_person: each view refresh is a Geneva job
 DEFS = dg.Definitions.merge(
     ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(MODES),
@@ -49,17 +51,6 @@ def _tick(sensor, instance) -> list[dg.RunRequest]:
 def _metadata(instance, key: str) -> dict:
     event = instance.get_latest_materialization_event(dg.AssetKey(key))
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
-def _view_ids(conn, name: str, version: int | None = None) -> list[str]:
-    return sorted(slices.open_view(conn, name, version).to_lance().to_table(columns=["image_id"])["image_id"].to_pylist())
-
-
-def _source_ids(conn, sql: str, version: int | None = None) -> list[str]:
-    table = conn.open_table(storage.FRAMES_TABLE)
-    if version is not None:
-        table.checkout(version)
-    return sorted(table.to_lance().to_table(columns=["image_id"], filter=sql)["image_id"].to_pylist())
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +133,15 @@ def test_views_hold_the_source_filtered_the_same_way_at_every_version(loop):
         for split in slices.SPLITS:
             name, sql = slices.view_name(mode, split), slices.view_filter(mode, split)
             meta = loop["views_2"][name]
-            assert _view_ids(conn, name) == _source_ids(conn, sql)
+            assert view_ids(slices.open_view(conn, name)) == source_ids(conn, sql)
             # The refresh appended exactly batch 2's qualifying rows.
-            assert meta["rows_added"] == len(_source_ids(conn, f"({sql}) AND batch_id = 'batch-2'")), name
+            assert meta["rows_added"] == len(source_ids(conn, f"({sql}) AND batch_id = 'batch-2'")), name
             assert meta["filter"] == sql and meta["dagster/row_count"] == meta["row_count"]
             assert meta["source_version"] == conn.open_table(storage.FRAMES_TABLE).version
             assert slices.check_view(conn, mode, split).passed
         # Time travel: the version the first checkpoint recorded still reads the rows it trained on.
         name = slices.view_name(mode, "train")
-        assert _view_ids(conn, name, loop["before"][mode.name]["view_version"]) == _source_ids(
+        assert view_ids(slices.open_view(conn, name, loop["before"][mode.name]["view_version"])) == source_ids(
             conn, slices.view_filter(mode, "train"), loop["source_version_1"])
     assert sum(loop["views_2"][v]["rows_added"] for v in VIEWS) > 0
     for name, meta in loop["views_1"].items():  # the first run created every view from batch 1

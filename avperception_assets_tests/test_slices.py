@@ -7,24 +7,13 @@ import pytest
 
 from avperception_assets import curation, failure_modes, ingest, slices, storage, synthetic
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode, FailureModeError
-from avperception_assets_tests.conftest import copy_curated_db
+from avperception_assets_tests.conftest import copy_curated_db, source_ids, view_ids
 
 RIDER = FAILURE_MODES[0]
 
 
 def refresh(conn, mode, split):
     return slices.refresh_views(conn, [(mode, split)])[slices.view_name(mode, split)]
-
-
-def source_ids(conn, sql: str, version: int | None = None) -> list[str]:
-    table = conn.open_table(storage.FRAMES_TABLE)
-    if version is not None:
-        table.checkout(version)
-    return sorted(table.to_lance().to_table(columns=["image_id"], filter=sql)["image_id"].to_pylist())
-
-
-def view_ids(view) -> list[str]:
-    return sorted(view.to_lance().to_table(columns=["image_id"])["image_id"].to_pylist())
 
 
 # --- registry (no Ray) ----------------------------------------------------------------------
