@@ -44,13 +44,19 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .curation_udfs import (DuplicateFlagger, PersonAreaDetector, dhash, has_person, has_rider, num_persons,
+from .curation_udfs import (ANNOTATION_COUNTS_TYPE, DuplicateFlagger, PersonAreaDetector, annotation_counts, dhash,
                             person_bbox_area_pct_annotations)
 from .quarantine import Rejection, record_quarantine
 
 COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
 # Columns a column's UDF reads (beyond raw frame fields): backfill order follows it.
 COLUMN_DEPS = {"is_duplicate": ("dhash",)}
+# Columns one multi-output UDF fills in a single Geneva job (`geneva.Columns[T]`): a job costs
+# seconds whatever its row count, so columns computed from the same inputs share one. Siblings
+# are added, backfilled and dropped together.
+UDF_GROUPS = {"annotation_counts": ("has_person", "has_rider", "num_persons")}
+# Geneva's field metadata naming the group of an unpacked sibling column.
+GENEVA_UNPACK_GROUP = b"virtual_column.unpack_group"
 
 SOURCE_AUTO = "auto"
 SOURCE_COCO = "coco"
@@ -187,11 +193,20 @@ def resolve_person_area_source(config: CurationConfig) -> PersonAreaSource:
 
 @dataclass
 class ColumnPlan:
-    """One column's UDF plus the parameters that define its values (stored on the column)."""
+    """One Geneva job: the UDF that fills `columns` plus the parameters that define their values
+    (stored on each column)."""
 
     name: str
     make_udf: Callable[[Any], Any]  # table -> geneva UDF (is_duplicate needs the table)
     params: dict[str, Any]
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.columns = self.columns or (self.name,)
+
+    def null_filter(self) -> str:
+        """Rows this job fills: Geneva's default for a group is any sibling NULL."""
+        return " OR ".join(f"{c} IS NULL" for c in self.columns)
 
 
 def _udf(func, data_type: pa.DataType, params: dict[str, Any], name: str, **kwargs):
@@ -207,11 +222,11 @@ def _udf(func, data_type: pa.DataType, params: dict[str, Any], name: str, **kwar
 
 
 def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
-    """The UDF and defining parameters of every curation column under `config`."""
+    """The job (UDF and defining parameters) of every curation column under `config`, by job name."""
     plans = {
-        "has_person": ColumnPlan("has_person", lambda t: _udf(has_person, pa.bool_(), {}, "has_person"), {}),
-        "has_rider": ColumnPlan("has_rider", lambda t: _udf(has_rider, pa.bool_(), {}, "has_rider"), {}),
-        "num_persons": ColumnPlan("num_persons", lambda t: _udf(num_persons, pa.int32(), {}, "num_persons"), {}),
+        "annotation_counts": ColumnPlan(
+            "annotation_counts", lambda t: _udf(annotation_counts, ANNOTATION_COUNTS_TYPE, {}, "annotation_counts"), {},
+            UDF_GROUPS["annotation_counts"]),
         "dhash": ColumnPlan("dhash", lambda t: _udf(dhash, pa.uint64(), {"hash": "dhash64"}, "dhash",
                                                     num_cpus=DECODE_CPUS), {"hash": "dhash64"}),
     }
@@ -262,6 +277,11 @@ def column_params(table, column: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else {}
 
 
+def job_of(column: str) -> str:
+    """The job (a UDF group or the column itself) that fills `column`."""
+    return next((group for group, members in UDF_GROUPS.items() if column in members), column)
+
+
 def ordered(columns) -> list[str]:
     """Columns in backfill order (a column after the columns it reads), unknown ones rejected."""
     wanted = set(COLUMNS if columns is None else columns)
@@ -271,29 +291,41 @@ def ordered(columns) -> list[str]:
     return [c for c in COLUMNS if c in wanted]
 
 
+def _is_whole_group(table, plan: ColumnPlan) -> bool:
+    """Every sibling exists and all belong to one Geneva group (not, say, columns a single-column
+    UDF added before the group existed)."""
+    schema = table.schema
+    if not all(c in schema.names for c in plan.columns):
+        return False
+    groups = {(schema.field(c).metadata or {}).get(GENEVA_UNPACK_GROUP) for c in plan.columns}
+    return len(groups) == 1 and None not in groups
+
+
 def _ensure_column(table, plan: ColumnPlan, recompute: bool) -> None:
-    """Add the column on first use; refuse to extend it under different parameters."""
-    existing = column_params(table, plan.name)
-    if existing is not None and recompute:
-        table.drop_columns([plan.name])
-        existing = None
+    """Add the job's columns on first use; refuse to extend them under different parameters."""
+    present = [c for c in plan.columns if c in table.schema.names]
+    if present and (recompute or (len(plan.columns) > 1 and not _is_whole_group(table, plan))):
+        table.drop_columns(present)  # a partial or legacy group is rebuilt whole
+    existing = column_params(table, plan.columns[0])
     if existing is None:
         _add_column(table, plan)
         return
-    if existing != plan.params and table.count_rows(f"{plan.name} IS NOT NULL"):
+    filled = f"NOT ({plan.null_filter()})"
+    if existing != plan.params and table.count_rows(filled):
         raise CurationError(
             f"column {plan.name!r} holds values computed with {existing}, but this run is configured for "
             f"{plan.params}; one column never mixes sources. Configure the recorded source again, or "
             f"recompute the column (recompute=['{plan.name}']).")
     if existing != plan.params:  # empty column: just record the new definition
-        table.drop_columns([plan.name])
+        table.drop_columns(list(plan.columns))
         _add_column(table, plan)
 
 
 def _add_column(table, plan: ColumnPlan) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Could not validate type")
-        table.add_columns({plan.name: plan.make_udf(table)})
+        udf = plan.make_udf(table)
+        table.add_columns(udf if len(plan.columns) > 1 else {plan.name: udf})
 
 
 def _errored_rows(table, column: str, job_id: str | None = None,
@@ -343,21 +375,22 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig) -> _Launch:
     """Start the column's Geneva backfill over its NULL rows (asynchronously)."""
     started = time.perf_counter()
     table.checkout_latest()
-    pending = table.count_rows(f"{plan.name} IS NULL")
+    pending = table.count_rows(plan.null_filter())
     job = None
     if pending:
         with warnings.catch_warnings():  # Geneva cannot type-check `int`/`bytes` annotations; harmless
             warnings.filterwarnings("ignore", message="Could not validate type")
-            # No `where`: Geneva's default is exactly `<column> IS NULL`.
-            job = table.backfill_async(plan.name, udf=plan.make_udf(table),
+            # No `where`: Geneva's default is exactly `plan.null_filter()`.
+            job = table.backfill_async(plan.columns[0], udf=plan.make_udf(table),
                                        concurrency=config.concurrency or os.cpu_count() or 1,
                                        checkpoint_size=config.checkpoint_size)
     return _Launch(plan, started, pending, job)
 
 
-def _finish(table, launch: _Launch) -> ColumnStats:
-    """Wait for a launched backfill; its stats (raises the job's error, if it failed)."""
-    name, job_id = launch.plan.name, None
+def _finish(table, launch: _Launch) -> list[ColumnStats]:
+    """Wait for a launched backfill; the stats of each column it filled (raises the job's
+    error, if it failed)."""
+    job_id = None
     if launch.job is not None:
         try:
             launch.job.result()
@@ -365,12 +398,14 @@ def _finish(table, launch: _Launch) -> ColumnStats:
             storage.release_job_tracker(launch.job.job_id)
         job_id = launch.job.job_id
     table.checkout_latest()
-    errors, sample = error_rows(table, name, job_id) if job_id else (0, [])
-    return ColumnStats(
-        column=name, rows_processed=launch.pending, rows_total=table.count_rows(),
-        rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors,
-        elapsed_s=time.perf_counter() - launch.started, params=launch.plan.params, job_id=job_id,
-        errors=sample)
+    elapsed, rows_total, stats = time.perf_counter() - launch.started, table.count_rows(), []
+    for name in launch.plan.columns:
+        errors, sample = error_rows(table, name, job_id) if job_id else (0, [])
+        stats.append(ColumnStats(
+            column=name, rows_processed=launch.pending, rows_total=rows_total,
+            rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors, elapsed_s=elapsed,
+            params=launch.plan.params, job_id=job_id, errors=sample))
+    return stats
 
 
 def waves(names: list[str]) -> list[list[str]]:
@@ -387,20 +422,23 @@ def waves(names: list[str]) -> list[list[str]]:
 def backfill_columns(table, columns=None, config: CurationConfig | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, ColumnStats]:
     """Backfill the curation `columns` (default: all) of the frames `table`, in dependency order,
-    on the Ray the caller opened."""
+    on the Ray the caller opened. A column of a UDF group brings its siblings along (one job
+    fills them all); the stats name every column filled."""
     storage.require_ray("curation backfills")
     config = config or CurationConfig()
-    names = ordered(columns)
+    jobs = list(dict.fromkeys(job_of(c) for c in ordered(columns)))
     plans = plan_columns(config)
     stats: dict[str, ColumnStats] = {}
     storage.create_error_table(table)  # before concurrent jobs would each create it
-    # Each Geneva job has a fixed cost of seconds; independent columns run concurrently.
-    for wave in waves(names):
+    # Each Geneva job has a fixed cost of seconds; independent jobs run concurrently.
+    for wave in waves(jobs):
         for name in wave:  # schema changes first, so they do not race the jobs' commits
-            _ensure_column(table, plans[name], name in config.recompute)
+            plan = plans[name]
+            _ensure_column(table, plan, bool(set(plan.columns) & set(config.recompute)))
         launches = [_launch(table, plans[name], config) for name in wave]
         for launch in launches:
-            stats[launch.plan.name] = _finish(table, launch)
-            if log:
-                log(f"{launch.plan.name}: {stats[launch.plan.name].as_metadata()}")
-    return stats
+            for column_stats in _finish(table, launch):
+                stats[column_stats.column] = column_stats
+                if log:
+                    log(f"{column_stats.column}: {column_stats.as_metadata()}")
+    return {c: stats[c] for c in COLUMNS if c in stats}

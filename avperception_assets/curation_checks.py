@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from .curation import column_params, error_rows
-from .curation_udfs import duplicate_flags, has_person, has_rider, num_persons
+from .curation_udfs import count_persons, duplicate_flags, has_person, has_rider
 
 
 @dataclass
@@ -39,7 +39,7 @@ def _read(table, columns: list[str]) -> pa.Table:
 
 def check_annotation_consistency(table, column: str) -> CheckOutcome:
     """has_person / has_rider / num_persons agree with the annotations on every filled row."""
-    expected_of = {"has_person": has_person, "has_rider": has_rider, "num_persons": num_persons}[column]
+    expected_of = {"has_person": has_person, "has_rider": has_rider, "num_persons": count_persons}[column]
     data = _read(table, ["image_id", "ann_categories", column])
     mismatches = [image_id for image_id, cats, value in
                   zip(data["image_id"].to_pylist(), data["ann_categories"].to_pylist(), data[column].to_pylist())

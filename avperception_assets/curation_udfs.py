@@ -9,13 +9,16 @@ recompute expected values. Nothing here touches a table.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from .bdd100k import PERSON_CLASSES
 from .decoding import decode
+
+if TYPE_CHECKING:  # Geneva resolves `Columns` in return annotations itself: no import when definitions load
+    from geneva import Columns
 
 COCO_PERSON_LABEL = 1  # torchvision COCO heads (and this project's detector) use COCO ids
 
@@ -79,16 +82,26 @@ def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, ref_hashes: np.ndarray
 
 
 
-def has_person(ann_categories: np.ndarray) -> bool:
+def has_person(ann_categories) -> bool:
     return count_persons(ann_categories) > 0
 
 
-def has_rider(ann_categories: np.ndarray) -> bool:
+def has_rider(ann_categories) -> bool:
     return "rider" in _categories(ann_categories)
 
 
-def num_persons(ann_categories: np.ndarray) -> int:
-    return count_persons(ann_categories)
+class AnnotationCounts(NamedTuple):
+    has_person: bool
+    has_rider: bool
+    num_persons: int
+
+
+ANNOTATION_COUNTS_TYPE = pa.struct([("has_person", pa.bool_()), ("has_rider", pa.bool_()), ("num_persons", pa.int32())])
+
+
+def annotation_counts(ann_categories: np.ndarray) -> Columns[AnnotationCounts]:
+    """`has_person`, `has_rider` and `num_persons`: one UDF, so one Geneva job fills all three."""
+    return AnnotationCounts(has_person(ann_categories), has_rider(ann_categories), count_persons(ann_categories))
 
 
 def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray,

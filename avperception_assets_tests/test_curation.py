@@ -92,6 +92,24 @@ def test_first_run_fills_every_row(curated):
     for name, stats in curated["run1"].items():
         assert stats.rows_processed == stats.rows_total == len(curated["before"]), name
         assert stats.coverage == 1.0 and stats.error_rows == 0, name
+    jobs = {curated["run1"][c].job_id for c in curation.UDF_GROUPS["annotation_counts"]}
+    assert len(jobs) == 1 and None not in jobs  # one Geneva job fills the whole group
+
+
+def test_a_column_added_before_its_group_existed_is_rebuilt_with_the_group(tmp_path, local_ray):
+    """Deployments from before `UDF_GROUPS` hold has_person as a column of its own UDF: the
+    next run rebuilds the group whole (the values are recomputed from the annotations)."""
+    import geneva
+
+    conn, _ = build_frames_table(tmp_path, [("b1", 3, 2)])
+    table = conn.open_table(storage.FRAMES_TABLE)
+    table.add_columns({"has_person": geneva.udf(curation_udfs.has_person, data_type=pa.bool_())})
+    stats = curation.backfill_columns(table, ["num_persons"], curation.CurationConfig(concurrency=1))
+    assert set(stats) == set(curation.UDF_GROUPS["annotation_counts"])
+    assert all(s.coverage == 1.0 and s.rows_processed == 3 for s in stats.values())
+    for row in _frames(table):
+        assert row["has_person"] == curation_udfs.has_person(row["ann_categories"])
+        assert row["num_persons"] == curation_udfs.count_persons(row["ann_categories"])
 
 
 def test_second_run_processes_only_new_rows(curated):

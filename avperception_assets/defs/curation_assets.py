@@ -1,7 +1,8 @@
-"""Curation columns as Dagster assets: one asset per column, one Geneva backfill job per column.
+"""Curation columns as Dagster assets: one asset per column, one Geneva backfill job per column
+or UDF group (`curation.UDF_GROUPS`: has_person, has_rider and num_persons share one).
 
 All columns live in one `multi_asset` (subsettable) so a run starts Ray once and backfills the
-selected columns together (independent columns concurrently, `is_duplicate` after `dhash`).
+selected columns together (independent jobs concurrently, `is_duplicate` after `dhash`).
 """
 
 import dagster as dg
@@ -73,6 +74,9 @@ def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfi
     lancedb.ensure_ray()
     stats = curation.backfill_columns(table, selected, config.to_curation(), log=context.log.info)
     for name, column_stats in stats.items():
+        if name not in selected:  # filled by a selected sibling's job; materialized when selected
+            context.log.info(f"{name} was filled by the job of its UDF group; it is not selected in this run")
+            continue
         metadata = _metadata(column_stats)
         if name == "dhash":  # the first full decode: frames that fail it are quarantined here
             metadata["frames_quarantined_undecodable"] = curation.quarantine_undecodable(conn, table)
