@@ -120,6 +120,7 @@ class ColumnStats:
     params: dict[str, Any]
     job_id: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)  # sample: image_id, error
+    first_ingest_seq: int | None = None  # earliest row this run filled for the first time (None: none)
 
     @property
     def coverage(self) -> float:
@@ -142,11 +143,11 @@ class ColumnStats:
         }
         if self.job_id:
             meta["geneva_job_id"] = self.job_id
+        if self.first_ingest_seq is not None:
+            meta["first_ingest_seq"] = self.first_ingest_seq
         if self.errors:
             meta["errors"] = self.errors
         return meta
-
-
 
 
 def _file_digest(path: Path) -> str:
@@ -328,33 +329,37 @@ def _add_column(table, plan: ColumnPlan) -> None:
         table.add_columns(udf if len(plan.columns) > 1 else {plan.name: udf})
 
 
-def _errored_rows(table, column: str, job_id: str | None = None,
-                  columns: tuple[str, ...] = ("image_id",)) -> list[tuple[dict, str]]:
-    """NULL rows of `column` that have a recorded UDF error: (row's `columns`, error text)."""
+def _errored_rows(table, column: str, job_id: str | None = None, columns: tuple[str, ...] = ("image_id",),
+                  where: str | None = None) -> list[tuple[dict, str]]:
+    """NULL rows of `column` (among those `where` selects) that have a recorded UDF error:
+    (row's `columns`, error text)."""
     errors = table.get_errors(column_name=column, job_id=job_id)
     by_address = {e.row_address: e for e in errors if e.row_address is not None}
     if not by_address:
         return []
-    nulls = table.to_lance().to_table(columns=list(columns), filter=f"{column} IS NULL", with_row_address=True)
+    nulls = table.to_lance().to_table(columns=list(columns), filter=storage.and_where(f"{column} IS NULL", where),
+                                      with_row_address=True)
     hits = [(row, by_address.get(row["_rowaddr"])) for row in nulls.to_pylist()]
     return [(row, f"{error.error_type}: {error.error_message}") for row, error in hits if error is not None]
 
 
-def error_rows(table, column: str, job_id: str | None = None, limit: int = 20) -> tuple[int, list[dict]]:
-    """NULL rows of `column` that have a recorded UDF error: (count, sample)."""
-    hits = _errored_rows(table, column, job_id)
+def error_rows(table, column: str, job_id: str | None = None, limit: int = 20,
+               where: str | None = None) -> tuple[int, list[dict]]:
+    """NULL rows of `column` (among those `where` selects) that have a recorded UDF error: (count, sample)."""
+    hits = _errored_rows(table, column, job_id, where=where)
     sample = [{"image_id": row["image_id"], "error": error[:300]} for row, error in hits[:limit]]
     return len(hits), sample
 
 
-def quarantine_undecodable(conn, table) -> int:
+def quarantine_undecodable(conn, table, where: str | None = None) -> int:
     """Record a `corrupt_image` quarantine entry for every frame the dhash UDF could not decode.
 
     Such frames passed ingestion's structural check; they stay in the frames table (nothing
-    is lost) but never reach a slice. Idempotent, like all quarantine writes. Returns their count.
+    is lost) but never reach a slice. Idempotent, like all quarantine writes. Looks at the rows
+    `where` selects (a run: its own rows). Returns their count.
     """
     by_batch: dict[str, list] = {}
-    hits = _errored_rows(table, "dhash", columns=("image_id", "batch_id", "source_file"))
+    hits = _errored_rows(table, "dhash", columns=("image_id", "batch_id", "source_file"), where=where)
     for row, error in hits:
         by_batch.setdefault(row["batch_id"], []).append(
             Rejection(row["source_file"], "corrupt_image", f"does not decode (found by curation): {error}"[:500]))
@@ -368,6 +373,7 @@ class _Launch:
     plan: ColumnPlan
     started: float
     pending: int
+    first_ingest_seq: int | None
     job: Any = None  # geneva Job, None when there was nothing to fill
 
 
@@ -375,8 +381,12 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig) -> _Launch:
     """Start the column's Geneva backfill over its NULL rows (asynchronously)."""
     started = time.perf_counter()
     table.checkout_latest()
-    pending = table.count_rows(plan.null_filter())
-    job = None
+    seqs = table.to_lance().to_table(columns=["ingest_seq"], filter=plan.null_filter())["ingest_seq"].to_pylist()
+    pending, job = len(seqs), None
+    # Rows whose UDF failed before are retried, but they are not this run's rows: its checks
+    # start at the first row never tried, so an old bad row is reported once.
+    retried = {row["ingest_seq"] for row, _ in _errored_rows(table, plan.columns[0], columns=("ingest_seq",))}
+    first_new = min((s for s in seqs if s not in retried), default=None)
     if pending:
         with warnings.catch_warnings():  # Geneva cannot type-check `int`/`bytes` annotations; harmless
             warnings.filterwarnings("ignore", message="Could not validate type")
@@ -384,7 +394,7 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig) -> _Launch:
             job = table.backfill_async(plan.columns[0], udf=plan.make_udf(table),
                                        concurrency=config.concurrency or os.cpu_count() or 1,
                                        checkpoint_size=config.checkpoint_size)
-    return _Launch(plan, started, pending, job)
+    return _Launch(plan, started, pending, first_new, job)
 
 
 def _finish(table, launch: _Launch) -> list[ColumnStats]:
@@ -404,7 +414,7 @@ def _finish(table, launch: _Launch) -> list[ColumnStats]:
         stats.append(ColumnStats(
             column=name, rows_processed=launch.pending, rows_total=rows_total,
             rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors, elapsed_s=elapsed,
-            params=launch.plan.params, job_id=job_id, errors=sample))
+            params=launch.plan.params, job_id=job_id, errors=sample, first_ingest_seq=launch.first_ingest_seq))
     return stats
 
 

@@ -1,5 +1,8 @@
 """Checks on the curation columns: coverage, agreement with the annotations, value range, and
-one survivor per near-duplicate group. Shared by the Dagster asset checks and the tests."""
+one survivor per near-duplicate group. Shared by the Dagster asset checks and the tests.
+
+Each check looks at the rows `where` selects (a run's checks: the rows the run filled, see
+`storage.rows_since`); `where=None` checks the whole table (the audit job)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from .curation import column_params, error_rows
+from .storage import and_where
 from .curation_udfs import count_persons, duplicate_flags, has_person, has_rider
 
 
@@ -20,63 +23,67 @@ class CheckOutcome:
     warn_only: bool = False  # failing only because of rows with a recorded UDF error
 
 
-def check_coverage(table, column: str) -> CheckOutcome:
+def check_coverage(table, column: str, where: str | None = None) -> CheckOutcome:
     """Every row holds a value; NULL rows with a recorded UDF error are reported, not hidden."""
     if column_params(table, column) is None:
         return CheckOutcome(False, {"reason": f"column {column!r} does not exist yet"})
-    total, nulls = table.count_rows(), table.count_rows(f"{column} IS NULL")
-    errored, sample = error_rows(table, column)
-    meta = {"rows_total": total, "rows_null": nulls, "null_rows_with_recorded_error": errored,
+    total, nulls = table.count_rows(where), table.count_rows(and_where(f"{column} IS NULL", where))
+    errored, sample = error_rows(table, column, where=where)
+    meta = {"rows_checked": total, "rows_null": nulls, "null_rows_with_recorded_error": errored,
             "coverage": round((total - nulls) / total, 6) if total else 1.0}
     if sample:
         meta["errors"] = sample
     return CheckOutcome(nulls == 0, meta, warn_only=0 < nulls == errored)
 
 
-def _read(table, columns: list[str]) -> pa.Table:
-    return table.to_lance().to_table(columns=columns)
-
-
-def check_annotation_consistency(table, column: str) -> CheckOutcome:
+def check_annotation_consistency(table, column: str, where: str | None = None) -> CheckOutcome:
     """has_person / has_rider / num_persons agree with the annotations on every filled row."""
     expected_of = {"has_person": has_person, "has_rider": has_rider, "num_persons": count_persons}[column]
-    data = _read(table, ["image_id", "ann_categories", column])
+    data = table.to_lance().to_table(columns=["image_id", "ann_categories", column], filter=where)
     mismatches = [image_id for image_id, cats, value in
                   zip(data["image_id"].to_pylist(), data["ann_categories"].to_pylist(), data[column].to_pylist())
                   if value is not None and value != expected_of(cats)]
-    return CheckOutcome(not mismatches, {"mismatched_rows": len(mismatches), "sample": mismatches[:10]})
+    return CheckOutcome(not mismatches, {"rows_checked": data.num_rows, "mismatched_rows": len(mismatches),
+                                         "sample": mismatches[:10]})
 
 
-def check_area_range(table) -> CheckOutcome:
+def check_area_range(table, where: str | None = None) -> CheckOutcome:
     """0 <= person_bbox_area_pct <= 100, and one recorded source."""
     column = "person_bbox_area_pct"
-    bad = table.count_rows(f"{column} < 0 OR {column} > 100 OR isnan({column})")
+    bad = table.count_rows(and_where(f"{column} < 0 OR {column} > 100 OR isnan({column})", where))
     params = column_params(table, column) or {}
-    return CheckOutcome(bad == 0, {"rows_out_of_range": bad, "source": params.get("source", "unknown")})
+    return CheckOutcome(bad == 0, {"rows_checked": table.count_rows(where), "rows_out_of_range": bad,
+                                   "source": params.get("source", "unknown")})
 
 
-def check_duplicate_groups(table) -> CheckOutcome:
+def _hash_rows(table, where: str | None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    data = table.to_lance().to_table(columns=["image_id", "dhash", "ingest_seq", "is_duplicate"],
+                                     filter=and_where("dhash IS NOT NULL AND is_duplicate IS NOT NULL", where))
+    return (data["image_id"].to_pylist(), data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64),
+            data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64),
+            data["is_duplicate"].to_numpy(zero_copy_only=False).astype(bool))
+
+
+def check_duplicate_groups(table, where: str | None = None) -> CheckOutcome:
     """Each duplicate group keeps exactly its earliest frame unflagged.
 
     Holds iff (a) no two unflagged frames are within the threshold and (b) every flagged frame
     has an earlier-ingested frame within it; then every group's earliest frame is the survivor.
+    The selected rows (a suffix of the ingestion order, or every row) are compared with every
+    earlier frame: 16 bytes a frame, never the pixels.
     """
     params = column_params(table, "is_duplicate")
     if params is None:
         return CheckOutcome(False, {"reason": "column 'is_duplicate' does not exist yet"})
     threshold = int(params["hamming_threshold"])
-    data = table.to_lance().to_table(columns=["image_id", "dhash", "ingest_seq", "is_duplicate"],
-                                     filter="dhash IS NOT NULL AND is_duplicate IS NOT NULL")
-    hashes = data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64)
-    seqs = data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64)
-    flagged = data["is_duplicate"].to_numpy(zero_copy_only=False).astype(bool)
-    expected = duplicate_flags(hashes, seqs, hashes, seqs, threshold)
+    ids, hashes, seqs, flagged = _hash_rows(table, where)
+    _, ref_hashes, ref_seqs, ref_flagged = _hash_rows(table, None) if where else (ids, hashes, seqs, flagged)
+    expected = duplicate_flags(hashes, seqs, ref_hashes, ref_seqs, threshold)
     wrong = np.flatnonzero(expected != flagged)
-    keep_h, keep_s = hashes[~flagged], seqs[~flagged]
-    # Unflagged frames within the threshold of another unflagged frame (either order).
-    clashes = int((duplicate_flags(keep_h, keep_s, keep_h, keep_s, threshold)).sum())
-    ids = data["image_id"].to_pylist()
-    meta = {"hamming_threshold": threshold, "frames": len(flagged), "flagged": int(flagged.sum()),
+    # Unflagged frames within the threshold of an earlier unflagged frame; a later one is in the
+    # selection too, and is compared there.
+    clashes = int(duplicate_flags(hashes[~flagged], seqs[~flagged], ref_hashes[~ref_flagged], ref_seqs[~ref_flagged],
+                                  threshold).sum())
+    meta = {"hamming_threshold": threshold, "rows_checked": len(flagged), "flagged": int(flagged.sum()),
             "survivor_clashes": clashes, "wrong_flags": len(wrong), "sample": [ids[i] for i in wrong[:10]]}
     return CheckOutcome(clashes == 0 and len(wrong) == 0, meta)
-

@@ -4,7 +4,8 @@ import os
 
 import dagster as dg
 
-from .defs import curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets, training_assets
+from .defs import (audit_jobs, curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
+                   training_assets)
 from .defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
@@ -14,6 +15,7 @@ defs = dg.Definitions.merge(
     training_assets.defs,
     evaluation_assets.defs,
     sensors.defs,
+    audit_jobs.defs,
     dg.Definitions(
         resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},
         # One run = one process: Ray starts once per run and training holds the CPU/GPU alone.

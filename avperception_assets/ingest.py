@@ -43,6 +43,7 @@ class BatchSummary:
     boxes: int = 0
     boxes_clipped: int = 0
     seconds: float = 0.0
+    first_ingest_seq: int = 0  # the batch's frames take ingest_seq from here on
 
     def as_metadata(self) -> dict:
         return {
@@ -55,12 +56,10 @@ class BatchSummary:
         }
 
 
-
 def assign_split(image_id: str, val_fraction: float = 0.2) -> str:
     """Deterministic split for frames whose labels do not name one: a hash of the image id."""
     bucket = int.from_bytes(hashlib.sha1(image_id.encode()).digest()[:4], "big") / 2**32
     return "val" if bucket < val_fraction else "train"
-
 
 
 def _walk(root: str, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -248,6 +247,7 @@ class BatchIngestor:
             raise FileNotFoundError(f"batch {self.batch_id} has no {READY_MARKER} marker: it may still be copying")
         table = storage.open_or_create(self.conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
         existing, next_seq = frame_index(table)
+        self.summary.first_ingest_seq = next_seq
         candidates = self._scan(existing)
         if candidates:
             # Chunks are read, checked and built ahead on a thread of ours, so Python prepares chunk
@@ -261,7 +261,6 @@ class BatchIngestor:
         return self.summary
 
 
-
 def frame_index(table) -> tuple[dict[str, str], int]:
     """image_id → batch_id of every ingested frame, and the next ingest_seq."""
     columns = table.to_lance().to_table(columns=["image_id", "batch_id", "ingest_seq"])
@@ -270,6 +269,11 @@ def frame_index(table) -> tuple[dict[str, str], int]:
     existing = dict(zip(columns["image_id"].to_pylist(), columns["batch_id"].to_pylist()))
     return existing, pc.max(columns["ingest_seq"]).as_py() + 1
 
+
+def next_ingest_seq(table) -> int:
+    """The ingest_seq the next ingested frame takes."""
+    seqs = table.to_lance().to_table(columns=["ingest_seq"])["ingest_seq"]
+    return pc.max(seqs).as_py() + 1 if len(seqs) else 0
 
 
 def ingested_batch_ids(conn) -> set[str]:

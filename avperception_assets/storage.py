@@ -54,6 +54,18 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+def rows_since(first_ingest_seq: int | None) -> str | None:
+    """Filter for the frames ingested from `first_ingest_seq` on (None: every frame): how a run's
+    checks select the run's rows."""
+    return None if first_ingest_seq is None else f"ingest_seq >= {int(first_ingest_seq)}"
+
+
+def and_where(*filters: str | None) -> str | None:
+    """The conjunction of the given filters, None ones left out (None: no filter at all)."""
+    present = [f"({f})" for f in filters if f]
+    return " AND ".join(present) or None
+
+
 def connect(uri: str | None = None):
     """Geneva connection (a LanceDB connection that can also run UDF backfills and views)."""
     import geneva

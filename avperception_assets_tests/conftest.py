@@ -61,6 +61,14 @@ def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:
     return out.getvalue(), size[0], size[1]
 
 
+def damaged_inside(jpeg: bytes) -> bytes:
+    """A JPEG whose container is intact but whose scan names Huffman tables never defined:
+    it passes ingestion's structural check and fails any decoder."""
+    damaged = bytearray(jpeg)
+    damaged[jpeg.index(b"\xff\xda") + 6] = 0x33  # first scan component: DC/AC tables 3/3
+    return bytes(damaged)
+
+
 def append_rows(table, rows: list[dict]) -> None:
     table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
 

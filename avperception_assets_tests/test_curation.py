@@ -20,14 +20,8 @@ from PIL import Image
 from avperception_assets import curation, curation_checks, curation_udfs, image_checks, ingest, ingest_checks, storage, synthetic
 from avperception_assets.bdd100k import PERSON_CLASSES
 
-from .conftest import CURATED_SIZE, append_rows, build_frames_table, copy_curated_db, near_duplicate_rows
-
-def damaged_inside(jpeg: bytes) -> bytes:
-    """A JPEG whose container is intact but whose scan names Huffman tables never defined:
-    it passes ingestion's structural check and fails any decoder."""
-    damaged = bytearray(jpeg)
-    damaged[jpeg.index(b"\xff\xda") + 6] = 0x33  # first scan component: DC/AC tables 3/3
-    return bytes(damaged)
+from .conftest import (CURATED_SIZE, append_rows, build_frames_table, copy_curated_db, damaged_inside,
+                       near_duplicate_rows)
 
 
 def _frames(table) -> list[dict]:
@@ -337,3 +331,17 @@ print("ray started:", ray.is_initialized())
     assert lines[0].startswith("curation backfills run on Ray, and none is running"), result.stderr
     assert lines[1].startswith("view refreshes run on Ray, and none is running")
     assert lines[2] == "ray started: False"
+
+
+def test_a_retried_bad_row_is_not_the_next_run_rows(curated):
+    """The corrupt frame of batch 2 stays NULL and Geneva retries it in the next run; it is not
+    that run's row, so the run's checks (which look at rows from `first_ingest_seq` on) do not
+    report it again. Run last: it backfills the module's table once more."""
+    table, run2 = curated["table"], curated["run2"]
+    corrupt_seq = table.to_lance().to_table(columns=["ingest_seq"], filter="image_id = 'corrupt-frame'")[0][0].as_py()
+    assert run2["dhash"].first_ingest_seq == min(r["ingest_seq"] for r in _frames(table)
+                                                 if r["image_id"] not in curated["before"])
+    assert curation_checks.check_coverage(table, "dhash", storage.rows_since(corrupt_seq)).warn_only
+    run3 = curation.backfill_columns(table, ["dhash"], curation.CurationConfig(concurrency=1))
+    assert run3["dhash"].rows_processed == 1 and run3["dhash"].first_ingest_seq is None
+    assert run3["dhash"].as_metadata().get("first_ingest_seq") is None

@@ -84,6 +84,12 @@ def test_checks_guard_every_stage_and_block_what_follows():
     assert warn_only == {("raw_frames", "frames_decode")}  # curation quarantines what it finds
 
 
+def test_the_whole_table_audit_is_a_job_whose_schedule_users_turn_on():
+    assert [job.name for job in defs.jobs] == ["frames_audit"]
+    [schedule] = defs.schedules
+    assert schedule.job_name == "frames_audit" and schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
 def test_writers_share_one_pool_and_training_another():
     pools = {asset.node_def.name: asset.op.pool for asset in defs.assets}
     assert {name for name, pool in pools.items() if pool == "lancedb_writes"} == {

@@ -5,11 +5,13 @@ import time
 
 import dagster as dg
 
-from avperception_assets import storage, synthetic
+from avperception_assets import ingest_checks, storage, synthetic
 from avperception_assets.landing import READY_MARKER
-from avperception_assets.defs import ingest_assets
+from avperception_assets.defs import audit_jobs, ingest_assets
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.sensors import new_footage_sensor
+
+from .conftest import damaged_inside
 
 
 RAW_FRAMES_DEFS = [ingest_assets.raw_frames, ingest_assets.no_duplicate_image_ids,
@@ -106,3 +108,35 @@ def test_sensor_skips_batches_already_ingested(data_dir):
     _materialize(data_dir)
     with dg.instance_for_test() as instance:
         assert _tick(data_dir, instance) == []
+
+
+def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, monkeypatch):
+    """A frame damaged inside its image data (it passes ingestion) is reported by the checks of
+    the run that added it, not by a later run's, whose checks decode only that run's frames;
+    the whole-table audit finds it at any time."""
+    batch = synthetic.write_batch(data_dir / "landing", "b1", 4, seed=1)
+    bad = next(batch.rglob("*.jpg"))
+    bad.write_bytes(damaged_inside(bad.read_bytes()))
+    decoded = []
+    real = ingest_checks._decodes
+    monkeypatch.setattr(ingest_checks, "_decodes", lambda data: decoded.append(1) or real(data))
+    resources = {"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))}
+    with dg.instance_for_test() as instance:
+        first = dg.materialize(RAW_FRAMES_DEFS, resources=resources, instance=instance)
+        checks = {c.check_name: c for c in first.get_asset_check_evaluations()}
+        assert not checks["frames_decode"].passed and checks["frames_decode"].metadata["rows_checked"].value == 4
+        assert checks["frames_decode"].metadata["examples"].value == [bad.stem]
+        assert len(decoded) == 4
+
+        synthetic.write_batch(data_dir / "landing", "b2", 3, seed=2)
+        decoded.clear()
+        second = dg.materialize(RAW_FRAMES_DEFS, resources=resources, instance=instance)
+        checks = {c.check_name: c for c in second.get_asset_check_evaluations()}
+        assert all(c.passed for c in checks.values())
+        assert {c.metadata["rows_checked"].value for c in checks.values()} == {3}
+        assert len(decoded) == 3  # the run's frames only, not the table's 7
+
+        audit = audit_jobs.frames_audit.execute_in_process(resources=resources, instance=instance)
+        audits = audit.output_for_node("audit_frames_table")["audits"]
+        assert audits["frames_decode"] == {"passed": False, "count": 1, "examples": [bad.stem]}
+        assert audits["no_duplicate_image_ids"]["passed"] and audits["boxes_inside_frames"]["passed"]

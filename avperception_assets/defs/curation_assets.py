@@ -8,7 +8,7 @@ selected columns together (independent jobs concurrently, `is_duplicate` after `
 import dagster as dg
 
 from .. import curation, curation_checks, storage
-from .names import CURATION, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key
+from .names import CURATION, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
 from .resources import LanceDBResource
 
 DESCRIPTIONS = {
@@ -79,46 +79,67 @@ def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfi
             continue
         metadata = _metadata(column_stats)
         if name == "dhash":  # the first full decode: frames that fail it are quarantined here
-            metadata["frames_quarantined_undecodable"] = curation.quarantine_undecodable(conn, table)
+            run_rows = storage.rows_since(column_stats.first_ingest_seq)
+            metadata["frames_quarantined_undecodable"] = (
+                curation.quarantine_undecodable(conn, table, run_rows) if run_rows else 0)
         yield dg.MaterializeResult(asset_key=column_key(name), metadata=metadata)
 
 
-def _result(outcome: curation_checks.CheckOutcome) -> dg.AssetCheckResult:
+def latest_rows(instance: dg.DagsterInstance, column: str) -> tuple[str | None, str]:
+    """(filter, description) of the rows the column's latest materialization filled: what its
+    checks look at, in a run or launched alone. Whole-table audits are the `frames_audit` job."""
+    meta = latest_metadata(instance, column_key(column)) or {}
+    if "first_ingest_seq" in meta:
+        seq = meta["first_ingest_seq"]
+        return storage.rows_since(seq), f"rows of the latest materialization (ingest_seq >= {seq})"
+    if "rows_processed" in meta:
+        return "false", "no row: the latest materialization filled no new row"
+    return None, "every row (no materialization records its rows)"
+
+
+def _result(outcome: curation_checks.CheckOutcome, scope: str) -> dg.AssetCheckResult:
     # A NULL explained by a recorded row error warns; anything else fails hard (and blocks).
     severity = dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR
     metadata = {k: dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else v
                 for k, v in outcome.metadata.items()}
-    return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata=metadata)
+    return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata={**metadata, "scope": scope})
+
+
+def _scoped(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource, column: str, check) -> dg.AssetCheckResult:
+    where, scope = latest_rows(context.instance, column)
+    return _result(check(open_frames(lancedb), where), scope)
 
 
 def _coverage_check(column: str):
     @dg.asset_check(asset=column_key(column), name="full_coverage", blocking=True,
-                    description="Every row has a value; NULLs with a recorded UDF error only warn.")
-    def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _result(curation_checks.check_coverage(open_frames(lancedb), column))
+                    description="Every row the run filled has a value; NULLs with a recorded UDF error only warn.")
+    def _check(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+        return _scoped(context, lancedb, column, lambda table, where: curation_checks.check_coverage(table, column, where))
 
     return _check
 
 
 def _consistency_check(column: str):
     @dg.asset_check(asset=column_key(column), name="consistent_with_annotations", blocking=True,
-                    description="Values agree with the frame's annotations.")
-    def _check(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _result(curation_checks.check_annotation_consistency(open_frames(lancedb), column))
+                    description="Values the run filled agree with the frame's annotations.")
+    def _check(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+        return _scoped(context, lancedb, column,
+                       lambda table, where: curation_checks.check_annotation_consistency(table, column, where))
 
     return _check
 
 
 @dg.asset_check(asset=column_key("person_bbox_area_pct"), name="value_range", blocking=True,
-                description="0 <= person_bbox_area_pct <= 100.")
-def person_area_range(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _result(curation_checks.check_area_range(open_frames(lancedb)))
+                description="0 <= person_bbox_area_pct <= 100 on the rows the run filled.")
+def person_area_range(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped(context, lancedb, "person_bbox_area_pct", curation_checks.check_area_range)
 
 
 @dg.asset_check(asset=column_key("is_duplicate"), name="one_survivor_per_group", blocking=True,
-                description="Each near-duplicate group keeps exactly its earliest frame unflagged.")
-def duplicate_groups(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _result(curation_checks.check_duplicate_groups(open_frames(lancedb)))
+                description="Each near-duplicate group keeps exactly its earliest frame unflagged (the run's "
+                "rows against every earlier frame).")
+def duplicate_groups(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped(context, lancedb, "is_duplicate", curation_checks.check_duplicate_groups)
 
 
 CURATION_CHECKS = [

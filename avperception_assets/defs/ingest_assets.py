@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from .. import ingest, ingest_checks, settings, storage
-from .names import INGEST, LANCEDB_WRITES_POOL
+from .names import INGEST, LANCEDB_WRITES_POOL, RAW_FRAMES, latest_metadata
 from .resources import LanceDBResource
 
 
@@ -47,8 +47,11 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lance
             quarantined[reason] = quarantined.get(reason, 0) + n
     ingested = sum(s.ingested for s in summaries)
     seconds = time.perf_counter() - started
+    # The run's rows are those from here on: its checks look at them only.
+    first_seq = min((s.first_ingest_seq for s in summaries), default=ingest.next_ingest_seq(table))
     return dg.MaterializeResult(
         metadata={
+            "first_ingest_seq": first_seq,
             "batches": dg.MetadataValue.md(_batch_table(summaries)) if summaries else "no pending batch",
             "ingested": ingested,
             "already_present": sum(s.already_present for s in summaries),
@@ -67,28 +70,47 @@ def _frames_table(lancedb: LanceDBResource):
     return storage.open_or_create(lancedb.connect(), storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
 
 
-def _audit_result(bad: list[str], what: str, severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+def latest_rows(instance: dg.DagsterInstance) -> tuple[str | None, str]:
+    """(filter, description) of the rows of raw_frames' latest materialization: what its checks
+    look at, in a run or launched alone. Whole-table audits are the `frames_audit` job."""
+    first_seq = (latest_metadata(instance, RAW_FRAMES) or {}).get("first_ingest_seq")
+    if first_seq is None:
+        return None, "every row (no materialization records its rows)"
+    return storage.rows_since(first_seq), f"rows of the latest materialization (ingest_seq >= {first_seq})"
+
+
+def audit_result(bad: list[str], what: str, rows_checked: int, scope: str,
+                 severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not bad, severity=severity,
-        metadata={f"{what}_count": len(bad), "examples": dg.MetadataValue.json(bad[:20])},
+        metadata={f"{what}_count": len(bad), "examples": dg.MetadataValue.json(bad[:20]),
+                  "rows_checked": rows_checked, "scope": scope},
     )
 
 
-@dg.asset_check(asset=raw_frames, blocking=True, description="No image_id appears twice.")
-def no_duplicate_image_ids(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest_checks.duplicate_image_ids(_frames_table(lancedb)), "duplicate_ids")
+def _scoped_audit(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource, audit, what: str,
+                  severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
+    table = _frames_table(lancedb)
+    where, scope = latest_rows(context.instance)
+    return audit_result(audit(table, where), what, table.count_rows(where), scope, severity)
 
 
-@dg.asset_check(asset=raw_frames, blocking=True, description="Every box lies inside its frame and has an area.")
-def boxes_inside_frames(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest_checks.frames_with_boxes_outside(_frames_table(lancedb)), "frames_with_bad_boxes")
+@dg.asset_check(asset=raw_frames, blocking=True, description="No image_id of the new rows appears twice.")
+def no_duplicate_image_ids(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, lancedb, ingest_checks.duplicate_image_ids, "duplicate_ids")
 
 
-@dg.asset_check(asset=raw_frames, description="Every frame decodes with the training decoder. Ingestion "
+@dg.asset_check(asset=raw_frames, blocking=True, description="Every box of the new rows lies inside its frame "
+                "and has an area.")
+def boxes_inside_frames(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, lancedb, ingest_checks.frames_with_boxes_outside, "frames_with_bad_boxes")
+
+
+@dg.asset_check(asset=raw_frames, description="Every new frame decodes with the training decoder. Ingestion "
                 "checks container structure only; a frame damaged inside its image data is kept out of "
                 "every slice and quarantined by the curation stage, so a failure here warns.")
-def frames_decode(lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _audit_result(ingest_checks.undecodable_frames(_frames_table(lancedb)), "undecodable_frames",
+def frames_decode(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, lancedb, ingest_checks.undecodable_frames, "undecodable_frames",
                          dg.AssetCheckSeverity.WARN)
 
 
