@@ -4,18 +4,20 @@ import os
 
 import dagster as dg
 
-from .defs import (audit_jobs, curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
-                   training_assets)
+from .defs import (audit_jobs, curation_assets, evaluation_assets, ingest_assets, maintenance_assets, run_recovery,
+                   sensors, slice_assets, training_assets)
 from .defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
     ingest_assets.defs,
     curation_assets.defs,
     slice_assets.defs,
+    maintenance_assets.defs,
     training_assets.defs,
     evaluation_assets.defs,
     sensors.defs,
     audit_jobs.defs,
+    run_recovery.defs,
     dg.Definitions(
         resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},
         # One run = one process: Ray starts once per run and training holds the CPU/GPU alone.

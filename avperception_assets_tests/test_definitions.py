@@ -8,8 +8,8 @@ import sys
 import dagster as dg
 import pytest
 
-from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
-                                      training_assets)
+from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
+                                      slice_assets, training_assets)
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.definitions import defs
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
@@ -41,19 +41,21 @@ def _with_modes(modes) -> dg.Definitions:
     return dg.Definitions.merge(
         ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(modes),
         training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
-        sensors.build_sensor_defs(modes), dg.Definitions(resources={"lancedb": LanceDBResource()}),
+        sensors.build_sensor_defs(modes), maintenance_assets.defs,
+        dg.Definitions(resources={"lancedb": LanceDBResource()}),
     )
 
 
 def test_definitions_load_with_the_names_users_see():
     dg.Definitions.validate_loadable(defs)
-    expected = {"raw_frames": "ingest", "base_detector": "training", "failure_mode_summary": "evaluation"}
+    expected = {"raw_frames": "ingest", "base_detector": "training", "failure_mode_summary": "evaluation",
+                "table_maintenance": "maintenance"}
     expected |= {column: "curation" for column in COLUMNS}
     for mode in MODES:
         expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
                      f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation"}
     assert _groups(defs) == expected
-    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor"}
+    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor", "dead_run_sensor"}
 
 
 def test_every_asset_depends_on_exactly_what_it_reads():
@@ -63,10 +65,12 @@ def test_every_asset_depends_on_exactly_what_it_reads():
     expected["is_duplicate"] = {"raw_frames", "dhash"}
     for mode in MODES:
         train, val = f"bdd100k_{mode}_train", f"bdd100k_{mode}_val"
-        expected[train] = {"raw_frames", "is_duplicate", *MODE_COLUMNS[mode]}  # train views drop duplicates
-        expected[val] = {"raw_frames", "dhash", *MODE_COLUMNS[mode]}  # val views keep frames that decoded
+        # train views drop duplicates, val views keep frames that decoded; both after maintenance
+        expected[train] = {"raw_frames", "is_duplicate", "table_maintenance", *MODE_COLUMNS[mode]}
+        expected[val] = {"raw_frames", "dhash", "table_maintenance", *MODE_COLUMNS[mode]}
         expected[f"{mode}_checkpoint"] = {train, val, "base_detector"}
         expected[f"{mode}_eval_report"] = {f"{mode}_checkpoint", val, "base_detector"}
+    expected["table_maintenance"] = {"raw_frames", *COLUMNS}
     assert _parents(defs) == expected
 
 
@@ -84,16 +88,18 @@ def test_checks_guard_every_stage_and_block_what_follows():
     assert warn_only == {("raw_frames", "frames_decode")}  # curation quarantines what it finds
 
 
-def test_the_whole_table_audit_is_a_job_whose_schedule_users_turn_on():
+def test_audit_and_maintenance_have_schedules_that_users_turn_on():
     assert [job.name for job in defs.jobs] == ["frames_audit"]
-    [schedule] = defs.schedules
-    assert schedule.job_name == "frames_audit" and schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    schedules = {s.name: s for s in defs.schedules}
+    assert set(schedules) == {"frames_audit_schedule", "table_maintenance_schedule"}
+    assert schedules["frames_audit_schedule"].job_name == "frames_audit"
+    assert all(s.default_status == dg.DefaultScheduleStatus.STOPPED for s in schedules.values())
 
 
 def test_writers_share_one_pool_and_training_another():
     pools = {asset.node_def.name: asset.op.pool for asset in defs.assets}
     assert {name for name, pool in pools.items() if pool == "lancedb_writes"} == {
-        "raw_frames", "curation_columns", "slice_views"}
+        "raw_frames", "curation_columns", "slice_views", "table_maintenance"}
     assert {name for name, pool in pools.items() if pool == "training"} == {
         "base_detector", *(f"{mode}_checkpoint" for mode in MODES)}
     subsettable = {asset.node_def.name for asset in defs.assets if asset.can_subset}
@@ -107,7 +113,7 @@ def test_a_registry_entry_adds_its_views_checkpoint_and_report():
     added = set(parents) - set(_parents(defs))
     assert added == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
                      "crowded_night_checkpoint", "crowded_night_eval_report"}
-    assert parents["bdd100k_crowded_night_val"] == {"raw_frames", "num_persons", "dhash"}
+    assert parents["bdd100k_crowded_night_val"] == {"raw_frames", "num_persons", "dhash", "table_maintenance"}
     assert parents["crowded_night_checkpoint"] == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
                                                    "base_detector"}
     assert "crowded_night_eval_report" in parents["failure_mode_summary"]

@@ -7,9 +7,9 @@ import json
 import dagster as dg
 import pytest
 
-from avperception_assets import curation, settings, slices, storage, synthetic
-from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, sensors, slice_assets,
-                                      training_assets)
+from avperception_assets import curation, maintenance, settings, slices, storage, synthetic, training
+from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
+                                      slice_assets, training_assets)
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.failure_modes import FAILURE_MODES
 
@@ -19,7 +19,8 @@ MODES = FAILURE_MODES[:2]  # rider, nighttime_person: each view refresh is a Gen
 DEFS = dg.Definitions.merge(
     ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(MODES),
     training_assets.build_training_defs(MODES), evaluation_assets.build_evaluation_defs(MODES),
-    sensors.build_sensor_defs(MODES), dg.Definitions(resources={"lancedb": LanceDBResource()}),
+    sensors.build_sensor_defs(MODES), maintenance_assets.defs,
+    dg.Definitions(resources={"lancedb": LanceDBResource()}),
 )
 FRAME_SIZE = dict(width=320, height=180)
 TINY_TRAINING = {"config": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "min_size": 96,
@@ -36,6 +37,8 @@ def _execute(instance, request: dg.RunRequest, selection: dg.AssetSelection | No
     if any(key.to_user_string() in curation.COLUMNS for key in keys):  # one applier per job on 2 cores
         ops["curation_columns"] = {"config": {"concurrency": 1}}
     ops.update({name: TINY_TRAINING for name in TRAINING_ASSETS if dg.AssetKey(name) in keys})
+    if dg.AssetKey("table_maintenance") in keys:  # clean up every unpinned version
+        ops["table_maintenance"] = {"config": {"keep_minutes": 0}}
     result = dg.materialize([*DEFS.assets, *DEFS.asset_checks], selection=selection, instance=instance,
                             resources={"lancedb": LanceDBResource()}, run_config={"ops": ops}, tags=request.tags)
     assert result.success
@@ -71,9 +74,11 @@ def loop(tmp_path_factory, local_ray):
         state["first_training"] = _tick(growth_sensor, instance)
         _execute(instance, state["first_training"][0])
         state["before"] = {m.name: _metadata(instance, f"bdd100k_{m.name}_train") for m in MODES}
+        state["first_checkpoints"] = {m.name: _metadata(instance, f"{m.name}_checkpoint") for m in MODES}
+        state["first_orders"] = {m: training.reproduce_order(training.read_metadata(c["checkpoint_dir"]))
+                                 for m, c in state["first_checkpoints"].items()}
         state["reports_before"] = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
         state["requests_without_growth"] = _tick(growth_sensor, instance)
-        state["source_version_1"] = storage.connect(settings.lancedb_uri()).open_table(storage.FRAMES_TABLE).version
 
         # Batch 2 lands: only its rows are backfilled and every view refreshes.
         synthetic.write_batch(settings.landing_dir(), "batch-2", 40, seed=12, **FRAME_SIZE)
@@ -81,6 +86,10 @@ def loop(tmp_path_factory, local_ray):
         state["footage_2_key"] = request.run_key
         state["footage_2"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
         state["columns_2"] = {c: _metadata(instance, c) for c in curation.COLUMNS}
+        state["maintenance_2"] = _metadata(instance, "table_maintenance")
+        # After compaction and cleanup, each first checkpoint still reproduces its order.
+        state["orders_after_cleanup"] = {m: training.reproduce_order(training.read_metadata(c["checkpoint_dir"]))
+                                         for m, c in state["first_checkpoints"].items()}
         state["views_2"] = {view: _metadata(instance, view) for view in VIEWS}
         after = {m.name: state["views_2"][f"bdd100k_{m.name}_train"] for m in MODES}
         growth = {m: after[m]["dagster/row_count"] - state["before"][m]["dagster/row_count"] for m in after}
@@ -142,7 +151,7 @@ def test_views_hold_the_source_filtered_the_same_way_at_every_version(loop):
         # Time travel: the version the first checkpoint recorded still reads the rows it trained on.
         name = slices.view_name(mode, "train")
         assert view_ids(slices.open_view(conn, name, loop["before"][mode.name]["view_version"])) == source_ids(
-            conn, slices.view_filter(mode, "train"), loop["source_version_1"])
+            conn, slices.view_filter(mode, "train"), loop["first_checkpoints"][mode.name]["source_table_version"])
     assert sum(loop["views_2"][v]["rows_added"] for v in VIEWS) > 0
     for name, meta in loop["views_1"].items():  # the first run created every view from batch 1
         assert meta["created"] and meta["rows_added"] == meta["row_count"] > 0, name
@@ -160,3 +169,18 @@ def test_rerunning_a_current_view_is_safe(loop):
     [materialization] = loop["rerun"].asset_materializations_for_node("slice_views")
     assert materialization.metadata["refreshed"].value is False
     assert materialization.metadata["rows_added"].value == 0
+
+
+def test_maintenance_after_each_footage_run_keeps_what_is_pinned(loop):
+    """Compaction and cleanup (every unpinned version) ran with batch 1 and batch 2: the
+    versions the first checkpoints recorded survive and reproduce the same order, the next
+    refresh still appended only new rows (above), and the scalar indexes exist."""
+    meta = loop["maintenance_2"]
+    assert set(maintenance.SCALAR_INDEXES) <= set(meta["frames_indexes"])
+    stats = meta["stats"]
+    frames = stats[storage.FRAMES_TABLE]
+    assert frames["versions_after"] < frames["versions_before"]
+    assert {c["source_table_version"] for c in loop["first_checkpoints"].values()} <= set(frames["pinned_versions"])
+    for mode, checkpoint in loop["first_checkpoints"].items():
+        assert checkpoint["train_view_version"] in stats[checkpoint["train_view"]]["pinned_versions"]
+        assert loop["orders_after_cleanup"][mode] == loop["first_orders"][mode] != []

@@ -14,6 +14,7 @@ CURATION = "curation"
 SLICES = "slices"
 TRAINING = "training"
 EVALUATION = "evaluation"
+MAINTENANCE = "maintenance"
 
 # Concurrency pools (dagster.yaml gives each a limit of 1).
 LANCEDB_WRITES_POOL = "lancedb_writes"  # ingestion, backfills and view refreshes never race on a table
@@ -22,6 +23,7 @@ TRAINING_POOL = "training"  # two retrains never share one GPU
 RAW_FRAMES = dg.AssetKey("raw_frames")
 BASE_DETECTOR = dg.AssetKey("base_detector")
 FAILURE_MODE_SUMMARY = dg.AssetKey("failure_mode_summary")
+TABLE_MAINTENANCE = dg.AssetKey("table_maintenance")
 
 
 def _mode_name(mode: FailureMode | str) -> str:

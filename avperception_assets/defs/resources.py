@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from .. import storage
+from .run_recovery import fail_dead_runs
 
 
 class LanceDBResource(dg.ConfigurableResource):
@@ -19,6 +20,12 @@ class LanceDBResource(dg.ConfigurableResource):
     ray_address: str | None = None
 
     _ray_stack: contextlib.ExitStack | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Before this run claims a pool slot: free the slots of runs whose worker died.
+        if context.instance is not None:
+            for run_id in fail_dead_runs(context.instance, exclude_run_id=context.run_id):
+                context.log.warning(f"run {run_id} had lost its worker process: marked failed, pool slots freed")
 
     def connect(self):
         return storage.connect(self.uri)

@@ -11,15 +11,17 @@ import dagster as dg
 
 from .. import slices
 from ..failure_modes import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
-from .names import LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, column_key, view_key
+from .names import LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
 from .resources import LanceDBResource
 
 CHECK_NAME = "row_count_matches_source"
 
 
 def view_deps(mode: FailureMode, split: str) -> list[dg.AssetKey]:
-    """raw_frames plus the curation columns the view's filter reads."""
-    return [RAW_FRAMES, *(column_key(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS)]
+    """raw_frames, the curation columns the view's filter reads, and table_maintenance (which
+    runs before the refresh, so the view reflects the maintained version)."""
+    return [RAW_FRAMES, *(column_key(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS),
+            TABLE_MAINTENANCE]
 
 
 def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:

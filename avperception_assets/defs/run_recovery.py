@@ -1,0 +1,88 @@
+"""Runs whose worker process died (SIGKILL, OOM killer, a closed laptop) stay STARTED and keep
+the pool slots they claimed, so every later ingestion, backfill and refresh waits on
+`lancedb_writes` forever. Dagster's run monitoring cannot see this with the default run
+launcher (it has no worker health check), so we check ourselves: a STARTED run whose worker
+process is gone is marked failed with the reason and its slots are freed.
+
+The check runs when any run starts (the `lancedb` resource, so the command line is covered
+without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
+machine (the default run launcher, `dagster asset materialize`); a deployment whose runs
+execute elsewhere (Kubernetes, ECS, Docker launchers) relies on run monitoring instead
+and sets `AVP_DEAD_RUN_CHECK=off`.
+"""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.events import DagsterEventType, JobFailureData, RunFailureReason
+
+ENABLED = os.environ.get("AVP_DEAD_RUN_CHECK", "on") != "off"
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise RuntimeError("no btime in /proc/stat")
+
+
+def process_alive(pid: int, started_by: float) -> bool:
+    """Whether process `pid` exists, is not a zombie and started by `started_by` (a later
+    process that reused the pid is not the run's worker)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.parent.exists():  # not Linux: existence is all we can tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    state, start_ticks = fields[0], int(fields[19])
+    started = _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
+    return state != "Z" and started <= started_by + 1.0
+
+
+def _worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """(pid, timestamp) of the run's RUN_START event: the process that executes it."""
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_START, limit=1).records
+    if not records:
+        return None
+    entry = records[0].event_log_entry
+    pid = entry.dagster_event.pid if entry.dagster_event else None
+    return None if pid is None else (pid, entry.timestamp)
+
+
+def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = None) -> list[str]:
+    """Mark every STARTED run whose worker process is gone as failed, free its pool slots;
+    returns their run ids."""
+    if not ENABLED:
+        return []
+    failed = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        worker = None if run.run_id == exclude_run_id else _worker(instance, run.run_id)
+        if worker is None or process_alive(*worker):
+            continue
+        pid, _ = worker
+        instance.report_run_failed(
+            run, message=f"run worker process {pid} is gone (killed?): marked failed and its pool slots "
+                         "freed so later runs can proceed",
+            job_failure_data=JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION))
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        failed.append(run.run_id)
+    return failed
+
+
+@dg.sensor(name="dead_run_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Marks runs whose worker process died as failed and frees their pool slots.")
+def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    failed = fail_dead_runs(context.instance)
+    return dg.SkipReason(f"marked failed (worker gone): {failed}" if failed else "no dead run")
+
+
+defs = dg.Definitions(sensors=[dead_run_sensor])

@@ -1,0 +1,96 @@
+"""A run killed with SIGKILL in the middle of ingestion stays STARTED and keeps its
+`lancedb_writes` pool slot. Under the daemon `dead_run_sensor`, from the command line the next
+run itself, marks it failed with the reason and frees the slot; the batch then lands whole."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from avperception_assets import ingest_checks, storage, synthetic
+from avperception_assets.defs.names import LANCEDB_WRITES_POOL
+from avperception_assets.defs.run_recovery import dead_run_sensor, process_alive
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER = str(Path(sys.executable).with_name("dagster"))
+FRAMES = 240
+
+
+def test_process_alive_tells_a_live_process_from_a_dead_or_later_one():
+    assert process_alive(os.getpid(), time.time())
+    assert not process_alive(os.getpid(), time.time() - 3600)  # started after the run: a reused pid
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not process_alive(child.pid, time.time())
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A DAGSTER_HOME with the project's dagster.yaml (one slot per pool) and a landed batch."""
+    home, data = tmp_path / "dagster_home", tmp_path / "data"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    synthetic.write_batch(data / "landing", "big", FRAMES, seed=5)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "AVP_DATA_DIR": str(data)}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield instance, env, data
+
+
+def _materialize(env) -> subprocess.Popen:
+    return subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "avperception_assets.definitions",
+                             "--select", "raw_frames"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_while_holding_the_slot(instance, env) -> str:
+    """Start an ingestion run and SIGKILL it as soon as its step holds the pool slot."""
+    process = _materialize(env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        claimed = instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots
+        if claimed:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return claimed[0].run_id
+        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
+        time.sleep(0.02)
+    raise AssertionError("the run never claimed its pool slot")
+
+
+def _frames(data: Path) -> int:
+    conn = storage.connect(str(data / "lancedb"))
+    return conn.open_table(storage.FRAMES_TABLE).count_rows() if storage.table_exists(conn, storage.FRAMES_TABLE) else 0
+
+
+def _failure_message(instance, run_id: str) -> str:
+    [record] = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    return record.event_log_entry.dagster_event.message
+
+
+def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deployment):
+    instance, env, data = deployment
+    # Killed once: the daemon's sensor finds the dead run.
+    dead = _kill_while_holding_the_slot(instance, env)
+    assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.STARTED  # what a kill leaves
+    assert _frames(data) in (0, FRAMES)  # one commit per batch: all or nothing
+    with dg.build_sensor_context(instance=instance) as context:
+        dead_run_sensor(context)
+    assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
+    assert "is gone" in _failure_message(instance, dead)
+    assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots
+
+    # Killed again: from the command line, with no daemon, the next run frees the slot itself.
+    dead = _kill_while_holding_the_slot(instance, env)
+    process = _materialize(env)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
+    assert "is gone" in _failure_message(instance, dead)
+    table = storage.connect(str(data / "lancedb")).open_table(storage.FRAMES_TABLE)
+    assert table.count_rows() == FRAMES and not ingest_checks.duplicate_image_ids(table)

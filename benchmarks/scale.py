@@ -1,0 +1,268 @@
+"""Does a batch cost the same at 20,000 frames as at 2,000? Every stage of a footage run, timed.
+
+For each table size (default 2,000 and 20,000 frames of 1280x720 distinct JPEGs) the table is
+built and curated once, untimed, with its views. Then `--batches` READY batches of `--new`
+frames land one after another, and each goes through the footage run a sensor requests
+(raw_frames → curation columns → slice views → table_maintenance, with every check those
+steps launch), materialized in process on one Ray. Per stage the median seconds and the peak
+RSS of this process tree (Ray's processes included) over the batches are compared between the
+sizes (targets: 20,000-frame median <= 1.2x the 2,000-frame one). Also: the views' disk next
+to the table's (target <= 10%), and the whole batch from READY to refreshed views (goal <= 60 s
+at 20,000 frames on a quiet machine).
+
+Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
+random 9x8 block pattern so every frame has a distinct difference hash (none is a duplicate);
+labels are the pool frame's. The tables are kept under --root for `benchmarks/search.py`.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 2000 20000] [--batches 3] [--new 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from targets import target  # noqa: E402
+
+RATIO_GOAL = 1.2
+VIEWS_DISK_GOAL = 0.10
+BATCH_GOAL_S = 60.0
+POOL_FRAMES = 64
+STAGES = ("raw_frames", "curation_columns", "slice_views", "table_maintenance")
+
+
+# --- quick distinct frames ---------------------------------------------------------------
+
+
+def _pool(root: Path, width: int, height: int) -> list[tuple[bytes, dict, str]]:
+    """Rendered synthetic frames: (JPEG, det_20 label record, split)."""
+    from avperception_assets import synthetic
+
+    batch = synthetic.write_batch(root / "pool", "pool", POOL_FRAMES, seed=99, width=width, height=height)
+    pool = []
+    for labels_file in sorted((batch / "labels").glob("det_*.json")):
+        split = labels_file.stem.removeprefix("det_")
+        for record in json.loads(labels_file.read_text()):
+            pool.append(((batch / "images" / "100k" / split / record["name"]).read_bytes(), record, split))
+    return pool
+
+
+def _distinct(args) -> list[tuple[str, bytes]]:
+    """Copies of pool frames, each blended with its own random block pattern."""
+    pool_jpegs, start, count, seed = args
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in range(start, start + count):
+        base = Image.open(io.BytesIO(pool_jpegs[n % len(pool_jpegs)])).convert("RGB")
+        blocks = Image.fromarray(rng.integers(0, 256, (8, 9), dtype=np.uint8)).resize(base.size, Image.Resampling.NEAREST)
+        frame = Image.blend(base, Image.merge("RGB", [blocks] * 3), 0.5)
+        buffer = io.BytesIO()
+        frame.save(buffer, "JPEG", quality=85)
+        out.append((f"f{seed}-{n:06d}", buffer.getvalue()))
+    return out
+
+
+def land_batch(landing: Path, batch_id: str, frames: int, pool: list[tuple[bytes, dict, str]], seed: int) -> Path:
+    """A READY det_20 batch of `frames` distinct frames (each keeps its pool frame's split)."""
+    from avperception_assets.landing import READY_MARKER
+
+    batch = landing / batch_id
+    jpegs = [p[0] for p in pool]
+    chunks = [(jpegs, start, min(250, frames - start), seed * 1000 + start // 250) for start in range(0, frames, 250)]
+    labels: dict[str, list[dict]] = {}
+    with ProcessPoolExecutor(os.cpu_count()) as workers:
+        for chunk_start, chunk in zip(range(0, frames, 250), workers.map(_distinct, chunks)):
+            for offset, (name, data) in enumerate(chunk):
+                _, record, split = pool[(chunk_start + offset) % len(pool)]
+                folder = batch / "images" / "100k" / split
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{batch_id}-{name}.jpg").write_bytes(data)
+                labels.setdefault(split, []).append(dict(record, name=f"{batch_id}-{name}.jpg"))
+    (batch / "labels").mkdir()
+    for split, records in labels.items():
+        (batch / "labels" / f"det_{split}.json").write_text(json.dumps(records))
+    (batch / READY_MARKER).touch()
+    return batch
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+def _tree_rss() -> int:
+    """RSS in bytes of this process and every descendant (Ray's raylet, GCS and workers)."""
+    parents, rss = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)], rss[int(stat.parent.name)] = int(fields[1]), int(fields[21])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(rss.get(pid, 0) for pid in tree) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples the process tree's RSS in the background: (time, bytes)."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.samples.append((time.time(), _tree_rss()))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, start: float, end: float) -> int:
+        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+
+
+def step_spans(instance, run_id: str) -> dict[str, tuple[float, float]]:
+    """Step key → (start, end) wall time, from the run's event log."""
+    import dagster as dg
+
+    starts, spans = {}, {}
+    for entry in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
+                                                    dg.DagsterEventType.STEP_FAILURE}):
+        key = entry.dagster_event.step_key
+        if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+            starts[key] = entry.timestamp
+        elif key in starts:
+            spans[key] = (starts[key], entry.timestamp)
+    return spans
+
+
+def stage_of(step_key: str) -> str:
+    """The stage a step belongs to: an asset step, or a check step of that asset's stage."""
+    from avperception_assets import curation
+
+    if step_key in STAGES:
+        return step_key
+    if step_key.startswith(("raw_frames", "no_duplicate", "boxes_inside", "frames_decode")):
+        return "raw_frames checks"
+    if step_key.startswith("slice_view"):
+        return "slice_views checks"
+    if any(step_key.startswith(c) for c in curation.COLUMNS) or "coverage" in step_key or "duplicate" in step_key:
+        return "curation checks"
+    return step_key
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --- the runs ------------------------------------------------------------------------------
+
+
+def footage_run(instance, batch_id: str):
+    import dagster as dg
+
+    from avperception_assets.defs.sensors import FOOTAGE_SELECTION, footage_request
+    from avperception_assets.definitions import defs
+
+    request = footage_request(batch_id)
+    started = time.time()
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=FOOTAGE_SELECTION, instance=instance,
+                            resources=defs.resources, run_config=request.run_config, tags=request.tags)
+    assert result.success, batch_id
+    return result, started, time.time()
+
+
+def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
+    import dagster as dg
+
+    from avperception_assets import settings, storage
+
+    os.environ["AVP_DATA_DIR"] = str(root)
+    landing = settings.landing_dir()
+    print(f"\n== {frames} frames: building the table", flush=True)
+    started = time.perf_counter()
+    land_batch(landing, "base", frames, pool, seed=frames)
+    per_stage: dict[str, list[float]] = {}
+    rss: dict[str, list[int]] = {}
+    whole: list[float] = []
+    with dg.DagsterInstance.ephemeral() as instance, RssSampler() as sampler:
+        footage_run(instance, "base")
+        print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
+        for n in range(batches):
+            batch_id = f"new-{n}"
+            land_batch(landing, batch_id, new, pool, seed=frames + n + 1)
+            result, t0, t1 = footage_run(instance, batch_id)
+            whole.append(t1 - t0)
+            spans: dict[str, list[tuple[float, float]]] = {}
+            for key, span in step_spans(instance, result.run_id).items():
+                spans.setdefault(stage_of(key), []).append(span)
+            line = []
+            for stage, stage_spans in sorted(spans.items()):
+                seconds = sum(end - start for start, end in stage_spans)
+                peak = max(sampler.peak(start, end) for start, end in stage_spans)
+                per_stage.setdefault(stage, []).append(seconds)
+                rss.setdefault(stage, []).append(peak)
+                line.append(f"{stage} {seconds:.1f} s / {peak / 2**30:.2f} GB")
+            print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views: {'; '.join(line)}", flush=True)
+    uri = Path(settings.lancedb_uri())
+    table_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}.lance"))
+    views_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}_"))
+    print(f"   disk: table {table_disk / 2**20:.0f} MB, views {views_disk / 2**20:.1f} MB", flush=True)
+    return {"stage_s": {k: statistics.median(v) for k, v in per_stage.items()},
+            "stage_rss": {k: max(v) for k, v in rss.items()}, "whole_s": statistics.median(whole),
+            "views_fraction": views_disk / table_disk}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 20000])
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--new", type=int, default=500)
+    parser.add_argument("--root", type=Path, default=None, help="where the tables are kept (default: a temp dir)")
+    args = parser.parse_args(argv)
+    root = args.root or Path(tempfile.mkdtemp(prefix="avp-bench-scale-"))
+    print(f"tables under {root}; {os.cpu_count()} CPUs; frames 1280x720", flush=True)
+    pool = _pool(root, 1280, 720)
+    small, large = (measure_size(root / f"{size}", size, args.batches, args.new, pool) for size in args.sizes)
+
+    print(f"\n| stage | {args.sizes[0]} frames: median s | {args.sizes[1]}: median s | ratio | peak RSS GB | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for stage in sorted(small["stage_s"]):
+        s, l = small["stage_s"][stage], large["stage_s"].get(stage, float("nan"))
+        rs, rl = small["stage_rss"][stage], large["stage_rss"].get(stage, 0)
+        print(f"| {stage} | {s:.1f} | {l:.1f} | {l / s:.2f} | {rs / 2**30:.2f} → {rl / 2**30:.2f} | {rl / rs:.2f} |")
+    print(f"whole batch, READY to refreshed views (median): {small['whole_s']:.1f} s at {args.sizes[0]}, "
+          f"{large['whole_s']:.1f} s at {args.sizes[1]}")
+    for stage in sorted(small["stage_s"]):
+        target(f"{stage}_time_ratio", large["stage_s"][stage] / small["stage_s"][stage], "<=", RATIO_GOAL)
+        target(f"{stage}_rss_ratio", large["stage_rss"][stage] / small["stage_rss"][stage], "<=", RATIO_GOAL)
+    target("views_disk_fraction", large["views_fraction"], "<=", VIEWS_DISK_GOAL)
+    target("batch_ready_to_views_s", large["whole_s"], "<=", BATCH_GOAL_S, unit=" s", digits=1)
+
+
+if __name__ == "__main__":
+    main()
