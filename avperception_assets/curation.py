@@ -7,7 +7,8 @@ the table. The slices are SQL filters over these columns.
 What a column computes per row lives in `curation_udfs` (what Ray workers run); the checks
 on the columns in `curation_checks`.
 
-- `has_person`, `has_rider`, `num_persons`: from the (already det_20-normalised) annotations.
+- `has_person`, `has_rider`, `num_persons`: from the (already det_20-normalised) annotations,
+  by one multi-output UDF (`UDF_GROUPS`), so one Geneva job fills all three.
 - `person_bbox_area_pct`: largest person box as a percentage of the frame area, from a
   torchvision detector (COCO weights from the torch hub cache, or a local state_dict) or,
   where no weights are available, from the annotations. The source is recorded in the
@@ -316,7 +317,7 @@ def _ensure_column(table, plan: ColumnPlan, recompute: bool) -> None:
         raise CurationError(
             f"column {plan.name!r} holds values computed with {existing}, but this run is configured for "
             f"{plan.params}; one column never mixes sources. Configure the recorded source again, or "
-            f"recompute the column (recompute=['{plan.name}']).")
+            f"recompute the column (recompute=['{plan.columns[0]}']).")
     if existing != plan.params:  # empty column: just record the new definition
         table.drop_columns(list(plan.columns))
         _add_column(table, plan)

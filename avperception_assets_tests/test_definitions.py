@@ -55,7 +55,8 @@ def test_definitions_load_with_the_names_users_see():
         expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
                      f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation"}
     assert _groups(defs) == expected
-    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor", "dead_run_sensor"}
+    assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor", "footage_automation_sensor",
+                                              "dead_run_sensor"}
 
 
 def test_every_asset_depends_on_exactly_what_it_reads():

@@ -140,3 +140,23 @@ def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, mo
         audits = audit.output_for_node("audit_frames_table")["audits"]
         assert audits["frames_decode"] == {"passed": False, "count": 1, "examples": [bad.stem]}
         assert audits["no_duplicate_image_ids"]["passed"] and audits["boxes_inside_frames"]["passed"]
+
+
+def test_a_hand_materialized_raw_frames_requests_what_follows_it(data_dir):
+    """Declarative automation (`footage_automation_sensor` under the daemon): after raw_frames is
+    materialized by hand, everything the footage sensor's run would have updated is requested,
+    in one tick (the loop test shows that a footage run leaves nothing to request)."""
+    from avperception_assets.definitions import defs
+    from avperception_assets.defs.sensors import FOOTAGE_SELECTION
+
+    synthetic.write_batch(data_dir / "landing", "b1", 3, seed=1)
+    with dg.instance_for_test() as instance:
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0  # nothing to follow yet
+        dg.materialize(RAW_FRAMES_DEFS, instance=instance,
+                       resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))})
+        after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        requested = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()
+                     if after.get_requested_partitions(key)}
+        follows = {key.to_user_string() for key in FOOTAGE_SELECTION.resolve(defs.resolve_asset_graph())}
+        assert requested == follows - {"raw_frames"} and "table_maintenance" in requested

@@ -81,10 +81,13 @@ def loop(tmp_path_factory, local_ray):
         state["requests_without_growth"] = _tick(growth_sensor, instance)
 
         # Batch 2 lands: only its rows are backfilled and every view refreshes.
+        automation = dg.evaluate_automation_conditions(defs=DEFS, instance=instance)
         synthetic.write_batch(settings.landing_dir(), "batch-2", 40, seed=12, **FRAME_SIZE)
         [request] = _tick(footage_sensor, instance)
         state["footage_2_key"] = request.run_key
         state["footage_2"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
+        state["automation_after_footage_run"] = dg.evaluate_automation_conditions(
+            defs=DEFS, instance=instance, cursor=automation.cursor).total_requested
         state["columns_2"] = {c: _metadata(instance, c) for c in curation.COLUMNS}
         state["maintenance_2"] = _metadata(instance, "table_maintenance")
         # After compaction and cleanup, each first checkpoint still reproduces its order.
@@ -118,6 +121,7 @@ def test_new_footage_retrains_exactly_the_modes_that_grew(loop):
     assert "base_detector" in [k.to_user_string() for k in loop["first_training"][0].asset_selection]
     assert loop["requests_without_growth"] == []  # nothing grew since the first training
     assert loop["footage_2_key"] == "batch-2"
+    assert loop["automation_after_footage_run"] == 0  # declarative automation never runs a stage twice
     for column in ("has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"):
         assert loop["columns_2"][column]["rows_processed"] == 40, column  # only the new rows
     before, after, growth = loop["before"], loop["after"], loop["growth"]

@@ -126,6 +126,7 @@ class RssSampler:
 
     def __init__(self, every_s: float = 0.5):
         self.samples: list[tuple[float, int]] = []
+        self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
 
@@ -142,7 +143,8 @@ class RssSampler:
         self._thread.join()
 
     def peak(self, start: float, end: float) -> int:
-        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+        """Peak over [start, end], widened by one sampling interval so short steps get a sample."""
+        return max((rss for t, rss in self.samples if start - self.every_s <= t <= end + self.every_s), default=0)
 
 
 def step_spans(instance, run_id: str) -> dict[str, tuple[float, float]]:
@@ -189,9 +191,10 @@ def footage_run(instance, batch_id: str):
     from avperception_assets.definitions import defs
 
     request = footage_request(batch_id)
+    run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     started = time.time()
     result = dg.materialize([*defs.assets, *defs.asset_checks], selection=FOOTAGE_SELECTION, instance=instance,
-                            resources=defs.resources, run_config=request.run_config, tags=request.tags)
+                            resources=defs.resources, run_config=run_config, tags=request.tags)
     assert result.success, batch_id
     return result, started, time.time()
 

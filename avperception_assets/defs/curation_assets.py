@@ -8,7 +8,7 @@ selected columns together (independent jobs concurrently, `is_duplicate` after `
 import dagster as dg
 
 from .. import curation, curation_checks, storage
-from .names import CURATION, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
+from .names import CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
 from .resources import LanceDBResource
 
 DESCRIPTIONS = {
@@ -43,7 +43,7 @@ class CurationRunConfig(dg.Config):
 def _spec(name: str) -> dg.AssetSpec:
     deps = [RAW_FRAMES, *(column_key(d) for d in curation.COLUMN_DEPS.get(name, ()))]
     return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=DESCRIPTIONS[name],
-                        kinds={"lancedb", "geneva"}, skippable=True)
+                        kinds={"lancedb", "geneva"}, skippable=True, automation_condition=FOLLOWS_FOOTAGE)
 
 
 def open_frames(lancedb: LanceDBResource, conn=None):

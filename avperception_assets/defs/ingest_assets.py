@@ -48,7 +48,7 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lance
     ingested = sum(s.ingested for s in summaries)
     seconds = time.perf_counter() - started
     # The run's rows are those from here on: its checks look at them only.
-    first_seq = min((s.first_ingest_seq for s in summaries), default=ingest.next_ingest_seq(table))
+    first_seq = min(s.first_ingest_seq for s in summaries) if summaries else ingest.next_ingest_seq(table)
     return dg.MaterializeResult(
         metadata={
             "first_ingest_seq": first_seq,

@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from .. import curation, maintenance, settings
-from .names import LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
+from .names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
 from .resources import LanceDBResource
 
 
@@ -30,7 +30,7 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
 
 
 @dg.asset(key=TABLE_MAINTENANCE, group_name=MAINTENANCE, kinds={"lancedb"}, pool=LANCEDB_WRITES_POOL,
-          deps=[RAW_FRAMES, *(column_key(c) for c in curation.COLUMNS)],
+          deps=[RAW_FRAMES, *(column_key(c) for c in curation.COLUMNS)], automation_condition=FOLLOWS_FOOTAGE,
           description="Compacts bdd100k, removes old versions of it and of the slice views that nothing is "
                       "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
                       "of the columns view filters read current.")

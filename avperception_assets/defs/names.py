@@ -20,6 +20,11 @@ MAINTENANCE = "maintenance"
 LANCEDB_WRITES_POOL = "lancedb_writes"  # ingestion, backfills and view refreshes never race on a table
 TRAINING_POOL = "training"  # two retrains never share one GPU
 
+# Curation columns, maintenance and slice views follow new frames on their own under the daemon
+# (`footage_automation_sensor`): a raw_frames materialized by hand brings them up to date. A run
+# that already updated them with raw_frames (the footage sensor's) leaves nothing to request.
+FOLLOWS_FOOTAGE = dg.AutomationCondition.eager()
+
 RAW_FRAMES = dg.AssetKey("raw_frames")
 BASE_DETECTOR = dg.AssetKey("base_detector")
 FAILURE_MODE_SUMMARY = dg.AssetKey("failure_mode_summary")

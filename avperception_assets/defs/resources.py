@@ -24,7 +24,7 @@ class LanceDBResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Before this run claims a pool slot: free the slots of runs whose worker died.
         if context.instance is not None:
-            for run_id in fail_dead_runs(context.instance, exclude_run_id=context.run_id):
+            for run_id in fail_dead_runs(context.instance, exclude_run_id=context.run.run_id if context.run else None):
                 context.log.warning(f"run {run_id} had lost its worker process: marked failed, pool slots freed")
 
     def connect(self):

@@ -1,6 +1,8 @@
 """The closed loop: `new_footage_sensor` ingests each READY batch (curation columns and slice
 views refresh in the same run); `slice_growth_sensor` then retrains and re-evaluates exactly the
-failure modes whose train view grew past the retrain policy.
+failure modes whose train view grew past the retrain policy; `footage_automation_sensor`
+(declarative automation) brings everything after raw_frames up to date when raw_frames was
+materialized some other way.
 
 Neither keeps a cursor: Dagster launches one run per run key, so a batch id (or a mode at a view
 version) requested again while its run is queued or done is skipped by the daemon."""
@@ -48,6 +50,13 @@ def new_footage_sensor(context: dg.SensorEvaluationContext, lancedb: LanceDBReso
     if not batches:
         return dg.SkipReason("no new READY batch in the landing zone")
     return [footage_request(batch_id) for batch_id in batches]
+
+
+footage_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "footage_automation_sensor", target=FOOTAGE_SELECTION - dg.AssetSelection.assets(RAW_FRAMES),
+    default_status=DEFAULT_STATUS, minimum_interval_seconds=30,
+    description="Brings curation columns, maintenance and slice views up to date after raw_frames is "
+                "materialized outside the footage sensor's runs (by hand in the UI, for example).")
 
 
 def modes_due(instance: dg.DagsterInstance, modes, policy: RetrainPolicy) -> dict[str, int]:
@@ -106,7 +115,7 @@ def build_sensor_defs(modes=None) -> dg.Definitions:
         requests = retrain_requests(context.instance, modes, RetrainPolicy.from_env())
         return requests or dg.SkipReason("no train view grew past the retrain policy")
 
-    return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor])
+    return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor, footage_automation_sensor])
 
 
 defs = build_sensor_defs()

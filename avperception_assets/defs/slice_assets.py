@@ -11,7 +11,7 @@ import dagster as dg
 
 from .. import slices
 from ..failure_modes import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
-from .names import LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
+from .names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
 from .resources import LanceDBResource
 
 CHECK_NAME = "row_count_matches_source"
@@ -35,6 +35,7 @@ def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:
                   "eval_classes": list(mode.classes)},
         kinds={"lancedb", "geneva"},
         skippable=True,
+        automation_condition=FOLLOWS_FOOTAGE,
     )
 
 
