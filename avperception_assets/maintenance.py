@@ -25,6 +25,7 @@ from . import storage
 from .storage import FRAMES_TABLE, reflected_version, table_exists
 
 PIN_TAG_PREFIX = "avp-pin-"
+NO_CLEANUP = timedelta(days=36500)  # `Table.optimize` with nothing old enough to clean up
 # Index type per column that view filters read (only columns that exist are indexed).
 SCALAR_INDEXES = {
     "split": "BITMAP", "timeofday": "BITMAP", "weather": "BITMAP", "scene": "BITMAP", "batch_id": "BITMAP",
@@ -114,13 +115,12 @@ def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
     versions_before = len(table.list_versions())
     kept = pin(table, pinned)
     indexed, created = ensure_scalar_indexes(table, indexes or {})
-    dataset = table.to_lance()
-    if compact:
-        dataset.optimize.compact_files()
-    if indexed:
-        dataset.optimize.optimize_indices()  # existing indexes take the new rows
-    # Not `Table.optimize(cleanup_older_than=…)`: with lancedb 0.39 / pylance 14 its cleanup raises
-    # "tagged version(s) have been marked for cleanup" once a pinned version is old enough.
+    if compact:  # compaction, and existing indexes take the new rows; cleanup comes below
+        table.optimize(cleanup_older_than=NO_CLEANUP)
+    # lancedb 0.39's cleanup raises "tagged version(s) have been marked for cleanup" once a pinned
+    # version is old enough, so pylance cleans up. Only cleanup: pylance 14 rewrites btree
+    # indexes in a version lancedb 0.39 (lance 12) ignores ("Index … has version 1, which is
+    # not supported"), so compaction and indexes stay with lancedb.
     table.to_lance().cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
     table.checkout_latest()
     return MaintenanceStats(
