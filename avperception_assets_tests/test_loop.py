@@ -110,6 +110,9 @@ def loop(tmp_path_factory, local_ray):
         state["requests_after_retrain"] = _tick(growth_sensor, instance)
         state["checkpoints"] = {m.name: _metadata(instance, f"{m.name}_checkpoint") for m in MODES}
         state["reports"] = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
+        # Maintenance again, alone: the indexes exist and take the new rows, none is rebuilt.
+        _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey("table_maintenance")]))
+        state["maintenance_3"] = _metadata(instance, "table_maintenance")
         # Re-running a view with nothing new is safe: no job, nothing appended.
         state["rerun"] = _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey(VIEWS[1])]))
         state["conn"] = storage.connect(settings.lancedb_uri())
@@ -185,6 +188,7 @@ def test_maintenance_after_each_footage_run_keeps_what_is_pinned(loop):
     frames = stats[storage.FRAMES_TABLE]
     assert frames["versions_after"] < frames["versions_before"]
     assert {c["source_table_version"] for c in loop["first_checkpoints"].values()} <= set(frames["pinned_versions"])
+    assert loop["maintenance_3"]["stats"][storage.FRAMES_TABLE]["indexes_created"] == []
     for mode, checkpoint in loop["first_checkpoints"].items():
         assert checkpoint["train_view_version"] in stats[checkpoint["train_view"]]["pinned_versions"]
         assert loop["orders_after_cleanup"][mode] == loop["first_orders"][mode] != []
