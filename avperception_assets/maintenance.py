@@ -106,6 +106,12 @@ def ensure_scalar_indexes(table, wanted: dict[str, str]) -> tuple[list[str], lis
     return sorted(indexed | set(created)), created
 
 
+def _has_work(table, fragments: int) -> bool:
+    """Whether compaction or an index update would change anything (several fragments, or rows
+    an index does not cover yet)."""
+    return fragments > 1 or any(table.index_stats(index.name).num_unindexed_rows for index in table.list_indices())
+
+
 def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
              indexes: dict[str, str] | None = None, compact: bool = True) -> MaintenanceStats:
     """Pin, index, compact and clean up one table (its latest version is always kept)."""
@@ -115,8 +121,8 @@ def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
     versions_before = len(table.list_versions())
     kept = pin(table, pinned)
     indexed, created = ensure_scalar_indexes(table, indexes or {})
-    if compact:  # compaction, and existing indexes take the new rows; cleanup comes below
-        table.optimize(cleanup_older_than=NO_CLEANUP)
+    if compact and _has_work(table, fragments_before):  # else no commit: views stay current
+        table.optimize(cleanup_older_than=NO_CLEANUP)  # compaction, index updates; cleanup below
     # lancedb 0.39's cleanup raises "tagged version(s) have been marked for cleanup" once a pinned
     # version is old enough, so pylance cleans up. Only cleanup: pylance 14 rewrites btree
     # indexes in a version lancedb 0.39 (lance 12) ignores ("Index … has version 1, which is

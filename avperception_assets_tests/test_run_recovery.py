@@ -36,7 +36,7 @@ def deployment(tmp_path):
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    synthetic.write_batch(data / "landing", "big", FRAMES, seed=5)
+    synthetic.write_batch(data / "landing", "big", FRAMES, seed=5, width=640, height=360)
     env = {**os.environ, "DAGSTER_HOME": str(home), "AVP_DATA_DIR": str(data)}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance, env, data

@@ -79,7 +79,7 @@ def latest_rows(instance: dg.DagsterInstance) -> tuple[str | None, str]:
     return storage.rows_since(first_seq), f"rows of the latest materialization (ingest_seq >= {first_seq})"
 
 
-def audit_result(bad: list[str], what: str, rows_checked: int, scope: str,
+def _audit_result(bad: list[str], what: str, rows_checked: int, scope: str,
                  severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not bad, severity=severity,
@@ -92,7 +92,7 @@ def _scoped_audit(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResour
                   severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     table = _frames_table(lancedb)
     where, scope = latest_rows(context.instance)
-    return audit_result(audit(table, where), what, table.count_rows(where), scope, severity)
+    return _audit_result(audit(table, where), what, table.count_rows(where), scope, severity)
 
 
 @dg.asset_check(asset=raw_frames, blocking=True, description="No image_id of the new rows appears twice.")
