@@ -64,9 +64,13 @@ def _record_pins(pins: dict[str, set[int]], data: dict, pairs: Iterable[tuple[st
             pins[name].add(int(version))
 
 
-def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path) -> dict[str, set[int]]:
+def _view_names(conn) -> list[str]:
+    return sorted(name for name in storage.table_names(conn) if name.startswith(f"{FRAMES_TABLE}_"))
+
+
+def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Iterable[str]) -> dict[str, set[int]]:
     """Table name → versions that must survive cleanup: those checkpoints and reports record,
-    and the frames-table version each view reflects."""
+    and the frames-table version each of `views` reflects."""
     pins: dict[str, set[int]] = defaultdict(set)
     for path in Path(checkpoints_dir).rglob("metadata.json"):
         _record_pins(pins, json.loads(path.read_text()), [
@@ -75,11 +79,10 @@ def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path) -> dict[str,
     for path in Path(reports_dir).rglob("report.json"):
         _record_pins(pins, json.loads(path.read_text()).get("val_view", {}), [
             ("name", "version"), ("source_table", "source_table_version")])
-    for name in storage.table_names(conn):
-        if name.startswith(f"{FRAMES_TABLE}_"):
-            reflected = reflected_version(conn.open_table(name))
-            if reflected is not None:
-                pins[FRAMES_TABLE].add(reflected)
+    for name in views:
+        reflected = reflected_version(conn.open_table(name))
+        if reflected is not None:
+            pins[FRAMES_TABLE].add(reflected)
     return dict(pins)
 
 
@@ -143,11 +146,10 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     checkpoints, reports and the view assets name a view's data by its version)."""
     if not table_exists(conn, FRAMES_TABLE):
         return {}
-    pins = pinned_versions(conn, checkpoints_dir, reports_dir)
+    views = _view_names(conn)
+    pins = pinned_versions(conn, checkpoints_dir, reports_dir, views)
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
                                     older_than=older_than, indexes=SCALAR_INDEXES)}
-    for name in sorted(storage.table_names(conn)):
-        if name.startswith(f"{FRAMES_TABLE}_"):
-            stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than,
-                                   compact=False)
+    for name in views:
+        stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than, compact=False)
     return stats

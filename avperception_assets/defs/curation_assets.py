@@ -144,7 +144,7 @@ def duplicate_groups(context: dg.AssetCheckExecutionContext, lancedb: LanceDBRes
 
 CURATION_CHECKS = [
     *(_coverage_check(name) for name in curation.COLUMNS),
-    *(_consistency_check(name) for name in ("has_person", "has_rider", "num_persons")),
+    *(_consistency_check(name) for name in curation.UDF_GROUPS["annotation_counts"]),
     person_area_range,
     duplicate_groups,
 ]
