@@ -3,3 +3,7 @@
 The plain-Python stages (ingest, curation, slices, loader, training, evaluation, sensors)
 know nothing of Dagster; `avperception_assets.defs` wires them into assets.
 """
+
+from .lazy_imports import defer_unused_imports
+
+defer_unused_imports()

@@ -105,7 +105,8 @@ def ray_context(ray_address: str | None = None):
 
     if ray_address:
         return ray_cluster(addr=ray_address, use_portforwarding=False)
-    return ray_cluster(local=True, log_to_driver=False)
+    return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
+        "runtime_env": {"worker_process_setup_hook": "avperception_assets.lazy_imports.defer_unused_imports"}})
 
 
 def require_ray(what: str) -> None:
