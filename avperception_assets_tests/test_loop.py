@@ -13,7 +13,7 @@ from avperception_assets.defs import (curation_assets, evaluation_assets, ingest
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.failure_modes import FAILURE_MODES
 
-from .conftest import source_ids, view_ids
+from .conftest import copy_curated_db, source_ids, view_ids
 
 MODES = FAILURE_MODES[:1]  # rider: each view refresh is a Geneva job; the choice among modes is test_sensors'.
 DEFS = dg.Definitions.merge(
@@ -57,18 +57,19 @@ def _metadata(instance, key: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory, local_ray):
-    """Two batches land one after the other; the sensors drive every run. The state is read by
+def loop(tmp_path_factory, local_ray, curated_db):
+    """The session's curated table (batch b1, ingested and curated once: conftest) gets its views
+    and first training; then batch 2 lands and the sensors drive every run. The state is read by
     the tests below (the loop's own decisions, and the views and columns it left)."""
     state = {}
     with pytest.MonkeyPatch.context() as patch, dg.instance_for_test() as instance:
-        patch.setenv("AVP_DATA_DIR", str(tmp_path_factory.mktemp("loop")))
+        root = tmp_path_factory.mktemp("loop")
+        patch.setenv("AVP_DATA_DIR", str(root))
+        copy_curated_db(curated_db, root)
         footage_sensor = next(s for s in DEFS.sensors if s.name == "new_footage_sensor")
         growth_sensor = next(s for s in DEFS.sensors if s.name == "slice_growth_sensor")
-        # Batch 1 lands: one ingestion run, then the first training of every mode.
-        synthetic.write_batch(settings.landing_dir(), "batch-1", 80, seed=11, **FRAME_SIZE)
-        [request] = _tick(footage_sensor, instance)
-        state["footage_1"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
+        # Batch 1: the views are created, then the first training of the mode.
+        state["footage_1"] = _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey(v) for v in VIEWS]))
         state["views_1"] = {view: _metadata(instance, view) for view in VIEWS}
         state["requests_after_ingest"] = _tick(footage_sensor, instance)
         state["first_training"] = _tick(growth_sensor, instance)
@@ -169,13 +170,13 @@ def test_views_hold_the_source_filtered_the_same_way_at_every_version(loop):
 
 
 def test_every_check_of_the_footage_runs_passes(loop):
-    for run in ("footage_1", "footage_2"):
+    for run, assets in (("footage_1", set(VIEWS)), ("footage_2", {"raw_frames", *curation.COLUMNS, *VIEWS})):
         evaluations = loop[run].get_asset_check_evaluations()
-        checked = {e.asset_key.to_user_string() for e in evaluations}
-        assert checked >= {"raw_frames", *curation.COLUMNS, *VIEWS}, run
-        on_columns = [e for e in evaluations if e.asset_key.to_user_string() in curation.COLUMNS]
-        assert len(on_columns) == len(curation_assets.CURATION_CHECKS), run
+        assert {e.asset_key.to_user_string() for e in evaluations} == assets, run
         assert [(e.asset_key, e.check_name) for e in evaluations if not e.passed] == []
+    evaluations = loop["footage_2"].get_asset_check_evaluations()
+    on_columns = [e for e in evaluations if e.asset_key.to_user_string() in curation.COLUMNS]
+    assert len(on_columns) == len(curation_assets.CURATION_CHECKS)
 
 
 def test_rerunning_a_current_view_is_safe(loop):
