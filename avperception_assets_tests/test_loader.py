@@ -37,17 +37,24 @@ def expected_rows(uri: str, name: str = storage.FRAMES_TABLE) -> dict[str, dict]
     return expected
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_batches_equal_the_view_rows(frames_uri, num_workers):
+def _direct_order(view, seed: int) -> list[str]:
+    return loader.build_permutation(view, seed=seed).__getitems__(list(range(loader.count_rows(view)))).column(
+        "image_id").to_pylist()
+
+
+@pytest.mark.parametrize("num_workers, seed", [(0, None), (2, 5)])
+def test_batches_equal_the_view_rows(frames_uri, num_workers, seed):
+    """Every row once with its pixels and labels: in the stored order without a seed, in the
+    seeded permutation's order with one (spawned workers and their read-aheads included)."""
     view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
-    batches = loader.make_loader(view, batch_size=4, num_workers=num_workers)
+    batches = loader.make_loader(view, batch_size=3, seed=seed, num_workers=num_workers)  # several read-aheads
     if num_workers:
         assert batches.multiprocessing_context.get_start_method() == "spawn"
     expected = expected_rows(frames_uri)
     stored_order = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow().column("image_id").to_pylist()
     seen = []
     for batch in batches:
-        assert len(batch.images) == len(batch.targets) == len(batch.image_ids) <= 4
+        assert len(batch.images) == len(batch.targets) == len(batch.image_ids) <= 3
         for image, target, image_id in zip(*batch):
             want = expected[image_id]
             assert image.dtype == torch.uint8 and tuple(image.shape[-2:]) == want["size"]
@@ -55,15 +62,13 @@ def test_batches_equal_the_view_rows(frames_uri, num_workers):
             assert target["labels"].tolist() == want["labels"]
             assert torch.allclose(target["boxes"], torch.tensor(want["boxes"]).reshape(-1, 4))
             seen.append(image_id)
-    assert seen == stored_order  # no seed: the view's stored order, every row once
+    assert seen == (stored_order if seed is None else _direct_order(view, seed))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_read_ahead_yields_the_rows_of_a_direct_take(frames_uri, num_workers):
+def test_read_ahead_yields_the_rows_of_a_direct_take(frames_uri):
     view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
-    direct = loader.build_permutation(view, seed=5).__getitems__(list(range(loader.count_rows(view))))
-    batches = loader.make_loader(view, batch_size=3, seed=5, num_workers=num_workers)  # several read-aheads
-    assert [i for b in batches for i in b.image_ids] == direct.column("image_id").to_pylist()
+    batches = loader.make_loader(view, batch_size=3, seed=5)  # several read-aheads
+    assert [i for b in batches for i in b.image_ids] == _direct_order(view, 5)
 
 
 def test_unpredicted_requests_are_taken_directly(frames_uri):
