@@ -103,37 +103,37 @@ def table(tmp_path_factory, curated_db):
 
 @pytest.fixture(scope="module")
 def first(table):
-    """The rider views created on the curated table. (The end-to-end loop test refreshes views of
-    two modes after new footage and checks every row against the source: test_loop.py.)"""
+    """The rider val view created on the curated table. (The end-to-end loop test creates and
+    refreshes both splits' views after new footage and checks every row against the source:
+    test_loop.py.)"""
     conn, _ = table
-    return slices.refresh_views(conn, [(RIDER, "train"), (RIDER, "val")])
+    return slices.refresh_views(conn, [(RIDER, "val")])
 
 
 def test_views_hold_the_source_filtered_the_same_way(table, first):
     conn, _ = table
     source_version = conn.open_table(storage.FRAMES_TABLE).version
-    for split in slices.SPLITS:
-        stats = first[slices.view_name(RIDER, split)]
-        view = slices.open_view(conn, stats.view)
-        expected = source_ids(conn, slices.view_filter(RIDER, split))
-        assert view_ids(view) == expected and len(expected) > 0  # the footage has riders in both splits
-        assert stats.row_count == stats.rows_added == len(expected)
-        assert stats.created and stats.refreshed and not stats.recreated
-        assert stats.source_version == source_version and stats.view_version == view.version
-        assert stats.filter == slices.view_filter(RIDER, split) == slices.view_filter_of(view)
-        assert slices.check_view(conn, RIDER, split).passed
+    stats = first["bdd100k_rider_val"]
+    view = slices.open_view(conn, stats.view)
+    expected = source_ids(conn, slices.view_filter(RIDER, "val"))
+    assert view_ids(view) == expected and len(expected) > 0  # the footage has riders in val
+    assert stats.row_count == stats.rows_added == len(expected)
+    assert stats.created and stats.refreshed and not stats.recreated
+    assert stats.source_version == source_version and stats.view_version == view.version
+    assert stats.filter == slices.view_filter(RIDER, "val") == slices.view_filter_of(view)
+    assert slices.check_view(conn, RIDER, "val").passed
 
 
 def test_rows_not_yet_curated_do_not_qualify_and_a_current_view_runs_no_job(table, first):
     conn, landing = table
-    synthetic.write_batch(landing, "b2", 6, seed=2, width=320, height=180)
+    synthetic.write_batch(landing, "b2", 12, seed=2, width=320, height=180)  # val rows among them
     ingest.ingest_batches(conn, landing)
-    early = refresh(conn, RIDER, "train")  # before the backfill the new rows' curation values are NULL
-    assert early.refreshed and early.rows_added == 0 and early.source_rows_not_curated > 0
-    again = refresh(conn, RIDER, "train")  # nothing new in the source: already current, no job runs
-    assert not again.refreshed and again.rows_added == 0 and again.view_version == early.view_version
     stale = slices.check_view(conn, RIDER, "val")  # not refreshed since the append: still consistent
     assert stale.passed and stale.metadata["source_version"] < conn.open_table(storage.FRAMES_TABLE).version
+    early = refresh(conn, RIDER, "val")  # before the backfill the new rows' curation values are NULL
+    assert early.refreshed and early.rows_added == 0 and early.source_rows_not_curated > 0
+    again = refresh(conn, RIDER, "val")  # nothing new in the source: already current, no job runs
+    assert not again.refreshed and again.rows_added == 0 and again.view_version == early.view_version
 
 
 def test_changed_filter_recreates_the_view(table, first):
@@ -158,6 +158,6 @@ def test_missing_curation_column_and_unknown_version_are_clear(table, first):
     with pytest.raises(slices.SliceError, match="num_persons"):
         refresh(conn, needs, "val")
     with pytest.raises(slices.SliceError, match="no version 999"):
-        slices.open_view(conn, "bdd100k_rider_train", 999)
+        slices.open_view(conn, "bdd100k_rider_val", 999)
     with pytest.raises(slices.SliceError, match="does not exist"):
         slices.open_view(conn, "bdd100k_nope_val")

@@ -99,7 +99,7 @@ def test_materialization_launched_through_graphql_succeeds(webserver):
     deadline, status = time.time() + 300, None
     while status not in ("SUCCESS", "FAILURE", "CANCELED"):
         assert time.time() < deadline, f"run {run_id} still {status} after 300 s"
-        time.sleep(3)
+        time.sleep(1)
         status = _graphql(url, RUN_STATUS, {"id": run_id})["runOrError"]["status"]
     assert status == "SUCCESS"
 
