@@ -152,8 +152,9 @@ class BatchIngestor:
         self.rejections.append(rejection)
         self.summary.quarantined[rejection.reason] += 1
 
-    def _scan(self, existing: dict[str, str]) -> list[_Candidate]:
-        """Pair image files with labels; everything that cannot pair is rejected here."""
+    def _scan(self, table) -> list[_Candidate]:
+        """Pair image files with labels; everything that cannot pair is rejected here, and so is
+        an image id the table already holds from another batch."""
         images: dict[str, tuple[str, str]] = {}
         labels: dict[str, LabelRecord] = {}
         for rel, path in sorted(_walk(str(self.batch_dir)), key=_path_order):
@@ -184,7 +185,7 @@ class BatchIngestor:
         for image_id in sorted(labels.keys() - images.keys()):
             label = labels[image_id]
             self._reject(Rejection(f"{label.label_file}#{image_id}", "label_without_image", f"no image file for {image_id}"))
-        candidates = []
+        candidates, existing = [], known_frames(table, images)
         for image_id, (rel, path) in images.items():
             if image_id in existing:
                 if existing[image_id] == self.batch_id:
@@ -246,9 +247,9 @@ class BatchIngestor:
         if not (self.batch_dir / READY_MARKER).is_file():
             raise FileNotFoundError(f"batch {self.batch_id} has no {READY_MARKER} marker: it may still be copying")
         table = storage.open_or_create(self.conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
-        existing, next_seq = frame_index(table)
+        next_seq = next_ingest_seq(table)
         self.summary.first_ingest_seq = next_seq
-        candidates = self._scan(existing)
+        candidates = self._scan(table)
         if candidates:
             # Chunks are read, checked and built ahead on a thread of ours, so Python prepares chunk
             # n+1 while Lance (which pulls the reader and waits on it otherwise) writes chunk n;
@@ -261,35 +262,47 @@ class BatchIngestor:
         return self.summary
 
 
-def frame_index(table) -> tuple[dict[str, str], int]:
-    """image_id → batch_id of every ingested frame, and the next ingest_seq."""
-    columns = table.to_lance().to_table(columns=["image_id", "batch_id", "ingest_seq"])
-    if columns.num_rows == 0:
-        return {}, 0
-    existing = dict(zip(columns["image_id"].to_pylist(), columns["batch_id"].to_pylist()))
-    return existing, pc.max(columns["ingest_seq"]).as_py() + 1
+def known_frames(table, image_ids: Iterable[str], chunk: int = 1000) -> dict[str, str]:
+    """image_id → batch_id of those `image_ids` already in the table. A lookup per id through
+    the btree index on image_id (maintenance keeps it current), so its cost follows the batch."""
+    ids, found = sorted(image_ids), {}
+    dataset = table.to_lance()
+    for start in range(0, len(ids), chunk):
+        where = f"image_id IN ({storage.sql_list(ids[start:start + chunk])})"
+        rows = dataset.to_table(columns=["image_id", "batch_id"], filter=where)
+        found.update(zip(rows["image_id"].to_pylist(), rows["batch_id"].to_pylist()))
+    return found
 
 
 def next_ingest_seq(table) -> int:
-    """The ingest_seq the next ingested frame takes."""
-    seqs = table.to_lance().to_table(columns=["ingest_seq"])["ingest_seq"]
-    return pc.max(seqs).as_py() + 1 if len(seqs) else 0
+    """The ingest_seq the next ingested frame takes: one past the largest. Sequences are dense
+    unless rows were deleted, so the search starts at the row count and reads only the rows at
+    or above it (the btree index on ingest_seq finds them), not the whole column."""
+    dataset = table.to_lance()
+    start = dataset.count_rows()
+    above = dataset.to_table(columns=["ingest_seq"], filter=f"ingest_seq >= {start}")["ingest_seq"]
+    return max(start, pc.max(above).as_py() + 1) if len(above) else start
 
 
-def ingested_batch_ids(conn) -> set[str]:
-    """Batches already processed: they left a frame or a quarantine record."""
-    done = set()
-    for name in (storage.FRAMES_TABLE, storage.QUARANTINE_TABLE):
-        if storage.table_exists(conn, name):
-            column = conn.open_table(name).to_lance().to_table(columns=["batch_id"])["batch_id"]
-            done.update(pc.unique(column).to_pylist())
-    return done
+def _has_batch(dataset, batch_id: str) -> bool:
+    return dataset.scanner(columns=[], filter=f"batch_id IN ({storage.sql_list([batch_id])})", limit=1,
+                           with_row_id=True).to_table().num_rows > 0
+
+
+def ingested_batch_ids(conn, batch_ids: Iterable[str]) -> set[str]:
+    """Those of `batch_ids` already processed: they left a frame or a quarantine record. One
+    indexed lookup per batch (bitmap on batch_id), so a sensor tick costs the landing zone's
+    batches, not the table's rows."""
+    datasets = [conn.open_table(name).to_lance() for name in (storage.FRAMES_TABLE, storage.QUARANTINE_TABLE)
+                if storage.table_exists(conn, name)]
+    return {b for b in batch_ids if any(_has_batch(dataset, b) for dataset in datasets)}
 
 
 def pending_batches(conn, landing_dir: Path) -> list[str]:
     """READY batches with no frame in the table yet."""
-    done = ingested_batch_ids(conn)
-    return [b for b in ready_batches(landing_dir) if b not in done]
+    ready = ready_batches(landing_dir)
+    done = ingested_batch_ids(conn, ready)
+    return [b for b in ready if b not in done]
 
 
 def ingest_batches(conn, landing_dir: Path, batch_ids: Iterable[str] | None = None, *,

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
+from . import storage
 from .decoding import decode, on_frame_threads
-
-
-def _sql_list(values) -> str:
-    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
 def duplicate_image_ids(table, where: str | None = None) -> list[str]:
@@ -22,7 +19,7 @@ def duplicate_image_ids(table, where: str | None = None) -> list[str]:
     ids = dataset.to_table(columns=["image_id"], filter=where)["image_id"]
     if where is not None:  # only the selected ids, counted over the table
         unique = pc.unique(ids).to_pylist()
-        ids = dataset.to_table(columns=["image_id"], filter=f"image_id IN ({_sql_list(unique)})")["image_id"] \
+        ids = dataset.to_table(columns=["image_id"], filter=f"image_id IN ({storage.sql_list(unique)})")["image_id"] \
             if unique else ids
     counts = pc.value_counts(ids)
     return [c["values"].as_py() for c in counts if c["counts"].as_py() > 1]

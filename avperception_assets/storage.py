@@ -60,6 +60,11 @@ def rows_since(first_ingest_seq: int | None) -> str | None:
     return None if first_ingest_seq is None else f"ingest_seq >= {int(first_ingest_seq)}"
 
 
+def sql_list(values) -> str:
+    """`values` as comma-separated SQL string literals (quotes doubled), for an `IN (...)` filter."""
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
 def and_where(*filters: str | None) -> str | None:
     """The conjunction of the given filters, None ones left out (None: no filter at all)."""
     present = [f"({f})" for f in filters if f]

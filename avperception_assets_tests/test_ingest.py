@@ -13,6 +13,8 @@ from PIL import Image
 from avperception_assets import bdd100k, image_checks, ingest, storage, synthetic
 from avperception_assets.landing import READY_MARKER, ready_batches
 
+from .conftest import build_frames_table
+
 
 def _frames(conn, columns=("image_id", "batch_id", "split", "ann_categories", "ann_bboxes", "label_format")):
     return conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(columns=list(columns)).to_pylist()
@@ -69,6 +71,19 @@ def test_reingest_adds_nothing(tmp_path):
     assert conn.open_table(storage.FRAMES_TABLE).count_rows() == 12
     assert conn.open_table(storage.FRAMES_TABLE).version == version
     assert ingest.pending_batches(conn, landing) == []
+
+
+def test_lookups_of_a_batch_find_its_rows_without_reading_the_table(tmp_path):
+    """What ingestion and the sensor ask the table (which ids and batches exist, the next
+    ingest_seq) is answered by filters on the asked-for values, deletions included."""
+    conn, _ = build_frames_table(tmp_path, [("b1", 4, 1), ("b2", 3, 2)])
+    table = conn.open_table(storage.FRAMES_TABLE)
+    ids = table.to_lance().to_table(columns=["image_id"], filter="batch_id = 'b1'")["image_id"].to_pylist()
+    assert ingest.known_frames(table, [*ids, "never-seen"], chunk=3) == dict.fromkeys(ids, "b1")
+    assert ingest.ingested_batch_ids(conn, ["b1", "b2", "b3"]) == {"b1", "b2"}
+    assert ingest.next_ingest_seq(table) == 7
+    table.delete("ingest_seq IN (2, 3)")  # fewer rows than sequence numbers now
+    assert ingest.next_ingest_seq(table) == 7
 
 
 def _encode(image_format: str, color=(90, 90, 90), mode: str = "RGB", **options) -> bytes:
