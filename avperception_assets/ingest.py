@@ -263,8 +263,8 @@ class BatchIngestor:
 
 
 def known_frames(table, image_ids: Iterable[str], chunk: int = 1000) -> dict[str, str]:
-    """image_id → batch_id of those `image_ids` already in the table. A lookup per id through
-    the btree index on image_id (maintenance keeps it current), so its cost follows the batch."""
+    """image_id → batch_id of those `image_ids` already in the table, looked up 1,000 at a time
+    through the btree index on image_id (maintenance keeps it current): the cost follows the batch."""
     ids, found = sorted(image_ids), {}
     dataset = table.to_lance()
     for start in range(0, len(ids), chunk):
