@@ -10,6 +10,7 @@ import pytest
 from avperception_assets import curation, maintenance, settings, slices, storage, synthetic, training
 from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
                                       slice_assets, training_assets)
+from avperception_assets.defs.names import latest_metadata
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.failure_modes import FAILURE_MODES
 
@@ -53,8 +54,7 @@ def _tick(sensor, instance) -> list[dg.RunRequest]:
 
 
 def _metadata(instance, key: str) -> dict:
-    event = instance.get_latest_materialization_event(dg.AssetKey(key))
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return latest_metadata(instance, dg.AssetKey(key))
 
 
 @pytest.fixture(scope="module")
