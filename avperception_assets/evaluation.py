@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import loader, storage
 from .detections import compute_metrics, mode_class_ids, predict
+from .pixels import PixelReader
 
 # One batch from the loader: images (C,H,W float in [0,1] or uint8), targets with `boxes`
 # (x1,y1,x2,y2 pixels) and `labels` (COCO ids), and the frames' `image_id`s.
@@ -102,10 +103,10 @@ def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> I
     materialized views, on which LanceDB's permutation builder (lancedb 0.39) panics.
     """
     table = loader.open_table(uri, name, version)
-    collate = loader.DecodeCollate()
-    for record_batch in table.to_lance().to_batches(columns=loader.COLUMNS, batch_size=batch_size):
+    pixels, collate = PixelReader.of(uri, table), loader.DecodeCollate()
+    for record_batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), batch_size=batch_size):
         if record_batch.num_rows:
-            yield collate(record_batch)
+            yield collate(pixels.attach(record_batch))
 
 
 def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module], *, classes: Sequence[str],

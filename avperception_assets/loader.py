@@ -1,7 +1,8 @@
 """Detection data loader over a LanceDB table or view, read through LanceDB's `Permutation`.
 
 Rows are read straight from the view (selected columns, Arrow record batches, batched `take`s
-read ahead in a background thread); JPEG bytes are decoded in the collate step, so with workers
+read ahead in a background thread); a view's image bytes come from the frames table by stable
+row id in the same background take (`pixels`: views hold no bytes). JPEG bytes are decoded in the collate step, so with workers
 the decoding runs in the worker processes. Frames leave the loader as uint8 and become float
 only at the consumer (`model_inputs`, after the copy to the device): a float frame is four
 times the bytes to move through worker shared memory and over PCIe.
@@ -30,8 +31,9 @@ import pyarrow as pa
 
 from .bdd100k import COCO_IDS
 from .decoding import decode, on_frame_threads
+from .pixels import PixelReader
 
-COLUMNS = ["image_id", "image_bytes", "ann_categories", "ann_bboxes"]
+COLUMNS = ["image_id", "image_bytes", "ann_categories", "ann_bboxes"]  # what the collate reads
 
 
 @dataclass(frozen=True)
@@ -89,18 +91,25 @@ def row_order(view: ViewRef, seed: int | None = None) -> pa.Table:
     return pa.table({"row_id": row_ids.astype(np.uint64), "split_id": np.zeros(len(row_ids), np.uint64)}, schema=schema)
 
 
-def build_permutation(view: ViewRef, seed: int | None = None):
-    """The rows of `view` as a `Permutation` of Arrow batches, shuffled by `seed` (None: stored order)."""
+def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id",)):
+    """The rows of `view` as a `Permutation` of Arrow batches of `columns`, shuffled by `seed`
+    (None: stored order)."""
     from lancedb.permutation import Permutation
 
     table = open_table(view.uri, view.name, view.version)
     order = lancedb.connect("memory://").create_table("order", row_order(view, seed))
     return (
         Permutation.from_tables(table, order)
-        .select_columns(COLUMNS)
+        .select_columns(list(columns))
         .with_format("arrow")
         .with_connection_factory(functools.partial(_reopen, view.uri, view.version))
     )
+
+
+def frames_dataset(view: ViewRef, seed: int | None = None) -> FramesDataset:
+    """The loader's Dataset over `view`: its rows in the permutation's order, with their pixels."""
+    pixels = PixelReader.of(view.uri, open_table(view.uri, view.name, view.version))
+    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS)), pixels)
 
 
 class Batch(NamedTuple):
@@ -110,7 +119,8 @@ class Batch(NamedTuple):
 
 
 class FramesDataset:
-    """A map-style torch Dataset whose batched `__getitems__` is one Permutation take.
+    """A map-style torch Dataset whose batched `__getitems__` is one Permutation take (and, for a
+    view, one take of the rows' image bytes from the frames table).
 
     Only the Permutation travels to workers; it reopens the view lazily there through its
     connection factory, so the dataset is safe under the `spawn` start method.
@@ -122,15 +132,16 @@ class FramesDataset:
     the prediction is taken directly, so the rows returned are always exactly the requested ones.
     """
 
-    def __init__(self, permutation, read_ahead: int = 4):
+    def __init__(self, permutation, pixels: PixelReader, read_ahead: int = 4):
         self.permutation = permutation
+        self.pixels = pixels
         self.read_ahead = read_ahead
         self._len = permutation.num_rows
         self._executor = None  # created lazily per process, never pickled
         self._ahead: dict[tuple[int, ...], tuple] = {}  # offsets -> (future of a chunk, slice start)
 
     def __getstate__(self) -> dict:
-        return {"permutation": self.permutation, "read_ahead": self.read_ahead, "_len": self._len}
+        return {"permutation": self.permutation, "pixels": self.pixels, "read_ahead": self.read_ahead, "_len": self._len}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _executor=None, _ahead={})
@@ -158,7 +169,10 @@ class FramesDataset:
         # One thread runs every take, so takes never race on the Permutation's lazy reopen.
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frames-take")
-        return self._executor.submit(self.permutation.__getitems__, offsets)
+        return self._executor.submit(self._take, offsets)
+
+    def _take(self, offsets: list[int]) -> pa.RecordBatch:
+        return self.pixels.attach(self.permutation.__getitems__(offsets))
 
     def _read_ahead(self, offsets: tuple[int, ...]) -> None:
         """Start one take of the batches this process will be asked for after `offsets`."""
@@ -302,10 +316,10 @@ def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoc
     import torch
     from torch.utils.data import DataLoader
 
-    permutation = build_permutation(view, None if seed is None else seed + epoch)
+    dataset = frames_dataset(view, None if seed is None else seed + epoch)
     generator = torch.Generator().manual_seed(0 if seed is None else seed + epoch)
     return DataLoader(
-        FramesDataset(permutation),
+        dataset,
         batch_size=batch_size,
         shuffle=False,  # the order is the permutation's
         drop_last=drop_last,

@@ -8,8 +8,12 @@ row ids and the source version each refresh reflects), so the cost of a refresh 
 new footage, not the table. Rows whose curation values are still NULL do not qualify; refresh
 after the curation backfill (the Dagster graph orders it so).
 
+A view holds every column of its rows but the image bytes, which readers take from the frames
+table by stable row id (`pixels`), so views together stay a small fraction of the table's disk.
+
 The filter a view holds is Geneva's own record of its query (view schema metadata). A view
-whose registry filter changed is dropped and recreated (a refresh would keep the old one);
+whose registry filter changed, or one that still holds image bytes, is dropped and recreated
+(a refresh would keep the old query);
 its Lance history restarts, so checkpoints must record the filter with the view version
 (ViewStats.filter), which `open_view` callers can compare with `view_filter_of`.
 
@@ -24,6 +28,7 @@ from typing import Any, Iterable
 
 from . import storage
 from .failure_modes import FAILURE_MODES, FailureMode, get_mode
+from .pixels import IMAGE_BYTES
 from .storage import FRAMES_TABLE, reflected_version, table_exists
 
 SPLITS = ("train", "val")
@@ -116,7 +121,8 @@ class ViewStats:
     rows_added: int  # rows this refresh appended
     rows_removed: int  # rows whose source rows were deleted
     created: bool  # the view did not exist (or was recreated) in this run
-    recreated: bool  # the registry's filter changed, so the old view was dropped
+    recreated: bool  # the old view was dropped (`recreate_reason` says why)
+    recreate_reason: str | None
     previous_filter: str | None
     refreshed: bool  # False: the view already reflected the current source version
     source_rows_not_curated: int  # rows of the split whose filter columns are still NULL
@@ -126,8 +132,9 @@ class ViewStats:
         meta = asdict(self)
         meta["columns"] = list(self.columns)
         meta["elapsed_s"] = round(self.elapsed_s, 3)
-        if self.previous_filter is None:
-            del meta["previous_filter"]
+        for key in ("recreate_reason", "previous_filter"):
+            if meta[key] is None:
+                del meta[key]
         return meta
 
 
@@ -149,10 +156,26 @@ def _check_source_columns(source, mode: FailureMode, split: str) -> None:
 
 
 def _view_select(schema) -> dict[str, str]:
-    """Every source column, as the view's columns. Geneva 0.17 copies a bare column's
-    nullability into the view, then cannot append its placeholder rows to a non-nullable
-    column; `coalesce(col)` is the same values in a nullable column."""
-    return {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in schema}
+    """Every source column but the image bytes, as the view's columns: readers take pixels from
+    the frames table by the view's `__source_row_id` (`pixels`). Geneva 0.17 copies a bare
+    column's nullability into the view, then cannot append its placeholder rows to a
+    non-nullable column; `coalesce(col)` is the same values in a nullable column."""
+    return {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in schema if f.name != IMAGE_BYTES}
+
+
+def create_view(conn, source, name: str, where: str):
+    """An empty Geneva materialized view `name` of `source`'s rows matching `where`, without
+    their image bytes; its first refresh fills it."""
+    return conn.create_materialized_view(name, source.search().select(_view_select(source.schema)).where(where))
+
+
+def _recreate_reason(view, wanted: str) -> str | None:
+    """Why an existing view must be dropped and created again (None: it is kept)."""
+    if view_filter_of(view) != wanted:
+        return "its filter is not the registry's"
+    if IMAGE_BYTES in view.schema.names:
+        return "it holds image bytes (created before views read pixels from the frames table)"
+    return None
 
 
 def _not_curated(source, mode: FailureMode, split: str) -> int:
@@ -165,19 +188,19 @@ def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int) 
     refresh it unless it already reflects the source's current version."""
     started = time.perf_counter()
     name, wanted = view_name(mode, split), view_filter(mode, split)
-    view, previous, before = None, None, set()
+    view, previous, reason, before = None, None, None, set()
     if table_exists(conn, name):
         view = conn.open_table(name)
-        held = view_filter_of(view)
-        if held == wanted:
+        reason = _recreate_reason(view, wanted)
+        if reason is None:
             before = _source_row_ids(view)
         else:
+            previous = view_filter_of(view)
             conn.drop_table(name)
-            view, previous = None, held
+            view = None
     created = view is None
     if created:
-        view = conn.create_materialized_view(
-            name, source.search().select(_view_select(source.schema)).where(wanted))
+        view = create_view(conn, source, name, wanted)
     refreshed = created or reflected_version(view) != source.version
     if refreshed:
         result = view.refresh(src_version=source.version, concurrency=concurrency)
@@ -188,7 +211,7 @@ def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int) 
         view=name, mode=mode.name, split=split, filter=view_filter_of(view), columns=view_columns(mode, split),
         row_count=view.count_rows(), view_version=view.version, source_version=reflected_version(view),
         rows_added=len(after - before), rows_removed=len(before - after), created=created,
-        recreated=previous is not None, previous_filter=previous, refreshed=refreshed,
+        recreated=reason is not None, recreate_reason=reason, previous_filter=previous, refreshed=refreshed,
         source_rows_not_curated=_not_curated(source, mode, split), elapsed_s=time.perf_counter() - started)
 
 

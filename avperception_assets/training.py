@@ -280,7 +280,7 @@ def recorded_view(metadata: dict, uri: str | None = None) -> loader.ViewRef:
 
 def reproduce_order(metadata: dict, *, epoch: int = 0, uri: str | None = None) -> list[str]:
     """The image ids of `epoch` in training order, read from the time-travelled view."""
-    permutation = loader.build_permutation(recorded_view(metadata, uri), metadata["seed"] + epoch).select_columns(["image_id"])
+    permutation = loader.build_permutation(recorded_view(metadata, uri), metadata["seed"] + epoch)
     return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
 
 

@@ -20,7 +20,7 @@ os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; read when Geneva is imported
 
-from avperception_assets import curation, ingest, settings, slices, storage, synthetic  # noqa: E402
+from avperception_assets import curation, ingest, pixels, settings, slices, storage, synthetic  # noqa: E402
 from avperception_assets.defs import evaluation_assets, training_assets  # noqa: E402
 from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
 from avperception_assets.failure_modes import get_mode  # noqa: E402
@@ -143,8 +143,9 @@ def trained_rider(tmp_path_factory):
     """base_detector, rider_checkpoint, rider_eval_report and the summary materialized once, in one
     run on a tiny table, and shared by the training- and evaluation-asset tests.
 
-    The rider views are stand-ins: plain Lance tables holding each split's frames (readers treat
-    a Geneva view and a table alike); the real Geneva views run in the end-to-end loop test.
+    The rider views are stand-ins: plain Lance tables holding each split's frames as a view does,
+    without image bytes and with the frames' stable row ids as `__source_row_id` (readers take
+    pixels by them); the real Geneva views run in the end-to-end loop test.
     """
     root = tmp_path_factory.mktemp("trained-rider")
     assets = [*training_assets.build_training_defs([RIDER]).assets, *evaluation_assets.build_evaluation_defs([RIDER]).assets]
@@ -156,7 +157,9 @@ def trained_rider(tmp_path_factory):
             synthetic.write_batch(settings.landing_dir(), "b1", 16, seed=0, width=320, height=180, val_fraction=0.5)
             conn = storage.connect(settings.lancedb_uri())
             ingest.ingest_batches(conn, settings.landing_dir())
-            frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
+            frames = conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(with_row_id=True)
+            frames = frames.drop_columns(["image_bytes"])
+            frames = frames.rename_columns([pixels.SOURCE_ROW_ID if n == "_rowid" else n for n in frames.column_names])
             for split in ("train", "val"):
                 conn.create_table(slices.view_name(RIDER, split), frames.filter(pc.equal(frames["split"], split)),
                                   storage_options=storage.STABLE_ROW_IDS)

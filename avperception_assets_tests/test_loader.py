@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from avperception_assets import loader, storage
 from avperception_assets.bdd100k import COCO_IDS
 from avperception_assets.decoding import decode
+from avperception_assets.pixels import PixelReader
 
 from .conftest import build_frames_table
 
@@ -72,8 +73,9 @@ def test_read_ahead_yields_the_rows_of_a_direct_take(frames_uri):
 
 
 def test_unpredicted_requests_are_taken_directly(frames_uri):
-    permutation = loader.build_permutation(loader.pin_view(frames_uri, storage.FRAMES_TABLE), seed=2)
-    dataset = loader.FramesDataset(permutation, read_ahead=2)
+    permutation = loader.build_permutation(loader.pin_view(frames_uri, storage.FRAMES_TABLE), 2, loader.COLUMNS)
+    reader = PixelReader.of(frames_uri, loader.open_table(frames_uri, storage.FRAMES_TABLE))
+    dataset = loader.FramesDataset(permutation, reader, read_ahead=2)
     for indices in ([4, 5], [6, 7], [8, 9], [0, 1], [9, 3], [10, 11], [12, 13], [len(dataset) - 1]):
         assert dataset.__getitems__(indices).to_pylist() == permutation.__getitems__(indices).to_pylist()
     assert pickle.loads(pickle.dumps(dataset))._executor is None  # the take thread stays in its process
@@ -81,7 +83,7 @@ def test_unpredicted_requests_are_taken_directly(frames_uri):
 
 def test_evaluation_collate_matches_the_box_aware_path(frames_uri):
     view = loader.pin_view(frames_uri, storage.FRAMES_TABLE)
-    batch = loader.build_permutation(view).__getitems__([0, 1, 2])
+    batch = loader.build_permutation(view, columns=loader.COLUMNS).__getitems__([0, 1, 2])
     fast, box_aware = loader.DecodeCollate()(batch), loader.DecodeCollate(v2.Identity())(batch)
     assert fast.image_ids == box_aware.image_ids
     for (image, target), (other_image, other) in zip(zip(fast.images, fast.targets),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+import torch
 
-from avperception_assets import curation, failure_modes, ingest, slices, storage, synthetic
+from avperception_assets import curation, evaluation, failure_modes, ingest, loader, pixels, slices, storage, synthetic
+from avperception_assets.decoding import decode
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode, FailureModeError
 from avperception_assets_tests.conftest import copy_curated_db, source_ids, view_ids
 
@@ -124,6 +126,43 @@ def test_views_hold_the_source_filtered_the_same_way(table, first):
     assert slices.check_view(conn, RIDER, "val").passed
 
 
+def test_views_hold_no_image_bytes_and_readers_get_the_source_pixels(table, first):
+    """The loader (in a spawned worker) and evaluation take each row's bytes from the frames
+    table by the view's stable row ids; pixels and labels equal the source's."""
+    conn, landing = table
+    name, uri = first["bdd100k_rider_val"].view, str(landing.parent / "lancedb")
+    assert pixels.IMAGE_BYTES not in slices.open_view(conn, name).schema.names
+    source = conn.open_table(storage.FRAMES_TABLE).to_arrow()
+    expected = {row["image_id"]: row for row in source.to_pylist()}
+    view = loader.pin_view(uri, name)
+    seen = []
+    for batches in (loader.make_loader(view, batch_size=2, seed=3, num_workers=1),
+                    evaluation.view_batches(uri, name, view.version, batch_size=2)):
+        for batch in batches:
+            for image, target, image_id in zip(*batch):
+                row = expected[image_id]
+                assert torch.equal(image, decode(row["image_bytes"]))
+                want = loader.coco_target(row["ann_categories"], row["ann_bboxes"], row["width"], row["height"])
+                assert torch.equal(target["labels"], want["labels"]) and torch.equal(target["boxes"], want["boxes"])
+                seen.append(image_id)
+    assert sorted(seen) == sorted(view_ids(slices.open_view(conn, name)) * 2)
+
+
+def test_a_view_that_holds_image_bytes_is_recreated_without_them(table, first):
+    """A view created before views dropped their bytes (the old select: every column)."""
+    conn, _ = table
+    legacy = FailureMode("legacy", "has_rider = true", RIDER.classes)
+    source, name = conn.open_table(storage.FRAMES_TABLE), slices.view_name(legacy, "val")
+    every_column = {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in source.schema}
+    conn.create_materialized_view(name, source.search().select(every_column).where(slices.view_filter(legacy, "val")))
+    assert pixels.IMAGE_BYTES in conn.open_table(name).schema.names
+    stats = refresh(conn, legacy, "val")
+    assert stats.recreated and "image bytes" in stats.recreate_reason
+    view = slices.open_view(conn, name)
+    assert pixels.IMAGE_BYTES not in view.schema.names
+    assert view_ids(view) == source_ids(conn, slices.view_filter(legacy, "val"))
+
+
 def test_rows_not_yet_curated_do_not_qualify_and_a_current_view_runs_no_job(table, first):
     conn, landing = table
     synthetic.write_batch(landing, "b2", 12, seed=2, width=320, height=180)  # val rows among them
@@ -140,7 +179,7 @@ def test_changed_filter_recreates_the_view(table, first):
     conn, _ = table
     changed = FailureMode("rider", "has_rider = true AND timeofday = 'daytime'", RIDER.classes)
     stats = refresh(conn, changed, "val")
-    assert stats.created and stats.recreated and stats.refreshed
+    assert stats.created and stats.recreated and stats.refreshed and "filter" in stats.recreate_reason
     assert stats.previous_filter == slices.view_filter(RIDER, "val")
     view = slices.open_view(conn, "bdd100k_rider_val")
     assert slices.view_filter_of(view) == slices.view_filter(changed, "val")

@@ -46,8 +46,8 @@ def _metadata(stats: slices.ViewStats) -> dict:
     meta["dagster/row_count"] = stats.row_count
     if stats.recreated:
         meta["note"] = dg.MetadataValue.text(
-            f"view recreated: the registry filter changed from {stats.previous_filter!r}; its version history "
-            "restarted")
+            f"view recreated because {stats.recreate_reason} (it held the filter {stats.previous_filter!r}); "
+            "its version history restarted")
     return meta
 
 
