@@ -2,11 +2,30 @@
 cleanup of old versions of it and of the views, and the scalar indexes that view filters read,
 kept current.
 
+Each pass costs what the new rows cost, not the table: compaction merges only fragments smaller
+than `FRAGMENT_ROWS` (so the batches' tail, never the big fragments), bitmap and label-list
+indexes take the new rows incrementally, and a btree index is rebuilt only once its unindexed
+rows reach `BTREE_STALE_FRACTION` of its indexed ones (amortized, a rebuild costs a fraction of
+a batch; until then a lookup also scans the unindexed fragments' column).
+
 Cleanup never removes a version something is pinned to: a checkpoint or a report (their
 metadata names the view and frames-table versions they were trained or evaluated on, which
 `reproduce` time-travels to) or a view's next incremental refresh (the frames-table version it
 reflects). Pins are LanceDB version tags (`avp-pin-<version>`); Lance's cleanup keeps tagged
-versions. Stable row ids survive compaction, so views and `reproduce` still find their rows.
+versions. Stable row ids survive compaction, so views, `reproduce` and the readers of pixels
+(`pixels`) still find their rows.
+
+Library workarounds, all here (lancedb 0.39.0, whose Rust core is lance 12, with pylance 14.0.2):
+- lancedb's `optimize` compacts with lance's default target of 1M rows a fragment, so with
+  100 KB frames every batch's fragment is merged into the big ones and the whole table is
+  rewritten (4.78x the time at 20,000 frames against 2,000, `benchmarks/scale.py`); it takes
+  no compaction options. Compaction runs in pylance with a target instead (with stable row ids
+  it rewrites no index: lancedb's indexes stay in use).
+- pylance 14's `optimize_indices` rewrites a btree index in a version lancedb ignores ("Index
+  ... has version 1, which is not supported"), so btree indexes are rebuilt through lancedb;
+  bitmap and label-list ones update in pylance and stay readable.
+- lancedb's cleanup raises "tagged version(s) have been marked for cleanup" once a pinned
+  version is old enough, so cleanup runs in pylance too.
 
 Nothing here knows about Dagster.
 """
@@ -25,7 +44,10 @@ from . import storage
 from .storage import FRAMES_TABLE, reflected_version, table_exists
 
 PIN_TAG_PREFIX = "avp-pin-"
-NO_CLEANUP = timedelta(days=36500)  # `Table.optimize` with nothing old enough to clean up
+# Rows a compacted fragment holds: about 400 MB of 1280x720 JPEGs, 25 fragments at BDD100K's
+# 100k frames; a batch's compaction rewrites at most this many rows beside its own.
+FRAGMENT_ROWS = 4096
+BTREE_STALE_FRACTION = 0.1
 # Index type per column that view filters read (only columns that exist are indexed).
 SCALAR_INDEXES = {
     "split": "BITMAP", "timeofday": "BITMAP", "weather": "BITMAP", "scene": "BITMAP", "batch_id": "BITMAP",
@@ -44,11 +66,13 @@ class MaintenanceStats:
     version_after: int
     fragments_before: int
     fragments_after: int
+    fragments_merged: int
     versions_before: int
     versions_after: int
     pinned_versions: list[int]
     indexes: list[str] = field(default_factory=list)
     indexes_created: list[str] = field(default_factory=list)
+    indexes_updated: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     def as_metadata(self) -> dict[str, Any]:
@@ -98,8 +122,7 @@ def pin(table, versions: Iterable[int]) -> list[int]:
 
 
 def ensure_scalar_indexes(table, wanted: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Create the missing scalar indexes on the columns of `wanted` that exist; (indexed, created).
-    Existing indexes take new rows in `optimize`."""
+    """Create the missing scalar indexes on the columns of `wanted` that exist; (indexed, created)."""
     indexed = {column for index in table.list_indices() for column in index.columns}
     created = []
     for column, index_type in wanted.items():
@@ -109,34 +132,53 @@ def ensure_scalar_indexes(table, wanted: dict[str, str]) -> tuple[list[str], lis
     return sorted(indexed | set(created)), created
 
 
-def _has_work(table, fragments: int) -> bool:
-    """Whether compaction or an index update would change anything (several fragments, or rows
-    an index does not cover yet)."""
-    return fragments > 1 or any(table.index_stats(index.name).num_unindexed_rows for index in table.list_indices())
+def compact(table, fragment_rows: int = FRAGMENT_ROWS) -> int:
+    """Merge the fragments smaller than `fragment_rows` (the tail recent batches left); returns
+    how many fragments were removed (0: nothing to merge, no commit)."""
+    removed = table.to_lance().optimize.compact_files(target_rows_per_fragment=fragment_rows).fragments_removed
+    table.checkout_latest()
+    return removed
+
+
+def update_indexes(table, stale_fraction: float = BTREE_STALE_FRACTION) -> list[str]:
+    """Bring the indexes up to date with new rows (see the module notes); returns the updated
+    columns. No index with unindexed rows: no commit."""
+    incremental, rebuilt = [], []
+    for index in table.list_indices():
+        stats = table.index_stats(index.name)
+        if not stats.num_unindexed_rows:
+            continue
+        if stats.index_type != "BTREE":
+            incremental.append(index)
+        elif stats.num_unindexed_rows >= stale_fraction * stats.num_indexed_rows:
+            table.create_scalar_index(index.columns[0], index_type="BTREE", replace=True)
+            rebuilt.append(index)
+    if incremental:
+        table.to_lance().optimize.optimize_indices(index_names=[index.name for index in incremental])
+        table.checkout_latest()
+    return sorted(column for index in incremental + rebuilt for column in index.columns)
 
 
 def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
-             indexes: dict[str, str] | None = None, compact: bool = True) -> MaintenanceStats:
-    """Pin, index, compact and clean up one table (its latest version is always kept)."""
+             indexes: dict[str, str] | None = None, compact_fragments: bool = True,
+             fragment_rows: int = FRAGMENT_ROWS) -> MaintenanceStats:
+    """Pin, index, compact and clean up one table (its latest version is always kept). With
+    nothing to compact or index there is no commit, so views stay current."""
     started = time.perf_counter()
     table.checkout_latest()
     version_before, fragments_before = table.version, len(table.to_lance().get_fragments())
     versions_before = len(table.list_versions())
     kept = pin(table, pinned)
     indexed, created = ensure_scalar_indexes(table, indexes or {})
-    if compact and _has_work(table, fragments_before):  # else no commit: views stay current
-        table.optimize(cleanup_older_than=NO_CLEANUP)  # compaction, index updates; cleanup below
-    # lancedb 0.39's cleanup raises "tagged version(s) have been marked for cleanup" once a pinned
-    # version is old enough, so pylance cleans up. Only cleanup: pylance 14 rewrites btree
-    # indexes in a version lancedb 0.39 (lance 12) ignores ("Index … has version 1, which is
-    # not supported"), so compaction and indexes stay with lancedb.
+    fragments_merged = compact(table, fragment_rows) if compact_fragments else 0
+    updated = update_indexes(table)
     table.to_lance().cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
     table.checkout_latest()
     return MaintenanceStats(
         table=name, version_before=version_before, version_after=table.version, fragments_before=fragments_before,
-        fragments_after=len(table.to_lance().get_fragments()), versions_before=versions_before,
-        versions_after=len(table.list_versions()), pinned_versions=kept, indexes=indexed, indexes_created=created,
-        elapsed_s=time.perf_counter() - started)
+        fragments_after=len(table.to_lance().get_fragments()), fragments_merged=fragments_merged,
+        versions_before=versions_before, versions_after=len(table.list_versions()), pinned_versions=kept,
+        indexes=indexed, indexes_created=created, indexes_updated=updated, elapsed_s=time.perf_counter() - started)
 
 
 def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
@@ -151,5 +193,6 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
                                     older_than=older_than, indexes=SCALAR_INDEXES)}
     for name in views:
-        stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than, compact=False)
+        stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than,
+                               compact_fragments=False)
     return stats

@@ -21,17 +21,18 @@ class MaintenanceConfig(dg.Config):
 
 
 def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
-    lines = ["| table | fragments | versions | pinned | indexes created | seconds |", "|---|---|---|---|---|---:|"]
+    lines = ["| table | fragments | versions | pinned | indexes created | indexes updated | seconds |",
+             "|---|---|---|---|---|---|---:|"]
     for s in stats.values():
         lines.append(f"| {s.table} | {s.fragments_before} → {s.fragments_after} | {s.versions_before} → "
                      f"{s.versions_after} | {s.pinned_versions} | {', '.join(s.indexes_created) or '-'} "
-                     f"| {s.elapsed_s:.1f} |")
+                     f"| {', '.join(s.indexes_updated) or '-'} | {s.elapsed_s:.1f} |")
     return "\n".join(lines)
 
 
 @dg.asset(key=TABLE_MAINTENANCE, group_name=MAINTENANCE, kinds={"lancedb"}, pool=LANCEDB_WRITES_POOL,
           deps=[RAW_FRAMES, *(column_key(c) for c in curation.COLUMNS)], automation_condition=FOLLOWS_FOOTAGE,
-          description="Compacts bdd100k, removes old versions of it and of the slice views that nothing is "
+          description="Compacts the small fragments of bdd100k, removes old versions of it and of the slice views that nothing is "
                       "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
                       "of the columns view filters read current.")
 def table_maintenance(config: MaintenanceConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
