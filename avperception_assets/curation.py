@@ -378,7 +378,7 @@ class _Launch:
     job: Any = None  # geneva Job, None when there was nothing to fill
 
 
-def _launch(table, plan: ColumnPlan, config: CurationConfig) -> _Launch:
+def _launch(table, plan: ColumnPlan, config: CurationConfig, log: Callable[[str], None] | None) -> _Launch:
     """Start the column's Geneva backfill over its NULL rows (asynchronously)."""
     started = time.perf_counter()
     table.checkout_latest()
@@ -395,6 +395,8 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig) -> _Launch:
             job = table.backfill_async(plan.columns[0], udf=plan.make_udf(table),
                                        concurrency=config.concurrency or os.cpu_count() or 1,
                                        checkpoint_size=config.checkpoint_size)
+        if log:
+            log(f"{plan.columns[0]}: backfilling {pending} rows (Geneva job {job.job_id})")
     return _Launch(plan, started, pending, first_new, job)
 
 
@@ -446,7 +448,7 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
         for name in wave:  # schema changes first, so they do not race the jobs' commits
             plan = plans[name]
             _ensure_column(table, plan, bool(set(plan.columns) & set(config.recompute)))
-        launches = [_launch(table, plans[name], config) for name in wave]
+        launches = [_launch(table, plans[name], config, log) for name in wave]
         for launch in launches:
             for column_stats in _finish(table, launch):
                 stats[column_stats.column] = column_stats

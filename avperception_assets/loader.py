@@ -1,11 +1,12 @@
 """Detection data loader over a LanceDB table or view, read through LanceDB's `Permutation`.
 
 Rows are read straight from the view (selected columns, Arrow record batches, batched `take`s
-read ahead in a background thread); a view's image bytes come from the frames table by stable
-row id in the same background take (`pixels`: views hold no bytes). JPEG bytes are decoded in the collate step, so with workers
-the decoding runs in the worker processes. Frames leave the loader as uint8 and become float
-only at the consumer (`model_inputs`, after the copy to the device): a float frame is four
-times the bytes to move through worker shared memory and over PCIe.
+read ahead in a background thread); views hold no image bytes, so the same background take
+fetches a batch's bytes from the frames table by stable row id (`pixels`). JPEG bytes are
+decoded in the collate step, so with workers the decoding runs in the worker processes. Frames
+leave the loader as uint8 and become float only at the consumer (`model_inputs`, after the copy
+to the device): a float frame is four times the bytes to move through worker shared memory and
+over PCIe.
 
 The permutation is pinned to one table version (its permutation table records `base_version`),
 and its order is a seeded shuffle of the view's row ids at that version, so the same (view,
@@ -122,8 +123,8 @@ class FramesDataset:
     """A map-style torch Dataset whose batched `__getitems__` is one Permutation take (and, for a
     view, one take of the rows' image bytes from the frames table).
 
-    Only the Permutation travels to workers; it reopens the view lazily there through its
-    connection factory, so the dataset is safe under the `spawn` start method.
+    Only the Permutation and the PixelReader travel to workers; both reopen their tables lazily
+    there, so the dataset is safe under the `spawn` start method.
 
     The DataLoader asks for the permutation in order (the shuffle is the permutation's), so
     each process can predict its next batches: the following one with no workers, every
@@ -141,7 +142,8 @@ class FramesDataset:
         self._ahead: dict[tuple[int, ...], tuple] = {}  # offsets -> (future of a chunk, slice start)
 
     def __getstate__(self) -> dict:
-        return {"permutation": self.permutation, "pixels": self.pixels, "read_ahead": self.read_ahead, "_len": self._len}
+        return {"permutation": self.permutation, "pixels": self.pixels, "read_ahead": self.read_ahead,
+                "_len": self._len}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _executor=None, _ahead={})

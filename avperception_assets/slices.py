@@ -99,8 +99,10 @@ def open_view(conn, name: str, version: int | None = None):
     return view
 
 
-def _source_row_ids(view) -> set[int]:
-    return set(view.to_lance().to_table(columns=["__source_row_id"])["__source_row_id"].to_pylist())
+def _fragment_rows(view) -> dict[int, int]:
+    """Live rows per fragment id: what a refresh appended and removed, from metadata alone
+    (a refresh appends new fragments and deletes the rows of deleted source rows in place)."""
+    return {fragment.fragment_id: fragment.count_rows() for fragment in view.to_lance().get_fragments()}
 
 
 # --- refresh --------------------------------------------------------------------------
@@ -188,12 +190,12 @@ def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int) 
     refresh it unless it already reflects the source's current version."""
     started = time.perf_counter()
     name, wanted = view_name(mode, split), view_filter(mode, split)
-    view, previous, reason, before = None, None, None, set()
+    view, previous, reason, before = None, None, None, {}
     if table_exists(conn, name):
         view = conn.open_table(name)
         reason = _recreate_reason(view, wanted)
         if reason is None:
-            before = _source_row_ids(view)
+            before = _fragment_rows(view)
         else:
             previous = view_filter_of(view)
             conn.drop_table(name)
@@ -206,11 +208,12 @@ def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int) 
         result = view.refresh(src_version=source.version, concurrency=concurrency)
         storage.release_job_tracker(result.job_id)
     view.checkout_latest()
-    after = _source_row_ids(view)
+    after = _fragment_rows(view)
+    added = sum(rows for fragment, rows in after.items() if fragment not in before)
     return ViewStats(
         view=name, mode=mode.name, split=split, filter=view_filter_of(view), columns=view_columns(mode, split),
         row_count=view.count_rows(), view_version=view.version, source_version=reflected_version(view),
-        rows_added=len(after - before), rows_removed=len(before - after), created=created,
+        rows_added=added, rows_removed=sum(before.values()) + added - sum(after.values()), created=created,
         recreated=reason is not None, recreate_reason=reason, previous_filter=previous, refreshed=refreshed,
         source_rows_not_curated=_not_curated(source, mode, split), elapsed_s=time.perf_counter() - started)
 

@@ -1,6 +1,7 @@
-"""A run killed with SIGKILL in the middle of ingestion stays STARTED and keeps its
-`lancedb_writes` pool slot. Under the daemon `dead_run_sensor`, from the command line the next
-run itself, marks it failed with the reason and frees the slot; the batch then lands whole."""
+"""A run killed with SIGKILL in the middle of ingestion or of a backfill stays STARTED and keeps
+its `lancedb_writes` pool slot. Under the daemon `dead_run_sensor`, from the command line the
+next run itself, marks it failed with the reason and frees the slot; the batch then lands
+whole, and the column is filled once."""
 
 import os
 import shutil
@@ -42,9 +43,9 @@ def deployment(tmp_path):
         yield instance, env, data
 
 
-def _materialize(env) -> subprocess.Popen:
+def _materialize(env, select: str = "raw_frames") -> subprocess.Popen:
     return subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "avperception_assets.definitions",
-                             "--select", "raw_frames"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             "--select", select], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -94,3 +95,60 @@ def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deploym
     assert "is gone" in _failure_message(instance, dead)
     table = storage.connect(str(data / "lancedb")).open_table(storage.FRAMES_TABLE)
     assert table.count_rows() == FRAMES and not ingest_checks.duplicate_image_ids(table)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (a run's local Ray: GCS, raylet, workers, actors)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _run_logging(instance, process: subprocess.Popen, text: str) -> str:
+    """The id of the started run once one of its log messages contains `text`."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+            if any(text in (entry.user_message or "") for entry in instance.all_logs(run.run_id)):
+                return run.run_id
+        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
+        time.sleep(0.2)
+    raise AssertionError(f"no run logged {text!r}")
+
+
+def test_a_run_killed_during_a_backfill_takes_its_ray_along_and_the_next_run_fills_the_column(deployment):
+    instance, env, data = deployment
+    process = _materialize(env, "raw_frames,dhash")
+    dead = _run_logging(instance, process, "dhash: backfilling")
+    ray = _descendants(process.pid)
+    assert ray, "the run started no local Ray"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    table = storage.connect(str(data / "lancedb")).open_table(storage.FRAMES_TABLE)
+    assert table.count_rows() == FRAMES and table.count_rows("dhash IS NOT NULL") < FRAMES  # killed mid-backfill
+
+    with dg.build_sensor_context(instance=instance) as context:  # the daemon's sensor
+        dead_run_sensor(context)
+    assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
+    assert "processes it had started killed" in _failure_message(instance, dead)
+    assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots
+    deadline = time.monotonic() + 30
+    while [pid for pid in ray if process_alive(pid, time.time())] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in ray if process_alive(pid, time.time())], "the killed run's Ray outlived it"
+    process = _materialize(env, "dhash")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    table.checkout_latest()
+    assert table.count_rows() == table.count_rows("dhash IS NOT NULL") == FRAMES
+    assert not ingest_checks.duplicate_image_ids(table)

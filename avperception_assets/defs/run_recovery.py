@@ -2,7 +2,10 @@
 the pool slots they claimed, so every later ingestion, backfill and refresh waits on
 `lancedb_writes` forever. Dagster's run monitoring cannot see this with the default run
 launcher (it has no worker health check), so we check ourselves: a STARTED run whose worker
-process is gone is marked failed with the reason and its slots are freed.
+process is gone is marked failed with the reason and its slots are freed. What the run had
+started outlives it: a local Ray's agents and workers are re-parented, not killed (seen with
+Ray 2.60.0: `ray::DashboardAgent`, `ray::RuntimeEnvAgent` and idle workers still alive minutes
+after a SIGKILL). Every process a run starts inherits `AVP_RUN_ID`, so they are killed with it.
 
 The check runs when any run starts (the `lancedb` resource, so the command line is covered
 without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
@@ -11,13 +14,44 @@ execute elsewhere (Kubernetes, ECS, Docker launchers) relies on run monitoring i
 and sets `AVP_DEAD_RUN_CHECK=off`.
 """
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.events import DagsterEventType, JobFailureData, RunFailureReason
 
 ENABLED = os.environ.get("AVP_DEAD_RUN_CHECK", "on") != "off"
+RUN_ENV = "AVP_RUN_ID"
+
+
+def mark_run_processes(run_id: str) -> None:
+    """Make every process this run worker starts from now on (its local Ray) carry the run id."""
+    os.environ[RUN_ENV] = run_id
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Live processes that carry `run_id` (other than this one)."""
+    marker, found = f"{RUN_ENV}={run_id}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            if pid != os.getpid() and marker in environ.read_bytes().split(b"\0"):
+                found.append(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def kill_run_processes(run_id: str) -> list[int]:
+    """SIGKILL what a dead run left running; returns their pids."""
+    killed = []
+    for pid in run_processes(run_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
 
 
 def _boot_time() -> float:
@@ -69,9 +103,10 @@ def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = No
         if worker is None or process_alive(*worker):
             continue
         pid, _ = worker
+        left = kill_run_processes(run.run_id)
         instance.report_run_failed(
-            run, message=f"run worker process {pid} is gone (killed?): marked failed and its pool slots "
-                         "freed so later runs can proceed",
+            run, message=f"run worker process {pid} is gone (killed?): marked failed, {len(left)} processes it "
+                         "had started killed, and its pool slots freed so later runs can proceed",
             job_failure_data=JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION))
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
