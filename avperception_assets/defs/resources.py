@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from .. import storage
-from .run_recovery import fail_dead_runs, mark_run_processes
+from .run_recovery import fail_dead_runs
 
 
 class LanceDBResource(dg.ConfigurableResource):
@@ -26,8 +26,6 @@ class LanceDBResource(dg.ConfigurableResource):
         if context.instance is not None:
             for run_id in fail_dead_runs(context.instance, exclude_run_id=context.run.run_id if context.run else None):
                 context.log.warning(f"run {run_id} had lost its worker process: marked failed, pool slots freed")
-        if context.run is not None:
-            mark_run_processes(context.run.run_id)
 
     def connect(self):
         return storage.connect(self.uri)

@@ -2,10 +2,10 @@
 the pool slots they claimed, so every later ingestion, backfill and refresh waits on
 `lancedb_writes` forever. Dagster's run monitoring cannot see this with the default run
 launcher (it has no worker health check), so we check ourselves: a STARTED run whose worker
-process is gone is marked failed with the reason and its slots are freed. What the run had
-started outlives it: a local Ray's agents and workers are re-parented, not killed (seen with
-Ray 2.60.0: `ray::DashboardAgent`, `ray::RuntimeEnvAgent` and idle workers still alive minutes
-after a SIGKILL). Every process a run starts inherits `AVP_RUN_ID`, so they are killed with it.
+process is gone is marked failed with the reason and its slots are freed. The local Ray
+the run had started outlives it: its agents and idle workers are re-parented, not killed (Ray
+2.60.0: `ray::DashboardAgent`, `ray::RuntimeEnvAgent` and workers still alive minutes after a
+SIGKILL, holding memory), so they are killed with the run.
 
 The check runs when any run starts (the `lancedb` resource, so the command line is covered
 without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
@@ -16,38 +16,40 @@ and sets `AVP_DEAD_RUN_CHECK=off`.
 
 import contextlib
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.events import DagsterEventType, JobFailureData, RunFailureReason
 
 ENABLED = os.environ.get("AVP_DEAD_RUN_CHECK", "on") != "off"
-RUN_ENV = "AVP_RUN_ID"
 
 
-def mark_run_processes(run_id: str) -> None:
-    """Make every process this run worker starts from now on (its local Ray) carry the run id."""
-    os.environ[RUN_ENV] = run_id
-
-
-def run_processes(run_id: str) -> list[int]:
-    """Live processes that carry `run_id` (other than this one)."""
-    marker, found = f"{RUN_ENV}={run_id}".encode(), []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        pid = int(environ.parent.name)
+def ray_processes_of(worker_pid: int) -> list[int]:
+    """Live processes of the local Ray that the (dead) process `worker_pid` started. Ray names a
+    session's directory after its driver's pid (`session_<date>_<pid>`) and every Ray process
+    keeps its log files there open (the agents get an environment of Ray's own, so an
+    environment variable cannot mark them)."""
+    session = re.compile(rf"/session_[^/]+_{worker_pid}/")
+    found = []
+    for fds in Path("/proc").glob("[0-9]*/fd"):
         try:
-            if pid != os.getpid() and marker in environ.read_bytes().split(b"\0"):
-                found.append(pid)
+            if any(session.search(os.readlink(fd)) for fd in fds.iterdir()):
+                found.append(int(fds.parent.name))
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return found
 
 
-def kill_run_processes(run_id: str) -> list[int]:
-    """SIGKILL what a dead run left running; returns their pids."""
+def kill_ray_of(worker_pid: int) -> list[int]:
+    """SIGKILL the local Ray a dead run worker left running; returns the pids killed. Nothing is
+    killed while a live process holds `worker_pid` again: its own Ray's session would match."""
+    if process_alive(worker_pid, time.time()):
+        return []
     killed = []
-    for pid in run_processes(run_id):
+    for pid in ray_processes_of(worker_pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
@@ -103,7 +105,7 @@ def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = No
         if worker is None or process_alive(*worker):
             continue
         pid, _ = worker
-        left = kill_run_processes(run.run_id)
+        left = kill_ray_of(pid)
         instance.report_run_failed(
             run, message=f"run worker process {pid} is gone (killed?): marked failed, {len(left)} processes it "
                          "had started killed, and its pool slots freed so later runs can proceed",
