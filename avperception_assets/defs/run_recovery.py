@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -115,11 +116,30 @@ def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = No
     return failed
 
 
+def kill_ray_of_failed_runs(instance: dg.DagsterInstance, within_s: float = 3600.0) -> list[int]:
+    """Kill the local Ray left by runs that failed or were canceled in the last `within_s`
+    seconds: under `dagster dev` the code server fails a killed run itself (so it is never
+    STARTED here), but not what the run had started. Returns the pids killed."""
+    if not ENABLED:
+        return []
+    ended = dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
+                          updated_after=datetime.fromtimestamp(time.time() - within_s, timezone.utc))
+    killed = []
+    for run in instance.get_runs(filters=ended):
+        worker = _worker(instance, run.run_id)
+        if worker is not None:
+            killed += kill_ray_of(worker[0])
+    return killed
+
+
 @dg.sensor(name="dead_run_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Marks runs whose worker process died as failed and frees their pool slots.")
+           description="Marks runs whose worker process died as failed, frees their pool slots and kills the "
+                       "local Ray they left.")
 def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    failed = fail_dead_runs(context.instance)
-    return dg.SkipReason(f"marked failed (worker gone): {failed}" if failed else "no dead run")
+    failed, leftovers = fail_dead_runs(context.instance), kill_ray_of_failed_runs(context.instance)
+    done = ([f"marked failed (worker gone): {failed}"] if failed else []) + (
+        [f"killed {len(leftovers)} processes of the local Ray that ended runs left"] if leftovers else [])
+    return dg.SkipReason("; ".join(done) or "no dead run")
 
 
 defs = dg.Definitions(sensors=[dead_run_sensor])
