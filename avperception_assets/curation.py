@@ -7,8 +7,9 @@ the table. The slices are SQL filters over these columns.
 What a column computes per row lives in `curation_udfs` (what Ray workers run); the checks
 on the columns in `curation_checks`.
 
-- `has_person`, `has_rider`, `num_persons`: from the (already det_20-normalised) annotations,
-  by one multi-output UDF (`UDF_GROUPS`), so one Geneva job fills all three.
+- `has_person`, `has_rider`, `num_persons`, `scene_description` ("night, rainy, city street;
+  2 pedestrians, 1 rider"): from the (already det_20-normalised) annotations and scene
+  attributes, by one multi-output UDF (`UDF_GROUPS`), so one Geneva job fills all four.
 - `person_bbox_area_pct`: largest person box as a percentage of the frame area, from a
   torchvision detector (COCO weights from the torch hub cache, or a local state_dict) or,
   where no weights are available, from the annotations. The source is recorded in the
@@ -18,6 +19,10 @@ on the columns in `curation_checks`.
   duplicate iff an earlier-ingested frame is within `dup_threshold` bits (Hamming), so
   exactly the earliest frame of each duplicate group stays unflagged and values of old rows
   never change when new rows arrive.
+- `embedding`: a unit vector per frame from its pixels alone, by the configured model
+  (`embeddings`; recorded in the column's metadata, changed only with a recompute), and
+  `uniqueness`: cosine distance to the nearest earlier-ingested frame, so again old rows never
+  change.
 
 A UDF error on one row does not abort a column: Geneva's `skip_on_error` isolates the row
 (bisecting batches), writes NULL and records the error in the `geneva_errors` table;
@@ -44,18 +49,23 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .curation_udfs import (ANNOTATION_COUNTS_TYPE, DuplicateFlagger, PersonAreaDetector, annotation_counts, dhash,
+from . import embeddings, storage
+from .curation_udfs import (ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, DuplicateFlagger, ExemplarDistance, FrameEmbedder,
+                            PersonAreaDetector, UniquenessScorer, annotation_columns, dhash,
                             person_bbox_area_pct_annotations)
+from .failure_modes import FAILURE_MODES, FailureMode
 from .quarantine import Rejection, record_quarantine
 
-COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
-# Columns a column's UDF reads (beyond raw frame fields): backfill order follows it.
-COLUMN_DEPS = {"is_duplicate": ("dhash",)}
+COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
+           "is_duplicate", "embedding", "uniqueness")
+# Columns a column's UDF reads (beyond raw frame fields): backfill order follows it, and
+# recomputing a column recomputes those that read it.
+COLUMN_DEPS = {"is_duplicate": ("dhash",), "uniqueness": ("embedding",)}
+# Beside COLUMNS, each failure mode defined by example adds `<mode>_distance`, read from `embedding`.
 # Columns one multi-output UDF fills in a single Geneva job (`geneva.Columns[T]`): a job costs
 # seconds whatever its row count, so columns computed from the same inputs share one. Siblings
 # are added, backfilled and dropped together.
-UDF_GROUPS = {"annotation_counts": ("has_person", "has_rider", "num_persons")}
+UDF_GROUPS = {"annotation_columns": ("has_person", "has_rider", "num_persons", "scene_description")}
 # Geneva's field metadata naming the group of an unpacked sibling column.
 GENEVA_UNPACK_GROUP = b"virtual_column.unpack_group"
 
@@ -84,8 +94,12 @@ class CurationConfig:
     person_area_source: 'auto' (COCO weights if in the torch hub cache, else annotations),
         'coco', 'annotations', or the path of a state_dict saved by this project.
     detector_profile: `detector.get_profile` name ('cpu' | 'gpu'); default by device.
+    embedding_model: `embeddings.resolve` spec (None: `AVP_EMBEDDING_MODEL`, else the offline
+        `color_layout`).
     recompute: columns to drop and recompute from scratch (needed to change a column's
-        definition, e.g. the detector source, once it holds values).
+        definition, e.g. the detector source, once it holds values), with the columns that
+        read them.
+    modes: the failure-mode registry, whose modes defined by example add distance columns.
     concurrency: Geneva applier actors per backfill (default: one per CPU of this machine).
     """
 
@@ -94,18 +108,39 @@ class CurationConfig:
     score_threshold: float = 0.5
     detector_batch_size: int = 8
     dup_threshold: int = 6
+    embedding_model: str | None = None
+    embedding_batch_size: int = 16
     recompute: tuple[str, ...] = ()
     concurrency: int | None = None
     checkpoint_size: int = 64
+    modes: tuple[FailureMode, ...] = FAILURE_MODES
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every curation column, in backfill order: COLUMNS, then the distance column of each
+        mode defined by example."""
+        return COLUMNS + tuple(m.distance_column for m in self.modes if m.by_example)
+
+    @property
+    def deps(self) -> dict[str, tuple[str, ...]]:
+        return {**COLUMN_DEPS, **{m.distance_column: ("embedding",) for m in self.modes if m.by_example}}
 
     def __post_init__(self):
-        unknown = set(self.recompute) - set(COLUMNS)
+        unknown = set(self.recompute) - set(self.columns)
         if unknown:
-            raise CurationError(f"recompute names unknown columns {sorted(unknown)}; expected some of {COLUMNS}")
+            raise CurationError(f"recompute names unknown columns {sorted(unknown)}; expected some of {self.columns}")
         if not 0 <= self.dup_threshold <= 64:
             raise CurationError(f"dup_threshold must be 0..64 bits, got {self.dup_threshold}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise CurationError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        object.__setattr__(self, "recompute", self._with_readers(self.recompute))
+
+    def _with_readers(self, columns) -> tuple[str, ...]:
+        """`columns` and every column that reads one of them (its values follow theirs)."""
+        wanted = set(columns)
+        while grown := {c for c, deps in self.deps.items() if wanted & set(deps)} - wanted:
+            wanted |= grown
+        return tuple(c for c in self.columns if c in wanted)
 
 
 @dataclass
@@ -226,9 +261,9 @@ def _udf(func, data_type: pa.DataType, params: dict[str, Any], name: str, **kwar
 def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
     """The job (UDF and defining parameters) of every curation column under `config`, by job name."""
     plans = {
-        "annotation_counts": ColumnPlan(
-            "annotation_counts", lambda t: _udf(annotation_counts, ANNOTATION_COUNTS_TYPE, {}, "annotation_counts"), {},
-            UDF_GROUPS["annotation_counts"]),
+        "annotation_columns": ColumnPlan(
+            "annotation_columns", lambda t: _udf(annotation_columns, ANNOTATION_COLUMNS_TYPE, {}, "annotation_columns"),
+            {}, UDF_GROUPS["annotation_columns"]),
         "dhash": ColumnPlan("dhash", lambda t: _udf(dhash, pa.uint64(), {"hash": "dhash64"}, "dhash",
                                                     num_cpus=DECODE_CPUS), {"hash": "dhash64"}),
     }
@@ -248,7 +283,55 @@ def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
     plans["person_bbox_area_pct"] = ColumnPlan("person_bbox_area_pct", pct, pct_params)
     dup_params = {"hamming_threshold": config.dup_threshold, "rule": "earlier_ingest_within_threshold"}
     plans["is_duplicate"] = ColumnPlan("is_duplicate", lambda t: _duplicate_udf(t, config, dup_params), dup_params)
+    plans.update(_embedding_plans(config))
     return plans
+
+
+def _embedding_model(config: CurationConfig) -> embeddings.EmbeddingModel:
+    try:
+        return embeddings.resolve(config.embedding_model)
+    except embeddings.EmbeddingError as exc:
+        raise CurationError(str(exc)) from exc
+
+
+def _embedding_plans(config: CurationConfig) -> dict[str, ColumnPlan]:
+    """`embedding`, `uniqueness`, and the distance column of each mode defined by example."""
+    model = _embedding_model(config)
+    params = {"model": model.label, "dim": model.dim}
+    embedder = FrameEmbedder(model, config.embedding_batch_size)
+    unique_params = {"embedding_model": model.label, "rule": "cosine_distance_to_nearest_earlier_ingest",
+                     "cap": UNIQUENESS_CAP}
+    return {
+        "embedding": ColumnPlan("embedding", lambda t: _udf(
+            embedder, pa.list_(pa.float32(), model.dim), params, "embedding",
+            num_cpus=1.0 if model.kind != embeddings.COLOR_LAYOUT else DECODE_CPUS), params),
+        "uniqueness": ColumnPlan("uniqueness", lambda t: _udf(
+            UniquenessScorer(t.uri.rsplit("/", 1)[0], t.name), pa.float32(), unique_params, "uniqueness"),
+            unique_params),
+        **{mode.distance_column: _distance_plan(mode, model) for mode in config.modes if mode.by_example},
+    }
+
+
+def _distance_plan(mode: FailureMode, model: embeddings.EmbeddingModel) -> ColumnPlan:
+    example = {"exemplars": list(mode.exemplars)} if mode.exemplars else {"text_query": mode.text_query}
+    params = {"embedding_model": model.label, **example}
+    return ColumnPlan(mode.distance_column, lambda t: _udf(
+        ExemplarDistance(exemplar_vectors(t, mode, model)), pa.float32(), params, mode.distance_column), params)
+
+
+def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel) -> np.ndarray:
+    """The unit vectors a mode defined by example is measured from: its exemplars' stored
+    embeddings, or its text query through CLIP's text tower."""
+    if mode.text_query is not None:
+        return embeddings.load(model).embed_text([mode.text_query])
+    found = table.to_lance().to_table(
+        columns=["image_id", "embedding"],
+        filter=f"image_id IN ({storage.sql_list(mode.exemplars)}) AND embedding IS NOT NULL")
+    missing = sorted(set(mode.exemplars) - set(found["image_id"].to_pylist()))
+    if missing:
+        raise CurationError(f"failure mode {mode.name!r}: exemplars {missing} are not in {storage.FRAMES_TABLE!r} "
+                            "or have no embedding yet")
+    return np.asarray(found["embedding"].combine_chunks().flatten(), dtype=np.float32).reshape(found.num_rows, -1)
 
 
 def _duplicate_udf(table, config: CurationConfig, params: dict[str, Any]):
@@ -284,13 +367,13 @@ def job_of(column: str) -> str:
     return next((group for group, members in UDF_GROUPS.items() if column in members), column)
 
 
-def ordered(columns) -> list[str]:
+def ordered(columns, all_columns: tuple[str, ...] = COLUMNS) -> list[str]:
     """Columns in backfill order (a column after the columns it reads), unknown ones rejected."""
-    wanted = set(COLUMNS if columns is None else columns)
-    unknown = wanted - set(COLUMNS)
+    wanted = set(all_columns if columns is None else columns)
+    unknown = wanted - set(all_columns)
     if unknown:
-        raise CurationError(f"unknown curation columns {sorted(unknown)}; expected some of {COLUMNS}")
-    return [c for c in COLUMNS if c in wanted]
+        raise CurationError(f"unknown curation columns {sorted(unknown)}; expected some of {all_columns}")
+    return [c for c in all_columns if c in wanted]
 
 
 def _is_whole_group(table, plan: ColumnPlan) -> bool:
@@ -421,11 +504,11 @@ def _finish(table, launch: _Launch) -> list[ColumnStats]:
     return stats
 
 
-def waves(names: list[str]) -> list[list[str]]:
+def waves(names: list[str], deps: dict[str, tuple[str, ...]] = COLUMN_DEPS) -> list[list[str]]:
     """Group columns into waves that can run concurrently: a column after those it reads."""
     remaining, done, result = list(names), set(), []
     while remaining:
-        wave = [n for n in remaining if all(d in done or d not in names for d in COLUMN_DEPS.get(n, ()))]
+        wave = [n for n in remaining if all(d in done or d not in names for d in deps.get(n, ()))]
         result.append(wave)
         done.update(wave)
         remaining = [n for n in remaining if n not in wave]
@@ -439,12 +522,12 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
     fills them all); the stats name every column filled."""
     storage.require_ray("curation backfills")
     config = config or CurationConfig()
-    jobs = list(dict.fromkeys(job_of(c) for c in ordered(columns)))
+    jobs = list(dict.fromkeys(job_of(c) for c in ordered(columns, config.columns)))
     plans = plan_columns(config)
     stats: dict[str, ColumnStats] = {}
     storage.create_error_table(table)  # before concurrent jobs would each create it
     # Each Geneva job has a fixed cost of seconds; independent jobs run concurrently.
-    for wave in waves(jobs):
+    for wave in waves(jobs, config.deps):
         for name in wave:  # schema changes first, so they do not race the jobs' commits
             plan = plans[name]
             _ensure_column(table, plan, bool(set(plan.columns) & set(config.recompute)))
@@ -454,4 +537,4 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
                 stats[column_stats.column] = column_stats
                 if log:
                     log(f"{column_stats.column}: {column_stats.as_metadata()}")
-    return {c: stats[c] for c in COLUMNS if c in stats}
+    return {c: stats[c] for c in config.columns if c in stats}

@@ -1,5 +1,6 @@
-"""Checks on the curation columns: coverage, agreement with the annotations, value range, and
-one survivor per near-duplicate group. Shared by the Dagster asset checks and the tests.
+"""Checks on the curation columns: coverage, agreement with the annotations, value ranges, unit
+embeddings, and one survivor per near-duplicate group. Shared by the Dagster asset checks and
+the tests.
 
 Each check looks at the rows `where` selects (a run's checks: the rows the run filled, see
 `storage.rows_since`); `where=None` checks the whole table (the audit job)."""
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from .curation import column_params, error_rows
 from .storage import and_where
-from .curation_udfs import count_persons, duplicate_flags, has_person, has_rider
+from .curation_udfs import count_persons, duplicate_flags, has_person, has_rider, scene_description
 
 
 @dataclass
@@ -36,15 +38,49 @@ def check_coverage(table, column: str, where: str | None = None) -> CheckOutcome
     return CheckOutcome(nulls == 0, meta, warn_only=0 < nulls == errored)
 
 
+# What each annotation column is recomputed from: (columns read, function of them).
+EXPECTED = {
+    "has_person": (("ann_categories",), has_person),
+    "has_rider": (("ann_categories",), has_rider),
+    "num_persons": (("ann_categories",), count_persons),
+    "scene_description": (("timeofday", "weather", "scene", "ann_categories"), scene_description),
+}
+
+
 def check_annotation_consistency(table, column: str, where: str | None = None) -> CheckOutcome:
-    """has_person / has_rider / num_persons agree with the annotations on every filled row."""
-    expected_of = {"has_person": has_person, "has_rider": has_rider, "num_persons": count_persons}[column]
-    data = table.to_lance().to_table(columns=["image_id", "ann_categories", column], filter=where)
-    mismatches = [image_id for image_id, cats, value in
-                  zip(data["image_id"].to_pylist(), data["ann_categories"].to_pylist(), data[column].to_pylist())
-                  if value is not None and value != expected_of(cats)]
-    return CheckOutcome(not mismatches, {"rows_checked": data.num_rows, "mismatched_rows": len(mismatches),
+    """The annotation columns (has_person, has_rider, num_persons, scene_description) agree with
+    the annotations and scene attributes on every filled row."""
+    inputs, expected_of = EXPECTED[column]
+    data = table.to_lance().to_table(columns=["image_id", *inputs, column], filter=where).to_pylist()
+    mismatches = [row["image_id"] for row in data
+                  if row[column] is not None and row[column] != expected_of(*(row[c] for c in inputs))]
+    return CheckOutcome(not mismatches, {"rows_checked": len(data), "mismatched_rows": len(mismatches),
                                          "sample": mismatches[:10]})
+
+
+def check_unit_vectors(table, where: str | None = None, tolerance: float = 1e-3) -> CheckOutcome:
+    """Every filled embedding has the recorded model's dimension and unit norm."""
+    params = column_params(table, "embedding")
+    if params is None:
+        return CheckOutcome(False, {"reason": "column 'embedding' does not exist yet"})
+    data = table.to_lance().to_table(columns=["image_id", "embedding"],
+                                     filter=and_where("embedding IS NOT NULL", where))
+    dims = set(pc.list_value_length(data["embedding"]).to_pylist())
+    vectors = np.asarray(data["embedding"].combine_chunks().flatten(), dtype=np.float32)
+    norms = np.linalg.norm(vectors.reshape(data.num_rows, -1), axis=1) if data.num_rows else np.zeros(0)
+    off = np.flatnonzero(np.abs(norms - 1.0) > tolerance)
+    ids = data["image_id"].to_pylist()
+    meta = {"rows_checked": data.num_rows, "model": params.get("model", "unknown"), "dim": params.get("dim"),
+            "dims_found": sorted(dims), "rows_not_unit_norm": len(off), "sample": [ids[i] for i in off[:10]]}
+    return CheckOutcome(dims <= {params.get("dim")} and not len(off), meta)
+
+
+def check_uniqueness_range(table, where: str | None = None) -> CheckOutcome:
+    """0 <= uniqueness <= its cap on the filled rows."""
+    params = column_params(table, "uniqueness") or {}
+    cap = float(params.get("cap", 1.0))
+    bad = table.count_rows(and_where(f"uniqueness < 0 OR uniqueness > {cap} OR isnan(uniqueness)", where))
+    return CheckOutcome(bad == 0, {"rows_checked": table.count_rows(where), "rows_out_of_range": bad, "cap": cap})
 
 
 def check_area_range(table, where: str | None = None) -> CheckOutcome:

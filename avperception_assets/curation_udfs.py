@@ -2,8 +2,9 @@
 
 These are the functions Geneva's Ray workers unpickle and run (by reference, so a worker
 imports this module): plain per-row functions for the annotation columns and `dhash`, and
-batched callables for the detector column and duplicate flags. The checks reuse them to
-recompute expected values. Nothing here touches a table.
+batched callables for the detector column, duplicate flags, embeddings and uniqueness. The
+checks reuse them to recompute expected values. Nothing here writes a table; uniqueness reads
+the embeddings of earlier frames.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from .bdd100k import PERSON_CLASSES
+from .bdd100k import CLASSES, PERSON_CLASSES
 from .decoding import decode
+from .embeddings import EmbeddingModel
+from .embeddings import load as load_embedder
+from .vector_index import nearest
 
 if TYPE_CHECKING:  # Geneva resolves `Columns` in return annotations itself: no import when definitions load
     from geneva import Columns
@@ -90,18 +94,39 @@ def has_rider(ann_categories) -> bool:
     return "rider" in _categories(ann_categories)
 
 
-class AnnotationCounts(NamedTuple):
+# Plural names of the det_20 classes, for scene descriptions.
+PLURALS = {"pedestrian": "pedestrians", "rider": "riders", "car": "cars", "truck": "trucks", "bus": "buses",
+           "train": "trains", "motorcycle": "motorcycles", "bicycle": "bicycles", "traffic light": "traffic lights",
+           "traffic sign": "traffic signs"}
+UNDEFINED = "undefined"
+
+
+def scene_description(timeofday, weather, scene, ann_categories) -> str:
+    """'night, rainy, city street; 2 pedestrians, 1 rider, 3 cars': the scene attributes, then
+    the count of each class in det_20 order (what full-text search indexes)."""
+    attributes = [a for a in (timeofday, weather, scene) if a and a != UNDEFINED]
+    categories = _categories(ann_categories)
+    counts = [f"{n} {c if n == 1 else PLURALS[c]}" for c in CLASSES if (n := categories.count(c))]
+    return f"{', '.join(attributes) or 'unknown scene'}; {', '.join(counts) or 'no objects'}"
+
+
+class AnnotationColumns(NamedTuple):
     has_person: bool
     has_rider: bool
     num_persons: int
+    scene_description: str
 
 
-ANNOTATION_COUNTS_TYPE = pa.struct([("has_person", pa.bool_()), ("has_rider", pa.bool_()), ("num_persons", pa.int32())])
+ANNOTATION_COLUMNS_TYPE = pa.struct([("has_person", pa.bool_()), ("has_rider", pa.bool_()),
+                                     ("num_persons", pa.int32()), ("scene_description", pa.string())])
 
 
-def annotation_counts(ann_categories: np.ndarray) -> Columns[AnnotationCounts]:
-    """`has_person`, `has_rider` and `num_persons`: one UDF, so one Geneva job fills all three."""
-    return AnnotationCounts(has_person(ann_categories), has_rider(ann_categories), count_persons(ann_categories))
+def annotation_columns(ann_categories: np.ndarray, timeofday: str, weather: str,
+                       scene: str) -> Columns[AnnotationColumns]:
+    """`has_person`, `has_rider`, `num_persons` and `scene_description`: one UDF, so one Geneva
+    job fills all four."""
+    return AnnotationColumns(has_person(ann_categories), has_rider(ann_categories), count_persons(ann_categories),
+                             scene_description(timeofday, weather, scene, ann_categories))
 
 
 def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray,
@@ -195,3 +220,63 @@ class DuplicateFlagger:
                                 self.threshold)
         return pa.array(flags, type=pa.bool_())
 
+
+
+def vectors_array(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+    """(n, dim) float32 → the fixed-size list column LanceDB searches."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors, dtype=np.float32).ravel()), dim)
+
+
+class FrameEmbedder:
+    """Batched UDF: each frame's embedding from its pixels (the model loaded once per worker)."""
+
+    def __init__(self, model: EmbeddingModel, batch_size: int):
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(self, image_bytes: pa.Array) -> pa.Array:
+        embedder = load_embedder(self.model)
+        frames = image_bytes.to_pylist()
+        chunks = [embedder.embed_images(frames[s:s + self.batch_size]) for s in range(0, len(frames), self.batch_size)]
+        return vectors_array(np.concatenate(chunks) if chunks else np.zeros((0, self.model.dim)), self.model.dim)
+
+
+UNIQUENESS_CAP = 1.0  # cosine distance at which a frame counts as wholly unlike anything earlier
+
+
+class UniquenessScorer:
+    """Batched UDF: cosine distance from a frame's embedding to the nearest frame ingested before
+    it, capped at `UNIQUENESS_CAP` (the first frame ever scores the cap). Earlier frames only,
+    so a value never changes when footage lands; one indexed (or, on a small table, exact)
+    nearest-neighbour query a row, so the cost follows the new rows."""
+
+    def __init__(self, uri: str, table_name: str):
+        self.uri = uri  # the database's, not the table's
+        self.table_name = table_name
+
+    def __call__(self, embedding: pa.Array, ingest_seq: pa.Array) -> pa.Array:
+        import lancedb
+
+        if embedding.null_count:
+            raise ValueError("frame has no embedding (its image could not be embedded)")
+        table = lancedb.connect(self.uri).open_table(self.table_name)
+        values = []
+        for vector, seq in zip(embedding.to_numpy(zero_copy_only=False), ingest_seq.to_pylist()):
+            hit = nearest(table, np.asarray(vector, dtype=np.float32), k=1, where=f"ingest_seq < {int(seq)}",
+                          columns=["ingest_seq"])
+            values.append(min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP)
+        return pa.array(values, type=pa.float32())
+
+
+class ExemplarDistance:
+    """Batched UDF: cosine distance from each frame's embedding to the nearest exemplar of a
+    failure mode defined by example (the exemplars' unit vectors travel with the UDF)."""
+
+    def __init__(self, exemplars: np.ndarray):
+        self.exemplars = np.asarray(exemplars, dtype=np.float32)
+
+    def __call__(self, embedding: pa.Array) -> pa.Array:
+        if embedding.null_count:
+            raise ValueError("frame has no embedding (its image could not be embedded)")
+        vectors = np.asarray(embedding.flatten(), dtype=np.float32).reshape(len(embedding), -1)
+        return pa.array(1.0 - (vectors @ self.exemplars.T).max(axis=1), type=pa.float32())

@@ -5,7 +5,7 @@ import os
 import dagster as dg
 
 from .defs import (audit_jobs, curation_assets, evaluation_assets, ingest_assets, maintenance_assets, run_recovery,
-                   sensors, slice_assets, training_assets)
+                   search_jobs, sensors, slice_assets, training_assets)
 from .defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
@@ -17,6 +17,7 @@ defs = dg.Definitions.merge(
     evaluation_assets.defs,
     sensors.defs,
     audit_jobs.defs,
+    search_jobs.defs,
     run_recovery.defs,
     dg.Definitions(
         resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},

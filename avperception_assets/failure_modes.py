@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import pyarrow as pa
 
+from . import embeddings
 from .bdd100k import CLASSES
 from .storage import FRAMES_SCHEMA
 
@@ -43,13 +44,17 @@ CURATION_FIELDS = (
     pa.field("has_person", pa.bool_()),
     pa.field("has_rider", pa.bool_()),
     pa.field("num_persons", pa.int32()),
+    pa.field("scene_description", pa.string()),
     pa.field("person_bbox_area_pct", pa.float32()),
     pa.field("dhash", pa.uint64()),
     pa.field("is_duplicate", pa.bool_()),
+    pa.field("embedding", pa.list_(pa.float32())),  # fixed-size in the table; its size is the model's
+    pa.field("uniqueness", pa.float32()),
 )
 FILTER_SCHEMA = pa.schema(list(FRAMES_SCHEMA) + list(CURATION_FIELDS))
 CURATION_COLUMNS = tuple(f.name for f in CURATION_FIELDS)
 
+DISTANCE_SUFFIX = "_distance"  # column of a mode defined by example: `<name>_distance`
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # becomes part of table and asset names
 
 
@@ -78,22 +83,22 @@ def _filter_error(sql: str, schema: pa.Schema | None = None) -> str | None:
     return None
 
 
-def filter_columns(sql: str) -> tuple[str, ...]:
+def filter_columns(sql: str, schema: pa.Schema = FILTER_SCHEMA) -> tuple[str, ...]:
     """The columns `sql` reads (in schema order): those it cannot compile without."""
     columns = []
-    for name in FILTER_SCHEMA.names:
-        if _filter_error(sql, FILTER_SCHEMA.remove(FILTER_SCHEMA.get_field_index(name))) is not None:
+    for name in schema.names:
+        if _filter_error(sql, schema.remove(schema.get_field_index(name))) is not None:
             columns.append(name)
     return tuple(columns)
 
 
-def validate_filter(mode_name: str, sql: str) -> None:
+def validate_filter(mode_name: str, sql: str, schema: pa.Schema = FILTER_SCHEMA) -> None:
     """Raise FailureModeError naming the mode when `sql` is not a valid boolean filter."""
     if not isinstance(sql, str) or not sql.strip():
         raise FailureModeError(f"failure mode {mode_name!r}: filter must be a non-empty SQL string")
     # The parser reads only the first statement; anything after ';' or a comment would hide.
     error = "one expression only (no ';' or SQL comments)" if any(t in sql for t in (";", "--", "/*")) \
-        else _filter_error(sql)
+        else _filter_error(sql, None if schema is FILTER_SCHEMA else schema)
     if error is not None:
         raise FailureModeError(
             f"failure mode {mode_name!r}: invalid filter {sql!r}: {error}. Filters may use the frames "
@@ -102,23 +107,51 @@ def validate_filter(mode_name: str, sql: str) -> None:
 
 @dataclass(frozen=True)
 class FailureMode:
-    """One long-tail failure mode: its slice filter and the classes that matter for it."""
+    """One long-tail failure mode: its slice filter and the classes that matter for it.
+
+    A mode may be defined by example instead of (or besides) a SQL filter: `exemplars` (image
+    ids of frames that show it) or, with CLIP configured, a `text_query`, and `max_distance`,
+    the cosine distance from the nearest exemplar within which a frame belongs. Curation then
+    fills a column `<name>_distance` from each frame's embedding, and the slice filters on it,
+    so its views refresh incrementally like any other.
+    """
 
     name: str
-    filter: str
+    filter: str  # SQL over frames and curation columns; "" for a mode defined by example alone
     classes: tuple[str, ...]
     description: str = ""
     # Shorter image side (px) this mode's fine-tune and evaluation need at least: small
     # objects need pixels. Raises a profile's smaller input size; None keeps the profile's.
     min_input_size: int | None = None
-    columns: tuple[str, ...] = field(init=False)  # what the filter reads (derived)
+    exemplars: tuple[str, ...] = ()
+    text_query: str | None = None
+    max_distance: float | None = None
+    where: str = field(init=False)  # the slice's SQL: the filter and, by example, the distance (derived)
+    columns: tuple[str, ...] = field(init=False)  # what `where` reads (derived)
+
+    @property
+    def by_example(self) -> bool:
+        return bool(self.exemplars) or self.text_query is not None
+
+    @property
+    def distance_column(self) -> str | None:
+        """The curation column of a mode defined by example (None for a SQL-only mode)."""
+        return f"{self.name}{DISTANCE_SUFFIX}" if self.by_example else None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise FailureModeError(
                 f"failure mode name {self.name!r} must be lower-case letters, digits and '_' "
                 "(it becomes a table and asset name)")
-        validate_filter(self.name, self.filter)
+        schema = FILTER_SCHEMA
+        where = self.filter
+        if self.by_example:
+            self._check_example()
+            schema = FILTER_SCHEMA.append(pa.field(self.distance_column, pa.float32()))
+            clause = f"{self.distance_column} <= {float(self.max_distance)!r}"
+            where = f"{clause} AND ({self.filter})" if self.filter.strip() else clause
+        validate_filter(self.name, where, schema)
+        object.__setattr__(self, "where", where)
         classes = tuple(self.classes)
         unknown = [c for c in classes if c not in CLASSES]
         if not classes or unknown:
@@ -128,11 +161,36 @@ class FailureMode:
         if self.min_input_size is not None and not (isinstance(self.min_input_size, int) and self.min_input_size > 0):
             raise FailureModeError(f"failure mode {self.name!r}: min_input_size must be a positive number of "
                                    f"pixels, got {self.min_input_size!r}")
-        object.__setattr__(self, "columns", filter_columns(self.filter))
+        object.__setattr__(self, "columns", filter_columns(where, schema))
+
+    def _check_example(self) -> None:
+        object.__setattr__(self, "exemplars", tuple(self.exemplars))
+        if bool(self.exemplars) == (self.text_query is not None):
+            raise FailureModeError(f"failure mode {self.name!r}: give exemplars or a text_query, not both")
+        if not all(isinstance(e, str) and e for e in self.exemplars):
+            raise FailureModeError(f"failure mode {self.name!r}: exemplars must be image ids, got {self.exemplars}")
+        if isinstance(self.max_distance, bool) or not isinstance(self.max_distance, (int, float)) \
+                or not 0 < self.max_distance <= 2:
+            raise FailureModeError(f"failure mode {self.name!r}: max_distance must be a cosine distance in "
+                                   f"(0, 2], got {self.max_distance!r}")
+        if self.text_query is not None:
+            _require_text_tower(self.name)
 
     @property
     def curation_columns(self) -> tuple[str, ...]:
-        return tuple(c for c in self.columns if c in CURATION_COLUMNS)
+        return tuple(c for c in self.columns if c in CURATION_COLUMNS or c == self.distance_column)
+
+
+def _require_text_tower(mode_name: str) -> None:
+    """A mode defined by a text query needs the configured embedding model to have a text tower."""
+    try:
+        model = embeddings.resolve()
+    except embeddings.EmbeddingError as exc:
+        raise FailureModeError(f"failure mode {mode_name!r} is defined by a text query: {exc}") from exc
+    if not model.has_text_tower:
+        raise FailureModeError(
+            f"failure mode {mode_name!r} is defined by a text query, which needs CLIP; the configured embedding "
+            f"model is {model.label}. Set {embeddings.MODEL_ENV}=clip:<architecture>:<weights>, or give exemplars.")
 
 
 def distant_person_max_area_pct() -> float:

@@ -1,6 +1,7 @@
 """Table maintenance: compaction of the small fragments every batch leaves in the frames table,
-cleanup of old versions of it and of the views, and the scalar indexes that view filters read,
-kept current.
+cleanup of old versions of it and of the views, and the indexes kept current: scalar indexes
+that view filters read, the full-text index of scene descriptions, and the vector index of
+embeddings once the table is large enough to need one (`vector_index`).
 
 Each pass costs what the new rows cost, not the table: compaction merges only fragments smaller
 than `FRAGMENT_ROWS` (so the batches' tail, never the big fragments), bitmap and label-list
@@ -42,18 +43,20 @@ from typing import Any, Iterable
 
 from . import storage
 from .storage import FRAMES_TABLE, reflected_version, table_exists
+from .vector_index import INDEX_MIN_ROWS, VECTOR_COLUMN, ensure_vector_index
 
 PIN_TAG_PREFIX = "avp-pin-"
 # Rows a compacted fragment holds: about 400 MB of 1280x720 JPEGs, 25 fragments at BDD100K's
 # 100k frames; a batch's compaction rewrites at most this many rows beside its own.
 FRAGMENT_ROWS = 4096
 BTREE_STALE_FRACTION = 0.1
-# Index type per column that view filters read (only columns that exist are indexed).
-SCALAR_INDEXES = {
+# Index type per column that view filters and searches read (only columns that exist are
+# indexed); FTS is Lance's own full-text (inverted) index, what `search describe` queries.
+COLUMN_INDEXES = {
     "split": "BITMAP", "timeofday": "BITMAP", "weather": "BITMAP", "scene": "BITMAP", "batch_id": "BITMAP",
     "has_person": "BITMAP", "has_rider": "BITMAP", "is_duplicate": "BITMAP",
     "num_persons": "BTREE", "person_bbox_area_pct": "BTREE", "ingest_seq": "BTREE", "image_id": "BTREE",
-    "ann_categories": "LABEL_LIST",
+    "ann_categories": "LABEL_LIST", "scene_description": "FTS",
 }
 
 
@@ -121,13 +124,20 @@ def pin(table, versions: Iterable[int]) -> list[int]:
     return kept
 
 
-def ensure_scalar_indexes(table, wanted: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Create the missing scalar indexes on the columns of `wanted` that exist; (indexed, created)."""
+def _create_index(table, column: str, index_type: str) -> None:
+    if index_type == "FTS":  # stemmed, so 'rider' also finds '2 riders'; no positions: no phrase queries
+        table.create_fts_index(column, stem=True, with_position=False, replace=False)
+    else:
+        table.create_scalar_index(column, index_type=index_type, replace=False)
+
+
+def ensure_column_indexes(table, wanted: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Create the missing indexes on the columns of `wanted` that exist; (indexed, created)."""
     indexed = {column for index in table.list_indices() for column in index.columns}
     created = []
     for column, index_type in wanted.items():
         if column in table.schema.names and column not in indexed:
-            table.create_scalar_index(column, index_type=index_type, replace=False)
+            _create_index(table, column, index_type)
             created.append(column)
     return sorted(indexed | set(created)), created
 
@@ -145,6 +155,8 @@ def update_indexes(table, stale_fraction: float = BTREE_STALE_FRACTION) -> list[
     columns. No index with unindexed rows: no commit."""
     incremental, rebuilt = [], []
     for index in table.list_indices():
+        if index.columns == [VECTOR_COLUMN]:  # kept by `vector_index`
+            continue
         stats = table.index_stats(index.name)
         if not stats.num_unindexed_rows:
             continue
@@ -161,17 +173,24 @@ def update_indexes(table, stale_fraction: float = BTREE_STALE_FRACTION) -> list[
 
 def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
              indexes: dict[str, str] | None = None, compact_fragments: bool = True,
-             fragment_rows: int = FRAGMENT_ROWS) -> MaintenanceStats:
+             fragment_rows: int = FRAGMENT_ROWS, vector_index_min_rows: int | None = None) -> MaintenanceStats:
     """Pin, index, compact and clean up one table (its latest version is always kept). With
-    nothing to compact or index there is no commit, so views stay current."""
+    nothing to compact or index there is no commit, so views stay current. With
+    `vector_index_min_rows`, the embedding column gets its vector index from that many rows."""
     started = time.perf_counter()
     table.checkout_latest()
     version_before, fragments_before = table.version, len(table.to_lance().get_fragments())
     versions_before = len(table.list_versions())
     kept = pin(table, pinned)
-    indexed, created = ensure_scalar_indexes(table, indexes or {})
+    indexed, created = ensure_column_indexes(table, indexes or {})
     fragments_merged = compact(table, fragment_rows) if compact_fragments else 0
     updated = update_indexes(table)
+    vector = ensure_vector_index(table, min_rows=vector_index_min_rows) if vector_index_min_rows else None
+    if vector == "created":
+        created.append(VECTOR_COLUMN)
+        indexed = sorted({*indexed, VECTOR_COLUMN})
+    elif vector:
+        updated.append(VECTOR_COLUMN)
     table.to_lance().cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
     table.checkout_latest()
     return MaintenanceStats(
@@ -191,7 +210,8 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     views = _view_names(conn)
     pins = pinned_versions(conn, checkpoints_dir, reports_dir, views)
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
-                                    older_than=older_than, indexes=SCALAR_INDEXES)}
+                                    older_than=older_than, indexes=COLUMN_INDEXES,
+                                    vector_index_min_rows=INDEX_MIN_ROWS)}
     for name in views:
         stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than,
                                compact_fragments=False)

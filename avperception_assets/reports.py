@@ -177,12 +177,14 @@ def write_panels(out_dir: Path, evaluation: Evaluation, *, score_threshold: floa
     return paths
 
 
+def png_markdown(path: Path) -> str:
+    """Markdown that embeds a PNG (base64 data URIs render in the Dagster UI)."""
+    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+
 def panels_markdown(paths: Sequence[Path]) -> str:
-    """Markdown that embeds the PNG panels (base64 data URIs render in the Dagster UI)."""
     legend = "Ground truth **green** · baseline **red** · fine-tuned **blue**"
-    images = [f"**{p.stem}**\n\n![{p.stem}](data:image/png;base64,"
-              f"{base64.b64encode(p.read_bytes()).decode('ascii')})" for p in paths]
-    return "\n\n".join([legend, *images])
+    return "\n\n".join([legend, *(png_markdown(p) for p in paths)])
 
 
 # --- report --------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ new footage, not the table. Rows whose curation values are still NULL do not qua
 after the curation backfill (the Dagster graph orders it so).
 
 A view holds every column of its rows but the image bytes, which readers take from the frames
-table by stable row id (`pixels`), so views together stay a small fraction of the table's disk.
+table by stable row id (`pixels`), and the embedding, so views together stay a small fraction
+of the table's disk.
 
 The filter a view holds is Geneva's own record of its query (view schema metadata). A view
 whose registry filter changed, or one that still holds image bytes, is dropped and recreated
@@ -30,6 +31,7 @@ from . import storage
 from .failure_modes import FAILURE_MODES, FailureMode, get_mode
 from .pixels import IMAGE_BYTES
 from .storage import FRAMES_TABLE, reflected_version, table_exists
+from .vector_index import VECTOR_COLUMN
 
 SPLITS = ("train", "val")
 SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split", "dhash")}
@@ -60,8 +62,8 @@ def view_filter(mode: FailureMode, split: str) -> str:
     (and so `is_duplicate`) stays NULL for a frame that does not decode or is not curated
     yet, and `is_duplicate = false` is NULL, so excluded, for such frames."""
     if _check_split(split) == "train":
-        return f"({mode.filter}) AND split = 'train' AND is_duplicate = false"
-    return f"({mode.filter}) AND split = 'val' AND dhash IS NOT NULL"
+        return f"({mode.where}) AND split = 'train' AND is_duplicate = false"
+    return f"({mode.where}) AND split = 'val' AND dhash IS NOT NULL"
 
 
 def view_columns(mode: FailureMode, split: str) -> tuple[str, ...]:
@@ -158,11 +160,13 @@ def _check_source_columns(source, mode: FailureMode, split: str) -> None:
 
 
 def _view_select(schema) -> dict[str, str]:
-    """Every source column but the image bytes, as the view's columns: readers take pixels from
-    the frames table by the view's `__source_row_id` (`pixels`). Geneva 0.17 copies a bare
-    column's nullability into the view, then cannot append its placeholder rows to a
-    non-nullable column; `coalesce(col)` is the same values in a nullable column."""
-    return {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in schema if f.name != IMAGE_BYTES}
+    """Every source column but the image bytes and the embedding, as the view's columns: readers
+    take pixels (and searches vectors) from the frames table by the view's `__source_row_id`
+    (`pixels`). Geneva 0.17 copies a bare column's nullability into the view, then cannot
+    append its placeholder rows to a non-nullable column; `coalesce(col)` is the same values
+    in a nullable column."""
+    return {f.name: f.name if f.nullable else f"coalesce({f.name})" for f in schema
+            if f.name not in (IMAGE_BYTES, VECTOR_COLUMN)}
 
 
 def create_view(conn, source, name: str, where: str):

@@ -34,7 +34,7 @@ def _stage_reads(root: Path, old_frames: int) -> dict[str, int]:
 
     def maintain(table):
         return maintenance.maintain(table, storage.FRAMES_TABLE, [], older_than=timedelta(hours=1),
-                                    indexes=maintenance.SCALAR_INDEXES, fragment_rows=OLD_FRAMES)
+                                    indexes=maintenance.COLUMN_INDEXES, fragment_rows=OLD_FRAMES)
 
     if old_frames:
         synthetic.write_batch(landing, "old", old_frames, seed=1, **SIZE)

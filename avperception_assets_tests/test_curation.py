@@ -86,7 +86,7 @@ def test_first_run_fills_every_row(curated):
     for name, stats in curated["run1"].items():
         assert stats.rows_processed == stats.rows_total == len(curated["before"]), name
         assert stats.coverage == 1.0 and stats.error_rows == 0, name
-    jobs = {curated["run1"][c].job_id for c in curation.UDF_GROUPS["annotation_counts"]}
+    jobs = {curated["run1"][c].job_id for c in curation.UDF_GROUPS["annotation_columns"]}
     assert len(jobs) == 1 and None not in jobs  # one Geneva job fills the whole group
 
 
@@ -99,7 +99,7 @@ def test_a_column_added_before_its_group_existed_is_rebuilt_with_the_group(tmp_p
     table = conn.open_table(storage.FRAMES_TABLE)
     table.add_columns({"has_person": geneva.udf(curation_udfs.has_person, data_type=pa.bool_())})
     stats = curation.backfill_columns(table, ["num_persons"], curation.CurationConfig(concurrency=1))
-    assert set(stats) == set(curation.UDF_GROUPS["annotation_counts"])
+    assert set(stats) == set(curation.UDF_GROUPS["annotation_columns"])
     assert all(s.coverage == 1.0 and s.rows_processed == 3 for s in stats.values())
     for row in _frames(table):
         assert row["has_person"] == curation_udfs.has_person(row["ann_categories"])
@@ -210,7 +210,7 @@ def test_bad_configuration_is_refused():
         curation.CurationConfig(dup_threshold=65)
     with pytest.raises(curation.CurationError, match="neither"):
         curation.resolve_person_area_source(curation.CurationConfig(person_area_source="/no/such/file.pt"))
-    assert curation.waves(list(curation.COLUMNS))[-1] == ["is_duplicate"]
+    assert curation.waves(list(curation.COLUMNS))[-1] == ["is_duplicate", "uniqueness"]
 
 
 # --- detector path -------------------------------------------------------------------------

@@ -15,11 +15,14 @@ from avperception_assets.definitions import defs
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
 
 MODES = ("rider", "nighttime_person", "distant_person")
-COLUMNS = ("has_person", "has_rider", "num_persons", "person_bbox_area_pct", "dhash", "is_duplicate")
+COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
+           "is_duplicate", "embedding", "uniqueness")
 # The columns each default mode's filter reads.
 MODE_COLUMNS = {"rider": {"has_rider"}, "nighttime_person": {"has_person"},
                 "distant_person": {"has_person", "person_bbox_area_pct"}}
 CROWD = FailureMode("crowded_night", "timeofday = 'night' AND num_persons >= 3", ("pedestrian",))
+LOOKALIKES = FailureMode("night_lookalikes", "timeofday = 'night'", ("pedestrian",), exemplars=("frame-1",),
+                         max_distance=0.3)
 
 
 def _graph(definitions: dg.Definitions):
@@ -39,7 +42,7 @@ def _parents(definitions: dg.Definitions) -> dict[str, set[str]]:
 
 def _with_modes(modes) -> dg.Definitions:
     return dg.Definitions.merge(
-        ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(modes),
+        ingest_assets.defs, curation_assets.build_curation_defs(modes), slice_assets.build_slice_defs(modes),
         training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
         sensors.build_sensor_defs(modes), maintenance_assets.defs,
         dg.Definitions(resources={"lancedb": LanceDBResource()}),
@@ -64,6 +67,7 @@ def test_every_asset_depends_on_exactly_what_it_reads():
                 "failure_mode_summary": {f"{mode}_eval_report" for mode in MODES}}
     expected |= {column: {"raw_frames"} for column in COLUMNS}
     expected["is_duplicate"] = {"raw_frames", "dhash"}
+    expected["uniqueness"] = {"raw_frames", "embedding"}
     for mode in MODES:
         train, val = f"bdd100k_{mode}_train", f"bdd100k_{mode}_val"
         # train views drop duplicates, val views keep frames that decoded; both after maintenance
@@ -80,8 +84,10 @@ def test_checks_guard_every_stage_and_block_what_follows():
     checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
     expected = {("raw_frames", name) for name in ("no_duplicate_image_ids", "boxes_inside_frames", "frames_decode")}
     expected |= {(column, "full_coverage") for column in COLUMNS}
-    expected |= {(column, "consistent_with_annotations") for column in ("has_person", "has_rider", "num_persons")}
-    expected |= {("person_bbox_area_pct", "value_range"), ("is_duplicate", "one_survivor_per_group")}
+    expected |= {(column, "consistent_with_annotations")
+                 for column in ("has_person", "has_rider", "num_persons", "scene_description")}
+    expected |= {("person_bbox_area_pct", "value_range"), ("is_duplicate", "one_survivor_per_group"),
+                 ("embedding", "unit_vectors"), ("uniqueness", "value_range")}
     expected |= {(f"bdd100k_{mode}_{split}", "row_count_matches_source") for mode in MODES for split in ("train", "val")}
     assert checks == expected
     specs = [spec for checks_def in defs.asset_checks for spec in checks_def.check_specs]
@@ -90,7 +96,7 @@ def test_checks_guard_every_stage_and_block_what_follows():
 
 
 def test_audit_and_maintenance_have_schedules_that_users_turn_on():
-    assert [job.name for job in defs.jobs] == ["frames_audit"]
+    assert sorted(job.name for job in defs.jobs) == ["frame_search", "frames_audit"]
     schedules = {s.name: s for s in defs.schedules}
     assert set(schedules) == {"frames_audit_schedule", "table_maintenance_schedule"}
     assert schedules["frames_audit_schedule"].job_name == "frames_audit"
@@ -118,6 +124,19 @@ def test_a_registry_entry_adds_its_views_checkpoint_and_report():
     assert parents["crowded_night_checkpoint"] == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
                                                    "base_detector"}
     assert "crowded_night_eval_report" in parents["failure_mode_summary"]
+
+
+def test_a_mode_defined_by_example_adds_its_distance_column():
+    grown = _with_modes([*FAILURE_MODES, LOOKALIKES])
+    dg.Definitions.validate_loadable(grown)
+    parents, groups = _parents(grown), _groups(grown)
+    assert set(parents) - set(_parents(defs)) == {
+        "night_lookalikes_distance", "bdd100k_night_lookalikes_train", "bdd100k_night_lookalikes_val",
+        "night_lookalikes_checkpoint", "night_lookalikes_eval_report"}
+    assert groups["night_lookalikes_distance"] == "curation"
+    assert parents["night_lookalikes_distance"] == {"raw_frames", "embedding"}
+    assert parents["bdd100k_night_lookalikes_val"] == {"raw_frames", "night_lookalikes_distance", "dhash",
+                                                       "table_maintenance"}
 
 
 def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():

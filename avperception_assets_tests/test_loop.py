@@ -191,7 +191,7 @@ def test_maintenance_after_each_footage_run_keeps_what_is_pinned(loop):
     versions the first checkpoints recorded survive and reproduce the same order, the next
     refresh still appended only new rows (above), and the scalar indexes exist."""
     meta = loop["maintenance_2"]
-    assert set(maintenance.SCALAR_INDEXES) <= set(meta["frames_indexes"])
+    assert set(maintenance.COLUMN_INDEXES) <= set(meta["frames_indexes"])
     stats = meta["stats"]
     frames = stats[storage.FRAMES_TABLE]
     assert frames["versions_after"] < frames["versions_before"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import lancedb
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from avperception_assets import maintenance, storage
+from avperception_assets import maintenance, storage, vector_index
 
 INDEXES = {"image_id": "BTREE", "split": "BITMAP", "ann_categories": "LABEL_LIST"}
 BIG = 40  # rows a compacted fragment holds in these tests
@@ -77,3 +78,33 @@ def test_a_btree_waits_for_enough_new_rows_and_nothing_to_do_commits_nothing(tab
     assert _uses_index(table, "image_id = 'f0201'") and table.count_rows("image_id = 'f0201'") == 1
     again = _maintain(table)
     assert again.version_after == again.version_before and again.indexes_updated == [] and again.fragments_merged == 0
+
+
+def _search_rows(first: int, count: int, rng) -> pa.Table:
+    vectors = rng.normal(size=(count, 16)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = range(first, first + count)
+    return pa.table({"image_id": [f"f{i:04d}" for i in ids],
+                     "scene_description": ["night; 1 rider" if i % 7 == 0 else "daytime; 2 cars" for i in ids],
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16)})
+
+
+def test_full_text_and_vector_indexes_are_created_and_kept_current_on_a_geneva_table(tmp_path):
+    rng = np.random.default_rng(0)
+    table = storage.connect(str(tmp_path)).create_table("t", _search_rows(0, 300, rng), storage_options=storage.STABLE_ROW_IDS)
+
+    def maintain():
+        return maintenance.maintain(table, "t", [], older_than=timedelta(hours=1), indexes=maintenance.COLUMN_INDEXES,
+                                    fragment_rows=BIG, vector_index_min_rows=256)
+
+    assert set(maintain().indexes_created) == {"image_id", "scene_description", "embedding"}
+    table.add(_search_rows(300, 20, rng))
+    stats = maintain()
+    assert {"scene_description", "embedding"} <= set(stats.indexes_updated)
+    for index in table.list_indices():
+        if index.columns != ["image_id"]:  # a btree waits for 10% new rows
+            assert table.index_stats(index.name).num_unindexed_rows == 0, index.name
+    new = table.to_lance().to_table(columns=["embedding"], filter="image_id = 'f0310'")["embedding"][0].values
+    assert vector_index.nearest(table, new.to_numpy(), k=1)["image_id"].to_pylist() == ["f0310"]
+    riders = table.search("rider", query_type="fts").limit(100).to_arrow()
+    assert riders.num_rows == len([i for i in range(320) if i % 7 == 0])

@@ -192,7 +192,7 @@ def test_changed_filter_recreates_the_view(table, first):
 def test_missing_curation_column_and_unknown_version_are_clear(table, first):
     conn, _ = table
     # As before the first backfill of num_persons (its UDF group's columns go together).
-    conn.open_table(storage.FRAMES_TABLE).drop_columns(list(curation.UDF_GROUPS["annotation_counts"]))
+    conn.open_table(storage.FRAMES_TABLE).drop_columns(list(curation.UDF_GROUPS["annotation_columns"]))
     needs = FailureMode("crowded", "num_persons >= 3", ("pedestrian",))
     with pytest.raises(slices.SliceError, match="num_persons"):
         refresh(conn, needs, "val")

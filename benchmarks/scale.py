@@ -4,10 +4,12 @@ For each table size (default 2,000 and 20,000 frames of 1280x720 distinct JPEGs)
 built and curated once, untimed, with its views. Then `--batches` READY batches of `--new`
 frames land one after another, and each goes through the footage run a sensor requests
 (raw_frames → curation columns → slice views → table_maintenance, with every check those
-steps launch), materialized in process on one Ray. Per stage the median seconds and the peak
-RSS of this process tree (Ray's processes included) over the batches are compared between the
-sizes (targets: 20,000-frame median <= 1.2x the 2,000-frame one). Also: the views' disk next
-to the table's (target <= 10%), and the whole batch from READY to refreshed views (goal <= 60 s
+steps launch), materialized in this process, each run starting its local Ray as the lancedb
+resource does. Per stage the median seconds and the peak RSS of this process tree (Ray's
+processes included) over the batches are compared between the sizes (targets: 20,000-frame
+median <= 1.2x the 2,000-frame one). Before each batch the benchmark waits for the previous
+run's Ray to leave the process tree (under Dagster each run is a process of its own, so its
+Ray is never another run's) and prints what was left. Also: the views' disk next to the table's (target <= 10%), and the whole batch from READY to refreshed views (goal <= 60 s
 at 20,000 frames on a quiet machine).
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
@@ -106,6 +108,11 @@ def land_batch(landing: Path, batch_id: str, frames: int, pool: list[tuple[bytes
 
 def _tree_rss() -> int:
     """RSS in bytes of this process and every descendant (Ray's raylet, GCS and workers)."""
+    return sum(_tree().values()) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tree() -> dict[int, int]:
+    """Pid → resident pages of this process and every descendant."""
     parents, rss = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -118,7 +125,21 @@ def _tree_rss() -> int:
         children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    return sum(rss.get(pid, 0) for pid in tree) * os.sysconf("SC_PAGE_SIZE")
+    return {pid: rss.get(pid, 0) for pid in tree}
+
+
+def wait_for_ray_exit(timeout_s: float = 60.0) -> tuple[float, int, int]:
+    """Wait until the Ray a finished run shut down has left this process tree, as it has left a
+    run's own process under Dagster (each run is a process of its own there; this benchmark
+    runs them all in one). Returns (seconds waited, processes and bytes left at the start)."""
+    started, first = time.perf_counter(), _tree()
+    first.pop(os.getpid(), None)
+    left = first
+    while left and time.perf_counter() - started < timeout_s:
+        time.sleep(0.25)
+        left = _tree()
+        left.pop(os.getpid(), None)
+    return time.perf_counter() - started, len(first), sum(first.values()) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler:
@@ -218,6 +239,9 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
         for n in range(batches):
             batch_id = f"new-{n}"
             land_batch(landing, batch_id, new, pool, seed=frames + n + 1)
+            waited, leftovers, leftover_bytes = wait_for_ray_exit()
+            print(f"   before {batch_id}: {leftovers} processes of the previous run's Ray "
+                  f"({leftover_bytes / 2**30:.2f} GB) left this process tree in {waited:.1f} s", flush=True)
             result, t0, t1 = footage_run(instance, batch_id)
             whole.append(t1 - t0)
             spans: dict[str, list[tuple[float, float]]] = {}

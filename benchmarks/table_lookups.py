@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from avperception_assets import ingest, storage  # noqa: E402
-from avperception_assets.maintenance import SCALAR_INDEXES  # noqa: E402
+from avperception_assets.maintenance import COLUMN_INDEXES  # noqa: E402
 from targets import target  # noqa: E402
 
 BATCH = 500
@@ -43,7 +43,7 @@ def build(conn, rows: int):
         table.add(data.slice(start, BATCH))
     table.optimize()
     for column in ("image_id", "batch_id", "ingest_seq"):
-        table.create_scalar_index(column, index_type=SCALAR_INDEXES[column])
+        table.create_scalar_index(column, index_type=COLUMN_INDEXES[column])
     table.add(data.slice(rows, 10))  # the newest batch, not indexed yet
     return table
 

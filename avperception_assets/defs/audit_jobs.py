@@ -5,6 +5,7 @@ reported once; this job finds every one. Its weekly schedule is off until a user
 import dagster as dg
 
 from .. import curation, curation_checks, ingest_checks, storage
+from .curation_assets import COLUMNS as CURATION_COLUMNS
 from .resources import LanceDBResource
 
 # Ingestion checks structure only; curation quarantines what does not decode, so that one warns.
@@ -23,12 +24,16 @@ def _ingest_audits(table) -> dict[str, tuple[bool, dict]]:
 
 
 def _curation_audits(table) -> dict[str, tuple[bool, dict]]:
-    present = [c for c in curation.COLUMNS if c in table.schema.names]
+    present = [c for c in CURATION_COLUMNS if c in table.schema.names]
     outcomes = {f"{c}.full_coverage": curation_checks.check_coverage(table, c) for c in present}
     outcomes.update({f"{c}.consistent_with_annotations": curation_checks.check_annotation_consistency(table, c)
-                     for c in present if c in curation.UDF_GROUPS["annotation_counts"]})
+                     for c in present if c in curation.UDF_GROUPS["annotation_columns"]})
     if "person_bbox_area_pct" in present:
         outcomes["person_bbox_area_pct.value_range"] = curation_checks.check_area_range(table)
+    if "embedding" in present:
+        outcomes["embedding.unit_vectors"] = curation_checks.check_unit_vectors(table)
+    if "uniqueness" in present:
+        outcomes["uniqueness.value_range"] = curation_checks.check_uniqueness_range(table)
     if "is_duplicate" in present:
         outcomes["is_duplicate.one_survivor_per_group"] = curation_checks.check_duplicate_groups(table)
     return {name: (o.passed or o.warn_only, o.metadata) for name, o in outcomes.items()}

@@ -1,5 +1,5 @@
 """Curation columns as Dagster assets: one asset per column, one Geneva backfill job per column
-or UDF group (`curation.UDF_GROUPS`: has_person, has_rider and num_persons share one).
+or UDF group (`curation.UDF_GROUPS`: the four annotation columns share one).
 
 All columns live in one `multi_asset` (subsettable) so a run starts Ray once and backfills the
 selected columns together (independent jobs concurrently, `is_duplicate` after `dhash`).
@@ -8,6 +8,7 @@ selected columns together (independent jobs concurrently, `is_duplicate` after `
 import dagster as dg
 
 from .. import curation, curation_checks, storage
+from ..failure_modes import FAILURE_MODES
 from .names import CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
 from .resources import LanceDBResource
 
@@ -20,7 +21,24 @@ DESCRIPTIONS = {
     "dhash": "64-bit difference hash of the decoded image (perceptual near-duplicate key).",
     "is_duplicate": "Frame is within `dup_threshold` bits of an earlier-ingested frame; each duplicate "
                     "group keeps its earliest frame unflagged.",
+    "scene_description": "The scene attributes and the count of each class ('night, rainy, city street; "
+                         "2 pedestrians, 1 rider'), full-text indexed by table_maintenance.",
+    "embedding": "Unit vector of the frame from its pixels alone (metadata `model` says which model and weights; "
+                 "AVP_EMBEDDING_MODEL), searched by `python -m avperception_assets.search`.",
+    "uniqueness": "Cosine distance to the nearest earlier-ingested frame's embedding (capped at 1): high for "
+                  "frames unlike anything seen before; old rows never change.",
 }
+# The registry's curation columns (curation.COLUMNS, and a distance column per mode defined by example).
+COLUMNS = curation.CurationConfig(modes=FAILURE_MODES).columns
+
+
+def _description(name: str, modes) -> str:
+    mode = next((m for m in modes if m.distance_column == name), None)
+    if mode is None:
+        return DESCRIPTIONS[name]
+    example = f"text query {mode.text_query!r}" if mode.text_query else f"exemplars {list(mode.exemplars)}"
+    return (f"Cosine distance from the frame's embedding to failure mode {mode.name!r}'s {example}; its slice keeps "
+            f"frames within {mode.max_distance}.")
 
 
 class CurationRunConfig(dg.Config):
@@ -33,16 +51,16 @@ class CurationRunConfig(dg.Config):
     recompute: list[str] = []
     concurrency: int | None = None
 
-    def to_curation(self) -> curation.CurationConfig:
+    def to_curation(self, modes=FAILURE_MODES) -> curation.CurationConfig:
         return curation.CurationConfig(
             person_area_source=self.person_area_source, detector_profile=self.detector_profile,
             score_threshold=self.score_threshold, dup_threshold=self.dup_threshold,
-            recompute=tuple(self.recompute), concurrency=self.concurrency)
+            recompute=tuple(self.recompute), concurrency=self.concurrency, modes=tuple(modes))
 
 
-def _spec(name: str) -> dg.AssetSpec:
-    deps = [RAW_FRAMES, *(column_key(d) for d in curation.COLUMN_DEPS.get(name, ()))]
-    return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=DESCRIPTIONS[name],
+def _spec(name: str, config: curation.CurationConfig) -> dg.AssetSpec:
+    deps = [RAW_FRAMES, *(column_key(d) for d in config.deps.get(name, ()))]
+    return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=_description(name, config.modes),
                         kinds={"lancedb", "geneva"}, skippable=True, automation_condition=FOLLOWS_FOOTAGE)
 
 
@@ -58,21 +76,20 @@ def _metadata(stats: curation.ColumnStats) -> dict:
     meta["params"] = dg.MetadataValue.json(meta["params"])
     if "errors" in meta:
         meta["errors"] = dg.MetadataValue.json(meta["errors"])
-    if "source" in stats.params:
-        meta["source"] = stats.params["source"]
+    for key in ("source", "model"):  # which detector or embedding model produced the values
+        if key in stats.params:
+            meta[key] = stats.params[key]
     meta["coverage"] = dg.MetadataValue.float(meta["coverage"])
     return meta
 
 
-@dg.multi_asset(specs=[_spec(name) for name in curation.COLUMNS], can_subset=True, name="curation_columns",
-                pool=LANCEDB_WRITES_POOL)
-def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
+def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, lancedb: LanceDBResource, modes):
     """Backfill the selected curation columns where they are NULL (new rows only)."""
     selected = [key.path[-1] for key in context.selected_asset_keys]
     conn = lancedb.connect()
     table = open_frames(lancedb, conn)
     lancedb.ensure_ray()
-    stats = curation.backfill_columns(table, selected, config.to_curation(), log=context.log.info)
+    stats = curation.backfill_columns(table, selected, run_config.to_curation(modes), log=context.log.info)
     for name, column_stats in stats.items():
         if name not in selected:  # filled by a selected sibling's job; materialized when selected
             context.log.info(f"{name} was filled by the job of its UDF group; it is not selected in this run")
@@ -83,6 +100,20 @@ def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfi
             metadata["frames_quarantined_undecodable"] = (
                 curation.quarantine_undecodable(conn, table, run_rows) if run_rows else 0)
         yield dg.MaterializeResult(asset_key=column_key(name), metadata=metadata)
+
+
+def build_curation_columns(modes=FAILURE_MODES) -> dg.AssetsDefinition:
+    """The curation columns of a registry: curation.COLUMNS and each by-example mode's distance."""
+    modes = tuple(modes)
+    config = curation.CurationConfig(modes=modes)
+
+    @dg.multi_asset(specs=[_spec(name, config) for name in config.columns], can_subset=True, name="curation_columns",
+                    pool=LANCEDB_WRITES_POOL)
+    def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
+        """Backfill the selected curation columns where they are NULL (new rows only)."""
+        yield from _backfill(context, config, lancedb, modes)
+
+    return curation_columns
 
 
 def latest_rows(instance: dg.DagsterInstance, column: str) -> tuple[str | None, str]:
@@ -121,7 +152,7 @@ def _coverage_check(column: str):
 
 def _consistency_check(column: str):
     @dg.asset_check(asset=column_key(column), name="consistent_with_annotations", blocking=True,
-                    description="Values the run filled agree with the frame's annotations.")
+                    description="Values the run filled agree with the frame's annotations and scene attributes.")
     def _check(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
         return _scoped(context, lancedb, column,
                        lambda table, where: curation_checks.check_annotation_consistency(table, column, where))
@@ -142,11 +173,34 @@ def duplicate_groups(context: dg.AssetCheckExecutionContext, lancedb: LanceDBRes
     return _scoped(context, lancedb, "is_duplicate", curation_checks.check_duplicate_groups)
 
 
-CURATION_CHECKS = [
-    *(_coverage_check(name) for name in curation.COLUMNS),
-    *(_consistency_check(name) for name in curation.UDF_GROUPS["annotation_counts"]),
-    person_area_range,
-    duplicate_groups,
-]
+@dg.asset_check(asset=column_key("embedding"), name="unit_vectors", blocking=True,
+                description="Every embedding the run filled has the model's dimension and unit norm.")
+def embedding_vectors(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped(context, lancedb, "embedding", curation_checks.check_unit_vectors)
 
+
+@dg.asset_check(asset=column_key("uniqueness"), name="value_range", blocking=True,
+                description="0 <= uniqueness <= its cap on the rows the run filled.")
+def uniqueness_range(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
+    return _scoped(context, lancedb, "uniqueness", curation_checks.check_uniqueness_range)
+
+
+def build_curation_checks(modes=FAILURE_MODES) -> list:
+    return [
+        *(_coverage_check(name) for name in curation.CurationConfig(modes=tuple(modes)).columns),
+        *(_consistency_check(name) for name in curation.UDF_GROUPS["annotation_columns"]),
+        person_area_range,
+        duplicate_groups,
+        embedding_vectors,
+        uniqueness_range,
+    ]
+
+
+def build_curation_defs(modes=FAILURE_MODES) -> dg.Definitions:
+    """The curation assets and checks of a registry (tests, or a deployment with its own modes)."""
+    return dg.Definitions(assets=[build_curation_columns(modes)], asset_checks=build_curation_checks(modes))
+
+
+curation_columns = build_curation_columns()
+CURATION_CHECKS = build_curation_checks()
 defs = dg.Definitions(assets=[curation_columns], asset_checks=CURATION_CHECKS)

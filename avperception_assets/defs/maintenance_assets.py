@@ -9,7 +9,8 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from .. import curation, maintenance, settings
+from .. import maintenance, settings
+from .curation_assets import COLUMNS as CURATION_COLUMNS
 from .names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
 from .resources import LanceDBResource
 
@@ -31,7 +32,7 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
 
 
 @dg.asset(key=TABLE_MAINTENANCE, group_name=MAINTENANCE, kinds={"lancedb"}, pool=LANCEDB_WRITES_POOL,
-          deps=[RAW_FRAMES, *(column_key(c) for c in curation.COLUMNS)], automation_condition=FOLLOWS_FOOTAGE,
+          deps=[RAW_FRAMES, *(column_key(c) for c in CURATION_COLUMNS)], automation_condition=FOLLOWS_FOOTAGE,
           description="Compacts the small fragments of bdd100k, removes old versions of it and of the slice views that nothing is "
                       "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
                       "of the columns view filters read current.")

@@ -20,8 +20,8 @@ CHECK_NAME = "row_count_matches_source"
 def view_deps(mode: FailureMode, split: str) -> list[dg.AssetKey]:
     """raw_frames, the curation columns the view's filter reads, and table_maintenance (which
     runs before the refresh, so the view reflects the maintained version)."""
-    return [RAW_FRAMES, *(column_key(c) for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS),
-            TABLE_MAINTENANCE]
+    curation_columns = [c for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS or c == mode.distance_column]
+    return [RAW_FRAMES, *(column_key(c) for c in curation_columns), TABLE_MAINTENANCE]
 
 
 def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:

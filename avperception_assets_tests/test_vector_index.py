@@ -1,0 +1,155 @@
+"""Similarity search on real LanceDB tables: exact search against numpy, the prefilter, NULL
+vectors, and the IVF_PQ index created at min_rows and kept current (still used by lancedb's
+queries) as rows arrive."""
+
+from __future__ import annotations
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from avperception_assets import storage, vector_index
+from avperception_assets.vector_index import ensure_vector_index, nearest
+
+DIM = 32
+MIN_ROWS = 300  # above the 256 vectors PQ training needs
+
+
+def _unit(rng, rows: int) -> np.ndarray:
+    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _rows(first: int, vectors: np.ndarray, null_every: int = 0) -> pa.Table:
+    ids = np.arange(first, first + len(vectors))
+    null = (ids % null_every == 0) if null_every else np.zeros(len(vectors), bool)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM, mask=pa.array(null))
+    return pa.table({"id": ids, "embedding": embedding})
+
+
+def _table(tmp_path, vectors: np.ndarray, null_every: int = 0):
+    # Stable row ids, as the frames table has; lancedb refuses NULL vectors without on_bad_vectors.
+    return lancedb.connect(tmp_path).create_table("t", _rows(0, vectors, null_every), on_bad_vectors="null",
+                                                  storage_options=storage.STABLE_ROW_IDS)
+
+
+def _true_nearest(vectors: np.ndarray, query: np.ndarray, k: int, keep=None) -> list[int]:
+    distances = 1 - vectors @ query
+    if keep is not None:
+        distances[~keep] = np.inf
+    return [int(i) for i in np.argsort(distances)[:k]]
+
+
+def test_exact_search_returns_the_true_nearest_neighbours(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = _unit(rng, 500)
+    table = _table(tmp_path, vectors)
+    assert table.list_indices() == []  # no index: the exact path
+    for query in _unit(rng, 5):
+        got = nearest(table, query, k=10)
+        expected = _true_nearest(vectors, query, 10)
+        assert got["id"].to_pylist() == expected
+        assert np.allclose(got["_distance"].to_numpy(), 1 - vectors[expected] @ query, atol=1e-5)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_the_prefilter_is_respected(tmp_path, monkeypatch, indexed):
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng, 600)
+    table = _table(tmp_path, vectors)
+    if indexed:  # 24 partitions, 1 probed: the matching rows lie in partitions not probed
+        monkeypatch.setattr(vector_index, "ROWS_PER_PARTITION", 25)
+        monkeypatch.setattr(vector_index, "MIN_NPROBES", 1)
+        monkeypatch.setattr(vector_index, "PROBE_FRACTION", 0.01)
+        assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    query = _unit(rng, 1)[0]
+    # 12 matching rows spread over the table: a post-filter of the 10 nearest would keep ~0.
+    got = nearest(table, query, k=10, where="id % 50 = 7", columns=["id"])
+    assert got.column_names == ["id", "_distance"]
+    assert got["id"].to_pylist() == _true_nearest(vectors, query, 10, keep=np.arange(600) % 50 == 7)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_rows_with_a_null_vector_are_never_returned(tmp_path, indexed):
+    rng = np.random.default_rng(2)
+    vectors = _unit(rng, 600)
+    table = _table(tmp_path, vectors, null_every=3)
+    if indexed:  # 400 non-NULL vectors: the NULL ones do not break training
+        assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    got = nearest(table, vectors[0], k=600, columns=["id"])  # row 0's vector is NULL in the table
+    assert got.num_rows == 400
+    assert not any(i % 3 == 0 for i in got["id"].to_pylist())
+    assert np.all(np.diff(got["_distance"].to_numpy()) >= 0)
+
+
+def test_the_index_is_created_once_min_rows_vectors_exist(tmp_path):
+    rng = np.random.default_rng(3)
+    table = _table(tmp_path, _unit(rng, 420), null_every=3)  # 420 rows, 280 vectors
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) is None  # NULL vectors do not count
+    assert table.list_indices() == []
+    table.add(_rows(420, _unit(rng, 20)))
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    [index] = table.list_indices()
+    assert index.columns == ["embedding"] and table.index_stats(index.name).distance_type == "cosine"
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) is None  # nothing new: no commit
+    assert len(table.list_indices()) == 1
+
+
+def _uses_index_alone(table, query) -> bool:
+    """lancedb searches the index and scans no unindexed fragment."""
+    plan = table.search(query, vector_column_name="embedding").distance_type("cosine").limit(1).explain_plan(True)
+    return "ANNSubIndex" in plan and "LanceScan" not in plan
+
+
+def test_appended_rows_join_the_index_and_are_found(tmp_path):
+    rng = np.random.default_rng(4)
+    table = _table(tmp_path, _unit(rng, 400))
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    version = table.version
+    new = _unit(rng, 50)
+    table.add(_rows(400, new))
+    [index] = table.list_indices()
+    assert table.index_stats(index.name).num_unindexed_rows == 50
+    assert not _uses_index_alone(table, new[0])
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "updated"
+    stats = table.index_stats(index.name)
+    assert (stats.num_indexed_rows, stats.num_unindexed_rows) == (450, 0)
+    assert _uses_index_alone(table, new[0])  # pylance's update is an index lancedb reads
+    for i in (0, 17, 49):
+        got = nearest(table, new[i], k=3)
+        assert got["id"][0].as_py() == 400 + i and got["_distance"][0].as_py() == pytest.approx(0, abs=1e-5)
+    assert table.version == version + 2  # one commit for the rows, one for the update
+
+
+def test_the_index_is_retrained_once_the_table_outgrows_its_partitions(tmp_path, monkeypatch):
+    monkeypatch.setattr(vector_index, "ROWS_PER_PARTITION", 100)
+    rng = np.random.default_rng(5)
+    table = _table(tmp_path, _unit(rng, 300))
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"  # 3 partitions
+    table.add(_rows(300, _unit(rng, 250)))  # 5 partitions' worth: below twice 3
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "updated"
+    new = _unit(rng, 50)
+    table.add(_rows(550, new))  # 600 rows: 6 partitions' worth, twice what the index has
+    table.to_lance().optimize.optimize_indices()  # someone else's optimize takes the new rows first
+    table.checkout_latest()
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "rebuilt"
+    [index] = table.list_indices()
+    assert table.to_lance().stats.index_stats(index.name)["indices"][0]["num_partitions"] == 6
+    assert table.index_stats(index.name).num_unindexed_rows == 0
+    assert nearest(table, new[7], k=1)["id"][0].as_py() == 557
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda table: nearest(table, np.ones(DIM + 1)), rf"shape \({DIM + 1},\); column 'embedding' expects dimension {DIM}"),
+    (lambda table: nearest(table, np.ones((1, DIM))), rf"shape \(1, {DIM}\); column 'embedding' expects dimension {DIM}"),
+    (lambda table: nearest(table, np.zeros(DIM)), "non-zero"),
+    (lambda table: nearest(table, np.ones(DIM), k=0), "k must be a positive integer, got 0"),
+    (lambda table: nearest(table, np.ones(DIM), column="clip"), "unknown column 'clip'"),
+    (lambda table: nearest(table, np.ones(DIM), columns=["id", "weather"]), r"unknown columns \['weather'\]"),
+    (lambda table: nearest(table, np.ones(DIM), column="id"), "column 'id' is int64, not a fixed_size_list"),
+])
+def test_bad_queries_get_a_clear_error(tmp_path, call, message):
+    table = _table(tmp_path, _unit(np.random.default_rng(6), 20))
+    with pytest.raises(ValueError, match=message):
+        call(table)
