@@ -3,7 +3,7 @@ backfills on the session's Ray), and failure modes defined by example."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -19,15 +19,37 @@ SEARCH_COLUMNS = ["scene_description", "dhash", "embedding", "uniqueness"]
 CONFIG = curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS, concurrency=1, modes=())
 
 
+@dataclass
+class SearchDB:
+    conn: object
+    table: object
+    mode: FailureMode  # defined by example: the first night frame of the val split
+    original: str  # a daytime frame of batch s1 that new footage holds a re-encoded copy of
+    new_footage: dict[str, curation.ColumnStats]  # the second backfill's stats
+    view_created: slices.ViewStats
+    view_refreshed: slices.ViewStats
+
+
 @pytest.fixture(scope="module")
-def search_db(tmp_path_factory, local_ray):
-    """120 small synthetic frames with their descriptions, hashes, embeddings and uniqueness, and
-    the full-text index maintenance keeps."""
+def search_db(tmp_path_factory, local_ray) -> SearchDB:
+    """120 small synthetic frames curated for search (descriptions, hashes, embeddings,
+    uniqueness, the distance of a mode defined by example), the full-text index and the mode's
+    val view; then new footage (a re-encoded copy of one frame, a copy of the exemplar) curated
+    again and the view refreshed."""
     conn, _ = build_frames_table(tmp_path_factory.mktemp("search"), [("s1", FRAMES, 11)])
     table = conn.open_table(storage.FRAMES_TABLE)
-    curation.backfill_columns(table, SEARCH_COLUMNS, CONFIG)
+    frames = _frames(table, ["image_id", "timeofday", "split"])
+    exemplar = next(f["image_id"] for f in frames if f["timeofday"] == "night" and f["split"] == "val")
+    mode = FailureMode("like_night", "", ("pedestrian",), exemplars=(exemplar,), max_distance=0.35)
+    config, columns = replace(CONFIG, modes=(mode,)), [*SEARCH_COLUMNS, mode.distance_column]
+    curation.backfill_columns(table, columns, config)
     maintenance.ensure_column_indexes(table, {"scene_description": "FTS"})
-    return conn, table
+    created = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
+    original = next(f["image_id"] for f in frames if f["timeofday"] == "daytime")
+    append_rows(table, near_duplicate_rows(table, [(original, 0.9, 60), (exemplar, 1.0, 80)], "new"))
+    stats = curation.backfill_columns(table, columns, config)
+    refreshed = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
+    return SearchDB(conn, table, mode, original, stats, created, refreshed)
 
 
 def _frames(table, columns):
@@ -35,7 +57,7 @@ def _frames(table, columns):
 
 
 def test_nearest_neighbours_of_night_rider_frames_are_mostly_night(search_db):
-    _, table = search_db
+    table = search_db.table
     frames = _frames(table, ["image_id", "timeofday", "ann_categories"])
     night = {f["image_id"] for f in frames if f["timeofday"] == "night"}
     queries = [f["image_id"] for f in frames if f["image_id"] in night and "rider" in (f["ann_categories"] or [])]
@@ -46,20 +68,17 @@ def test_nearest_neighbours_of_night_rider_frames_are_mostly_night(search_db):
     assert precision >= 0.8 and precision >= base_rate + 0.4
 
 
-def test_a_reencoded_copy_has_its_original_first_and_scores_low_uniqueness(search_db, tmp_path):
-    conn, table = search_db
-    original = _frames(table, ["image_id"])[7]["image_id"]
-    append_rows(table, near_duplicate_rows(table, [(original, 0.9, 60)], "copies"))
-    stats = curation.backfill_columns(table, SEARCH_COLUMNS, CONFIG)
-    assert stats["embedding"].rows_processed == stats["uniqueness"].rows_processed == 1  # only the new row
-    copy = f"copy-copies-0-{original}"
-    assert search.similar(table, copy, k=3)["image_id"][0].as_py() == original
+def test_new_footage_is_embedded_alone_and_a_reencoded_copy_finds_its_original(search_db):
+    table, stats = search_db.table, search_db.new_footage
+    assert stats["embedding"].rows_processed == stats["uniqueness"].rows_processed == 2  # only the new rows
+    copy = f"copy-new-0-{search_db.original}"
+    assert search.similar(table, copy, k=3)["image_id"][0].as_py() == search_db.original
     [row] = table.to_lance().to_table(columns=["uniqueness"], filter=f"image_id = '{copy}'").to_pylist()
     assert row["uniqueness"] < 0.01
 
 
 def test_uniqueness_is_the_distance_to_the_nearest_earlier_frame(search_db):
-    _, table = search_db
+    table = search_db.table
     frames = _frames(table, ["embedding", "uniqueness"])[:FRAMES]  # the first batch, in ingestion order
     vectors = np.array([f["embedding"] for f in frames], dtype=np.float32)
     expected = [curation_udfs.UNIQUENESS_CAP] + [
@@ -68,10 +87,10 @@ def test_uniqueness_is_the_distance_to_the_nearest_earlier_frame(search_db):
 
 
 def test_a_sql_prefilter_and_split_are_respected(search_db):
-    _, table = search_db
+    table = search_db.table
     query = _frames(table, ["image_id"])[0]["image_id"]
     results = search.similar(table, query, k=50, where="timeofday = 'daytime'", split="train")
-    expected = source_ids(search_db[0], "timeofday = 'daytime' AND split = 'train'")
+    expected = source_ids(search_db.conn, "timeofday = 'daytime' AND split = 'train'")
     assert 0 < results.num_rows <= len(expected)
     assert set(results["image_id"].to_pylist()) <= set(expected) - {query}
     assert results.num_rows == min(50, len(set(expected) - {query}))
@@ -80,7 +99,7 @@ def test_a_sql_prefilter_and_split_are_respected(search_db):
 
 
 def test_full_text_finds_frames_by_description(search_db):
-    conn, table = search_db
+    conn, table = search_db.conn, search_db.table
     riders = source_ids(conn, "array_has(ann_categories, 'rider')")
     results = search.describe(table, "rider", k=500)
     assert sorted(results["image_id"].to_pylist()) == riders  # stemmed: 'rider' finds '1 rider' and '2 riders'
@@ -90,13 +109,13 @@ def test_full_text_finds_frames_by_description(search_db):
 
 
 def test_text_search_needs_clip(search_db):
-    _, table = search_db
+    table = search_db.table
     with pytest.raises(embeddings.EmbeddingError, match="text tower"):
         search.text(table, "a cyclist at night")
 
 
 def test_cli_prints_results_and_writes_a_contact_sheet(search_db, monkeypatch, capsys, tmp_path):
-    conn, table = search_db
+    conn, table = search_db.conn, search_db.table
     monkeypatch.setenv("AVP_LANCEDB_URI", table.uri.rsplit("/", 1)[0])
     query = _frames(table, ["image_id"])[3]["image_id"]
     sheet = tmp_path / "sheet.png"
@@ -131,28 +150,20 @@ def test_detector_embeddings_and_a_changed_model_refused_unless_recomputed(tmp_p
 
 
 def test_a_mode_defined_by_example_refreshes_its_views_incrementally(search_db):
-    conn, table = search_db
-    frames = _frames(table, ["image_id", "timeofday", "split"])
-    exemplar = next(f["image_id"] for f in frames if f["timeofday"] == "night" and f["split"] == "val")
-    mode = FailureMode("like_night", "", ("pedestrian",), exemplars=(exemplar,), max_distance=0.35)
-    config = replace(CONFIG, modes=(mode,))
-    curation.backfill_columns(table, ["like_night_distance"], config)
-    stats = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
-    assert stats.created and stats.row_count > 0
+    conn, mode = search_db.conn, search_db.mode
+    assert search_db.view_created.created and search_db.view_created.row_count > 0
+    assert search_db.new_footage[mode.distance_column].rows_processed == 2
+    new_in_view = source_ids(conn, f"batch_id = 'new' AND {slices.view_filter(mode, 'val')}")
+    again = search_db.view_refreshed
+    assert len(new_in_view) == 1  # the exemplar's copy (the other copy is of a daytime frame)
+    assert not again.created and again.rows_added == 1 and again.rows_removed == 0
     view = slices.open_view(conn, "bdd100k_like_night_val")
     assert view_ids(view) == source_ids(conn, slices.view_filter(mode, "val"))
     assert "embedding" not in view.schema.names  # views keep no vectors (nor pixels)
 
-    append_rows(table, near_duplicate_rows(table, [(exemplar, 1.0, 80)], "like"))
-    curation.backfill_columns(table, ["dhash", "embedding", "like_night_distance"], config)
-    again = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
-    new_in_view = source_ids(conn, f"batch_id = 'like' AND {slices.view_filter(mode, 'val')}")
-    assert new_in_view and not again.created and again.rows_added == len(new_in_view) == 1 and again.rows_removed == 0
-    assert view_ids(slices.open_view(conn, "bdd100k_like_night_val")) == source_ids(conn, slices.view_filter(mode, "val"))
-
 
 def test_a_mode_by_example_needs_known_exemplars(search_db):
-    _, table = search_db
+    table = search_db.table
     mode = FailureMode("ghosts", "timeofday = 'night'", ("pedestrian",), exemplars=("no-such-frame",), max_distance=0.2)
     with pytest.raises(curation.CurationError, match="ghosts.*no-such-frame"):
         curation.backfill_columns(table, ["ghosts_distance"], replace(CONFIG, modes=(mode,)))
@@ -231,7 +242,7 @@ def test_frame_search_job_shows_results_and_contact_sheet(search_db, data_dir):
     from avperception_assets.defs.resources import LanceDBResource
     from avperception_assets.defs.search_jobs import frame_search
 
-    _, table = search_db
+    table = search_db.table
     resources = {"lancedb": LanceDBResource(uri=table.uri.rsplit("/", 1)[0])}
     config = {"ops": {"search_frames": {"config": {"kind": "describe", "query": "rider", "k": 5, "split": "val"}}}}
     result = frame_search.execute_in_process(run_config=config, resources=resources)
