@@ -186,14 +186,6 @@ class ColumnStats:
         return meta
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class PersonAreaSource:
     """Where person_bbox_area_pct comes from: `label` is what metadata records."""
@@ -224,7 +216,7 @@ def resolve_person_area_source(config: CurationConfig) -> PersonAreaSource:
         raise CurationError(
             f"person_area_source {requested!r} is neither 'auto', 'coco', 'annotations' nor an existing "
             "state_dict file")
-    return PersonAreaSource("checkpoint", f"checkpoint:{path.name}@{_file_digest(path)}:{profile.architecture}",
+    return PersonAreaSource("checkpoint", f"checkpoint:{path.name}@{detector.weights_digest(path)}:{profile.architecture}",
                             str(path.resolve()), profile.name)
 
 

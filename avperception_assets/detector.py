@@ -10,6 +10,7 @@ Heads always have 91 outputs (COCO category ids), see `bdd100k.COCO_IDS`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,16 @@ def check_weights_source(weights: str, architecture: str) -> None:
         raise FileNotFoundError(
             f"weights source {weights!r} is neither 'coco', 'none' nor an existing state_dict file"
         )
+
+
+def weights_digest(path: Path) -> str:
+    """A short content digest of a weights file: what metadata records beside its name, so a
+    file replaced under the same name reads as other weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def build_detector(profile: Profile, weights: str = WEIGHTS_NONE):

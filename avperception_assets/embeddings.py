@@ -11,7 +11,7 @@ vector compared by cosine distance. Which model is deployment configuration, `AV
 - `clip:<folder>` (a copied OpenCLIP model folder: `open_clip_config.json` and its weights, as
   the Hugging Face hub holds them), `clip:<architecture>:<weights file>`, or
   `clip:<architecture>:<pretrained tag>` whose weights are already in the Hugging Face hub
-  cache: OpenCLIP (`open_clip`), loaded with the hub offline (nothing is downloaded here).
+  cache: OpenCLIP (`open_clip`), loaded from local files (nothing is downloaded here).
   The only model with a text tower (text search, modes defined by a text query).
 - `detector:<state_dict path>[:<profile>]`: the backbone of one of this project's Faster R-CNN
   checkpoints (for example the base detector's `model.pt`), its FPN levels average-pooled.
@@ -23,14 +23,14 @@ under another model refuses to extend the column unless it is recomputed, as for
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import detector
 
 MODEL_ENV = "AVP_EMBEDDING_MODEL"
 COLOR_LAYOUT = "color_layout"
@@ -50,20 +50,12 @@ class EmbeddingModel:
     label: str
     dim: int
     architecture: str | None = None
-    weights: str | None = None  # local file, or an OpenCLIP pretrained tag (clip only)
+    weights: str | None = None  # a local file (a CLIP folder: None, its architecture names it)
     profile: str | None = None  # detector profile name
 
     @property
     def has_text_tower(self) -> bool:
         return self.kind == "clip"
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def configured_spec() -> str:
@@ -98,14 +90,16 @@ def _resolve_clip(spec: str, rest: str) -> EmbeddingModel:
         raise EmbeddingError(f"embedding model {spec!r}: open_clip has no architecture {architecture!r}")
     path = Path(weights).expanduser()
     if path.is_file():
-        return EmbeddingModel("clip", f"clip:{architecture}:file:{path.name}@{_digest(path)}", config["embed_dim"],
-                              architecture, str(path.resolve()))
-    if _cached_clip_weights(architecture, weights) is None:
+        label = f"clip:{architecture}:file:{path.name}@{detector.weights_digest(path)}"
+        return EmbeddingModel("clip", label, config["embed_dim"], architecture, str(path.resolve()))
+    cached = _cached_clip_weights(architecture, weights)
+    if cached is None:
         raise EmbeddingError(
             f"embedding model {spec!r}: {weights!r} is neither a weights file nor an OpenCLIP pretrained tag "
             f"whose weights are in the Hugging Face hub cache ({_hub_cache()}); this machine downloads nothing. "
             "Copy the weights file here and name its path.")
-    return EmbeddingModel("clip", f"clip:{architecture}:{weights}", config["embed_dim"], architecture, weights)
+    # open_clip gets the cached file's path, so it never asks the hub.
+    return EmbeddingModel("clip", f"clip:{architecture}:{weights}", config["embed_dim"], architecture, cached)
 
 
 def _resolve_clip_folder(spec: str, folder: Path) -> EmbeddingModel:
@@ -117,27 +111,23 @@ def _resolve_clip_folder(spec: str, folder: Path) -> EmbeddingModel:
     if weights is None:
         raise EmbeddingError(f"embedding model {spec!r}: {folder} has no weights file (*.safetensors, *.bin)")
     config = open_clip.get_model_config(architecture)
-    return EmbeddingModel("clip", f"clip:dir:{folder.name}@{_digest(Path(weights))}", config["embed_dim"],
-                          architecture)
+    label = f"clip:dir:{folder.name}@{detector.weights_digest(Path(weights))}"
+    return EmbeddingModel("clip", label, config["embed_dim"], architecture)
 
 
 def _resolve_detector(spec: str, rest: str) -> EmbeddingModel:
-    from . import detector
-
     path_text, _, profile_name = rest.partition(":")
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise EmbeddingError(f"embedding model {spec!r}: no state_dict file at {path}")
     profile = detector.get_profile(profile_name or None)
-    return EmbeddingModel("detector", f"detector:{path.name}@{_digest(path)}:{profile.architecture}", FPN_CHANNELS,
-                          profile.architecture, str(path.resolve()), profile.name)
+    label = f"detector:{path.name}@{detector.weights_digest(path)}:{profile.architecture}"
+    return EmbeddingModel("detector", label, FPN_CHANNELS, profile.architecture, str(path.resolve()), profile.name)
 
 
 def _open_clip():
-    try:
-        import open_clip
-    except ImportError as exc:  # an optional dependency: only CLIP deployments need it
-        raise EmbeddingError("CLIP embeddings need the open_clip package (pip install open-clip-torch)") from exc
+    import open_clip  # with timm and more: seconds to import, paid only where CLIP is configured
+
     return open_clip
 
 
@@ -160,20 +150,6 @@ def _cached_clip_weights(architecture: str, tag: str) -> str | None:
         if isinstance(found, str):
             return found
     return None
-
-
-@contextmanager
-def _hub_offline():
-    """The hub is never asked for anything: a cache miss raises instead of downloading."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -221,15 +197,12 @@ class Embedder:
 
     def _load_clip(self) -> None:
         open_clip = _open_clip()
-        with _hub_offline():
-            net, _, preprocess = open_clip.create_model_and_transforms(self.model.architecture,
-                                                                       pretrained=self.model.weights)
+        # A local folder, file or cached file: open_clip reads it from disk, never from the hub.
+        net, _, preprocess = open_clip.create_model_and_transforms(self.model.architecture, pretrained=self.model.weights)
         self._net, self._preprocess = net.eval(), preprocess
         self._tokenizer = open_clip.get_tokenizer(self.model.architecture)
 
     def _load_detector(self) -> None:
-        from . import detector
-
         self._net = detector.build_detector(detector.get_profile(self.model.profile), self.model.weights).eval()
 
     def embed_images(self, frames: list[bytes]) -> np.ndarray:

@@ -146,3 +146,10 @@ def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():
     assert result.returncode != 0 and "AVP_DISTANT_PERSON_MAX_AREA_PCT" in result.stderr
     with pytest.raises(ValueError, match="'rider_typo'.*No field named has_ridr"):
         _with_modes([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
+
+
+def test_embeddings_from_the_base_detector_depend_on_it(monkeypatch):
+    monkeypatch.setenv("AVP_EMBEDDING_MODEL", f"detector:{training_assets.base_checkpoints_dir()}/3/best.pt")
+    assert "base_detector" in _parents(_with_modes(FAILURE_MODES))["embedding"]
+    monkeypatch.setenv("AVP_EMBEDDING_MODEL", "detector:/elsewhere/best.pt")  # not an asset of this graph
+    assert _parents(_with_modes(FAILURE_MODES))["embedding"] == {"raw_frames"}

@@ -115,7 +115,7 @@ def test_text_search_needs_clip(search_db):
 
 
 def test_cli_prints_results_and_writes_a_contact_sheet(search_db, monkeypatch, capsys, tmp_path):
-    conn, table = search_db.conn, search_db.table
+    table = search_db.table
     monkeypatch.setenv("AVP_LANCEDB_URI", table.uri.rsplit("/", 1)[0])
     query = _frames(table, ["image_id"])[3]["image_id"]
     sheet = tmp_path / "sheet.png"

@@ -4,13 +4,13 @@ For each table size (default 2,000 and 20,000 frames of 1280x720 distinct JPEGs)
 built and curated once, untimed, with its views. Then `--batches` READY batches of `--new`
 frames land one after another, and each goes through the footage run a sensor requests
 (raw_frames → curation columns → slice views → table_maintenance, with every check those
-steps launch), materialized in this process, each run starting its local Ray as the lancedb
-resource does. Per stage the median seconds and the peak RSS of this process tree (Ray's
-processes included) over the batches are compared between the sizes (targets: 20,000-frame
-median <= 1.2x the 2,000-frame one). Before each batch the benchmark waits for the previous
-run's Ray to leave the process tree (under Dagster each run is a process of its own, so its
-Ray is never another run's) and prints what was left. Also: the views' disk next to the table's (target <= 10%), and the whole batch from READY to refreshed views (goal <= 60 s
-at 20,000 frames on a quiet machine).
+steps launch), each run in a process of its own that starts its local Ray, as Dagster's run
+launcher and the lancedb resource do (so no run carries another's memory or Ray). Per stage
+the median seconds and the peak RSS of this process tree (the run's process and its Ray
+included) over the batches are compared between the sizes (targets: 20,000-frame median <=
+1.2x the 2,000-frame one). Also: the views' disk next to the table's (target <= 10%), and the
+whole batch from READY to refreshed views, the run process's start included (goal <= 60 s at
+20,000 frames on a quiet machine).
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
 random 9x8 block pattern so every frame has a distinct difference hash (none is a duplicate);
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -107,12 +108,8 @@ def land_batch(landing: Path, batch_id: str, frames: int, pool: list[tuple[bytes
 
 
 def _tree_rss() -> int:
-    """RSS in bytes of this process and every descendant (Ray's raylet, GCS and workers)."""
-    return sum(_tree().values()) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _tree() -> dict[int, int]:
-    """Pid → resident pages of this process and every descendant."""
+    """RSS in bytes of this process and every descendant (the run's process, its Ray's raylet,
+    GCS and workers)."""
     parents, rss = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -125,21 +122,7 @@ def _tree() -> dict[int, int]:
         children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    return {pid: rss.get(pid, 0) for pid in tree}
-
-
-def wait_for_ray_exit(timeout_s: float = 60.0) -> tuple[float, int, int]:
-    """Wait until the Ray a finished run shut down has left this process tree, as it has left a
-    run's own process under Dagster (each run is a process of its own there; this benchmark
-    runs them all in one). Returns (seconds waited, processes and bytes left at the start)."""
-    started, first = time.perf_counter(), _tree()
-    first.pop(os.getpid(), None)
-    left = first
-    while left and time.perf_counter() - started < timeout_s:
-        time.sleep(0.25)
-        left = _tree()
-        left.pop(os.getpid(), None)
-    return time.perf_counter() - started, len(first), sum(first.values()) * os.sysconf("SC_PAGE_SIZE")
+    return sum(rss.get(pid, 0) for pid in tree) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler:
@@ -205,19 +188,37 @@ def disk_bytes(path: Path) -> int:
 # --- the runs ------------------------------------------------------------------------------
 
 
-def footage_run(instance, batch_id: str):
+def _footage_run(instance_ref, batch_id: str, data_dir: str) -> None:
+    """The footage run a sensor requests for `batch_id` (in a spawned process)."""
     import dagster as dg
 
     from avperception_assets.defs.sensors import FOOTAGE_SELECTION, footage_request
     from avperception_assets.definitions import defs
 
+    os.environ["AVP_DATA_DIR"] = data_dir
     request = footage_request(batch_id)
     run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        result = dg.materialize([*defs.assets, *defs.asset_checks], selection=FOOTAGE_SELECTION, instance=instance,
+                                resources=defs.resources, run_config=run_config, tags={**request.tags, "batch": batch_id})
+    if not result.success:
+        raise SystemExit(f"footage run of {batch_id} failed")
+
+
+def footage_run(instance, batch_id: str) -> tuple[str, float, float]:
+    """One footage run in a process of its own, as Dagster's run launcher gives every run: its
+    memory and its Ray are its own and end with it. Returns (run id, start, end)."""
+    import dagster as dg
+
+    context = multiprocessing.get_context("spawn")
     started = time.time()
-    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=FOOTAGE_SELECTION, instance=instance,
-                            resources=defs.resources, run_config=run_config, tags=request.tags)
-    assert result.success, batch_id
-    return result, started, time.time()
+    process = context.Process(target=_footage_run, args=(instance.get_ref(), batch_id, os.environ["AVP_DATA_DIR"]))
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise RuntimeError(f"the footage run of {batch_id} failed (exit code {process.exitcode})")
+    [run] = instance.get_runs(filters=dg.RunsFilter(tags={"batch": batch_id}))
+    return run.run_id, started, time.time()
 
 
 def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
@@ -233,19 +234,17 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     per_stage: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     whole: list[float] = []
-    with dg.DagsterInstance.ephemeral() as instance, RssSampler() as sampler:
+    with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance, \
+            RssSampler() as sampler:
         footage_run(instance, "base")
         print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
         for n in range(batches):
             batch_id = f"new-{n}"
             land_batch(landing, batch_id, new, pool, seed=frames + n + 1)
-            waited, leftovers, leftover_bytes = wait_for_ray_exit()
-            print(f"   before {batch_id}: {leftovers} processes of the previous run's Ray "
-                  f"({leftover_bytes / 2**30:.2f} GB) left this process tree in {waited:.1f} s", flush=True)
-            result, t0, t1 = footage_run(instance, batch_id)
+            run_id, t0, t1 = footage_run(instance, batch_id)
             whole.append(t1 - t0)
             spans: dict[str, list[tuple[float, float]]] = {}
-            for key, span in step_spans(instance, result.run_id).items():
+            for key, span in step_spans(instance, run_id).items():
                 spans.setdefault(stage_of(key), []).append(span)
             line = []
             for stage, stage_spans in sorted(spans.items()):

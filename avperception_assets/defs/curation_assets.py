@@ -5,12 +5,15 @@ All columns live in one `multi_asset` (subsettable) so a run starts Ray once and
 selected columns together (independent jobs concurrently, `is_duplicate` after `dhash`).
 """
 
+from pathlib import Path
+
 import dagster as dg
 
-from .. import curation, curation_checks, storage
+from .. import curation, curation_checks, embeddings, storage
 from ..failure_modes import FAILURE_MODES
-from .names import CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
+from .names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
 from .resources import LanceDBResource
+from .training_assets import base_checkpoints_dir
 
 DESCRIPTIONS = {
     "has_person": "Frame has at least one annotated pedestrian (any BDD name for a person).",
@@ -58,8 +61,18 @@ class CurationRunConfig(dg.Config):
             recompute=tuple(self.recompute), concurrency=self.concurrency, modes=tuple(modes))
 
 
+def _embeds_with_base_detector() -> bool:
+    """The configured embedding model is the backbone of a base_detector checkpoint: the column
+    then depends on that asset."""
+    kind, _, path = embeddings.configured_spec().partition(":")
+    weights = Path(path.partition(":")[0]).expanduser().resolve()
+    return kind == "detector" and weights.is_relative_to(base_checkpoints_dir().resolve())
+
+
 def _spec(name: str, config: curation.CurationConfig) -> dg.AssetSpec:
     deps = [RAW_FRAMES, *(column_key(d) for d in config.deps.get(name, ()))]
+    if name == "embedding" and _embeds_with_base_detector():
+        deps.append(BASE_DETECTOR)
     return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=_description(name, config.modes),
                         kinds={"lancedb", "geneva"}, skippable=True, automation_condition=FOLLOWS_FOOTAGE)
 

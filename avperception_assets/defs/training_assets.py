@@ -25,6 +25,11 @@ from .resources import LanceDBResource
 AUTO_WEIGHTS = "auto"
 
 
+def base_checkpoints_dir() -> Path:
+    """Where base_detector's checkpoints live (one folder per train-view version)."""
+    return settings.checkpoints_dir() / "base"
+
+
 class TrainingConfig(dg.Config):
     """Run config of the training assets; unset fields keep the profile's values."""
 
@@ -135,7 +140,7 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
     spec = training.RunSpec(
         train=train_view, val=loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"),
         profile=profile, weights=weights, seed=config.seed)
-    out = settings.checkpoints_dir() / "base" / str(train_view.version)
+    out = base_checkpoints_dir() / str(train_view.version)
     metadata = _train(context, spec, out)
     best = str(out / training.BEST_FILE)
     return dg.MaterializeResult(metadata={**_run_metadata(metadata, out, best), "weights": best})
