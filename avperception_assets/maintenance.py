@@ -27,6 +27,10 @@ Library workarounds, all here (lancedb 0.39.0, whose Rust core is lance 12, with
   bitmap and label-list ones update in pylance and stay readable.
 - lancedb's cleanup raises "tagged version(s) have been marked for cleanup" once a pinned
   version is old enough, so cleanup runs in pylance too.
+- Geneva 0.17's Table (how the pipeline opens `bdd100k`) takes no `create_index(config=FTS())`
+  ("unexpected keyword argument 'config'"): the full-text index is made with its
+  `create_fts_index` (Lance's own index, not tantivy), which leaves stemming off unless asked.
+  pylance's `optimize_indices` keeps that index readable by lancedb, as it does bitmaps.
 
 Nothing here knows about Dagster.
 """

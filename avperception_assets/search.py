@@ -39,7 +39,7 @@ class SearchError(ValueError):
 
 
 def _scope(where: str | None, split: str | None) -> str | None:
-    return storage.and_where(where, f"split = '{split}'" if split else None)
+    return storage.and_where(where, f"split = {storage.sql_list([split])}" if split else None)
 
 
 def _result_columns(table) -> list[str]:
@@ -108,13 +108,18 @@ def _frame_bytes(uri: str, ids: list[str]) -> dict[str, bytes]:
     return found
 
 
+def _score_column(results: pa.Table) -> str | None:
+    """`_distance` (similar, text) or `_score` (describe)."""
+    return next((c for c in ("_distance", "_score") if c in results.column_names), None)
+
+
 def contact_sheet(uri: str, results: pa.Table, path: Path, columns: int = 4, title: str = "") -> Path:
     """A PNG grid of the results' frames, each captioned with its rank, image id and distance or score."""
     from PIL import Image, ImageDraw
 
     ids = results["image_id"].to_pylist()
     by_id = _frame_bytes(uri, ids) if ids else {}
-    score = next((c for c in ("_distance", "_score") if c in results.column_names), None)
+    score = _score_column(results)
     scores = results[score].to_pylist() if score else [None] * len(ids)
     width, height, caption = THUMB_SIZE[0], THUMB_SIZE[1], 18
     rows = max(1, -(-len(ids) // columns))
@@ -135,7 +140,7 @@ def contact_sheet(uri: str, results: pa.Table, path: Path, columns: int = 4, tit
 
 def results_markdown(results: pa.Table) -> str:
     """The results as a markdown table (rank, image id, distance or score, description)."""
-    score = next((c for c in ("_distance", "_score") if c in results.column_names), None)
+    score = _score_column(results)
     lines = [f"| rank | image_id | split | {score or 'score'} | scene_description |", "|---:|---|---|---:|---|"]
     for rank, row in enumerate(results.to_pylist(), 1):
         value = f"{row[score]:.4f}" if score else ""
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     query = getattr(args, "image_id", None) or args.query
     try:
         results = run(args.kind, query, k=args.k, where=args.where, split=args.split)
-    except (SearchError, embeddings.EmbeddingError, ValueError) as exc:
+    except ValueError as exc:  # ours, and lance's for a bad --where
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(results_markdown(results))

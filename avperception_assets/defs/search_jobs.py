@@ -7,7 +7,7 @@ from enum import Enum
 import dagster as dg
 from pydantic import Field
 
-from .. import embeddings, search, settings
+from .. import search, settings
 from .resources import LanceDBResource
 
 
@@ -41,7 +41,7 @@ def search_frames(context: dg.OpExecutionContext, config: FrameSearchConfig, lan
     try:
         results = search.run(config.kind.value, config.query, k=config.k, where=config.where,
                              split=config.split.value if config.split else None, uri=uri)
-    except (search.SearchError, embeddings.EmbeddingError) as exc:
+    except ValueError as exc:  # a search that cannot run as asked, or lance's complaint about `where`
         raise dg.Failure(str(exc)) from exc
     sheet = search.contact_sheet(uri, results, settings.reports_dir() / "search" / f"{context.run_id}.png",
                                  title=f"{config.kind.value}: {config.query}")
