@@ -52,7 +52,7 @@ import pyarrow as pa
 from . import embeddings, storage
 from .curation_udfs import (ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, DuplicateFlagger, ExemplarDistance, FrameEmbedder,
                             PersonAreaDetector, UniquenessScorer, annotation_columns, dhash,
-                            person_bbox_area_pct_annotations)
+                            person_bbox_area_pct_annotations, vectors_matrix)
 from .failure_modes import FAILURE_MODES, FailureMode
 from .quarantine import Rejection, record_quarantine
 
@@ -323,7 +323,7 @@ def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel)
     if missing:
         raise CurationError(f"failure mode {mode.name!r}: exemplars {missing} are not in {storage.FRAMES_TABLE!r} "
                             "or have no embedding yet")
-    return np.asarray(found["embedding"].combine_chunks().flatten(), dtype=np.float32).reshape(found.num_rows, -1)
+    return vectors_matrix(found["embedding"])
 
 
 def _duplicate_udf(table, config: CurationConfig, params: dict[str, Any]):

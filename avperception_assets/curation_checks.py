@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 
 from .curation import column_params, error_rows
 from .storage import and_where
-from .curation_udfs import count_persons, duplicate_flags, has_person, has_rider, scene_description
+from .curation_udfs import (count_persons, duplicate_flags, has_person, has_rider, scene_description,
+                            vectors_matrix)
 
 
 @dataclass
@@ -66,8 +67,7 @@ def check_unit_vectors(table, where: str | None = None, tolerance: float = 1e-3)
     data = table.to_lance().to_table(columns=["image_id", "embedding"],
                                      filter=and_where("embedding IS NOT NULL", where))
     dims = set(pc.list_value_length(data["embedding"]).to_pylist())
-    vectors = np.asarray(data["embedding"].combine_chunks().flatten(), dtype=np.float32)
-    norms = np.linalg.norm(vectors.reshape(data.num_rows, -1), axis=1) if data.num_rows else np.zeros(0)
+    norms = np.linalg.norm(vectors_matrix(data["embedding"]), axis=1)
     off = np.flatnonzero(np.abs(norms - 1.0) > tolerance)
     ids = data["image_id"].to_pylist()
     meta = {"rows_checked": data.num_rows, "model": params.get("model", "unknown"), "dim": params.get("dim"),

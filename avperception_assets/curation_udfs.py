@@ -227,6 +227,13 @@ def vectors_array(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors, dtype=np.float32).ravel()), dim)
 
 
+def vectors_matrix(column) -> np.ndarray:
+    """A fixed-size list column (array or chunked, no NULLs) → (n, dim) float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), column.type.list_size)
+
+
 class FrameEmbedder:
     """Batched UDF: each frame's embedding from its pixels (the model loaded once per worker)."""
 
@@ -261,9 +268,8 @@ class UniquenessScorer:
             raise ValueError("frame has no embedding (its image could not be embedded)")
         table = lancedb.connect(self.uri).open_table(self.table_name)
         values = []
-        for vector, seq in zip(embedding.to_numpy(zero_copy_only=False), ingest_seq.to_pylist()):
-            hit = nearest(table, np.asarray(vector, dtype=np.float32), k=1, where=f"ingest_seq < {int(seq)}",
-                          columns=["ingest_seq"])
+        for vector, seq in zip(vectors_matrix(embedding), ingest_seq.to_pylist()):
+            hit = nearest(table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
             values.append(min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP)
         return pa.array(values, type=pa.float32())
 
@@ -278,5 +284,4 @@ class ExemplarDistance:
     def __call__(self, embedding: pa.Array) -> pa.Array:
         if embedding.null_count:
             raise ValueError("frame has no embedding (its image could not be embedded)")
-        vectors = np.asarray(embedding.flatten(), dtype=np.float32).reshape(len(embedding), -1)
-        return pa.array(1.0 - (vectors @ self.exemplars.T).max(axis=1), type=pa.float32())
+        return pa.array(1.0 - (vectors_matrix(embedding) @ self.exemplars.T).max(axis=1), type=pa.float32())
