@@ -72,8 +72,7 @@ class Mixture:
 
 def rows_table(first: int, vectors: np.ndarray) -> pa.Table:
     ids = [f"img-{i:08d}" for i in range(first, first + len(vectors))]
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
-    return pa.table({"image_id": ids, VECTOR_COLUMN: embedding})
+    return pa.table({"image_id": ids, VECTOR_COLUMN: curation_udfs.vectors_array(vectors, vectors.shape[1])})
 
 
 def open_or_build(root: Path, mixture: Mixture, rows: int, dim: int):
