@@ -22,6 +22,7 @@ from . import bdd100k
 from .loader import model_inputs
 
 METRIC_BACKEND = "pycocotools"
+SIZES = ("small", "medium", "large")  # COCO's area ranges, in the order of its precision array
 
 
 def coco_category_names() -> list[str]:
@@ -54,11 +55,14 @@ def predict(model: torch.nn.Module, images: Sequence[Tensor]) -> list[dict[str, 
 def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
                     targets: Sequence[Mapping[str, Tensor]],
                     class_ids: Mapping[int, Sequence[str]]) -> dict:
-    """COCO box metrics of one model: mAP@0.5, mAP@[.5:.95], mAR@100 and per-class AP.
+    """COCO box metrics of one model.
 
-    Per-class figures are for the COCO ids in `class_ids` (None when the val set has no
-    object of that class). AP@0.5 per class is read from the same COCOeval precision array
-    that COCO's own summary averages (IoU 0.5, all areas, 100 detections).
+    `mode`: the headline, over the mode's classes (`class_ids`) only: mAP@0.5, mAP@[.5:.95],
+    mAR@100 and mAP@[.5:.95] by object size, each COCO's own mean restricted to those classes.
+    The same figures over every class sit at the top level. `per_class`: AP@0.5, AP and AR@100
+    of each COCO id in `class_ids` (None when the val set has no object of that class) and its
+    precision at COCO's 101 recall points at IoU 0.5 (`pr_50`, None where undefined). Every
+    figure is read from the COCOeval arrays that COCO's summary averages.
     """
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -68,27 +72,43 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
     metric.update([dict(p) for p in predictions], [dict(t) for t in targets])
     result = metric.compute()
     classes = [int(c) for c in result["classes"].reshape(-1).tolist()]
-    # (IoU thresholds, recall thresholds, classes, areas, max dets); absent when nothing was updated
-    precision = result.get("precision")
+    # (IoU thresholds, recall thresholds, classes, areas, max dets) and (IoU, classes, areas, max
+    # dets); absent when nothing was updated
+    precision, recall = result.get("precision"), result.get("recall")
     names = coco_category_names()
+    mode_k = [classes.index(c) for c in class_ids if c in classes]
     per_class = {}
     for coco_id, bdd_names in class_ids.items():
-        ap = ap_50 = ar = None
+        figures = {"coco_id": coco_id, "bdd_classes": list(bdd_names), "ap_50": None, "ap": None, "ar_100": None,
+                   "pr_50": None}
         if coco_id in classes:
             k = classes.index(coco_id)
-            ap = _figure(result["map_per_class"].reshape(-1)[k])
-            ar = _figure(result["mar_100_per_class"].reshape(-1)[k])
-            curve = precision[0, :, k, 0, -1].numpy()
-            valid = curve[curve > -1]  # COCOeval.summarize's mean, in float32 like the other figures
-            ap_50 = float(np.float32(valid.mean())) if len(valid) else None
-        per_class[names[coco_id]] = {"coco_id": coco_id, "bdd_classes": list(bdd_names),
-                                     "ap_50": ap_50, "ap": ap, "ar_100": ar}
+            figures.update(ap=_figure(result["map_per_class"].reshape(-1)[k]), ap_50=_coco_mean(precision[:1], [k]),
+                           ar_100=_figure(result["mar_100_per_class"].reshape(-1)[k]),
+                           pr_50=[None if v < 0 else round(float(v), 6) for v in precision[0, :, k, 0, -1].tolist()])
+        per_class[names[coco_id]] = figures
+    sizes = {f"map_{size}": _figure(result[f"map_{size}"]) for size in SIZES}
+    mode = {"map_50": _coco_mean(precision[:1], mode_k) if mode_k else None,
+            "map": _coco_mean(precision, mode_k) if mode_k else None,
+            "mar_100": _coco_mean(recall[:, None], mode_k) if mode_k else None,
+            **{f"map_{size}": _coco_mean(precision, mode_k, area) if mode_k else None
+               for area, size in enumerate(SIZES, start=1)}}
     return {
+        "mode": mode,
         "map_50": _figure(result["map_50"]),
         "map": _figure(result["map"]),
         "mar_100": _figure(result["mar_100"]),
+        **sizes,
         "per_class": per_class,
     }
+
+
+def _coco_mean(array: Tensor, ks: Sequence[int], area: int = 0) -> float | None:
+    """COCOeval.summarize's mean over the entries of classes `ks` at one area range and 100
+    detections, in float32 like COCO's other figures; None when nothing is defined."""
+    values = array[:, :, ks, area, -1].numpy()
+    valid = values[values > -1]
+    return float(np.float32(valid.mean())) if len(valid) else None
 
 
 def _figure(value: Tensor) -> float | None:

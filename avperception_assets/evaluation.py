@@ -8,6 +8,7 @@ metrics of `detections`. Writing the result down (COCO JSON, panels, report file
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 from . import loader, storage
-from .detections import compute_metrics, mode_class_ids, predict
+from .detections import coco_category_names, compute_metrics, mode_class_ids, predict
+from .frame_errors import FrameErrors, match_frame
 from .pixels import PixelReader
 
 # One batch from the loader: images (C,H,W float in [0,1] or uint8), targets with `boxes`
@@ -44,6 +46,12 @@ class Evaluation:
     predictions: dict[str, list[dict[str, Tensor]]]
     metrics: dict[str, dict]
     panel_frames: list[PanelFrame] = field(default_factory=list)
+    frame_errors: dict[str, list[FrameErrors]] = field(default_factory=dict)  # per model, in frame order
+    worst_frames: list[PanelFrame] = field(default_factory=list)  # the fine-tuned model's, worst first
+
+    @property
+    def class_ids(self) -> list[int]:
+        return list(mode_class_ids(self.classes))
 
 
 def _to_uint8(image: Tensor) -> Tensor:
@@ -60,32 +68,59 @@ def _check_target(target: Mapping[str, Tensor], image_id: str) -> dict[str, Tens
     return {"boxes": boxes, "labels": labels}
 
 
+class _WorstFrames:
+    """The `count` frames of highest error score offered so far (ties: the earlier frame);
+    frames without an error are never kept."""
+
+    def __init__(self, count: int):
+        self.count, self._heap = count, []  # a min-heap of (score, -index, frame)
+
+    def offer(self, score: int, index: int, image_id: str, image: Tensor) -> None:
+        full = len(self._heap) == self.count
+        if self.count and score > 0 and (not full or (score, -index) > self._heap[0][:2]):
+            entry = (score, -index, PanelFrame(index, image_id, _to_uint8(image)))
+            (heapq.heapreplace if full else heapq.heappush)(self._heap, entry)
+
+    def frames(self) -> list[PanelFrame]:
+        return [frame for *_, frame in sorted(self._heap, key=lambda entry: entry[:2], reverse=True)]
+
 
 def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
-             classes: Iterable[str], panel_count: int = 3) -> Evaluation:
-    """Run every model over the val batches once and score each with COCO metrics.
+             classes: Iterable[str], panel_count: int = 3, worst_count: int = 3) -> Evaluation:
+    """Run every model over the val batches once, score each with COCO metrics and match every
+    frame's boxes (`frame_errors`).
 
     Keeps `panel_count` frames for pictures, preferring frames that contain the mode's
-    classes (first come, so the choice is stable across runs of the same view version).
+    classes (first come, so the choice is stable across runs of the same view version), and
+    the `worst_count` frames with the fine-tuned model's highest error score on the mode's
+    classes (ties: the earlier frame).
     """
     classes = list(classes)
     class_ids = mode_class_ids(classes)
+    names = coco_category_names()
     image_ids: list[str] = []
     sizes: list[tuple[int, int]] = []
     targets: list[dict[str, Tensor]] = []
     predictions: dict[str, list[dict[str, Tensor]]] = {name: [] for name in models}
+    errors: dict[str, list[FrameErrors]] = {name: [] for name in models}
     preferred: list[PanelFrame] = []
     others: list[PanelFrame] = []
+    worst = _WorstFrames(worst_count)
     for images, batch_targets, batch_ids in batches:
         if not (len(images) == len(batch_targets) == len(batch_ids)):
             raise ValueError("a batch must hold as many images as targets and image ids")
-        for name, model in models.items():
-            predictions[name].extend(predict(model, images))
-        for image, target, image_id in zip(images, batch_targets, batch_ids):
+        batch_predictions = {name: predict(model, images) for name, model in models.items()}
+        for k, (image, target, image_id) in enumerate(zip(images, batch_targets, batch_ids)):
             target = _check_target(target, image_id)
+            index = len(image_ids)
+            for name, preds in batch_predictions.items():
+                predictions[name].append(preds[k])
+                errors[name].append(match_frame(preds[k], target, names))
             wanted = preferred if any(int(c) in class_ids for c in target["labels"]) else others
             if len(wanted) < panel_count:
-                wanted.append(PanelFrame(len(image_ids), str(image_id), _to_uint8(image)))
+                wanted.append(PanelFrame(index, str(image_id), _to_uint8(image)))
+            if FINETUNED in errors:
+                worst.offer(errors[FINETUNED][index].error_score(class_ids), index, str(image_id), image)
             image_ids.append(str(image_id))
             sizes.append((int(image.shape[-2]), int(image.shape[-1])))
             targets.append(target)
@@ -93,7 +128,7 @@ def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
         raise ValueError("the val view yielded no frames to evaluate on")
     metrics = {name: compute_metrics(preds, targets, class_ids) for name, preds in predictions.items()}
     panel_frames = (preferred + others)[:panel_count]
-    return Evaluation(classes, image_ids, sizes, targets, predictions, metrics, panel_frames)
+    return Evaluation(classes, image_ids, sizes, targets, predictions, metrics, panel_frames, errors, worst.frames())
 
 
 def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> Iterator[Batch]:
@@ -110,7 +145,8 @@ def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> I
 
 
 def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module], *, classes: Sequence[str],
-                  version: int | None = None, batch_size: int = 8, panel_count: int = 3) -> tuple[Evaluation, dict]:
+                  version: int | None = None, batch_size: int = 8, panel_count: int = 3,
+                  worst_count: int = 3) -> tuple[Evaluation, dict]:
     """Evaluate the baseline and fine-tuned models on a val view pinned to one version; returns the
     evaluation and what was evaluated on (the view's name, version and the frames-table version
     it reflects)."""
@@ -120,7 +156,7 @@ def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module
     view = loader.pin_view(uri, view_name, version)
     source_table, source_version = storage.source_table_version(uri, view.name, view.version)
     batches = view_batches(uri, view.name, view.version, batch_size=batch_size)
-    result = evaluate(models, batches, classes=classes, panel_count=panel_count)
+    result = evaluate(models, batches, classes=classes, panel_count=panel_count, worst_count=worst_count)
     val_view = {"name": view.name, "version": view.version, "uri": uri,
                 "source_table": source_table, "source_table_version": source_version}
     return result, val_view

@@ -1,7 +1,8 @@
 """Table maintenance: compaction of the small fragments every batch leaves in the frames table,
-cleanup of old versions of it and of the views, and the indexes kept current: scalar indexes
-that view filters read, the full-text index of scene descriptions, and the vector index of
-embeddings once the table is large enough to need one (`vector_index`).
+cleanup of old versions of it, of the views and of the `<mode>_eval_frames` tables reports
+write, and the indexes kept current: scalar indexes that view filters read, the full-text
+index of scene descriptions, and the vector index of embeddings once the table is large
+enough to need one (`vector_index`).
 
 Each pass costs what the new rows cost, not the table: compaction merges only fragments smaller
 than `FRAGMENT_ROWS` (so the batches' tail, never the big fragments), bitmap and label-list
@@ -11,8 +12,8 @@ a batch; until then a lookup also scans the unindexed fragments' column).
 
 Cleanup never removes a version something is pinned to: a checkpoint or a report (their
 metadata names the view and frames-table versions they were trained or evaluated on, which
-`reproduce` time-travels to) or a view's next incremental refresh (the frames-table version it
-reflects). Pins are LanceDB version tags (`avp-pin-<version>`); Lance's cleanup keeps tagged
+`reproduce` time-travels to, and the eval-frames version a report wrote) or a view's next
+incremental refresh (the frames-table version it reflects). Pins are LanceDB version tags (`avp-pin-<version>`); Lance's cleanup keeps tagged
 versions. Stable row ids survive compaction, so views, `reproduce` and the readers of pixels
 (`pixels`) still find their rows.
 
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import storage
-from .storage import FRAMES_TABLE, reflected_version, table_exists
+from .storage import EVAL_FRAMES_SUFFIX, FRAMES_TABLE, reflected_version, table_exists
 from .vector_index import INDEX_MIN_ROWS, VECTOR_COLUMN, ensure_vector_index
 
 PIN_TAG_PREFIX = "avp-pin-"
@@ -99,6 +100,10 @@ def _view_names(conn) -> list[str]:
     return sorted(name for name in storage.table_names(conn) if name.startswith(f"{FRAMES_TABLE}_"))
 
 
+def _eval_frames_names(conn) -> list[str]:
+    return sorted(name for name in storage.table_names(conn) if name.endswith(EVAL_FRAMES_SUFFIX))
+
+
 def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Iterable[str]) -> dict[str, set[int]]:
     """Table name → versions that must survive cleanup: those checkpoints and reports record,
     and the frames-table version each of `views` reflects."""
@@ -108,8 +113,9 @@ def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Itera
             ("train_view", "train_view_version"), ("val_view", "val_view_version"),
             ("source_table", "source_table_version")])
     for path in Path(reports_dir).rglob("report.json"):
-        _record_pins(pins, json.loads(path.read_text()).get("val_view", {}), [
-            ("name", "version"), ("source_table", "source_table_version")])
+        report = json.loads(path.read_text())
+        _record_pins(pins, report.get("val_view", {}), [("name", "version"), ("source_table", "source_table_version")])
+        _record_pins(pins, report.get("eval_frames", {}), [("table", "version")])
     for name in views:
         reflected = reflected_version(conn.open_table(name))
         if reflected is not None:
@@ -206,9 +212,9 @@ def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
 
 def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
                  older_than: timedelta = timedelta(hours=1)) -> dict[str, MaintenanceStats]:
-    """Maintain the frames table (compacted, with its scalar indexes) and every slice view
-    (cleaned up only: a compaction commit would give a view's rows a new version number, and
-    checkpoints, reports and the view assets name a view's data by its version)."""
+    """Maintain the frames table (compacted, with its scalar indexes), every slice view and
+    every `<mode>_eval_frames` table (cleaned up only: a compaction commit would give their rows
+    a new version number, and checkpoints, reports and the view assets name data by version)."""
     if not table_exists(conn, FRAMES_TABLE):
         return {}
     views = _view_names(conn)
@@ -216,7 +222,7 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
                                     older_than=older_than, indexes=COLUMN_INDEXES,
                                     vector_index_min_rows=INDEX_MIN_ROWS)}
-    for name in views:
+    for name in views + _eval_frames_names(conn):
         stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than,
                                compact_fragments=False)
     return stats

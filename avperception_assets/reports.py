@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .detections import METRIC_BACKEND, coco_category_names
+from . import frame_errors
+from .detections import METRIC_BACKEND, SIZES, coco_category_names
 from .evaluation import BASELINE, FINETUNED, Evaluation, PanelFrame
 
 MODEL_TITLES = {BASELINE: "baseline", FINETUNED: "fine-tuned"}
@@ -26,6 +27,7 @@ PREDICTIONS_FILES = {BASELINE: "baseline_predictions_coco.json",
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PANELS_DIR = "panels"
+PR_CURVES_FILE = "pr_curves.png"
 
 
 def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
@@ -35,19 +37,38 @@ def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
     return (finetuned - baseline) / baseline * 100.0
 
 
+SUMMARY_FIGURES = (("mAP@0.5", "map_50"), ("mAP@[.5:.95]", "map"), ("recall (mAR@100)", "mar_100"))
+MODE_SCOPE, ALL_SCOPE = "mode classes", "all classes"
+
+
 def metric_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
-    """The report's table: one row per figure with baseline, fine-tuned and Δ%."""
-    rows = [("mAP@0.5", "map_50"), ("mAP@[.5:.95]", "map"), ("recall (mAR@100)", "mar_100")]
-    table = [{"metric": label, "baseline": baseline[key], "finetuned": finetuned[key]}
-             for label, key in rows]
+    """The report's table: one row per figure with baseline, fine-tuned and Δ%. The headline
+    comes first, over the mode's own classes; then each of those classes; then, secondary, the
+    figures over every class in the val view."""
+    table = [{"metric": f"{label} ({MODE_SCOPE})", "baseline": baseline["mode"][key], "finetuned": finetuned["mode"][key]}
+             for label, key in SUMMARY_FIGURES]
     for name, figures in baseline["per_class"].items():
         tuned = finetuned["per_class"][name]
         covers = "+".join(figures["bdd_classes"])
         for label, key in (("AP@0.5", "ap_50"), ("AP@[.5:.95]", "ap")):
             table.append({"metric": f"{label} {name} ({covers})", "baseline": figures[key],
                           "finetuned": tuned[key]})
+    table += [{"metric": f"{label} ({ALL_SCOPE})", "baseline": baseline[key], "finetuned": finetuned[key]}
+              for label, key in SUMMARY_FIGURES]
     for row in table:
         row["delta_pct"] = delta_pct(row["baseline"], row["finetuned"])
+    return table
+
+
+def size_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
+    """mAP@[.5:.95] by COCO object size (small < 32² px ≤ medium < 96² px ≤ large), over the
+    mode's classes and over all classes."""
+    table = []
+    for scope, pick in ((MODE_SCOPE, lambda m: m["mode"]), (ALL_SCOPE, lambda m: m)):
+        for size in SIZES:
+            base, tuned = pick(baseline)[f"map_{size}"], pick(finetuned)[f"map_{size}"]
+            table.append({"metric": f"mAP@[.5:.95] {size} ({scope})", "baseline": base, "finetuned": tuned,
+                          "delta_pct": delta_pct(base, tuned)})
     return table
 
 
@@ -161,20 +182,58 @@ def draw_panel(frame: PanelFrame, target: Mapping[str, Tensor],
     return panel
 
 
-def write_panels(out_dir: Path, evaluation: Evaluation, *, score_threshold: float = 0.5,
-                 tile_width: int = 400) -> list[Path]:
-    """Save one PNG panel per kept frame under `out_dir`; returns their paths."""
+def write_panels(out_dir: Path, evaluation: Evaluation, *, frames: Sequence[PanelFrame] | None = None,
+                 prefix: str = "panel", score_threshold: float = 0.5, tile_width: int = 400) -> list[Path]:
+    """Save one PNG panel per frame of `frames` (default: the evaluation's panel frames) under
+    `out_dir` as `<prefix>_<n>_<frame id>.png`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for n, frame in enumerate(evaluation.panel_frames):
+    for n, frame in enumerate(evaluation.panel_frames if frames is None else frames):
         preds = {name: evaluation.predictions[name][frame.index] for name in (BASELINE, FINETUNED)}
         panel = draw_panel(frame, evaluation.targets[frame.index], preds,
                            score_threshold=score_threshold, tile_width=tile_width)
         safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in frame.image_id)
-        path = out_dir / f"panel_{n}_{safe_id}.png"
+        path = out_dir / f"{prefix}_{n}_{safe_id}.png"
         panel.save(path, format="PNG", optimize=True)
         paths.append(path)
     return paths
+
+
+def draw_pr_curves(metrics: Mapping[str, Mapping], *, size: tuple[int, int] = (320, 240)):
+    """Precision against recall at IoU 0.5 for each of the mode's classes, baseline (red) and
+    fine-tuned (blue), one plot per class side by side. Returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    classes = list(metrics[BASELINE]["per_class"])
+    width, height = size
+    margin = 28
+    image = Image.new("RGB", (width * len(classes), height), "white")
+    pen = ImageDraw.Draw(image)
+    for i, name in enumerate(classes):
+        left, right, top, bottom = i * width + margin, (i + 1) * width - 8, 22, height - margin
+        pen.rectangle((left, top, right, bottom), outline="gray")
+        pen.text((left, bottom + 4), "0", fill="black")
+        pen.text((right - 30, bottom + 4), "recall 1", fill="black")
+        pen.text((i * width + 4, top - 4), "1", fill="black")
+        title = [f"{name} AP@0.5"]
+        for model in (BASELINE, FINETUNED):
+            figures = metrics[model]["per_class"][name]
+            title.append(f"{MODEL_TITLES[model]} {_fmt(figures['ap_50'])}")
+            points = [(left + (right - left) * r / 100, bottom - (bottom - top) * p)
+                      for r, p in enumerate(figures["pr_50"] or []) if p is not None]
+            if len(points) > 1:
+                pen.line(points, fill=COLORS[model], width=2)
+        pen.text((left, 4), " · ".join(title), fill="black")
+    return image
+
+
+def confusion_markdown(confusion: Mapping) -> str:
+    """A confusion matrix as a markdown table: rows ground truth, columns prediction."""
+    classes = confusion["classes"]
+    lines = ["| ground truth \\ predicted | " + " | ".join(classes) + " |",
+             "|---|" + "---:|" * len(classes)]
+    lines += [f"| {gt} | " + " | ".join(str(n) for n in row) + " |" for gt, row in zip(classes, confusion["matrix"])]
+    return "\n".join(lines)
 
 
 def png_markdown(path: Path) -> str:
@@ -195,6 +254,7 @@ class Report:
     data: dict  # the content of report.json
     markdown: str  # the content of report.md
     panels: list[Path]
+    worst_panels: list[Path]
 
     @property
     def rows(self) -> list[dict]:
@@ -213,13 +273,39 @@ def _json_safe(value):
     return value
 
 
+def _worst_frames(evaluation: Evaluation, panels: Sequence[Path], out_dir: Path) -> list[dict]:
+    class_ids = evaluation.class_ids
+    rows = []
+    for frame, panel in zip(evaluation.worst_frames, panels):
+        counts = evaluation.frame_errors[FINETUNED][frame.index].total(class_ids)
+        rows.append({"image_id": frame.image_id, "frame_index": frame.index,
+                     "error_score": counts.misses + counts.confident_fp, "misses": counts.misses,
+                     "confident_fp": counts.confident_fp, "panel": str(panel.relative_to(out_dir))})
+    return rows
+
+
+def _write_pictures(out_dir: Path, evaluation: Evaluation, score_threshold: float) -> tuple[list[Path], list[Path]]:
+    """The panels (first frames with the mode's classes, and the fine-tuned model's worst
+    frames) and the precision-recall curves, replacing those of an earlier write."""
+    panel_dir = out_dir / PANELS_DIR
+    for stale in [*panel_dir.glob("panel_*.png"), *panel_dir.glob("worst_*.png")]:
+        stale.unlink()
+    panels = write_panels(panel_dir, evaluation, score_threshold=score_threshold)
+    worst = write_panels(panel_dir, evaluation, frames=evaluation.worst_frames, prefix="worst",
+                         score_threshold=score_threshold)
+    draw_pr_curves(evaluation.metrics).save(out_dir / PR_CURVES_FILE, format="PNG", optimize=True)
+    return panels, worst
+
+
 def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: Mapping, baseline: Mapping, finetuned: Mapping,
-                 score_threshold: float = 0.5) -> Report:
-    """Write COCO JSON (ground truth + both models), panels, report.json and report.md.
+                 score_threshold: float = 0.5, eval_frames: Mapping | None = None) -> Report:
+    """Write COCO JSON (ground truth + both models), panels, the precision-recall curves,
+    report.json and report.md.
 
     `val_view` names the view and version evaluated on; `baseline`/`finetuned` describe the
-    models (checkpoint path and its metadata, or the weights source). Rewrites the folder's
-    files, so re-running for the same view version is safe.
+    models (checkpoint path and its metadata, or the weights source); `eval_frames` names the
+    `<mode>_eval_frames` table and version holding this evaluation's frames. Rewrites the
+    folder's files, so re-running for the same view version is safe.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,43 +313,57 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
     (out_dir / GROUND_TRUTH_FILE).write_text(json.dumps(coco_ground_truth(evaluation)))
     for name, filename in PREDICTIONS_FILES.items():
         (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
-    panel_dir = out_dir / PANELS_DIR
-    for stale in panel_dir.glob("panel_*.png"):
-        stale.unlink()
-    panels = write_panels(panel_dir, evaluation, score_threshold=score_threshold)
+    panels, worst = _write_pictures(out_dir, evaluation, score_threshold)
     rows = metric_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED])
-    num_objects = sum(len(t["labels"]) for t in evaluation.targets)
+    names = coco_category_names()
     data = _json_safe({
         "mode": mode,
         "classes": evaluation.classes,
         "generated_at": datetime.now(timezone.utc).isoformat(),
         "val_view": dict(val_view),
+        "eval_frames": dict(eval_frames or {}),
         "report_dir": out_dir,
         "num_images": len(evaluation.image_ids),
-        "num_objects": num_objects,
+        "num_objects": sum(len(t["labels"]) for t in evaluation.targets),
         "models": {BASELINE: dict(baseline), FINETUNED: dict(finetuned)},
         "metrics": evaluation.metrics,
         "delta_pct": {row["metric"]: row["delta_pct"] for row in rows},
         "rows": rows,
+        "size_rows": size_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED]),
+        "confusion": {model: frame_errors.confusion(evaluation.predictions[model], evaluation.targets, names,
+                                                    min_score=score_threshold) for model in (BASELINE, FINETUNED)},
+        "worst_frames": _worst_frames(evaluation, worst, out_dir),
         "protocol": {"metric": "torchmetrics.detection.MeanAveragePrecision", "backend": METRIC_BACKEND,
                      "iou_type": "bbox", "label_space": "COCO category ids (bdd100k.COCO_IDS)",
+                     "headline": "over the mode's classes; all-class figures are secondary",
+                     "frame_matching": f"COCO greedy matching at IoU {frame_errors.IOU_THRESHOLD}",
                      "panel_score_threshold": score_threshold},
-        "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels]},
+        "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels], "pr_curves": PR_CURVES_FILE},
     })
     (out_dir / REPORT_JSON).write_text(json.dumps(data, indent=2))
     markdown = report_markdown(data)
     (out_dir / REPORT_MD).write_text(markdown)
-    return Report(out_dir, data, markdown, panels)
+    return Report(out_dir, data, markdown, panels, worst)
+
+
+def worst_frames_markdown(data: Mapping) -> str:
+    """The fine-tuned model's worst frames on the mode's classes, as a table."""
+    lines = ["| frame | misses | confident false positives | panel |", "|---|---:|---:|---|"]
+    lines += [f"| `{w['image_id']}` | {w['misses']} | {w['confident_fp']} | `{w['panel']}` |"
+              for w in data["worst_frames"]]
+    return "\n".join(lines)
 
 
 def report_markdown(data: Mapping) -> str:
-    """report.md: the table, what was evaluated, and the panels (as relative links)."""
-    view = data["val_view"]
+    """report.md: the tables, what was evaluated, and the pictures (as relative links)."""
+    view, frames = data["val_view"], data.get("eval_frames") or {}
+    threshold = data["protocol"]["panel_score_threshold"]
     lines = [
         f"# Failure mode `{data['mode']}`: baseline vs fine-tuned",
         "",
         f"Val view `{view.get('name')}` version {view.get('version')}: {data['num_images']} frame(s), "
-        f"{data['num_objects']} objects. Classes that matter: {', '.join(data['classes'])}.",
+        f"{data['num_objects']} objects. Classes that matter: {', '.join(data['classes'])}; the headline "
+        f"figures are over those classes only.",
         "",
         rows_markdown(data["rows"]),
         "",
@@ -273,8 +373,21 @@ def report_markdown(data: Mapping) -> str:
         "COCO class: `person` scores BDD pedestrians and riders alike (both are COCO person); "
         "the parentheses name the mode's classes it stands for.",
         "",
-        "## Models",
+        "## By object size",
+        rows_markdown(data["size_rows"]),
+        "",
+        f"## Precision-recall at IoU 0.5\n\n![precision-recall]({data['files']['pr_curves']})",
+        "",
+        f"## Confusion between classes (IoU ≥ 0.5, score ≥ {threshold})",
     ]
+    for model in (BASELINE, FINETUNED):
+        lines += ["", f"**{MODEL_TITLES[model]}**", "", confusion_markdown(data["confusion"][model])]
+    every_frame = f" Every frame's matches: table `{frames['table']}` version {frames['version']}." if frames else ""
+    lines += ["", "## Worst frames of the fine-tuned model",
+              f"Misses plus false positives scoring ≥ {frame_errors.CONFIDENT} on the mode's classes.{every_frame}", "",
+              worst_frames_markdown(data), ""]
+    lines += [f"![{Path(w['panel']).stem}]({w['panel']})" for w in data["worst_frames"]]
+    lines += ["", "## Models"]
     for name, info in data["models"].items():
         lines.append(f"- **{MODEL_TITLES[name]}**: `{json.dumps(info, sort_keys=True)}`")
     lines += ["", "## Files",

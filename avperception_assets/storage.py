@@ -10,6 +10,8 @@ import pyarrow as pa
 from . import settings
 
 FRAMES_TABLE = "bdd100k"
+EVAL_FRAMES_SUFFIX = "_eval_frames"  # `<mode>_eval_frames`: every val frame's matches, per report
+DIFFICULTY_SUFFIX = "_difficulty"  # `<mode>_difficulty`: each train frame's difficulty, per starting model
 QUARANTINE_TABLE = "quarantine"
 
 # Geneva view refresh after an append needs stable row ids on the source table.

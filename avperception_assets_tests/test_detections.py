@@ -28,8 +28,11 @@ def test_perfect_predictions_score_one():
     metrics = detections.compute_metrics(PERFECT, TARGETS, detections.mode_class_ids(["pedestrian", "car"]))
     assert metrics["map"] == metrics["map_50"] == metrics["mar_100"] == 1.0
     assert metrics["per_class"]["person"] == {"coco_id": PERSON, "bdd_classes": ["pedestrian"],
-                                              "ap_50": 1.0, "ap": 1.0, "ar_100": 1.0}
+                                              "ap_50": 1.0, "ap": 1.0, "ar_100": 1.0, "pr_50": [1.0] * 101}
     assert metrics["per_class"]["car"]["ap_50"] == 1.0
+    # 40x80 and 100x60 boxes are both medium (COCO: 32² to 96² px); no small or large object
+    assert metrics["mode"] == {"map_50": 1.0, "map": 1.0, "mar_100": 1.0, "map_small": None, "map_medium": 1.0,
+                               "map_large": None}
 
 
 def test_prediction_of_a_class_absent_from_the_frame_is_a_false_positive():
@@ -43,6 +46,11 @@ def test_prediction_of_a_class_absent_from_the_frame_is_a_false_positive():
     assert metrics["per_class"]["person"]["ar_100"] == 1.0  # recall is untouched
     assert metrics["per_class"]["car"]["ap"] == 1.0
     assert metrics["map"] == pytest.approx(0.75)
+    assert metrics["mode"]["map"] == metrics["mode"]["map_50"] == pytest.approx(0.75)  # the mode: both classes
+    pedestrians = detections.compute_metrics(with_fp, TARGETS, detections.mode_class_ids(["pedestrian"]))
+    # The headline of a pedestrian mode is its own class; the all-class figure flatters it.
+    assert pedestrians["mode"]["map_50"] == pytest.approx(0.5) and pedestrians["map_50"] == pytest.approx(0.75)
+    assert pedestrians["per_class"]["person"]["pr_50"][:51] == [0.5] * 51  # precision 1/2 up to recall 1
 
 
 def test_rider_and_pedestrian_share_coco_person():
@@ -62,4 +70,5 @@ def test_frames_without_objects_have_nothing_to_measure():
     for predictions, targets in (([], []), (empty, [target([], [])])):
         metrics = detections.compute_metrics(predictions, targets, detections.mode_class_ids(["pedestrian"]))
         assert metrics["map_50"] is None and metrics["per_class"]["person"]["ap_50"] is None
+        assert metrics["mode"]["map_50"] is None
 

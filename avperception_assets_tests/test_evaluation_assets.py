@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from avperception_assets import storage
 from avperception_assets.defs import evaluation_assets
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.evaluation import FINETUNED
@@ -53,7 +54,10 @@ def test_metadata_shows_the_table_and_the_panels(materialized):
     root, result, _ = materialized
     meta = _metadata(result, "rider_eval_report")
     assert meta["report"].startswith("| metric | baseline | fine-tuned | Δ% |")
-    assert "AP@0.5 person (rider)" in meta["report"]
+    assert meta["report"].splitlines()[2].startswith("| mAP@0.5 (mode classes) |")
+    assert "AP@0.5 person (rider)" in meta["report"] and "mAP@0.5 (all classes)" in meta["report"]
+    assert meta["pr_curves"].count("data:image/png;base64,") == 1
+    assert "mAP@[.5:.95] small (mode classes)" in meta["by_object_size"]
     assert meta["panels"].count("data:image/png;base64,") >= 1
     panels = list((Path(meta["report_dir"]) / "panels").glob("*.png"))
     assert panels and all(p.stat().st_size > 1000 for p in panels)
@@ -65,8 +69,25 @@ def test_metadata_figures_are_the_report_figures(materialized):
     data = json.loads((Path(meta["report_dir"]) / REPORT_JSON).read_text())
     for model in ("baseline", FINETUNED):
         for key in ("map_50", "map", "mar_100"):
-            assert meta[f"{key}_{model}"] == pytest.approx(data["metrics"][model][key])
-    assert meta["map_50_delta_pct"] == data["rows"][0]["delta_pct"]
+            assert meta[f"mode_{key}_{model}"] == pytest.approx(data["metrics"][model]["mode"][key])
+            assert meta[f"all_classes_{key}_{model}"] == pytest.approx(data["metrics"][model][key])
+    assert meta["mode_map_50_delta_pct"] == data["rows"][0]["delta_pct"]
+
+
+def test_every_val_frame_is_kept_with_its_matches(materialized, trained_rider):
+    _, result, _ = materialized
+    meta = _metadata(result, "rider_eval_report")
+    data = json.loads((Path(meta["report_dir"]) / REPORT_JSON).read_text())
+    assert data["eval_frames"] == {"table": "rider_eval_frames", "version": meta["eval_frames_version"],
+                                   "rows": 2 * data["num_images"]}
+    table = storage.connect(str(trained_rider.root / "lancedb")).open_table("rider_eval_frames")
+    rows = table.to_arrow().to_pylist()
+    assert {r["model"] for r in rows} == {"baseline", FINETUNED}
+    assert sum(r["gt"] for r in rows if r["model"] == FINETUNED) == data["num_objects"]
+    assert all(r["tp"] + r["misses"] == r["gt"] and r["tp"] + r["fp"] == sum(
+        b["source"] == "prediction" for b in r["boxes"]) for r in rows)
+    assert "{val view version}" in evaluation_assets.build_eval_report_asset(RIDER).descriptions_by_key[
+        dg.AssetKey("rider_eval_report")]  # not an HTML tag the UI would swallow
 
 
 def test_summary_table_over_modes(materialized):
@@ -75,7 +96,7 @@ def test_summary_table_over_modes(materialized):
     assert meta["modes"] == ["rider"] and meta["modes_without_report"] == []
     lines = meta["summary"].splitlines()
     assert lines[0] == "| failure mode | metric | baseline | fine-tuned | Δ% |"
-    assert lines[2].startswith("| rider | mAP@0.5 |")
+    assert lines[2].startswith("| rider | mAP@0.5 (mode classes) |")
     assert meta["summary"] in (root / "reports" / "summary.md").read_text()
     summary = json.loads((root / "reports" / "summary.json").read_text())
     assert summary["modes"]["rider"]["val_view"]["name"] == "bdd100k_rider_val"

@@ -119,6 +119,8 @@ def loop(tmp_path_factory, local_ray, curated_db):
         # Maintenance again, alone: the indexes exist and take any new rows, none is rebuilt.
         _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey("table_maintenance")]))
         state["maintenance_3"] = _metadata(instance, "table_maintenance")
+        state["report_files"] = {m.name: [json.loads(p.read_text()) for p in (settings.reports_dir() / m.name).rglob(
+            "report.json")] for m in MODES}
         yield state
 
 
@@ -200,3 +202,20 @@ def test_maintenance_after_each_footage_run_keeps_what_is_pinned(loop):
     for mode, checkpoint in loop["first_checkpoints"].items():
         assert checkpoint["train_view_version"] in stats[checkpoint["train_view"]]["pinned_versions"]
         assert loop["orders_after_cleanup"][mode] == loop["first_orders"][mode] != []
+
+
+def test_each_reports_frame_errors_survive_maintenance_at_its_version(loop):
+    """Every report (before and after the retrain) wrote its frames to `<mode>_eval_frames`; the
+    version it records is pinned by maintenance and still holds that report's frames."""
+    stats = loop["maintenance_3"]["stats"]
+    for mode in MODES:
+        written = loop["report_files"][mode.name]
+        assert written, mode.name
+        table = loop["conn"].open_table(f"{mode.name}_eval_frames")
+        for report in written:
+            frames = report["eval_frames"]
+            assert frames["table"] == table.name
+            assert frames["version"] in stats[table.name]["pinned_versions"]
+            table.checkout(frames["version"])
+            assert table.count_rows() == frames["rows"] == 2 * report["num_images"]
+            assert table.schema.metadata[b"val_view_version"] == str(report["val_view"]["version"]).encode()

@@ -57,16 +57,27 @@ def _random_targets(n, seed):
     return targets
 
 
+class Replay(torch.nn.Module):
+    """Stands in for a detector: returns the detections it was given, frame after frame."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # `predict` reads the device from it
+        self.outputs, self.served = list(outputs), 0
+
+    def forward(self, images):
+        self.served += len(images)
+        return self.outputs[self.served - len(images):self.served]
+
+
 @pytest.fixture(scope="module")
 def hand_built_evaluation():
+    """`evaluation.evaluate` over 24 frames of known boxes, with detections jittered from them."""
     targets = _random_targets(24, seed=1)
-    predictions = {BASELINE: _jittered(targets, seed=2), FINETUNED: _jittered(targets, seed=3)}
-    class_ids = detections.mode_class_ids(["rider", "car"])
-    metrics = {name: detections.compute_metrics(p, targets, class_ids) for name, p in predictions.items()}
+    models = {BASELINE: Replay(_jittered(targets, seed=2)), FINETUNED: Replay(_jittered(targets, seed=3))}
     image = torch.zeros(3, 300, 320, dtype=torch.uint8)
-    frames = [evaluation.PanelFrame(i, f"frame-{i}.jpg", image) for i in range(2)]
-    return evaluation.Evaluation(["rider", "car"], [f"frame-{i}.jpg" for i in range(24)], [(300, 320)] * 24, targets,
-                                 predictions, metrics, frames)
+    batches = [([image] * 6, targets[i:i + 6], [f"frame-{k}.jpg" for k in range(i, i + 6)]) for i in range(0, 24, 6)]
+    return evaluation.evaluate(models, batches, classes=["rider", "car"], panel_count=2, worst_count=3)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +112,16 @@ def test_report_map_equals_pycocotools_on_the_exported_files(written_report, han
                 per_class[coco_id].evaluate()
                 per_class[coco_id].accumulate()
                 per_class[coco_id].summarize()
+            mode = COCOeval(gt, gt.loadRes(str(out / filename)), "bbox")
+            mode.params.catIds = [PERSON, CAR]  # the mode's classes: not bicycle, which is only predicted
+            mode.evaluate()
+            mode.accumulate()
+            mode.summarize()
         reported = written_report.data["metrics"][name]
         assert 0.05 < reported["map_50"] < 0.95  # a non-trivial case
+        headline = reported["mode"]
+        assert [headline[k] for k in ("map", "map_50", "map_small", "map_medium", "map_large", "mar_100")] == \
+            pytest.approx([mode.stats[i] if mode.stats[i] >= 0 else None for i in (0, 1, 3, 4, 5, 8)], abs=1e-6)
         assert reported["map"] == pytest.approx(coco_eval.stats[0], abs=1e-6)
         assert reported["map_50"] == pytest.approx(coco_eval.stats[1], abs=1e-6)
         assert reported["mar_100"] == pytest.approx(coco_eval.stats[8], abs=1e-6)
@@ -123,11 +142,15 @@ def test_report_files_carry_figures_and_versions(written_report):
     assert data["models"][BASELINE]["source"] == "base_detector"
     assert data["num_images"] == 24
     metrics = [row["metric"] for row in data["rows"]]
-    assert metrics == ["mAP@0.5", "mAP@[.5:.95]", "recall (mAR@100)",
+    assert metrics == ["mAP@0.5 (mode classes)", "mAP@[.5:.95] (mode classes)", "recall (mAR@100) (mode classes)",
                        "AP@0.5 person (rider)", "AP@[.5:.95] person (rider)",
-                       "AP@0.5 car (car)", "AP@[.5:.95] car (car)"]
+                       "AP@0.5 car (car)", "AP@[.5:.95] car (car)",
+                       "mAP@0.5 (all classes)", "mAP@[.5:.95] (all classes)", "recall (mAR@100) (all classes)"]
     first = data["rows"][0]
-    assert first["baseline"] == data["metrics"][BASELINE]["map_50"]
+    assert first["baseline"] == data["metrics"][BASELINE]["mode"]["map_50"]
+    assert data["rows"][-3]["baseline"] == data["metrics"][BASELINE]["map_50"]
+    assert [row["metric"] for row in data["size_rows"]][:3] == [
+        "mAP@[.5:.95] small (mode classes)", "mAP@[.5:.95] medium (mode classes)", "mAP@[.5:.95] large (mode classes)"]
     assert first["delta_pct"] == pytest.approx((first["finetuned"] - first["baseline"]) / first["baseline"] * 100)
     markdown = (out / reports.REPORT_MD).read_text()
     assert "bdd100k_rider_val" in markdown and f"{first['baseline']:.3f}" in markdown
@@ -156,13 +179,16 @@ def test_panel_draws_each_model_in_its_colour():
     assert not (tiles[2] == blue).all(-1).any()
 
 
-def test_rewriting_a_report_replaces_its_files(written_report, hand_built_evaluation):
+def test_rewriting_a_report_replaces_its_files(hand_built_evaluation, tmp_path):
+    reports.write_report(tmp_path, hand_built_evaluation, mode="rider", val_view={}, baseline={}, finetuned={})
     fewer = evaluation.Evaluation(**{**hand_built_evaluation.__dict__,
-                                     "panel_frames": hand_built_evaluation.panel_frames[:1]})
-    report = reports.write_report(written_report.out_dir, fewer, mode="rider",
+                                     "panel_frames": hand_built_evaluation.panel_frames[:1],
+                                     "worst_frames": hand_built_evaluation.worst_frames[:1]})
+    report = reports.write_report(tmp_path, fewer, mode="rider",
                                      val_view={"name": "bdd100k_rider_val", "version": 7},
                                      baseline={}, finetuned={})
-    assert sorted(p.name for p in (report.out_dir / reports.PANELS_DIR).iterdir()) == [report.panels[0].name]
+    assert sorted(p.name for p in (report.out_dir / reports.PANELS_DIR).iterdir()) == sorted(
+        [report.panels[0].name, report.worst_panels[0].name])
 
 
 def test_summary_over_modes(written_report, tmp_path):
@@ -171,11 +197,113 @@ def test_summary_over_modes(written_report, tmp_path):
     lines = markdown.splitlines()
     assert lines[0] == "| failure mode | metric | baseline | fine-tuned | Δ% |"
     assert len(lines) == 2 + 2 * len(written_report.rows)
-    assert lines[2].startswith("| rider | mAP@0.5 |")
+    assert lines[2].startswith("| rider | mAP@0.5 (mode classes) |")
     assert markdown in md_path.read_text()
     summary = json.loads(json_path.read_text())
     assert summary["modes"]["rider"]["val_view"]["version"] == 7
     assert len(summary["rows"]) == 2 * len(written_report.rows)
+
+
+# --- per-frame errors ----------------------------------------------------------------------
+
+def _xyxy(bbox) -> tuple:
+    x, y, w, h = bbox
+    return tuple(round(v, 2) for v in (x, y, x + w, y + h))
+
+
+def test_frame_matches_equal_pycocotools_at_iou_half(written_report, hand_built_evaluation):
+    """Per frame and class: the same true positives, false positives, misses and matched pairs
+    as COCOeval.evaluateImg at IoU 0.5 (area all, 100 detections) on the exported files."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out = written_report.out_dir
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / reports.GROUND_TRUTH_FILE))
+    for model, filename in reports.PREDICTIONS_FILES.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes(str(out / filename))
+            coco_eval = COCOeval(gt, dt, "bbox")
+            coco_eval.evaluate()
+        assert coco_eval.params.iouThrs[0] == 0.5
+        compared = 0
+        for record in coco_eval.evalImgs:
+            if record is None or record["aRng"] != [0, 1e10] or record["maxDet"] != 100:
+                continue
+            frame = hand_built_evaluation.frame_errors[model][record["image_id"]]
+            counts = frame.per_class[record["category_id"]]
+            tp = int((record["dtMatches"][0] > 0).sum())
+            assert (counts.tp, counts.fp, counts.misses) == (
+                tp, len(record["dtIds"]) - tp, int((record["gtMatches"][0] == 0).sum()))
+            theirs = {(_xyxy(dt.anns[d]["bbox"]), _xyxy(gt.anns[int(g)]["bbox"]))
+                      for d, g in zip(record["dtIds"], record["dtMatches"][0]) if g > 0}
+            ours = {(tuple(round(b[k], 2) for k in ("x1", "y1", "x2", "y2")),
+                     tuple(round(frame.boxes[b["match"]][k], 2) for k in ("x1", "y1", "x2", "y2")))
+                    for b in frame.boxes if b["outcome"] == "tp" and b["coco_id"] == record["category_id"]}
+            assert ours == theirs
+            compared += 1
+        assert compared > 30
+
+
+def test_frame_counts_add_up(hand_built_evaluation):
+    for model, frames in hand_built_evaluation.frame_errors.items():
+        for frame, truth, prediction in zip(frames, hand_built_evaluation.targets,
+                                            hand_built_evaluation.predictions[model]):
+            for coco_id, counts in frame.per_class.items():
+                assert counts.tp + counts.misses == counts.gt == int((truth["labels"] == coco_id).sum())
+                assert counts.tp + counts.fp == int((prediction["labels"] == coco_id).sum())
+            assert sum(b["source"] == "ground_truth" for b in frame.boxes) == len(truth["labels"])
+            for box in frame.boxes:  # every match is mutual
+                if box["match"] >= 0:
+                    assert frame.boxes[box["match"]]["match"] == frame.boxes.index(box)
+
+
+def test_worst_frames_are_the_finetuned_models_highest_error_scores(hand_built_evaluation):
+    class_ids = hand_built_evaluation.class_ids
+    scores = [f.error_score(class_ids) for f in hand_built_evaluation.frame_errors[FINETUNED]]
+    expected = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:3]
+    assert [f.index for f in hand_built_evaluation.worst_frames] == expected
+    assert scores[expected[0]] > 0 and [f.image_id for f in hand_built_evaluation.worst_frames] == [
+        f"frame-{i}.jpg" for i in expected]
+
+
+def test_report_shows_sizes_confusion_curves_and_worst_frames(written_report):
+    out, data = written_report.out_dir, written_report.data
+    with Image.open(out / reports.PR_CURVES_FILE) as png:
+        assert png.format == "PNG" and png.size == (2 * 320, 240)  # one plot per mode class
+    confusion = data["confusion"][FINETUNED]
+    assert confusion["classes"][-1] == "background" and "person" in confusion["classes"]
+    matrix = np.array(confusion["matrix"])
+    person = confusion["classes"].index("person")
+    targets = written_report.data["num_objects"]
+    assert matrix[:-1].sum() == targets  # every ground-truth box lands in one cell of its row
+    assert matrix[person, confusion["classes"].index("car")] > 0  # _jittered relabels some people as cars
+    assert [w["panel"] for w in data["worst_frames"]] == [
+        str(p.relative_to(out)) for p in written_report.worst_panels]
+    assert all((out / w["panel"]).stat().st_size > 1000 for w in data["worst_frames"])
+    markdown = written_report.markdown
+    for heading in ("## By object size", "## Confusion between classes", "## Worst frames of the fine-tuned model"):
+        assert heading in markdown
+    assert f"]({reports.PR_CURVES_FILE})" in markdown
+
+
+def test_eval_frames_table_is_versioned_with_each_report(hand_built_evaluation, tmp_path):
+    from avperception_assets import frame_errors, storage
+
+    conn = storage.connect(str(tmp_path / "db"))
+    names = detections.coco_category_names()
+    rows = frame_errors.frame_rows(hand_built_evaluation.frame_errors, hand_built_evaluation.image_ids,
+                                   hand_built_evaluation.class_ids, names)
+    first = frame_errors.write_table(conn, "rider", rows, {"val_view": "bdd100k_rider_val@7"})
+    second = frame_errors.write_table(conn, "rider", rows.slice(0, 5), {"val_view": "bdd100k_rider_val@8"})
+    table = conn.open_table(frame_errors.table_name("rider"))
+    assert second > first and table.count_rows() == 5
+    table.checkout(first)
+    assert table.count_rows() == 2 * 24 and table.schema.metadata[b"val_view"] == b"bdd100k_rider_val@7"
+    missed = table.search().where("model = 'finetuned' AND mode_misses > 0").select(["image_id"]).to_list()
+    assert {r["image_id"] for r in missed} == {
+        image_id for image_id, f in zip(hand_built_evaluation.image_ids, hand_built_evaluation.frame_errors[FINETUNED])
+        if f.total(hand_built_evaluation.class_ids).misses}
 
 
 # --- real detectors over a real (tiny, synthetic) Lance table through the real loader -------

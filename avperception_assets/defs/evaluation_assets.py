@@ -25,6 +25,7 @@ from .training_assets import base_weights
 class EvalReportConfig(dg.Config):
     batch_size: int = Field(8, description="Frames per inference batch.")
     panel_count: int = Field(3, description="Val frames drawn as GT / baseline / fine-tuned panels.")
+    worst_count: int = Field(3, description="The fine-tuned model's worst val frames drawn as panels.")
     panel_score_threshold: float = Field(0.5, description="Predictions below this score are not drawn "
                                          "(all of them count in the metrics).")
 
@@ -68,16 +69,29 @@ def _baseline(context: dg.AssetExecutionContext, finetuned_metadata: dict):
 
 
 def _figures(report) -> dict:
-    """Headline numbers as Dagster metadata (plottable across materializations)."""
+    """Headline numbers as Dagster metadata (plottable across materializations): `mode_*` over
+    the mode's classes, `all_classes_*` over every class of the val view."""
     from ..evaluation import BASELINE, FINETUNED
     from ..reports import delta_pct
 
     figures = {}
-    for key in ("map_50", "map", "mar_100"):
-        base, tuned = report.data["metrics"][BASELINE][key], report.data["metrics"][FINETUNED][key]
-        figures.update({f"{key}_baseline": base, f"{key}_finetuned": tuned,
-                        f"{key}_delta_pct": delta_pct(base, tuned)})
+    for scope, pick in (("mode", lambda m: m["mode"]), ("all_classes", lambda m: m)):
+        for key in ("map_50", "map", "mar_100"):
+            base, tuned = pick(report.data["metrics"][BASELINE])[key], pick(report.data["metrics"][FINETUNED])[key]
+            figures.update({f"{scope}_{key}_baseline": base, f"{scope}_{key}_finetuned": tuned,
+                            f"{scope}_{key}_delta_pct": delta_pct(base, tuned)})
     return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
+
+
+def _write_eval_frames(lancedb: LanceDBResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
+    """Every frame's matches, both models, as `<mode>_eval_frames`; returns its name and version."""
+    from .. import frame_errors
+    from ..detections import coco_category_names
+
+    rows = frame_errors.frame_rows(result.frame_errors, result.image_ids, result.class_ids, coco_category_names())
+    version = frame_errors.write_table(lancedb.connect(), mode.name, rows, {
+        "val_view": view["name"], "val_view_version": view["version"], "checkpoint": finetuned_info["checkpoint"]})
+    return {"table": frame_errors.table_name(mode.name), "version": version, "rows": rows.num_rows}
 
 
 def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -89,9 +103,11 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         deps=[checkpoint_key(mode), view_key(mode, "val"), BASE_DETECTOR],
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "val_view": val_name, "classes": list(mode.classes)},
-        description=f"Baseline vs fine-tuned on {val_name} (COCO mAP@0.5, mAP@[.5:.95], mAR@100, "
-                    f"AP of {', '.join(mode.classes)}), with COCO JSON and panels under "
-                    f"reports/{mode.name}/<view version>/.",
+        description=f"Baseline vs fine-tuned on {val_name}: COCO mAP@0.5, mAP@[.5:.95] and mAR@100 over "
+                    f"{', '.join(mode.classes)} (the headline; all-class figures secondary), by object size, "
+                    f"precision-recall curves, the confusion between classes and the worst frames, with "
+                    f"COCO JSON and panels under `reports/{mode.name}/{{val view version}}/`; every frame's "
+                    f"matches in the `{mode.name}_eval_frames` table.",
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
                 lancedb: LanceDBResource) -> dg.MaterializeResult:
@@ -103,18 +119,27 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         try:
             result, view = evaluation.evaluate_view(
                 uri, val_name, {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned},
-                classes=mode.classes, batch_size=config.batch_size, panel_count=config.panel_count)
+                classes=mode.classes, batch_size=config.batch_size, panel_count=config.panel_count,
+                worst_count=config.worst_count)
         except ValueError as exc:  # missing or empty val view
             raise dg.Failure(f"{mode.name}: {exc}") from exc
+        eval_frames = _write_eval_frames(lancedb, mode, result, view, finetuned_info)
         report = reports.write_report(
             settings.reports_dir() / mode.name / str(view["version"]), result, mode=mode.name, val_view=view,
-            baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold)
+            baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
+            eval_frames=eval_frames)
         table = reports.rows_markdown(report.rows)
         context.log.info(f"{mode.name} on {val_name}@{view['version']}:\n{table}")
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(table),
                 "panels": dg.MetadataValue.md(reports.panels_markdown(report.panels)),
+                "by_object_size": dg.MetadataValue.md(reports.rows_markdown(report.data["size_rows"])),
+                "worst_frames": dg.MetadataValue.md(reports.worst_frames_markdown(report.data) + "\n\n"
+                                                    + reports.panels_markdown(report.worst_panels)),
+                "pr_curves": dg.MetadataValue.md(reports.png_markdown(report.out_dir / reports.PR_CURVES_FILE)),
+                "eval_frames_table": eval_frames["table"],
+                "eval_frames_version": eval_frames["version"],
                 **_figures(report),
                 "val_view": view["name"],
                 "val_view_version": view["version"],
