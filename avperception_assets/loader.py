@@ -22,6 +22,7 @@ dropped; frames without boxes stay in as negatives (empty targets).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -77,28 +78,35 @@ def _reopen(uri: str, version: int, name: str):
 _ORDER_SCHEMA = pa.schema([pa.field("row_id", pa.uint64()), pa.field("split_id", pa.uint64(), nullable=False)])
 
 
-def row_order(view: ViewRef, seed: int | None = None) -> pa.Table:
-    """Row ids of `view` at its version, in stored order or shuffled by `seed`.
+def row_order(view: ViewRef, seed: int | None = None, weights: Mapping[str, float] | None = None) -> pa.Table:
+    """Row ids of `view` at its version: in stored order, shuffled by `seed`, or, with `weights`
+    (by image id), as many draws with replacement as rows, each row in proportion to its weight
+    (hard-example mining), from a generator seeded by `seed`.
 
     Built here rather than with `lancedb.permutation.permutation_builder`, which panics on
     Geneva materialized views in lancedb 0.39 ("target schema is not superset of current
     schema"). `base_version` in the schema pins every read to the view's version.
     """
     table = open_table(view.uri, view.name, view.version)
-    row_ids = table.to_lance().to_table(columns=[], filter=view.where, with_row_id=True)["_rowid"].to_numpy()
-    if seed is not None:
+    rows = table.to_lance().to_table(columns=["image_id"], filter=view.where, with_row_id=True)
+    row_ids = rows["_rowid"].to_numpy()
+    if weights is not None:
+        w = np.array([weights[i] for i in rows["image_id"].to_pylist()], dtype=np.float64)
+        row_ids = row_ids[np.random.default_rng(seed).choice(len(w), size=len(w), replace=True, p=w / w.sum())]
+    elif seed is not None:
         row_ids = np.random.default_rng(seed).permutation(row_ids)
     schema = _ORDER_SCHEMA.with_metadata({b"base_version": str(view.version).encode()})
     return pa.table({"row_id": row_ids.astype(np.uint64), "split_id": np.zeros(len(row_ids), np.uint64)}, schema=schema)
 
 
-def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id",)):
+def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id",),
+                      weights: Mapping[str, float] | None = None):
     """The rows of `view` as a `Permutation` of Arrow batches of `columns`, shuffled by `seed`
-    (None: stored order)."""
+    (None: stored order), drawn by `weights` when given (`row_order`)."""
     from lancedb.permutation import Permutation
 
     table = open_table(view.uri, view.name, view.version)
-    order = lancedb.connect("memory://").create_table("order", row_order(view, seed))
+    order = lancedb.connect("memory://").create_table("order", row_order(view, seed, weights))
     return (
         Permutation.from_tables(table, order)
         .select_columns(list(columns))
@@ -107,10 +115,11 @@ def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id
     )
 
 
-def frames_dataset(view: ViewRef, seed: int | None = None) -> FramesDataset:
+def frames_dataset(view: ViewRef, seed: int | None = None,
+                   weights: Mapping[str, float] | None = None) -> FramesDataset:
     """The loader's Dataset over `view`: its rows in the permutation's order, with their pixels."""
     pixels = PixelReader.of(view.uri, open_table(view.uri, view.name, view.version))
-    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS)), pixels)
+    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS), weights), pixels)
 
 
 class Batch(NamedTuple):
@@ -308,17 +317,19 @@ class DecodeCollate:
 
 
 def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoch: int = 0,
-                transform=None, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False):
+                transform=None, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                weights: Mapping[str, float] | None = None):
     """A DataLoader over `view` in a deterministic order.
 
     seed None: the view's stored order; otherwise a LanceDB shuffle seeded by seed + epoch, so
-    each epoch has its own order and any epoch can be rebuilt exactly. Workers are started
-    with `spawn` (Lance's Rust runtime is not fork-safe).
+    each epoch has its own order and any epoch can be rebuilt exactly; with `weights` (by image
+    id) the epoch's rows are drawn in proportion to them, seeded the same way. Workers are
+    started with `spawn` (Lance's Rust runtime is not fork-safe).
     """
     import torch
     from torch.utils.data import DataLoader
 
-    dataset = frames_dataset(view, None if seed is None else seed + epoch)
+    dataset = frames_dataset(view, None if seed is None else seed + epoch, weights)
     generator = torch.Generator().manual_seed(0 if seed is None else seed + epoch)
     return DataLoader(
         dataset,

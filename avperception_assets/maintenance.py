@@ -1,8 +1,8 @@
 """Table maintenance: compaction of the small fragments every batch leaves in the frames table,
-cleanup of old versions of it, of the views and of the `<mode>_eval_frames` tables reports
-write, and the indexes kept current: scalar indexes that view filters read, the full-text
-index of scene descriptions, and the vector index of embeddings once the table is large
-enough to need one (`vector_index`).
+cleanup of old versions of it, of the views and of the `<mode>_eval_frames` and
+`<mode>_difficulty` tables reports and mining write, and the indexes kept current: scalar
+indexes that view filters read, the full-text index of scene descriptions, and the vector
+index of embeddings once the table is large enough to need one (`vector_index`).
 
 Each pass costs what the new rows cost, not the table: compaction merges only fragments smaller
 than `FRAGMENT_ROWS` (so the batches' tail, never the big fragments), bitmap and label-list
@@ -12,10 +12,11 @@ a batch; until then a lookup also scans the unindexed fragments' column).
 
 Cleanup never removes a version something is pinned to: a checkpoint or a report (their
 metadata names the view and frames-table versions they were trained or evaluated on, which
-`reproduce` time-travels to, and the eval-frames version a report wrote) or a view's next
-incremental refresh (the frames-table version it reflects). Pins are LanceDB version tags (`avp-pin-<version>`); Lance's cleanup keeps tagged
-versions. Stable row ids survive compaction, so views, `reproduce` and the readers of pixels
-(`pixels`) still find their rows.
+`reproduce` time-travels to, the difficulty scores a mined fine-tune drew by, and the
+eval-frames version a report wrote) or a view's next incremental refresh (the frames-table
+version it reflects). Pins are LanceDB version tags (`avp-pin-<version>`); Lance's cleanup
+keeps tagged versions. Stable row ids survive compaction, so views, `reproduce` and the
+readers of pixels (`pixels`) still find their rows.
 
 Library workarounds, all here (lancedb 0.39.0, whose Rust core is lance 12, with pylance 14.0.2):
 - lancedb's `optimize` compacts with lance's default target of 1M rows a fragment, so with
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import storage
-from .storage import EVAL_FRAMES_SUFFIX, FRAMES_TABLE, reflected_version, table_exists
+from .storage import DIFFICULTY_SUFFIX, EVAL_FRAMES_SUFFIX, FRAMES_TABLE, reflected_version, table_exists
 from .vector_index import INDEX_MIN_ROWS, VECTOR_COLUMN, ensure_vector_index
 
 PIN_TAG_PREFIX = "avp-pin-"
@@ -100,8 +101,9 @@ def _view_names(conn) -> list[str]:
     return sorted(name for name in storage.table_names(conn) if name.startswith(f"{FRAMES_TABLE}_"))
 
 
-def _eval_frames_names(conn) -> list[str]:
-    return sorted(name for name in storage.table_names(conn) if name.endswith(EVAL_FRAMES_SUFFIX))
+def _per_mode_table_names(conn) -> list[str]:
+    """The `<mode>_eval_frames` tables reports write and the `<mode>_difficulty` tables mining writes."""
+    return sorted(name for name in storage.table_names(conn) if name.endswith((EVAL_FRAMES_SUFFIX, DIFFICULTY_SUFFIX)))
 
 
 def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Iterable[str]) -> dict[str, set[int]]:
@@ -109,9 +111,10 @@ def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Itera
     and the frames-table version each of `views` reflects."""
     pins: dict[str, set[int]] = defaultdict(set)
     for path in Path(checkpoints_dir).rglob("metadata.json"):
-        _record_pins(pins, json.loads(path.read_text()), [
-            ("train_view", "train_view_version"), ("val_view", "val_view_version"),
-            ("source_table", "source_table_version")])
+        metadata = json.loads(path.read_text())
+        _record_pins(pins, metadata, [("train_view", "train_view_version"), ("val_view", "val_view_version"),
+                                      ("source_table", "source_table_version")])
+        _record_pins(pins, metadata.get("mining") or {}, [("table", "version")])
     for path in Path(reports_dir).rglob("report.json"):
         report = json.loads(path.read_text())
         _record_pins(pins, report.get("val_view", {}), [("name", "version"), ("source_table", "source_table_version")])
@@ -213,8 +216,9 @@ def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
 def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
                  older_than: timedelta = timedelta(hours=1)) -> dict[str, MaintenanceStats]:
     """Maintain the frames table (compacted, with its scalar indexes), every slice view and
-    every `<mode>_eval_frames` table (cleaned up only: a compaction commit would give their rows
-    a new version number, and checkpoints, reports and the view assets name data by version)."""
+    every `<mode>_eval_frames` and `<mode>_difficulty` table (cleaned up only: a compaction
+    commit would give their rows a new version number, and checkpoints, reports and the view
+    assets name data by version)."""
     if not table_exists(conn, FRAMES_TABLE):
         return {}
     views = _view_names(conn)
@@ -222,7 +226,7 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
                                     older_than=older_than, indexes=COLUMN_INDEXES,
                                     vector_index_min_rows=INDEX_MIN_ROWS)}
-    for name in views + _eval_frames_names(conn):
+    for name in views + _per_mode_table_names(conn):
         stats[name] = maintain(conn.open_table(name), name, pins.get(name, ()), older_than=older_than,
                                compact_fragments=False)
     return stats

@@ -53,23 +53,25 @@ class PixelReader:
                              "no way to its pixels")
         return cls(uri, holds_bytes=False, source_version=reflected_version(table))
 
-    def columns(self, wanted: list[str]) -> list[str]:
-        """The stored columns to read for `wanted`: the source row id instead of the bytes of a view."""
-        if self.holds_bytes or IMAGE_BYTES not in wanted:
+    def columns(self, wanted: list[str], column: str = IMAGE_BYTES) -> list[str]:
+        """The stored columns to read for `wanted`: the source row id instead of the bytes (or
+        the frames-table `column`) of a view."""
+        if self.holds_bytes or column not in wanted:
             return list(wanted)
-        return [SOURCE_ROW_ID if c == IMAGE_BYTES else c for c in wanted]
+        return [SOURCE_ROW_ID if c == column else c for c in wanted]
 
-    def attach(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """`batch` (read with `columns`) with its rows' image bytes, in the batch's row order."""
+    def attach(self, batch: pa.RecordBatch, column: str = IMAGE_BYTES) -> pa.RecordBatch:
+        """`batch` (read with `columns`) with its rows' image bytes (or another frames-table
+        `column`: the embedding), in the batch's row order."""
         if self.holds_bytes:
             return batch
         row_ids = batch.column(SOURCE_ROW_ID).cast(pa.uint64())
         taken = (_frames_table(self.uri, self.source_version).take_row_ids(row_ids.to_pylist())
-                 .select([IMAGE_BYTES]).with_row_id().to_arrow())  # in row-id order, not the batch's
+                 .select([column]).with_row_id().to_arrow())  # in row-id order, not the batch's
         positions = pc.index_in(row_ids, value_set=taken["_rowid"])
         if positions.null_count:
             missing = pc.filter(row_ids, pc.is_null(positions)).to_pylist()
             raise LookupError(
                 f"{len(missing)} rows are missing from {FRAMES_TABLE!r} at version {self.source_version} "
                 f"(row ids {missing[:5]}); was that version cleaned up, or were the rows deleted?")
-        return batch.append_column(IMAGE_BYTES, taken[IMAGE_BYTES].take(positions).combine_chunks())
+        return batch.append_column(column, taken[column].take(positions).combine_chunks())

@@ -11,7 +11,8 @@ Plain Python (no Dagster). A run trains on `view@version` and writes, under
 
 The same (view, version, config) resumes from its last saved epoch; a newer view version gets
 a new folder and starts fresh from the starting weights. Every epoch's order is a LanceDB
-shuffle seeded by seed + epoch, so `reproduce` rebuilds the exact order from metadata.json.
+shuffle seeded by seed + epoch, or with hard-example mining (`hard_examples`) a draw weighted
+by difficulty seeded the same way, so `reproduce` rebuilds the exact order from metadata.json.
 
 CLI: `python -m avperception_assets.training reproduce <checkpoint dir> [--epoch N]` prints the
 image ids of that epoch in training order, read from the time-travelled view.
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import loader, storage
+from . import hard_examples, loader, storage
 from .detections import compute_metrics, predict
-from .detector import Profile, build_detector, get_profile, load_weights
+from .detector import (WEIGHTS_COCO, Profile, build_detector, coco_weights_path, get_profile, load_weights,
+                       set_input_size, weights_digest)
 
 METADATA_FILE = "metadata.json"
 LAST_FILE = "last.pt"
@@ -50,6 +52,7 @@ class RunSpec:
     profile: Profile
     weights: str  # starting weights: 'coco', 'none' or a state_dict path
     seed: int = 0
+    mining: hard_examples.Mining | None = None  # None: every frame alike
 
     def __post_init__(self):
         object.__setattr__(self, "profile", self.profile.for_weights(self.weights))
@@ -62,6 +65,7 @@ class RunSpec:
             "val_view": self.val.name if self.val else None,
             "val_view_version": self.val.version if self.val else None,
             "profile": self.profile.as_dict(), "weights_source": self.weights, "seed": self.seed,
+            "mining": self.mining.as_dict() if self.mining else None,
         }
 
 
@@ -184,10 +188,11 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
                         resumed_from_epoch=start_epoch)
         log(f"resuming {spec.train.name}@{spec.train.version} from saved epoch {start_epoch}")
 
+    weights = hard_examples.frame_weights(spec.train, spec.mining) if spec.mining else None
     writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
     try:
         for epoch in range(start_epoch, profile.epochs):
-            record = _train_epoch(model, optimizer, scaler, spec, epoch, device, amp, writer, log)
+            record = _train_epoch(model, optimizer, scaler, spec, epoch, device, amp, writer, log, weights)
             scheduler.step()
             _save(model.state_dict(), out / LAST_FILE)
             record["val_map_50"] = (val_map50(model, spec.val, batch_size=profile.batch_size)
@@ -212,11 +217,11 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
 
 
 def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, amp: bool, writer,
-                 log: Log) -> dict:
+                 log: Log, weights=None) -> dict:
     import torch
 
     profile = spec.profile
-    batches = epoch_loader(spec.train, profile, spec.seed, epoch, pin_memory=device.type == "cuda")
+    batches = epoch_loader(spec.train, profile, spec.seed, epoch, pin_memory=device.type == "cuda", weights=weights)
     steps_per_epoch = len(batches) if profile.max_steps_per_epoch is None else min(
         len(batches), profile.max_steps_per_epoch)
     model.train()
@@ -254,6 +259,24 @@ def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, am
             "lr": optimizer.param_groups[0]["lr"]}
 
 
+def starting_model(weights: str, profile: dict):
+    """The model a fine-tune starts from (`weights`: 'coco' or a checkpoint's state_dict file)
+    at the fine-tune's `profile` (same network, same input size), and what records name it by,
+    `digest` included (the weights' content)."""
+    if weights == WEIGHTS_COCO:
+        profile = get_profile(**profile)
+        path = coco_weights_path(profile.architecture)
+        info = {"weights": WEIGHTS_COCO, "weights_file": str(path), "architecture": profile.architecture,
+                "digest": weights_digest(path)}
+        return build_detector(profile, WEIGHTS_COCO), info
+    folder = Path(weights).parent
+    info = {"weights": weights, "checkpoint_dir": str(folder), "metadata": read_metadata(folder),
+            "digest": weights_digest(Path(weights)), "input_size": [profile["min_size"], profile["max_size"]]}
+    model = load_checkpoint(folder, Path(weights).name)
+    set_input_size(model, profile["min_size"], profile["max_size"])
+    return model, info
+
+
 def load_checkpoint(checkpoint_dir: Path, which: str = BEST_FILE):
     """The trained model saved in `checkpoint_dir` (its profile comes from metadata.json)."""
     metadata = read_metadata(checkpoint_dir)
@@ -261,15 +284,17 @@ def load_checkpoint(checkpoint_dir: Path, which: str = BEST_FILE):
     return build_detector(profile, str(Path(checkpoint_dir) / which))
 
 
-def epoch_loader(view: loader.ViewRef, profile: Profile, seed: int, epoch: int, *, pin_memory: bool = False):
-    """The DataLoader of one training epoch: the view's rows in the order seeded by seed + epoch,
-    augmented with the torch RNG seeded the same way (in the main process with 0 workers)."""
+def epoch_loader(view: loader.ViewRef, profile: Profile, seed: int, epoch: int, *, pin_memory: bool = False,
+                 weights=None):
+    """The DataLoader of one training epoch: the view's rows in the order seeded by seed + epoch
+    (drawn by `weights` when mining), augmented with the torch RNG seeded the same way (in the
+    main process with 0 workers)."""
     import torch
 
     torch.manual_seed(seed + epoch)
     return loader.make_loader(view, batch_size=profile.batch_size, seed=seed, epoch=epoch,
                               transform=loader.train_transform(profile.min_size, profile.max_size),
-                              num_workers=profile.num_workers, pin_memory=pin_memory)
+                              num_workers=profile.num_workers, pin_memory=pin_memory, weights=weights)
 
 
 def recorded_view(metadata: dict, uri: str | None = None) -> loader.ViewRef:
@@ -279,8 +304,12 @@ def recorded_view(metadata: dict, uri: str | None = None) -> loader.ViewRef:
 
 
 def reproduce_order(metadata: dict, *, epoch: int = 0, uri: str | None = None) -> list[str]:
-    """The image ids of `epoch` in training order, read from the time-travelled view."""
-    permutation = loader.build_permutation(recorded_view(metadata, uri), metadata["seed"] + epoch)
+    """The image ids of `epoch` in training order, read from the time-travelled view (and, for a
+    mined run, the difficulty scores at their recorded version)."""
+    view = recorded_view(metadata, uri)
+    mining = metadata.get("mining")
+    weights = hard_examples.frame_weights(view, hard_examples.Mining(**mining)) if mining else None
+    permutation = loader.build_permutation(view, metadata["seed"] + epoch, weights=weights)
     return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
 
 

@@ -8,9 +8,9 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets import loader, settings, storage, training
+from avperception_assets import detector, loader, settings, storage, training
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.defs.training_assets import TrainingConfig, build_training_defs
+from avperception_assets.defs.training_assets import FineTuneConfig, TrainingConfig, build_training_defs
 from avperception_assets.failure_modes import FailureMode
 
 from .conftest import TINY_TRAINING, build_frames_table
@@ -18,10 +18,10 @@ from .conftest import TINY_TRAINING, build_frames_table
 MODE = FailureMode("tiny", "split = 'train'", ("pedestrian",), "every frame: a stand-in slice")
 
 
-def _write_views(conn, frames) -> None:
-    """Stand-in `tiny` views: plain tables with the frames columns (the loader reads any table)."""
+def _write_views(conn, frames, mode: str = "tiny") -> None:
+    """Stand-in views of `mode`: plain tables with the frames columns (the loader reads any table)."""
     for split in ("train", "val"):
-        conn.create_table(f"bdd100k_tiny_{split}", frames.filter(pc.equal(frames["split"], split)),
+        conn.create_table(f"bdd100k_{mode}_{split}", frames.filter(pc.equal(frames["split"], split)),
                           storage_options=storage.STABLE_ROW_IDS)
 
 
@@ -68,6 +68,36 @@ def test_a_newer_view_version_trains_a_fresh_checkpoint(trained_rider, tmp_path,
     assert newer["train_view_version"] > meta["train_view_version"] and newer["resumed_from_epoch"] is None
     assert newer["checkpoint_dir"] != meta["checkpoint_dir"]
     assert (Path(meta["checkpoint_dir"]) / "best.pt").is_file()  # the older checkpoint is kept
+
+
+def test_a_mined_fine_tune_scores_only_new_frames_and_records_its_sampling(trained_rider, monkeypatch):
+    """Hard-example mining from the UI's run config: the base detector scores the train view once
+    per frame (new footage: only its frames), and the checkpoint records what reproduce needs."""
+    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+    mode = FailureMode("mined", "split = 'train'", ("pedestrian",), "every frame: a stand-in slice")
+    conn = storage.connect(settings.lancedb_uri())
+    frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
+    _write_views(conn, frames, mode.name)
+    (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("mined_checkpoint")]
+    resources = {"lancedb": LanceDBResource(uri=settings.lancedb_uri())}
+    config = dg.RunConfig(ops={"mined_checkpoint": FineTuneConfig(**TINY_TRAINING, hard_example_mining=True,
+                                                                  mining_neighbors=0)})
+    meta = _metadata(dg.materialize([checkpoint], resources=resources, instance=trained_rider.instance,
+                                    run_config=config), "mined_checkpoint")
+    base = Path(trained_rider.metadata("base_detector")["weights"])
+    assert meta["mining"]["table"] == "mined_difficulty"
+    assert meta["mining"]["model"].startswith(detector.weights_digest(base) + "@")
+    assert (meta["frames_scored"], meta["frames_already_scored"]) == (meta["dagster/row_count"], 0)
+    order = training.reproduce_order(training.read_metadata(Path(meta["checkpoint_dir"])))
+    train_ids = set(frames.filter(pc.equal(frames["split"], "train"))["image_id"].to_pylist())
+    assert len(order) == len(train_ids) and set(order) <= train_ids
+
+    val = frames.filter(pc.equal(frames["split"], "val"))
+    conn.open_table("bdd100k_mined_train").add(val)  # new footage reaches the train view
+    newer = _metadata(dg.materialize([checkpoint], resources=resources, instance=trained_rider.instance,
+                                     run_config=config), "mined_checkpoint")
+    assert (newer["frames_scored"], newer["frames_already_scored"]) == (val.num_rows, meta["dagster/row_count"])
+    assert newer["mining"]["version"] > meta["mining"]["version"]
 
 
 def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():

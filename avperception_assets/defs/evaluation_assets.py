@@ -19,7 +19,7 @@ from ..slices import view_name
 from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_metadata,
                     view_key)
 from .resources import LanceDBResource
-from .training_assets import base_weights
+from .training_assets import base_model
 
 
 class EvalReportConfig(dg.Config):
@@ -45,27 +45,6 @@ def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
     info = {"source": key.to_user_string(), "checkpoint": str(folder / training.BEST_FILE),
             "checkpoint_dir": str(folder), "metadata": metadata}
     return training.load_checkpoint(folder), metadata, info
-
-
-def _baseline(context: dg.AssetExecutionContext, finetuned_metadata: dict):
-    """The base detector, built with the fine-tuned model's profile (same network, same input size)."""
-    from .. import detector, training
-
-    weights = base_weights(context)
-    if weights == detector.WEIGHTS_COCO:
-        profile = detector.get_profile(**finetuned_metadata["profile"])
-        info = {"source": "base_detector", "weights": detector.WEIGHTS_COCO,
-                "weights_file": str(detector.coco_weights_path(profile.architecture)),
-                "architecture": profile.architecture}
-        return detector.build_detector(profile, detector.WEIGHTS_COCO), info
-    folder = Path(weights).parent
-    info = {"source": "base_detector", "weights": weights, "checkpoint_dir": str(folder),
-            "metadata": training.read_metadata(folder)}
-    model = training.load_checkpoint(folder, Path(weights).name)
-    finetuned = finetuned_metadata["profile"]
-    detector.set_input_size(model, finetuned["min_size"], finetuned["max_size"])
-    info["input_size"] = [finetuned["min_size"], finetuned["max_size"]]
-    return model, info
 
 
 def _figures(report) -> dict:
@@ -114,7 +93,7 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         from .. import evaluation, reports
 
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
-        baseline, baseline_info = _baseline(context, finetuned_metadata)
+        baseline, baseline_info = base_model(context, finetuned_metadata["profile"])
         uri = lancedb.uri or settings.lancedb_uri()
         try:
             result, view = evaluation.evaluate_view(

@@ -5,10 +5,11 @@ not retrained), otherwise a detector trained on the whole train split of `bdd100
 `<mode>_checkpoint` fine-tunes it on `bdd100k_<mode>_train` at the view's current version,
 keeps the best epoch by mAP@0.5 on `bdd100k_<mode>_val`, and saves under
 `checkpoints/<mode>/<view version>/`. Runs go through the `training` concurrency pool.
-The recipe (profile, weights, seed, schedule overrides) is run config. Torch is imported
-inside the asset bodies only.
+The recipe (profile, weights, seed, schedule overrides, hard-example mining) is run config.
+Torch is imported inside the asset bodies only.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -157,6 +158,44 @@ def base_weights(context: dg.AssetExecutionContext) -> str:
     return weights
 
 
+def base_model(context: dg.AssetExecutionContext, profile: dict):
+    """The base detector at a fine-tune's profile (`training.starting_model`) and what a report
+    or a checkpoint records about it."""
+    from .. import training
+
+    model, info = training.starting_model(base_weights(context), profile)
+    return model, {"source": "base_detector", **info}
+
+
+class FineTuneConfig(TrainingConfig):
+    """A fine-tune's run config: the training recipe and hard-example mining."""
+
+    hard_example_mining: bool = Field(False, description="Sample train frames by how hard base_detector finds "
+                                      "them (scored once per frame and base model, in <mode>_difficulty).")
+    mining_boost: float = Field(1.0, description="A frame's weight is 1 + boost x its difficulty (misses, "
+                                "confident false positives and weak matches on the mode's classes).")
+    mining_neighbors: int = Field(4, description="Each of the hardest frames also up-weights this many of its "
+                                  "nearest train frames by embedding (0: off).")
+    mining_query_fraction: float = Field(0.1, description="The share of frames with any difficulty, hardest "
+                                         "first, whose neighbours are up-weighted.")
+
+
+def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, spec):
+    """Score the train view's new frames with the base detector at the fine-tune's input size;
+    the sampling the run records, and how many frames were scored."""
+    from .. import hard_examples
+
+    profile = spec.profile
+    model, info = base_model(context, profile.as_dict())
+    key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
+    stats = hard_examples.score_view(lancedb.connect(), mode.name, spec.train, mode.classes, model, key,
+                                     batch_size=profile.batch_size, log=context.log.info)
+    context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with {key}")
+    mining = hard_examples.Mining(stats.table, stats.version, key, config.mining_boost, config.mining_neighbors,
+                                  config.mining_query_fraction)
+    return mining, {"frames_scored": stats.scored, "frames_already_scored": stats.already_scored}
+
+
 def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
     train_name, val_name = view_name(mode, "train"), view_name(mode, "val")
 
@@ -168,9 +207,10 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "train_view": train_name, "val_view": val_name},
         description=f"Faster R-CNN fine-tuned from base_detector on {train_name}, pinned to the view "
-                    f"version it saw; best epoch by mAP@0.5 on {val_name}.",
+                    f"version it saw; best epoch by mAP@0.5 on {val_name}. Run config "
+                    f"`hard_example_mining: true` draws frames by how hard base_detector finds them.",
     )
-    def _checkpoint(context: dg.AssetExecutionContext, config: TrainingConfig,
+    def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
                     lancedb: LanceDBResource) -> dg.MaterializeResult:
         from .. import loader, training
 
@@ -182,11 +222,15 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         spec = training.RunSpec(train=train_view, val=val_view,
                                 profile=config.resolve_profile(finetune=True, min_input_size=mode.min_input_size),
                                 weights=base_weights(context), seed=config.seed)
+        scored = {}
+        if config.hard_example_mining:
+            mining, scored = _mining(context, config, mode, lancedb, spec)
+            spec = dataclasses.replace(spec, mining=mining)
         out = settings.checkpoints_dir() / mode.name / str(train_view.version)
         metadata = _train(context, spec, out)
         return dg.MaterializeResult(
-            metadata={**_run_metadata(metadata, out, str(out / training.BEST_FILE)),
-                      "failure_mode": mode.name})
+            metadata={**_run_metadata(metadata, out, str(out / training.BEST_FILE)), **scored,
+                      "mining": dg.MetadataValue.json(metadata["mining"]), "failure_mode": mode.name})
 
     return _checkpoint
 

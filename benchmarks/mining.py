@@ -1,0 +1,118 @@
+"""Hard-example mining against plain fine-tuning, on every registry mode of a materialized data dir.
+
+For each mode and seed, two fine-tunes from the same base detector on the mode's latest train
+view, with the same recipe, optimiser steps and batch size: one drawing frames alike (the
+default), one drawing them by the base detector's difficulty and its hardest frames' look-alikes
+(`hard_examples`). Each final model (no best-epoch selection, so nothing is chosen on the val
+view) is scored on the mode's val view over the mode's own classes: AP@0.5 and recall (mAR@100).
+
+Needs a data dir where `make demo` (or the assets) materialized the views, the embedding column
+and base_detector. Reports the mean and standard deviation over the seeds per mode and variant.
+Goal: mining's mean beats plain fine-tuning's by more than the spread (the larger of the two
+standard deviations) on at least 2 of 3 modes.
+
+Usage: AVP_DATA_DIR=data .venv/bin/python benchmarks/mining.py [--seeds 0 1 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avperception_assets import detector, evaluation, hard_examples, loader, settings, storage, training  # noqa: E402
+from avperception_assets.failure_modes import FAILURE_MODES  # noqa: E402
+from avperception_assets.slices import view_name  # noqa: E402
+from targets import target  # noqa: E402
+
+VARIANTS = ("plain", "mining")
+FIGURES = (("AP@0.5", "map_50"), ("recall", "mar_100"))
+
+
+def base_weights(checkpoints: Path) -> str:
+    """The newest base_detector checkpoint (what the assets fine-tune from)."""
+    folders = sorted((p for p in (checkpoints / "base").glob("*") if (p / training.BEST_FILE).is_file()),
+                     key=lambda p: int(p.name))
+    if not folders:
+        raise SystemExit(f"no base_detector checkpoint under {checkpoints / 'base'}: run `make demo` first")
+    return str(folders[-1] / training.BEST_FILE)
+
+
+def own_class_figures(uri: str, mode, model, profile) -> dict:
+    """The final model on the mode's val view, over the mode's classes."""
+    val = loader.pin_view(uri, view_name(mode, "val"))
+    result = evaluation.evaluate({evaluation.FINETUNED: model},
+                                 evaluation.view_batches(uri, val.name, val.version, batch_size=profile.batch_size),
+                                 classes=mode.classes, panel_count=0, worst_count=0)
+    return {key: result.metrics[evaluation.FINETUNED]["mode"][key] or 0.0 for _, key in FIGURES}
+
+
+def run_mode(uri: str, weights: str, mode, seeds: list[int], out: Path, overrides: dict) -> dict:
+    train = loader.pin_view(uri, view_name(mode, "train"))
+    profile = detector.get_profile("cpu").for_finetune().with_min_input(mode.min_input_size).replace(**overrides)
+    base, info = training.starting_model(weights, profile.as_dict())
+    key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
+    stats = hard_examples.score_view(storage.connect(uri), mode.name, train, mode.classes, base, key,
+                                     batch_size=profile.batch_size)
+    mining = hard_examples.Mining(stats.table, stats.version, key, boost=1.0, neighbors=4, query_fraction=0.1)
+    results = {variant: [] for variant in VARIANTS}
+    for seed in seeds:
+        for variant in VARIANTS:
+            spec = training.RunSpec(train=train, val=None, profile=profile, weights=weights, seed=seed,
+                                    mining=mining if variant == "mining" else None)
+            started = time.perf_counter()
+            metadata = training.train(spec, out / mode.name / variant / str(seed), log=lambda _: None)
+            model = training.load_checkpoint(out / mode.name / variant / str(seed), training.LAST_FILE)
+            figures = own_class_figures(uri, mode, model, profile)
+            steps = sum(e["steps"] for e in metadata["epochs"])
+            print(f"{mode.name} {variant} seed {seed}: {steps} steps of {profile.batch_size}, "
+                  f"AP@0.5 {figures['map_50']:.3f}, recall {figures['mar_100']:.3f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            results[variant].append({**figures, "steps": steps})
+    return {"train_rows": loader.count_rows(train), "scored": stats.scored, "mining": mining.as_dict(),
+            "results": results}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=None, help="where the fine-tunes go (default: a temp dir)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the fine-tune's epochs (a quick look)")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None)
+    args = parser.parse_args()
+    uri, weights = settings.lancedb_uri(), base_weights(settings.checkpoints_dir())
+    print(f"data: {uri}; base detector {weights}; seeds {args.seeds}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps_per_epoch", args.max_steps_per_epoch))
+                     if v is not None}
+        by_mode = {mode.name: run_mode(uri, weights, mode, args.seeds, out, overrides) for mode in FAILURE_MODES}
+    print("\n| mode | train rows | figure | plain mean ± sd | mining mean ± sd | Δ |\n|---|---:|---|---:|---:|---:|")
+    wins = 0
+    for name, found in by_mode.items():
+        for label, key in FIGURES:
+            (plain, plain_sd), (mined, mined_sd) = (_mean_sd([r[key] for r in found["results"][v]]) for v in VARIANTS)
+            print(f"| {name} | {found['train_rows']} | {label} | {plain:.3f} ± {plain_sd:.3f} | "
+                  f"{mined:.3f} ± {mined_sd:.3f} | {mined - plain:+.3f} |")
+            if key == "map_50":
+                found["gain"], found["spread"] = mined - plain, max(plain_sd, mined_sd)
+    print("\n" + json.dumps(by_mode, indent=1))
+    for name, found in by_mode.items():
+        target(f"mining_gain_{name} (AP@0.5, over the spread)", found["gain"], ">=", round(found["spread"], 3),
+               digits=3)
+        wins += found["gain"] > found["spread"]
+    target("modes_where_mining_wins", wins, ">=", 2, digits=0)
+
+
+if __name__ == "__main__":
+    main()
