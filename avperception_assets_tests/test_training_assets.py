@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets import detector, loader, settings, storage, training
+from avperception_assets import detector, loader, maintenance, settings, storage, training
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.training_assets import FineTuneConfig, TrainingConfig, build_training_defs
 from avperception_assets.failure_modes import FailureMode
@@ -98,6 +99,15 @@ def test_a_mined_fine_tune_scores_only_new_frames_and_records_its_sampling(train
                                      run_config=config), "mined_checkpoint")
     assert (newer["frames_scored"], newer["frames_already_scored"]) == (val.num_rows, meta["dagster/row_count"])
     assert newer["mining"]["version"] > meta["mining"]["version"]
+
+    # Maintenance keeps the score versions both checkpoints drew by; the first still reproduces.
+    pins = maintenance.pinned_versions(conn, settings.checkpoints_dir(), settings.reports_dir(), views=[])
+    scores = conn.open_table("mined_difficulty")
+    stats = maintenance.maintain(scores, scores.name, pins["mined_difficulty"], older_than=timedelta(0),
+                                 compact_fragments=False)
+    assert {meta["mining"]["version"], newer["mining"]["version"]} <= set(stats.pinned_versions)
+    assert stats.versions_after < stats.versions_before  # the unpinned ones went
+    assert training.reproduce_order(training.read_metadata(Path(meta["checkpoint_dir"]))) == order
 
 
 def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():
