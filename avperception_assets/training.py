@@ -127,15 +127,37 @@ def val_map50(model, view: loader.ViewRef, *, batch_size: int) -> float | None:
     return compute_metrics(predictions, targets, {})["map_50"]
 
 
-def _optimizer(model, profile: Profile):
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a step is NaN or infinite: the run stops before it reaches the weights."""
+
+
+def steps_per_epoch(rows: int, profile: Profile) -> int:
+    batches = -(-rows // profile.batch_size)  # the loader keeps the last, partial batch
+    return batches if profile.max_steps_per_epoch is None else min(batches, profile.max_steps_per_epoch)
+
+
+def lr_schedule(optimizer, profile: Profile, epoch_steps: int):
+    """Stepped once per optimiser step: a linear warm-up over the first `warmup_steps` steps of
+    the run, however many epochs they span ((k + 1) / warmup_steps of the rate at step k), and a
+    decay by `lr_gamma` every `lr_step_epochs` epochs."""
+    import torch
+
+    decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=profile.lr_step_epochs * epoch_steps,
+                                            gamma=profile.lr_gamma)
+    if profile.warmup_steps <= 1:
+        return decay
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / profile.warmup_steps,
+                                               total_iters=profile.warmup_steps - 1)
+    return torch.optim.lr_scheduler.ChainedScheduler([warmup, decay], optimizer)
+
+
+def _optimizer(model, profile: Profile, epoch_steps: int):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=profile.lr, momentum=profile.momentum,
                                 weight_decay=profile.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=profile.lr_step_epochs,
-                                                gamma=profile.lr_gamma)
-    return optimizer, scheduler
+    return optimizer, lr_schedule(optimizer, profile, epoch_steps)
 
 
 def _resume_point(out: Path, spec: RunSpec) -> dict | None:
@@ -166,7 +188,8 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
     amp = profile.amp and device.type == "cuda"
     torch.manual_seed(spec.seed)  # random init draws from the global RNG: same seed, same start
     model = build_detector(profile, spec.weights).to(device)
-    optimizer, scheduler = _optimizer(model, profile)
+    epoch_steps = steps_per_epoch(rows, profile)
+    optimizer, scheduler = _optimizer(model, profile, epoch_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     source_table, source_version = storage.source_table_version(spec.train.uri, spec.train.name,
                                                                 spec.train.version)
@@ -192,8 +215,7 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
     writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
     try:
         for epoch in range(start_epoch, profile.epochs):
-            record = _train_epoch(model, optimizer, scaler, spec, epoch, device, amp, writer, log, weights)
-            scheduler.step()
+            record = _train_epoch(model, optimizer, scheduler, scaler, spec, epoch, device, amp, writer, log, weights)
             _save(model.state_dict(), out / LAST_FILE)
             record["val_map_50"] = (val_map50(model, spec.val, batch_size=profile.batch_size)
                                     if spec.val else None)
@@ -216,47 +238,48 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
     return metadata
 
 
-def _train_epoch(model, optimizer, scaler, spec: RunSpec, epoch: int, device, amp: bool, writer,
+def _train_epoch(model, optimizer, scheduler, scaler, spec: RunSpec, epoch: int, device, amp: bool, writer,
                  log: Log, weights=None) -> dict:
     import torch
 
     profile = spec.profile
     batches = epoch_loader(spec.train, profile, spec.seed, epoch, pin_memory=device.type == "cuda", weights=weights)
-    steps_per_epoch = len(batches) if profile.max_steps_per_epoch is None else min(
-        len(batches), profile.max_steps_per_epoch)
+    epoch_steps = steps_per_epoch(len(batches.dataset), profile)
     model.train()
     losses, images, started = [], 0, time.perf_counter()
     for step, batch in enumerate(batches):
-        if step >= steps_per_epoch:
+        if step >= epoch_steps:
             break
-        global_step = epoch * steps_per_epoch + step
-        if epoch == 0 and step < profile.warmup_steps:  # linear warm-up of a fresh start
-            for group in optimizer.param_groups:
-                group["lr"] = profile.lr * (step + 1) / profile.warmup_steps
+        global_step = epoch * epoch_steps + step
         inputs = loader.model_inputs(batch.images, device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch.targets]
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = sum(model(inputs, targets).values())
+        if not torch.isfinite(loss):  # as torchvision's reference: stop, and save nothing of this epoch
+            raise NonFiniteLossError(
+                f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (global step {global_step + 1}); "
+                f"stopped: last.pt and best.pt keep the last completed epoch")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), profile.grad_clip_norm)
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
+        scheduler.step()
         losses.append(float(loss.detach()))
         images += len(inputs)
         rate = images / (time.perf_counter() - started)
         writer.add_scalar("train/loss", losses[-1], global_step)
         writer.add_scalar("train/images_per_s", rate, global_step)
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-        if (step + 1) % profile.log_every_steps == 0 or step + 1 == steps_per_epoch:
-            log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: loss {losses[-1]:.4f}, "
+        writer.add_scalar("train/lr", lr, global_step)
+        if (step + 1) % profile.log_every_steps == 0 or step + 1 == epoch_steps:
+            log(f"epoch {epoch + 1} step {step + 1}/{epoch_steps}: loss {losses[-1]:.4f}, "
                 f"{rate:.2f} img/s")
     seconds = time.perf_counter() - started
     return {"epoch": epoch + 1, "steps": len(losses), "images": images,
             "loss": sum(losses) / max(1, len(losses)), "seconds": round(seconds, 2),
-            "images_per_s": images / seconds if seconds else 0.0,
-            "lr": optimizer.param_groups[0]["lr"]}
+            "images_per_s": images / seconds if seconds else 0.0, "lr": lr}
 
 
 def starting_model(weights: str, profile: dict):

@@ -113,6 +113,53 @@ def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
     assert other["resumed_from_epoch"] is None and len(other["epochs"]) == 1
 
 
+def _rates(profile, epoch_steps: int, steps: list[int]) -> list[float]:
+    """The learning rate of each of `steps` (global, 0-based) under the run's schedule."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=profile.lr)
+    schedule, rates = training.lr_schedule(optimizer, profile, epoch_steps), []
+    for step in range(max(steps) + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return [rates[s] for s in steps]
+
+
+def test_warm_up_spans_epochs_and_decay_follows_the_profile():
+    gpu = detector.get_profile("gpu")  # 100 warm-up steps, lr 0.04, x0.1 every 3 epochs
+    # A first epoch of 40 steps, shorter than the warm-up: it goes on into the second epoch.
+    assert _rates(gpu, 40, [0, 39, 40, 99, 100, 119, 120]) == pytest.approx(
+        [0.04 / 100, 0.04 * 40 / 100, 0.04 * 41 / 100, 0.04, 0.04, 0.04, 0.004])
+    cpu = detector.get_profile("cpu")  # 10 warm-up steps, lr 0.02, no decay within 100 epochs
+    assert _rates(cpu, 4, [0, 3, 4, 9, 10, 399]) == pytest.approx([0.002, 0.008, 0.010, 0.02, 0.02, 0.02])
+    assert _rates(cpu.for_finetune(), 4, [0, 5]) == pytest.approx([0.01, 0.01])  # fine-tunes: no warm-up
+
+
+def test_a_run_whose_first_epoch_is_shorter_than_its_warm_up_reaches_the_full_rate(uri, tmp_path):
+    metadata = training.train(spec_for(uri, epochs=2, warmup_steps=3, lr=0.003), tmp_path, log=lambda _: None)
+    # Two steps an epoch: epoch 1 ends at 2/3 of the rate, epoch 2 at the full rate.
+    assert [e["lr"] for e in metadata["epochs"]] == pytest.approx([0.002, 0.003])
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_path):
+    spec = spec_for(uri, epochs=2)
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/2 saved"):
+            raise Interrupted(line)
+
+    with pytest.raises(Interrupted):
+        training.train(spec, tmp_path, log=stop_after_first_epoch)
+    # The weights went bad at the end of epoch 1: the next step's loss is not finite.
+    poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in torch.load(tmp_path / "last.pt", weights_only=True).items()}
+    torch.save(poisoned, tmp_path / "last.pt")
+    saved = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "train_state.pt")}
+    with pytest.raises(training.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3\)"):
+        training.train(spec, tmp_path, log=lambda _: None)
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    assert len(training.read_metadata(tmp_path)["epochs"]) == 1
+
+
 def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
     out, metadata, _ = trained
     order = training.reproduce_order(metadata, epoch=0)

@@ -105,7 +105,7 @@ def _train(context, spec, out: Path) -> dict:
 
     try:
         return training.train(spec, out, log=context.log.info)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, training.NonFiniteLossError) as exc:
         raise dg.Failure(str(exc)) from exc
 
 
