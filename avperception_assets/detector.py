@@ -142,6 +142,12 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+# How long a run that trains with each profile may take before run monitoring fails it (the
+# `dagster/max_runtime` tag of retrain runs): the cpu demo trains for about 20 minutes, the gpu
+# reference (10 epochs of BDD100K's 70,000 train frames on one A100) for hours.
+MAX_RUN_SECONDS = {"cpu": 2 * 3600, "gpu": 24 * 3600}
+
+
 def default_profile_name() -> str:
     import torch
 

@@ -100,13 +100,16 @@ def row_order(view: ViewRef, seed: int | None = None, weights: Mapping[str, floa
 
 
 def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id",),
-                      weights: Mapping[str, float] | None = None):
+                      weights: Mapping[str, float] | None = None, shard: tuple[int, int] = (0, 1)):
     """The rows of `view` as a `Permutation` of Arrow batches of `columns`, shuffled by `seed`
-    (None: stored order), drawn by `weights` when given (`row_order`)."""
+    (None: stored order), drawn by `weights` when given (`row_order`). `shard` (rank, world
+    size): every world-size-th position of that order from the rank's, so each position goes
+    to exactly one process of a distributed run."""
     from lancedb.permutation import Permutation
 
     table = open_table(view.uri, view.name, view.version)
-    order = lancedb.connect("memory://").create_table("order", row_order(view, seed, weights))
+    rank, world = shard
+    order = lancedb.connect("memory://").create_table("order", row_order(view, seed, weights)[rank::world])
     return (
         Permutation.from_tables(table, order)
         .select_columns(list(columns))
@@ -115,11 +118,11 @@ def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id
     )
 
 
-def frames_dataset(view: ViewRef, seed: int | None = None,
-                   weights: Mapping[str, float] | None = None) -> FramesDataset:
+def frames_dataset(view: ViewRef, seed: int | None = None, weights: Mapping[str, float] | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> FramesDataset:
     """The loader's Dataset over `view`: its rows in the permutation's order, with their pixels."""
     pixels = PixelReader.of(view.uri, open_table(view.uri, view.name, view.version))
-    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS), weights), pixels)
+    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS), weights, shard), pixels)
 
 
 class Batch(NamedTuple):
@@ -318,18 +321,19 @@ class DecodeCollate:
 
 def make_loader(view: ViewRef, *, batch_size: int, seed: int | None = None, epoch: int = 0,
                 transform=None, num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
-                weights: Mapping[str, float] | None = None):
+                weights: Mapping[str, float] | None = None, shard: tuple[int, int] = (0, 1)):
     """A DataLoader over `view` in a deterministic order.
 
     seed None: the view's stored order; otherwise a LanceDB shuffle seeded by seed + epoch, so
     each epoch has its own order and any epoch can be rebuilt exactly; with `weights` (by image
-    id) the epoch's rows are drawn in proportion to them, seeded the same way. Workers are
-    started with `spawn` (Lance's Rust runtime is not fork-safe).
+    id) the epoch's rows are drawn in proportion to them, seeded the same way; `shard` keeps a
+    distributed rank's positions of that order. Workers are started with `spawn` (Lance's Rust
+    runtime is not fork-safe).
     """
     import torch
     from torch.utils.data import DataLoader
 
-    dataset = frames_dataset(view, None if seed is None else seed + epoch, weights)
+    dataset = frames_dataset(view, None if seed is None else seed + epoch, weights, shard)
     generator = torch.Generator().manual_seed(0 if seed is None else seed + epoch)
     return DataLoader(
         dataset,

@@ -154,7 +154,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_pa
                 for k, v in torch.load(tmp_path / "last.pt", weights_only=True).items()}
     torch.save(poisoned, tmp_path / "last.pt")
     saved = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "train_state.pt")}
-    with pytest.raises(training.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3\)"):
+    with pytest.raises(training.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3, rank 0\)"):
         training.train(spec, tmp_path, log=lambda _: None)
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
     assert len(training.read_metadata(tmp_path)["epochs"]) == 1

@@ -11,7 +11,7 @@ import os
 
 import dagster as dg
 
-from .. import ingest, settings
+from .. import detector, ingest, settings
 from ..failure_modes import FAILURE_MODES, check_registry
 from ..retrain_policy import RetrainPolicy
 from .ingest_assets import RawFramesConfig
@@ -81,7 +81,9 @@ def _retrain_request(due: dict[str, int], with_base: bool) -> dg.RunRequest:
         # Mode and view version: however many ticks see the same growth, it retrains once.
         run_key="+".join(f"{m}@{v}" for m, v in sorted(due.items())),
         asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, FAILURE_MODE_SUMMARY],
-        tags={"avp/failure_modes": ",".join(sorted(due))},
+        tags={"avp/failure_modes": ",".join(sorted(due)),
+              # run monitoring fails a training run that overstays its profile's limit
+              "dagster/max_runtime": str(detector.MAX_RUN_SECONDS[detector.default_profile_name()])},
     )
 
 

@@ -10,6 +10,8 @@ Torch is imported inside the asset bodies only.
 """
 
 import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,9 @@ from .names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoin
 from .resources import LanceDBResource
 
 AUTO_WEIGHTS = "auto"
+# Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
+# resumes from the last saved epoch; the run's own errors are raised with allow_retries=False.
+TRAINING_RETRIES = dg.RetryPolicy(max_retries=2, delay=5)
 
 
 def base_checkpoints_dir() -> Path:
@@ -45,6 +50,12 @@ class TrainingConfig(dg.Config):
     min_size: Optional[int] = Field(None, description="Shorter image side fed to the network.")
     max_size: Optional[int] = None
     num_workers: Optional[int] = None
+    processes_per_node: int = Field(1, ge=1, description="torchrun processes on this node (data-parallel "
+                                    "ranks; one GPU each under the gpu profile).")
+    nodes: int = Field(1, ge=1, description="Machines in the job; with more than one, start the same "
+                       "worker on the others (README) against rendezvous_endpoint.")
+    rendezvous_endpoint: Optional[str] = Field(None, description="host:port of this node for torchrun's c10d "
+                                               "rendezvous (only with nodes > 1).")
 
     def resolve_profile(self, finetune: bool, min_input_size: int | None = None):
         """The profile, as a fine-tune if asked, raised to a mode's input size, then this config's overrides."""
@@ -70,43 +81,42 @@ def _uri(lancedb: LanceDBResource) -> str:
     return lancedb.uri or settings.lancedb_uri()
 
 
-def _run_metadata(metadata: dict, out: Path, weights_file: str) -> dict:
-    """The checkpoint's metadata.json facts as Dagster metadata."""
-    epochs = metadata["epochs"]
-    return {
-        "checkpoint_dir": dg.MetadataValue.path(str(out)),
-        "weights": dg.MetadataValue.path(weights_file),
-        "train_view": metadata["train_view"],
-        "train_view_version": metadata["train_view_version"],
-        "train_filter": metadata["train_filter"] or "",
-        "val_view": metadata["val_view"] or "",
-        "val_view_version": metadata["val_view_version"],
-        "source_table": metadata["source_table"],
-        "source_table_version": metadata["source_table_version"],
-        "dagster/row_count": metadata["train_rows"],
-        "profile": metadata["profile"]["name"],
-        "hyper_parameters": dg.MetadataValue.json(metadata["profile"]),
-        "weights_source": metadata["weights_source"],
-        "seed": metadata["seed"],
-        "code_version": metadata["code_version"],
-        "device": metadata["device"],
-        "resumed_from_epoch": metadata["resumed_from_epoch"],
-        "best_epoch": metadata["best_epoch"],
-        "best_val_map_50": metadata["best_val_map_50"],
-        "epoch_loss": dg.MetadataValue.json([round(e["loss"], 4) for e in epochs]),
-        "epoch_val_map_50": dg.MetadataValue.json([e["val_map_50"] for e in epochs]),
-        "images_per_s": round(epochs[-1]["images_per_s"], 2) if epochs else None,
-        "train_seconds": round(sum(e["seconds"] for e in epochs), 1),
-    }
+def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
+    """One node: a standalone rendezvous on a free port. Several: this run's node is rank 0 of a
+    c10d rendezvous at `rendezvous_endpoint` (the other nodes start the same worker, see README)."""
+    per_node = f"--nproc-per-node={config.processes_per_node}"
+    if config.nodes == 1:
+        return ["--standalone", per_node]
+    if not config.rendezvous_endpoint:
+        raise dg.Failure("nodes > 1 needs rendezvous_endpoint (host:port of this node, reachable from the others)",
+                         allow_retries=False)
+    return [f"--nnodes={config.nodes}", "--node-rank=0", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={config.rendezvous_endpoint}", f"--rdzv-id={run_id}", per_node]
 
 
-def _train(context, spec, out: Path) -> dict:
+def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
+    """Train `spec` into `out` in torchrun's processes, launched through Dagster Pipes: their log
+    lines reach the run, and rank 0 reports the checkpoint's metadata (returned here)."""
+    from dagster._core.errors import DagsterPipesExecutionError
+
     from .. import training
 
+    options = _torchrun_options(config, context.run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / training.RUN_FILE
+    run_file.write_text(json.dumps(spec.as_dict(), indent=2, sort_keys=True))
+    (out / training.FAILURE_FILE).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "avperception_assets.training_worker", "launch", str(run_file), str(out),
+               *options]
     try:
-        return training.train(spec, out, log=context.log.info)
-    except (ValueError, FileNotFoundError, training.NonFiniteLossError) as exc:
-        raise dg.Failure(str(exc)) from exc
+        invocation = dg.PipesSubprocessClient().run(context=context, command=command)
+    except DagsterPipesExecutionError as exc:
+        failure = out / training.FAILURE_FILE
+        if failure.is_file():  # the run's own error (non-finite loss, no rows): retrying cannot help
+            raise dg.Failure(json.loads(failure.read_text())["message"], allow_retries=False) from exc
+        raise dg.Failure(f"the training processes of {out} died ({exc}); a retry resumes from the last "
+                         f"saved epoch") from exc
+    return dict(invocation.get_materialize_result().metadata)
 
 
 @dg.asset(
@@ -114,6 +124,7 @@ def _train(context, spec, out: Path) -> dict:
     group_name=TRAINING,
     deps=[RAW_FRAMES],
     pool=TRAINING_POOL,
+    retry_policy=TRAINING_RETRIES,
     kinds={"pytorch"},
     description="The generic detector every fine-tune starts from: COCO weights when cached, "
                 "else Faster R-CNN trained on the whole train split of bdd100k (best by val mAP@0.5).",
@@ -128,7 +139,7 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
     try:
         check_weights_source(weights, profile.architecture)
     except FileNotFoundError as exc:
-        raise dg.Failure(str(exc)) from exc
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     if weights == WEIGHTS_COCO:
         path = coco_weights_path(profile.architecture)
         return dg.MaterializeResult(metadata={
@@ -141,20 +152,18 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
     spec = training.RunSpec(
         train=train_view, val=loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"),
         profile=profile, weights=weights, seed=config.seed)
-    out = base_checkpoints_dir() / str(train_view.version)
-    metadata = _train(context, spec, out)
-    best = str(out / training.BEST_FILE)
-    return dg.MaterializeResult(metadata={**_run_metadata(metadata, out, best), "weights": best})
+    return dg.MaterializeResult(metadata=_train(context, spec, base_checkpoints_dir() / str(train_view.version), config))
 
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
     """The weights the latest base_detector materialization recorded ('coco' or a file)."""
     recorded = latest_metadata(context.instance, BASE_DETECTOR)
     if recorded is None:
-        raise dg.Failure("base_detector has not been materialized; materialize it first")
+        raise dg.Failure("base_detector has not been materialized; materialize it first", allow_retries=False)
     weights = recorded["weights"]
     if weights != "coco" and not Path(weights).is_file():
-        raise dg.Failure(f"base_detector weights {weights} are gone; rematerialize base_detector")
+        raise dg.Failure(f"base_detector weights {weights} are gone; rematerialize base_detector",
+                         allow_retries=False)
     return weights
 
 
@@ -204,6 +213,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         group_name=TRAINING,
         deps=[view_key(mode, "train"), view_key(mode, "val"), BASE_DETECTOR],
         pool=TRAINING_POOL,
+        retry_policy=TRAINING_RETRIES,
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "train_view": train_name, "val_view": val_name},
         description=f"Faster R-CNN fine-tuned from base_detector on {train_name}, pinned to the view "
@@ -218,7 +228,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         try:
             train_view, val_view = loader.pin_view(uri, train_name), loader.pin_view(uri, val_name)
         except ValueError as exc:
-            raise dg.Failure(f"{exc}; materialize the slice views first") from exc
+            raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
         spec = training.RunSpec(train=train_view, val=val_view,
                                 profile=config.resolve_profile(finetune=True, min_input_size=mode.min_input_size),
                                 weights=base_weights(context), seed=config.seed)
@@ -227,10 +237,8 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             mining, scored = _mining(context, config, mode, lancedb, spec)
             spec = dataclasses.replace(spec, mining=mining)
         out = settings.checkpoints_dir() / mode.name / str(train_view.version)
-        metadata = _train(context, spec, out)
-        return dg.MaterializeResult(
-            metadata={**_run_metadata(metadata, out, str(out / training.BEST_FILE)), **scored,
-                      "mining": dg.MetadataValue.json(metadata["mining"]), "failure_mode": mode.name})
+        return dg.MaterializeResult(metadata={**_train(context, spec, out, config), **scored,
+                                              "failure_mode": mode.name})
 
     return _checkpoint
 
