@@ -329,13 +329,31 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
     return metadata
 
 
+def _step(model, optimizer, scaler, batch, device, amp: bool, profile: Profile, where: str) -> float:
+    """One optimiser step on `batch`; its loss. A non-finite loss stops before the weights move."""
+    import torch
+
+    inputs = loader.model_inputs(batch.images, device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in batch.targets]
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        loss = sum(model(inputs, targets).values())
+    if not torch.isfinite(loss):  # as torchvision's reference: stop, and save nothing of this epoch
+        raise NonFiniteLossError(f"loss is {float(loss.detach())} at {where}; stopped: last.pt and best.pt "
+                                 f"keep the last completed epoch")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    torch.nn.utils.clip_grad_norm_(model.parameters(), profile.grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
 def _train_epoch(model, optimizer, scheduler, scaler, spec: RunSpec, epoch: int, device, amp: bool, writer,
                  log: Log, weights, process: Process, epoch_steps: int) -> dict:
     """One epoch of this process's positions. Processes whose shard is a batch shorter join DDP's
     uneven-input handling and then step their schedule on, so every rate stays the same."""
     import contextlib
-
-    import torch
 
     profile = spec.profile
     batches = epoch_loader(spec.train, profile, spec.seed, epoch, pin_memory=device.type == "cuda", weights=weights,
@@ -344,34 +362,17 @@ def _train_epoch(model, optimizer, scheduler, scaler, spec: RunSpec, epoch: int,
     model.train()
     losses, images, started, lr = [], 0, time.perf_counter(), optimizer.param_groups[0]["lr"]
     with model.join() if process.world > 1 else contextlib.nullcontext():
-        for step, batch in enumerate(batches):
-            if step >= own_steps:
-                break
+        for step, batch in zip(range(own_steps), batches):
             global_step = epoch * epoch_steps + step
-            inputs = loader.model_inputs(batch.images, device)
-            targets = [{k: v.to(device) for k, v in t.items()} for t in batch.targets]
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = sum(model(inputs, targets).values())
-            if not torch.isfinite(loss):  # as torchvision's reference: stop, and save nothing of this epoch
-                raise NonFiniteLossError(
-                    f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (global step "
-                    f"{global_step + 1}, rank {process.rank}); stopped: last.pt and best.pt keep the last "
-                    f"completed epoch")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), profile.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            where = f"epoch {epoch + 1} step {step + 1} (global step {global_step + 1}, rank {process.rank})"
             lr = optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
+            losses.append(_step(model, optimizer, scaler, batch, device, amp, profile, where))
             scheduler.step()
-            losses.append(float(loss.detach()))
-            images += len(inputs)
+            images += len(batch.images)
             rate = images / (time.perf_counter() - started)
             if writer is not None:
-                writer.add_scalar("train/loss", losses[-1], global_step)
-                writer.add_scalar("train/images_per_s", rate, global_step)
-                writer.add_scalar("train/lr", lr, global_step)
+                for name, value in (("loss", losses[-1]), ("images_per_s", rate), ("lr", lr)):
+                    writer.add_scalar(f"train/{name}", value, global_step)
             if (step + 1) % profile.log_every_steps == 0 or step + 1 == own_steps:
                 log(f"epoch {epoch + 1} step {step + 1}/{own_steps}: loss {losses[-1]:.4f}, {rate:.2f} img/s")
     for _ in range(epoch_steps - len(losses)):  # a shorter shard: keep the schedule in step with the others

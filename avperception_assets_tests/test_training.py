@@ -88,15 +88,21 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
+def _first_of_two_epochs(uri: str, out) -> training.RunSpec:
+    """Start a two-epoch run in `out` and stop it once epoch 1 is saved; returns its spec."""
     spec = spec_for(uri, epochs=2)
 
-    def kill_after_first_epoch(line: str) -> None:
+    def stop_after_first_epoch(line: str) -> None:
         if line.startswith("epoch 1/2 saved"):
             raise Interrupted(line)
 
     with pytest.raises(Interrupted):
-        training.train(spec, tmp_path, log=kill_after_first_epoch)
+        training.train(spec, out, log=stop_after_first_epoch)
+    return spec
+
+
+def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
+    spec = _first_of_two_epochs(uri, tmp_path)
     interrupted = training.read_metadata(tmp_path)
     assert interrupted["status"] == "training" and len(interrupted["epochs"]) == 1
 
@@ -141,14 +147,7 @@ def test_a_run_whose_first_epoch_is_shorter_than_its_warm_up_reaches_the_full_ra
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_path):
-    spec = spec_for(uri, epochs=2)
-
-    def stop_after_first_epoch(line: str) -> None:
-        if line.startswith("epoch 1/2 saved"):
-            raise Interrupted(line)
-
-    with pytest.raises(Interrupted):
-        training.train(spec, tmp_path, log=stop_after_first_epoch)
+    spec = _first_of_two_epochs(uri, tmp_path)
     # The weights went bad at the end of epoch 1: the next step's loss is not finite.
     poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                 for k, v in torch.load(tmp_path / "last.pt", weights_only=True).items()}
