@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import loader, storage
 from .curation_udfs import vectors_matrix
@@ -73,12 +74,15 @@ def _unscored(table, view: loader.ViewRef, key: str) -> tuple[list[str], int]:
 
 
 def _batches(view: loader.ViewRef, image_ids: Sequence[str], batch_size: int):
+    """The frames `image_ids` of the view, decoded, in one scan (pixels taken for them only)."""
     table = loader.open_table(view.uri, view.name, view.version)
     pixels, collate = PixelReader.of(view.uri, table), loader.DecodeCollate()
-    for start in range(0, len(image_ids), batch_size):
-        wanted = storage.sql_list(image_ids[start:start + batch_size])
-        batch = table.to_lance().to_table(columns=pixels.columns(loader.COLUMNS), filter=f"image_id IN ({wanted})")
-        yield collate(pixels.attach(batch.combine_chunks().to_batches()[0]))
+    wanted = pa.array(list(image_ids), type=pa.string())
+    for batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), filter=view.where,
+                                             batch_size=batch_size):
+        batch = batch.filter(pc.is_in(batch["image_id"], value_set=wanted))
+        if batch.num_rows:
+            yield collate(pixels.attach(batch))
 
 
 def score_view(conn, mode: str, view: loader.ViewRef, classes: Sequence[str], model, key: str, *,
@@ -87,15 +91,16 @@ def score_view(conn, mode: str, view: loader.ViewRef, classes: Sequence[str], mo
     append the scores to `<mode>_difficulty` in one commit."""
     table = storage.open_or_create(conn, table_name(mode), SCHEMA)
     todo, already = _unscored(table, view, key)
+    if log:
+        log(f"{view.name}@{view.version}: scoring {len(todo)} new frames with {key} ({already} already scored)")
     class_ids, names, rows = list(mode_class_ids(classes)), coco_category_names(), []
-    for images, targets, image_ids in _batches(view, todo, batch_size):
+    for images, targets, image_ids in _batches(view, todo, batch_size) if todo else ():
         for prediction, target, image_id in zip(predict(model, images), targets, image_ids):
-            counts = match_frame(prediction, target, names).total(class_ids)
-            rows.append({"image_id": image_id, "model": key,
-                         "difficulty": counts.misses + counts.confident_fp + counts.weak_tp, "gt": counts.gt,
-                         "misses": counts.misses, "confident_fp": counts.confident_fp, "weak_tp": counts.weak_tp})
-        if log:
-            log(f"{view.name}: scored {len(rows)}/{len(todo)} new frames with {key}")
+            frame = match_frame(prediction, target, names)
+            counts = frame.total(class_ids)
+            rows.append({"image_id": image_id, "model": key, "difficulty": frame.difficulty(class_ids),
+                         "gt": counts.gt, "misses": counts.misses, "confident_fp": counts.confident_fp,
+                         "weak_tp": counts.weak_tp})
     if rows:
         table.add(pa.Table.from_pylist(rows, schema=SCHEMA))
     return ScoreStats(table.name, table.version, key, len(rows), already)
