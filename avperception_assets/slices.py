@@ -8,6 +8,14 @@ row ids and the source version each refresh reflects), so the cost of a refresh 
 new footage, not the table. Rows whose curation values are still NULL do not qualify; refresh
 after the curation backfill (the Dagster graph orders it so).
 
+A limit of Geneva 0.17 that this does not work around: over a source with stable row ids a
+refresh cannot tell which source fragments a view fragment came from, so it hashes every
+source data file of the columns it reads and any new batch invalidates every view fragment's
+checkpoint ("Destination fragment N has no valid checkpoint"): each refresh re-copies the
+whole view, one task per view fragment, and a view gains a fragment per batch. Not visible
+within 12 batches here (the fixed per-job cost dominates), but it grows with history;
+compacting views would bound it and move the version numbers checkpoints name.
+
 A view holds every column of its rows but the image bytes, which readers take from the frames
 table by stable row id (`pixels`), and the embedding, so views together stay a small fraction
 of the table's disk.
