@@ -277,9 +277,10 @@ def _worst_frames(evaluation: Evaluation, panels: Sequence[Path], out_dir: Path)
     class_ids = evaluation.class_ids
     rows = []
     for frame, panel in zip(evaluation.worst_frames, panels):
-        counts = evaluation.frame_errors[FINETUNED][frame.index].total(class_ids)
+        errors = evaluation.frame_errors[FINETUNED][frame.index]
+        counts = errors.total(class_ids)
         rows.append({"image_id": frame.image_id, "frame_index": frame.index,
-                     "error_score": counts.misses + counts.confident_fp, "misses": counts.misses,
+                     "error_score": errors.error_score(class_ids), "misses": counts.misses,
                      "confident_fp": counts.confident_fp, "panel": str(panel.relative_to(out_dir))})
     return rows
 
