@@ -88,19 +88,23 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
                            pr_50=[None if v < 0 else round(float(v), 6) for v in precision[0, :, k, 0, -1].tolist()])
         per_class[names[coco_id]] = figures
     sizes = {f"map_{size}": _figure(result[f"map_{size}"]) for size in SIZES}
-    mode = {"map_50": _coco_mean(precision[:1], mode_k) if mode_k else None,
-            "map": _coco_mean(precision, mode_k) if mode_k else None,
-            "mar_100": _coco_mean(recall[:, None], mode_k) if mode_k else None,
-            **{f"map_{size}": _coco_mean(precision, mode_k, area) if mode_k else None
-               for area, size in enumerate(SIZES, start=1)}}
     return {
-        "mode": mode,
+        "mode": _mode_figures(precision, recall, mode_k),
         "map_50": _figure(result["map_50"]),
         "map": _figure(result["map"]),
         "mar_100": _figure(result["mar_100"]),
         **sizes,
         "per_class": per_class,
     }
+
+
+def _mode_figures(precision: Tensor | None, recall: Tensor | None, ks: Sequence[int]) -> dict:
+    """The headline over the classes at positions `ks` (all None when the val set has none)."""
+    if not ks:
+        return dict.fromkeys(["map_50", "map", "mar_100", *(f"map_{size}" for size in SIZES)])
+    return {"map_50": _coco_mean(precision[:1], ks), "map": _coco_mean(precision, ks),
+            "mar_100": _coco_mean(recall[:, None], ks),
+            **{f"map_{size}": _coco_mean(precision, ks, area) for area, size in enumerate(SIZES, start=1)}}
 
 
 def _coco_mean(array: Tensor, ks: Sequence[int], area: int = 0) -> float | None:

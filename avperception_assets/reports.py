@@ -38,38 +38,46 @@ def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
 
 
 SUMMARY_FIGURES = (("mAP@0.5", "map_50"), ("mAP@[.5:.95]", "map"), ("recall (mAR@100)", "mar_100"))
+SIZE_FIGURES = tuple((f"mAP@[.5:.95] {size}", f"map_{size}") for size in SIZES)
 MODE_SCOPE, ALL_SCOPE = "mode classes", "all classes"
+# Each scope's short name (metadata keys) and its label in the tables
+SCOPES = {"mode": MODE_SCOPE, "all_classes": ALL_SCOPE}
+
+
+def scoped(metrics: Mapping, scope: str) -> Mapping:
+    """One model's figures over the mode's classes (`mode`) or over every class (`all_classes`)."""
+    return metrics["mode"] if scope == "mode" else metrics
+
+
+def _scope_rows(baseline: Mapping, finetuned: Mapping, scope: str, figures) -> list[dict]:
+    return [{"metric": f"{label} ({SCOPES[scope]})", "baseline": scoped(baseline, scope)[key],
+             "finetuned": scoped(finetuned, scope)[key]} for label, key in figures]
+
+
+def _with_delta(table: list[dict]) -> list[dict]:
+    for row in table:
+        row["delta_pct"] = delta_pct(row["baseline"], row["finetuned"])
+    return table
 
 
 def metric_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
     """The report's table: one row per figure with baseline, fine-tuned and Δ%. The headline
     comes first, over the mode's own classes; then each of those classes; then, secondary, the
     figures over every class in the val view."""
-    table = [{"metric": f"{label} ({MODE_SCOPE})", "baseline": baseline["mode"][key], "finetuned": finetuned["mode"][key]}
-             for label, key in SUMMARY_FIGURES]
+    table = _scope_rows(baseline, finetuned, "mode", SUMMARY_FIGURES)
     for name, figures in baseline["per_class"].items():
         tuned = finetuned["per_class"][name]
         covers = "+".join(figures["bdd_classes"])
         for label, key in (("AP@0.5", "ap_50"), ("AP@[.5:.95]", "ap")):
             table.append({"metric": f"{label} {name} ({covers})", "baseline": figures[key],
                           "finetuned": tuned[key]})
-    table += [{"metric": f"{label} ({ALL_SCOPE})", "baseline": baseline[key], "finetuned": finetuned[key]}
-              for label, key in SUMMARY_FIGURES]
-    for row in table:
-        row["delta_pct"] = delta_pct(row["baseline"], row["finetuned"])
-    return table
+    return _with_delta(table + _scope_rows(baseline, finetuned, "all_classes", SUMMARY_FIGURES))
 
 
 def size_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
     """mAP@[.5:.95] by COCO object size (small < 32² px ≤ medium < 96² px ≤ large), over the
     mode's classes and over all classes."""
-    table = []
-    for scope, pick in ((MODE_SCOPE, lambda m: m["mode"]), (ALL_SCOPE, lambda m: m)):
-        for size in SIZES:
-            base, tuned = pick(baseline)[f"map_{size}"], pick(finetuned)[f"map_{size}"]
-            table.append({"metric": f"mAP@[.5:.95] {size} ({scope})", "baseline": base, "finetuned": tuned,
-                          "delta_pct": delta_pct(base, tuned)})
-    return table
+    return _with_delta([row for scope in SCOPES for row in _scope_rows(baseline, finetuned, scope, SIZE_FIGURES)])
 
 
 def _fmt(value: float | None) -> str:

@@ -51,12 +51,12 @@ def _figures(report) -> dict:
     """Headline numbers as Dagster metadata (plottable across materializations): `mode_*` over
     the mode's classes, `all_classes_*` over every class of the val view."""
     from ..evaluation import BASELINE, FINETUNED
-    from ..reports import delta_pct
+    from ..reports import SCOPES, delta_pct, scoped
 
     figures = {}
-    for scope, pick in (("mode", lambda m: m["mode"]), ("all_classes", lambda m: m)):
+    for scope in SCOPES:
         for key in ("map_50", "map", "mar_100"):
-            base, tuned = pick(report.data["metrics"][BASELINE])[key], pick(report.data["metrics"][FINETUNED])[key]
+            base, tuned = (scoped(report.data["metrics"][model], scope)[key] for model in (BASELINE, FINETUNED))
             figures.update({f"{scope}_{key}_baseline": base, f"{scope}_{key}_finetuned": tuned,
                             f"{scope}_{key}_delta_pct": delta_pct(base, tuned)})
     return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
