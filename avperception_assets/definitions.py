@@ -4,8 +4,8 @@ import os
 
 import dagster as dg
 
-from .defs import (audit_jobs, curation_assets, evaluation_assets, ingest_assets, maintenance_assets, run_recovery,
-                   search_jobs, sensors, slice_assets, training_assets)
+from .defs import (audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets,
+                   maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets)
 from .defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
@@ -15,9 +15,11 @@ defs = dg.Definitions.merge(
     maintenance_assets.defs,
     training_assets.defs,
     evaluation_assets.defs,
+    deployment_assets.defs,
     sensors.defs,
     audit_jobs.defs,
     search_jobs.defs,
+    export_jobs.defs,
     run_recovery.defs,
     dg.Definitions(
         resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},

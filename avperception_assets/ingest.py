@@ -1,9 +1,11 @@
 """Landing batches → the `bdd100k` Lance table; every rejected input goes to `quarantine`.
 
-A landing batch (see `landing`) holds images (JPEG/PNG) and BDD100K labels in any of the three
-public layouts (see `labels`). Ingestion never stops on bad input: each bad file, frame or
-object becomes a quarantine record with its reason, and every good frame of the batch lands in
-one commit. Re-ingesting a batch adds nothing.
+A landing batch (see `landing`) holds images (JPEG/PNG) and labels in one layout: any of the
+three BDD100K ones (see `labels`), YOLO, Pascal VOC or COCO (see `label_formats`). Ingestion
+never stops on bad input: each bad file, frame or object becomes a quarantine record with its
+reason, and every good frame of the batch lands in one commit. A batch whose layout is ambiguous
+(or whose class names cannot be read) is refused whole: one record, no frame. Re-ingesting a
+batch adds nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import pyarrow.compute as pc
 
 from . import storage
 from .image_checks import CorruptImageError, NotAnImageError, inspect_image
-from .labels import IMAGE_SUFFIXES, SPLITS, LabelFileError, LabelRecord, normalize_objects, parse_label_file, split_name
+from .label_formats import read_batch
+from .labels import IMAGE_SUFFIXES, SPLITS, LabelRecord, normalize_objects, split_name
 from .landing import READY_MARKER, ready_batches, validate_batch_id
 from .quarantine import Rejection, record_quarantine
 
@@ -42,8 +45,10 @@ class BatchSummary:
     quarantined: Counter = field(default_factory=Counter)
     boxes: int = 0
     boxes_clipped: int = 0
+    objects_ignored: Counter = field(default_factory=Counter)  # by why: "class dog", "crowd region"
     seconds: float = 0.0
     first_ingest_seq: int = 0  # the batch's frames take ingest_seq from here on
+    refused: str | None = None  # why the whole batch was refused (nothing ingested)
 
     def as_metadata(self) -> dict:
         return {
@@ -52,6 +57,8 @@ class BatchSummary:
             "quarantined": dict(sorted(self.quarantined.items())),
             "boxes": self.boxes,
             "boxes_clipped_to_frame": self.boxes_clipped,
+            "objects_ignored": dict(sorted(self.objects_ignored.items())),
+            "refused": self.refused,
             "seconds": round(self.seconds, 2),
         }
 
@@ -152,60 +159,77 @@ class BatchIngestor:
         self.rejections.append(rejection)
         self.summary.quarantined[rejection.reason] += 1
 
+    def _files(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+        """The batch's image files (stem, path inside the batch, path) and its other files, in path order."""
+        images, others = [], []
+        for rel, path in sorted(_walk(str(self.batch_dir)), key=_path_order):
+            stem, suffix = split_name(rel.rpartition("/")[2])
+            if suffix.lower() in IMAGE_SUFFIXES:
+                images.append((stem, rel, path))
+            elif rel != READY_MARKER:
+                others.append((rel, path))
+        return images, others
+
+    def _unique_images(self, image_files: list[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
+        """Image id → (path inside the batch, path): the first file of each stem; later ones are rejected."""
+        images: dict[str, tuple[str, str]] = {}
+        for stem, rel, path in image_files:
+            if stem in images:
+                self._reject(Rejection(rel, "duplicate_frame", f"same image id as {images[stem][0]} in this batch"))
+            else:
+                images[stem] = (rel, path)
+        return images
+
+    def _unique_labels(self, records: list[LabelRecord]) -> dict[str, LabelRecord]:
+        """Image id → its label record: the first record wins; later ones are rejected."""
+        labels: dict[str, LabelRecord] = {}
+        for record in records:
+            if record.image_id in labels:
+                self._reject(Rejection(f"{record.label_file}#{record.image_id}", "duplicate_label",
+                                       f"{record.image_id} is already labelled in {labels[record.image_id].label_file}"))
+            else:
+                labels[record.image_id] = record
+        return labels
+
     def _scan(self, table) -> list[_Candidate]:
         """Pair image files with labels; everything that cannot pair is rejected here, and so is
         an image id the table already holds from another batch."""
-        images: dict[str, tuple[str, str]] = {}
-        labels: dict[str, LabelRecord] = {}
-        for rel, path in sorted(_walk(str(self.batch_dir)), key=_path_order):
-            name = rel.rpartition("/")[2]
-            stem, suffix = split_name(name)
-            suffix = suffix.lower()
-            if rel == READY_MARKER:
-                continue
-            if suffix in IMAGE_SUFFIXES:
-                if stem in images:
-                    self._reject(Rejection(rel, "duplicate_frame", f"same image id as {images[stem][0]} in this batch"))
-                else:
-                    images[stem] = (rel, path)
-            elif suffix == ".json":
-                try:
-                    records = parse_label_file(path, rel)
-                except LabelFileError as exc:
-                    self._reject(Rejection(rel, "unparseable_labels", str(exc)))
-                    continue
-                for record in records:
-                    if record.image_id in labels:
-                        self._reject(Rejection(f"{rel}#{record.image_id}", "duplicate_label",
-                                               f"{record.image_id} is already labelled in {labels[record.image_id].label_file}"))
-                    else:
-                        labels[record.image_id] = record
-            else:
-                self._reject(Rejection(rel, "unsupported_file", f"'{suffix or name}' is neither an image nor a JSON label file"))
+        image_files, other_files = self._files()
+        batch = read_batch(other_files)
+        if batch.refusal is not None:
+            self._reject(batch.refusal)
+            self.summary.refused = f"{batch.refusal.reason}: {batch.refusal.detail}"
+            return []
+        images = self._unique_images(image_files)
+        for rejection in batch.rejections:
+            self._reject(rejection)
+        labels = self._unique_labels(batch.records)
         for image_id in sorted(labels.keys() - images.keys()):
             label = labels[image_id]
             self._reject(Rejection(f"{label.label_file}#{image_id}", "label_without_image", f"no image file for {image_id}"))
         candidates, existing = [], known_frames(table, images)
         for image_id, (rel, path) in images.items():
+            label = labels.get(image_id) or batch.unlabelled(image_id, rel)
             if image_id in existing:
                 if existing[image_id] == self.batch_id:
                     self.summary.already_present += 1
                 else:
                     self._reject(Rejection(rel, "duplicate_frame", f"{image_id} was already ingested from batch {existing[image_id]}"))
-            elif image_id not in labels:
+            elif label is None:
                 self._reject(Rejection(rel, "image_without_labels", f"no label record names {image_id}"))
             else:
-                candidates.append(_Candidate(rel, path, labels[image_id]))
+                candidates.append(_Candidate(rel, path, label))
         return candidates
 
     def _frame(self, candidate: _Candidate, data: bytes, info: tuple, seq: int, now: datetime) -> dict:
         """One frames-table row; the label's bad objects are rejected on the way."""
         image_format, width, height = info
         label = candidate.label
-        boxes, rejected, clipped = normalize_objects(label, width, height)
-        self.summary.boxes += len(boxes["ann_categories"])
-        self.summary.boxes_clipped += clipped
-        for item in rejected:
+        boxes = normalize_objects(label, width, height)
+        self.summary.boxes += len(boxes.columns["ann_categories"])
+        self.summary.boxes_clipped += boxes.clipped
+        self.summary.objects_ignored.update(boxes.ignored)
+        for item in boxes.rejections:
             self._reject(item)
         split = label.split if label.split in SPLITS else assign_split(label.image_id, self.val_fraction)
         return {
@@ -214,7 +238,7 @@ class BatchIngestor:
             "image_format": image_format, "width": width, "height": height,
             "weather": label.attributes.get("weather"), "scene": label.attributes.get("scene"),
             "timeofday": label.attributes.get("timeofday"), "timestamp": label.timestamp,
-            **boxes, "ingest_seq": seq, "ingested_at": now,
+            **boxes.columns, "ingest_seq": seq, "ingested_at": now,
         }
 
     def _rows(self, candidates: list[_Candidate], first_seq: int) -> Iterator[pa.RecordBatch]:

@@ -24,7 +24,7 @@ FRAMES_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("batch_id", pa.string(), nullable=False),
         pa.field("source_file", pa.string()),  # path inside the batch folder
-        pa.field("label_format", pa.string()),  # bdd_per_image_2018 | bdd_split_list_2018 | bdd_det_20
+        pa.field("label_format", pa.string()),  # bdd_per_image_2018 | bdd_split_list_2018 | bdd_det_20 | yolo | pascal_voc | coco
         pa.field("split", pa.string(), nullable=False),  # train | val
         # JPEG/PNG bytes are compressed already: Lance compressing them again would mostly add
         # decompression to every read.
@@ -106,12 +106,19 @@ def ray_context(ray_address: str | None = None):
     """Context manager for the Ray that Geneva backfills and view refreshes run on.
 
     No address: a local Ray on this machine. An address (`ray://host:10001`): the same jobs
-    run on that cluster, which is how a deployment outgrows one machine.
+    run on that cluster, which is how a deployment outgrows one machine. Its nodes run an
+    image with this project installed, as the code location's is: Geneva 0.17 would otherwise
+    zip the local code to an uploader that only its namespace connections have ("Geneva was
+    not initialized"), and pip-install geneva into a fresh virtualenv on every node (GBs, and
+    without lancedb). An empty manifest skips the first; clearing `pip` the second.
     """
+    from geneva.manifest.mgr import GenevaManifest
     from geneva.runners.ray._mgr import ray_cluster
 
     if ray_address:
-        return ray_cluster(addr=ray_address, use_portforwarding=False)
+        return ray_cluster(addr=ray_address, use_portforwarding=False,
+                           manifest=GenevaManifest(name="avperception_assets", zips=[]),
+                           ray_init_kwargs={"runtime_env": {"pip": None}})
     return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
         "runtime_env": {"worker_process_setup_hook": "avperception_assets.lazy_imports.defer_unused_imports"}})
 

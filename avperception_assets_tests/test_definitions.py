@@ -8,8 +8,8 @@ import sys
 import dagster as dg
 import pytest
 
-from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
-                                      slice_assets, training_assets)
+from avperception_assets.defs import (curation_assets, deployment_assets, evaluation_assets, ingest_assets,
+                                      maintenance_assets, sensors, slice_assets, training_assets)
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.definitions import defs
 from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
@@ -44,6 +44,7 @@ def _with_modes(modes) -> dg.Definitions:
     return dg.Definitions.merge(
         ingest_assets.defs, curation_assets.build_curation_defs(modes), slice_assets.build_slice_defs(modes),
         training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
+        deployment_assets.build_deployment_defs(modes),
         sensors.build_sensor_defs(modes), maintenance_assets.defs,
         dg.Definitions(resources={"lancedb": LanceDBResource()}),
     )
@@ -56,7 +57,8 @@ def test_definitions_load_with_the_names_users_see():
     expected |= {column: "curation" for column in COLUMNS}
     for mode in MODES:
         expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
-                     f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation"}
+                     f"{mode}_checkpoint": "training", f"{mode}_eval_report": "evaluation",
+                     f"{mode}_onnx_model": "deployment"}
     assert _groups(defs) == expected
     assert {s.name for s in defs.sensors} == {"new_footage_sensor", "slice_growth_sensor", "footage_automation_sensor",
                                               "dead_run_sensor"}
@@ -75,6 +77,7 @@ def test_every_asset_depends_on_exactly_what_it_reads():
         expected[val] = {"raw_frames", "dhash", "table_maintenance", *MODE_COLUMNS[mode]}
         expected[f"{mode}_checkpoint"] = {train, val, "base_detector"}
         expected[f"{mode}_eval_report"] = {f"{mode}_checkpoint", val, "base_detector"}
+        expected[f"{mode}_onnx_model"] = {f"{mode}_checkpoint"}
     expected["table_maintenance"] = {"raw_frames", *COLUMNS}
     assert _parents(defs) == expected
 
@@ -96,7 +99,7 @@ def test_checks_guard_every_stage_and_block_what_follows():
 
 
 def test_audit_and_maintenance_have_schedules_that_users_turn_on():
-    assert sorted(job.name for job in defs.jobs) == ["frame_search", "frames_audit"]
+    assert sorted(job.name for job in defs.jobs) == ["frame_search", "frames_audit", "slice_export"]
     schedules = {s.name: s for s in defs.schedules}
     assert set(schedules) == {"frames_audit_schedule", "table_maintenance_schedule"}
     assert schedules["frames_audit_schedule"].job_name == "frames_audit"
@@ -119,7 +122,7 @@ def test_a_registry_entry_adds_its_views_checkpoint_and_report():
     parents = _parents(grown)
     added = set(parents) - set(_parents(defs))
     assert added == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
-                     "crowded_night_checkpoint", "crowded_night_eval_report"}
+                     "crowded_night_checkpoint", "crowded_night_eval_report", "crowded_night_onnx_model"}
     assert parents["bdd100k_crowded_night_val"] == {"raw_frames", "num_persons", "dhash", "table_maintenance"}
     assert parents["crowded_night_checkpoint"] == {"bdd100k_crowded_night_train", "bdd100k_crowded_night_val",
                                                    "base_detector"}
@@ -132,7 +135,7 @@ def test_a_mode_defined_by_example_adds_its_distance_column():
     parents, groups = _parents(grown), _groups(grown)
     assert set(parents) - set(_parents(defs)) == {
         "night_lookalikes_distance", "bdd100k_night_lookalikes_train", "bdd100k_night_lookalikes_val",
-        "night_lookalikes_checkpoint", "night_lookalikes_eval_report"}
+        "night_lookalikes_checkpoint", "night_lookalikes_eval_report", "night_lookalikes_onnx_model"}
     assert groups["night_lookalikes_distance"] == "curation"
     assert parents["night_lookalikes_distance"] == {"raw_frames", "embedding"}
     assert parents["bdd100k_night_lookalikes_val"] == {"raw_frames", "night_lookalikes_distance", "dhash",

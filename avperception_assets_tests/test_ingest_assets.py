@@ -1,5 +1,6 @@
 """raw_frames materialized for real, its checks, and the new-footage sensor's ticks."""
 
+import logging
 import os
 import time
 
@@ -48,13 +49,23 @@ def test_raw_frames_materializes_pending_batches_with_metadata(data_dir):
     assert materialization.metadata["rows_total"].value == 16
 
 
-def test_raw_frames_reports_quarantine_counts_by_reason(data_dir):
+def test_raw_frames_reports_quarantine_counts_by_reason_and_refused_batches(data_dir):
     batch = synthetic.write_batch(data_dir / "landing", "b1", 5, seed=1)
     next(batch.rglob("*.jpg")).write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    result, _ = _materialize(data_dir, {"ops": {"raw_frames": {"config": {"batch_ids": ["b1"]}}}})
+    mixed = synthetic.write_batch(data_dir / "landing", "b2", 2, seed=2)
+    (mixed / "data.yaml").write_text("names: [car]\n")  # BDD labels and a YOLO class file: ambiguous
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(RAW_FRAMES_DEFS, instance=instance,
+                                resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+                                run_config={"ops": {"raw_frames": {"config": {"batch_ids": ["b1", "b2"]}}}})
+        errors = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.ERROR]
     [materialization] = result.asset_materializations_for_node("raw_frames")
-    assert materialization.metadata["ingested"].value == 4
-    assert materialization.metadata["quarantined_corrupt_image"].value == 1
+    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    assert metadata["ingested"] == 4
+    assert metadata["quarantined_corrupt_image"] == 1 and metadata["quarantined_ambiguous_layout"] == 1
+    assert metadata["refused"] == 1 and list(metadata["refused_batches"]) == ["b2"]
+    assert "ambiguous_layout" in metadata["refused_batches"]["b2"]
+    assert any("b2" in message and "refused" in message for message in errors)
 
 
 def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):

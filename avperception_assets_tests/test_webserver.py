@@ -79,7 +79,7 @@ def webserver(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             # At the end of two full fresh-clone suites (2026-12-01) `dagster dev` had not stopped
             # 60 s after SIGTERM; alone, or after any one other module, it stops in 2 s. The test

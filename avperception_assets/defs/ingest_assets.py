@@ -32,8 +32,8 @@ def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
     group_name=INGEST,
     kinds={"lancedb"},
     pool=LANCEDB_WRITES_POOL,
-    description="Dashcam frames (JPEG bytes + BDD100K labels) in the Lance table `bdd100k`; "
-    "rejected inputs go to `quarantine` with their reason.",
+    description="Dashcam frames (JPEG bytes + labels: BDD100K, YOLO, Pascal VOC or COCO) in the Lance table "
+    "`bdd100k`; rejected inputs go to `quarantine` with their reason.",
 )
 def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
     started = time.perf_counter()
@@ -45,6 +45,9 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lance
     for s in summaries:
         for reason, n in s.quarantined.items():
             quarantined[reason] = quarantined.get(reason, 0) + n
+    refused = {s.batch_id: s.refused for s in summaries if s.refused}
+    for batch_id, why in refused.items():  # processed (the sensor moves on), so it must not pass unseen
+        context.log.error(f"batch {batch_id} was refused, nothing of it was ingested: {why}")
     ingested = sum(s.ingested for s in summaries)
     seconds = time.perf_counter() - started
     # The run's rows are those from here on: its checks look at them only.
@@ -57,6 +60,9 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lance
             "already_present": sum(s.already_present for s in summaries),
             "quarantined": sum(quarantined.values()),
             **{f"quarantined_{reason}": n for reason, n in sorted(quarantined.items())},
+            "refused": len(refused),
+            **({"refused_batches": dg.MetadataValue.json(refused)} if refused else {}),
+            "objects_ignored": sum(sum(s.objects_ignored.values()) for s in summaries),
             "rows_total": table.count_rows(),
             "table_version": table.version,
             "table_uri": dg.MetadataValue.path(str(table.uri)),

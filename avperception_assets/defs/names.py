@@ -14,6 +14,7 @@ CURATION = "curation"
 SLICES = "slices"
 TRAINING = "training"
 EVALUATION = "evaluation"
+DEPLOYMENT = "deployment"
 MAINTENANCE = "maintenance"
 
 # Concurrency pools (dagster.yaml gives each a limit of 1).
@@ -49,6 +50,10 @@ def checkpoint_key(mode: FailureMode | str) -> dg.AssetKey:
 
 def eval_report_key(mode: FailureMode | str) -> dg.AssetKey:
     return dg.AssetKey(f"{_mode_name(mode)}_eval_report")
+
+
+def onnx_model_key(mode: FailureMode | str) -> dg.AssetKey:
+    return dg.AssetKey(f"{_mode_name(mode)}_onnx_model")
 
 
 def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | None:

@@ -15,12 +15,14 @@ from .. import detector, ingest, settings
 from ..failure_modes import FAILURE_MODES, check_registry
 from ..retrain_policy import RetrainPolicy
 from .ingest_assets import RawFramesConfig
-from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key,
+from .names import (BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key,
                     eval_report_key, latest_metadata, view_key)
 from .resources import LanceDBResource
 
-# Ingestion and everything that refreshes with it; retraining is the growth sensor's call.
-FOOTAGE_SELECTION = dg.AssetSelection.assets(RAW_FRAMES).downstream() - dg.AssetSelection.groups(TRAINING, EVALUATION)
+# Ingestion and everything that refreshes with it; retraining is the growth sensor's call, and an
+# ONNX export a deliberate step of a deployment.
+FOOTAGE_SELECTION = (dg.AssetSelection.assets(RAW_FRAMES).downstream()
+                     - dg.AssetSelection.groups(TRAINING, EVALUATION, DEPLOYMENT))
 # `stopped` serves the UI without the loop (a staging deployment); the UI can start them.
 DEFAULT_STATUS = (dg.DefaultSensorStatus.STOPPED if os.environ.get("AVP_SENSORS_DEFAULT_STATUS", "running") == "stopped"
                   else dg.DefaultSensorStatus.RUNNING)

@@ -1,0 +1,93 @@
+"""Deployment as Dagster assets (group `deployment`): `<mode>_onnx_model` per mode.
+
+Each exports the mode's latest checkpoint (best epoch) to `model.onnx` in its checkpoint folder
+(`onnx_export`: the whole detector, post-processing included, with the data version and class
+map in the file's metadata) and checks onnxruntime against PyTorch on the first frames of the
+checkpoint's val view at its pinned version. A model that misses parity is not put in place and
+the run fails with the figures. Torch, onnx and onnxruntime are imported inside the asset bodies only.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from .. import settings
+from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
+from .names import DEPLOYMENT, checkpoint_key, latest_metadata, onnx_model_key
+from .resources import LanceDBResource
+
+
+class OnnxExportConfig(dg.Config):
+    frames: int = Field(8, ge=1, description="Val frames on which onnxruntime must match PyTorch.")
+
+
+def _checkpoint_dir(context: dg.AssetExecutionContext, mode: FailureMode) -> Path:
+    key = checkpoint_key(mode)
+    recorded = latest_metadata(context.instance, key)
+    if recorded is None or "checkpoint_dir" not in recorded:
+        raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first",
+                         allow_retries=False)
+    return Path(recorded["checkpoint_dir"])
+
+
+def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=onnx_model_key(mode),
+        group_name=DEPLOYMENT,
+        deps=[checkpoint_key(mode)],
+        kinds={"pytorch", "onnx"},
+        metadata={"failure_mode": mode.name},
+        description=f"{checkpoint_key(mode).to_user_string()}'s best model as ONNX (whole detector, "
+                    f"post-processing included) in its checkpoint folder, with the data version and class map "
+                    f"in its metadata; onnxruntime matches PyTorch on val frames (same labels, boxes within "
+                    f"1 px, scores within 0.001 above 0.05) or the run fails.",
+    )
+    def _onnx_model(context: dg.AssetExecutionContext, config: OnnxExportConfig,
+                    lancedb: LanceDBResource) -> dg.MaterializeResult:
+        from .. import onnx_export
+
+        folder = _checkpoint_dir(context, mode)
+        try:
+            result = onnx_export.export_checked(folder, frames=config.frames, uri=lancedb.uri or settings.lancedb_uri())
+        except (FileNotFoundError, ValueError) as exc:
+            raise dg.Failure(f"{mode.name}: {exc}", allow_retries=False) from exc
+        figures = onnx_export.parity_figures(result.parity)
+        context.log.info(result.parity.summary())
+        if not result.parity.passed:
+            raise dg.Failure(f"{mode.name}: {result.parity.summary()}; {onnx_export.ONNX_FILE} not written. "
+                             + "; ".join(result.parity.mismatches[:5]),
+                             metadata={"parity": dg.MetadataValue.json(figures)}, allow_retries=False)
+        data, source = result.metadata["data_version"], result.metadata["source_checkpoint"]
+        return dg.MaterializeResult(
+            metadata={
+                "onnx_model": dg.MetadataValue.path(str(result.path)),
+                "exported_part": result.metadata["exported_part"],
+                "export_seconds": result.export_seconds,
+                "frames_checked": result.parity.frames,
+                "detections_compared": result.parity.detections,
+                "max_box_diff_px": result.parity.max_box_diff_px,
+                "max_score_diff": result.parity.max_score_diff,
+                "parity": dg.MetadataValue.json(figures),
+                "train_view": data["train_view"],
+                "train_view_version": data["train_view_version"],
+                "source_table_version": data["source_table_version"],
+                "val_view": data["val_view"],
+                "val_view_version": data["val_view_version"],
+                "checkpoint": dg.MetadataValue.path(source["weights"]),
+                "input_size": dg.MetadataValue.json(result.metadata["input_size"]),
+                "class_map": dg.MetadataValue.json(result.metadata["class_map"]),
+            },
+            data_version=dg.DataVersion(f"{data['train_view']}@{data['train_view_version']}:{source['digest']}"),
+        )
+
+    return _onnx_model
+
+
+def build_deployment_defs(modes=None) -> dg.Definitions:
+    """One ONNX model asset per failure mode (default: the registry)."""
+    modes = check_registry(FAILURE_MODES if modes is None else modes)
+    return dg.Definitions(assets=[build_onnx_model_asset(m) for m in modes])
+
+
+defs = build_deployment_defs()

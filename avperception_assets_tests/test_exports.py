@@ -1,0 +1,147 @@
+"""Slice exports: a pinned view version as COCO JSON and as a YOLO folder, read back by
+pycocotools, by hand and by ingestion itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.compute as pc
+import pytest
+from pycocotools.coco import COCO
+
+from avperception_assets import exports, ingest, pixels, storage, synthetic
+from avperception_assets.bdd100k import CLASSES
+from avperception_assets.defs.export_jobs import slice_export
+from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.landing import READY_MARKER
+
+VIEW = "bdd100k_rider_val"
+
+
+@dataclass
+class SliceDB:
+    uri: str
+    view_version: int
+    frames: dict[str, dict]  # the view's frames by image id, image bytes included
+
+
+def _frames_by_id(table, ids) -> dict[str, dict]:
+    rows = table.to_lance().to_table(filter=f"image_id IN ({storage.sql_list(ids)})").to_pylist()
+    return {row["image_id"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def slice_db(tmp_path_factory) -> SliceDB:
+    """A frames table and a val view stand-in holding no image bytes, as Geneva views do (rows
+    point at the frames table by stable row id); a later append moves the view to a new version."""
+    root = tmp_path_factory.mktemp("slice-export")
+    synthetic.write_batch(root / "landing", "b1", 10, seed=4, width=320, height=180, val_fraction=0.5)
+    conn = storage.connect(str(root / "lancedb"))
+    ingest.ingest_batches(conn, root / "landing")
+    frames = conn.open_table(storage.FRAMES_TABLE)
+    rows = frames.to_lance().to_table(with_row_id=True, filter="split = 'val'").drop_columns(["image_bytes"])
+    rows = rows.rename_columns([pixels.SOURCE_ROW_ID if n == "_rowid" else n for n in rows.column_names])
+    view = conn.create_table(VIEW, rows.slice(0, len(rows) - 1), storage_options=storage.STABLE_ROW_IDS)
+    version = view.version
+    view.add(rows.slice(len(rows) - 1))  # the next version holds one frame more
+    ids = rows["image_id"].to_pylist()[:-1]
+    return SliceDB(str(root / "lancedb"), version, _frames_by_id(frames, ids))
+
+
+def _boxes(frame: dict) -> list[tuple[str, list[float]]]:
+    return sorted(zip(frame["ann_categories"], frame["ann_bboxes"]))
+
+
+def _assert_same_boxes(got: list[tuple[str, list[float]]], want: list[tuple[str, list[float]]], tolerance: float):
+    assert [c for c, _ in got] == [c for c, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert max(abs(x - y) for x, y in zip(a, b)) <= tolerance, (a, b)
+
+
+def test_coco_export_of_a_pinned_version(slice_db, tmp_path):
+    export = exports.export_view(slice_db.uri, VIEW, exports.COCO, tmp_path, version=slice_db.view_version)
+    assert export.path == tmp_path / f"{VIEW}@v{slice_db.view_version}_coco"
+    assert export.frames == len(slice_db.frames) and export.splits == ("val",)
+    assert not [p for p in tmp_path.iterdir() if p != export.path]  # no staging folder left behind
+    coco = COCO(str(export.path / "annotations" / "instances_val.json"))
+    assert coco.dataset["info"]["view"] == VIEW and coco.dataset["info"]["view_version"] == slice_db.view_version
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(CLASSES)
+    assert export.boxes == len(coco.getAnnIds()) > 0
+    for image in coco.loadImgs(coco.getImgIds()):
+        frame = slice_db.frames[image["frame_id"]]
+        assert (export.path / "images" / "val" / image["file_name"]).read_bytes() == frame["image_bytes"]
+        boxes = [(coco.cats[a["category_id"]]["name"], [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                                       a["bbox"][1] + a["bbox"][3]])
+                 for a in coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))]
+        _assert_same_boxes(sorted(boxes), _boxes(frame), 1e-3)
+
+
+def test_yolo_export_and_a_second_export_replaces_the_first(slice_db, tmp_path):
+    first = exports.export_view(slice_db.uri, VIEW, exports.YOLO, tmp_path, version=slice_db.view_version)
+    (first.path / "stale.txt").write_text("from an earlier export")
+    export = exports.export_view(slice_db.uri, VIEW, exports.YOLO, tmp_path, version=slice_db.view_version)
+    assert export.path == first.path and not (export.path / "stale.txt").exists()
+    data = json.loads((export.path / "data.yaml").read_text())
+    assert data["names"] == list(CLASSES) and data["val"] == "images/val"
+    assert data["export"]["view_version"] == slice_db.view_version
+    assert sorted(p.stem for p in (export.path / "labels" / "val").iterdir()) == sorted(slice_db.frames)
+    for image_id, frame in slice_db.frames.items():
+        assert (export.path / "images" / "val" / f"{image_id}.jpg").read_bytes() == frame["image_bytes"]
+        w, h = frame["width"], frame["height"]
+        boxes = []
+        for line in (export.path / "labels" / "val" / f"{image_id}.txt").read_text().splitlines():
+            index, cx, cy, bw, bh = line.split()
+            cx, cy, bw, bh = float(cx) * w, float(cy) * h, float(bw) * w, float(bh) * h
+            boxes.append((CLASSES[int(index)], [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]))
+        _assert_same_boxes(sorted(boxes), _boxes(frame), 1e-3)
+
+
+@pytest.mark.parametrize("fmt", exports.FORMATS)
+def test_an_export_lands_again_as_the_same_frames(slice_db, tmp_path, fmt):
+    """An export copied into a fresh landing zone ingests as the same frames, classes and boxes."""
+    export = exports.export_view(slice_db.uri, VIEW, fmt, tmp_path / "exports", version=slice_db.view_version)
+    landing = tmp_path / "landing"
+    shutil.copytree(export.path, landing / "reimport")
+    (landing / "reimport" / READY_MARKER).write_text("")
+    conn = storage.connect(str(tmp_path / "lancedb"))
+    [summary] = ingest.ingest_batches(conn, landing)
+    assert summary.ingested == len(slice_db.frames) and not summary.quarantined
+    table = conn.open_table(storage.FRAMES_TABLE)
+    landed = _frames_by_id(table, list(slice_db.frames))
+    assert landed.keys() == slice_db.frames.keys()
+    for image_id, frame in slice_db.frames.items():
+        again = landed[image_id]
+        assert again["image_bytes"] == frame["image_bytes"] and again["split"] == "val"
+        _assert_same_boxes(_boxes(again), _boxes(frame), 1.0)
+    assert set(pc.unique(table.to_lance().to_table(columns=["label_format"])["label_format"]).to_pylist()) == {fmt}
+
+
+def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypatch):
+    resources = {"lancedb": LanceDBResource(uri=slice_db.uri)}
+    config = {"ops": {"export_slice": {"config": {"view": VIEW, "format": "yolo"}}}}
+    result = slice_export.execute_in_process(run_config=config, resources=resources)
+    output = result.output_for_node("export_slice")
+    latest = slice_db.view_version + 1  # no version given: the latest
+    assert output["view_version"] == latest and output["frames"] == len(slice_db.frames) + 1
+    assert Path(output["path"]) == data_dir / "exports" / f"{VIEW}@v{latest}_yolo"
+    [event] = [e for e in result.all_node_events if e.event_type_value == "STEP_OUTPUT"]
+    assert event.step_output_data.metadata["view_version"].value == latest
+
+    bad = {"ops": {"export_slice": {"config": {"view": "bdd100k_no_such_val"}}}}
+    failed = slice_export.execute_in_process(run_config=bad, resources=resources, raise_on_error=False)
+    assert not failed.success and "'bdd100k_no_such_val' does not exist" in str(
+        failed.failure_data_for_node("export_slice").error)
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        slice_export.execute_in_process(run_config={"ops": {"export_slice": {"config": {"view": VIEW, "format": "voc"}}}},
+                                        resources=resources)
+
+    monkeypatch.setenv("AVP_LANCEDB_URI", slice_db.uri)
+    assert exports.main([VIEW, "--format", "coco", "--version", str(slice_db.view_version)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{VIEW}@v{slice_db.view_version}_coco" in printed
+    assert exports.main([VIEW, "--version", "999"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Geneva on a real two-node Ray cluster: `ray start` runs a head node and a worker node as
+separate processes, and `dagster asset materialize` sends a backfill and a view refresh to them
+through `AVP_RAY_ADDRESS`, as a deployment on KubeRay does."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from avperception_assets import curation, ingest, slices, storage, synthetic
+from avperception_assets_tests.conftest import source_ids, view_ids
+
+BIN = Path(sys.executable).parent
+RAY_WORKER_PORTS = range(10002, 20000)  # `ray start`'s default worker port range
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in RAY_WORKER_PORTS:
+            return port
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the Ray head exited with {process.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {seconds} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """`ray start --block` stops its node's processes when it is signalled."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def ray_cluster_env():
+    """A head node that runs no tasks (`--num-cpus=0`, as KubeRay's head) and a worker node that
+    runs them all; yields the environment a Dagster run needs to use them, and the cluster's
+    session folder."""
+    temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, client = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "AVP_RAY_ADDRESS": f"ray://127.0.0.1:{client}"}
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    nodes = [subprocess.Popen(
+        [BIN / "ray", "start", "--head", *common, f"--port={gcs}", f"--ray-client-server-port={client}",
+         "--include-dashboard=false", "--num-cpus=0", '--resources={"geneva_ray_head": 1}', f"--temp-dir={temp}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for_port(client, nodes[0])
+        nodes.append(subprocess.Popen([BIN / "ray", "start", *common, f"--address=127.0.0.1:{gcs}", "--num-cpus=2"],
+                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        yield env, Path(temp)
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_backfill_and_a_view_refresh_run_on_a_two_node_cluster(ray_cluster_env, tmp_path, local_ray):
+    env, cluster_temp = ray_cluster_env
+    synthetic.write_batch(tmp_path / "landing", "b1", 10, seed=2, width=320, height=180, val_fraction=0.5)
+    conn = storage.connect(str(tmp_path / "lancedb"))
+    ingest.ingest_batches(conn, tmp_path / "landing")
+    # The val view also reads dhash: filled here on the session's local Ray, so the cluster runs one backfill.
+    curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["dhash"])
+    view = slices.view_name("rider", "val")
+    run = subprocess.run(
+        [BIN / "dagster", "asset", "materialize", "-m", "avperception_assets.definitions", "--select", f"has_rider,{view}"],
+        env={**env, "AVP_DATA_DIR": str(tmp_path), "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=480)
+    assert run.returncode == 0, run.stderr[-4000:]
+    # Ray starts a client server for each driver that connects through ray://: the run's Geneva jobs.
+    assert list(cluster_temp.glob("session_*/logs/ray_client_server_*.out"))
+    table = conn.open_table(storage.FRAMES_TABLE)
+    assert table.count_rows("has_rider IS NULL OR dhash IS NULL") == 0
+    expected = source_ids(conn, "has_rider = true AND split = 'val'")
+    assert expected and view_ids(conn.open_table(view)) == expected
