@@ -58,7 +58,8 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
     """COCO box metrics of one model.
 
     `mode`: the headline, over the mode's classes (`class_ids`) only: mAP@0.5, mAP@[.5:.95],
-    mAR@100 and mAP@[.5:.95] by object size, each COCO's own mean restricted to those classes.
+    mAR@100, recall at IoU 0.5 (of 100 detections, `recall_50`) and mAP@[.5:.95] by object
+    size, each COCO's own mean restricted to those classes.
     The same figures over every class sit at the top level. `per_class`: AP@0.5, AP and AR@100
     of each COCO id in `class_ids` (None when the val set has no object of that class) and its
     precision at COCO's 101 recall points at IoU 0.5 (`pr_50`, None where undefined). Every
@@ -101,9 +102,9 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
 def _mode_figures(precision: Tensor | None, recall: Tensor | None, ks: Sequence[int]) -> dict:
     """The headline over the classes at positions `ks` (all None when the val set has none)."""
     if not ks:
-        return dict.fromkeys(["map_50", "map", "mar_100", *(f"map_{size}" for size in SIZES)])
+        return dict.fromkeys(["map_50", "map", "mar_100", "recall_50", *(f"map_{size}" for size in SIZES)])
     return {"map_50": _coco_mean(precision[:1], ks), "map": _coco_mean(precision, ks),
-            "mar_100": _coco_mean(recall[:, None], ks),
+            "mar_100": _coco_mean(recall[:, None], ks), "recall_50": _coco_mean(recall[:1, None], ks),
             **{f"map_{size}": _coco_mean(precision, ks, area) for area, size in enumerate(SIZES, start=1)}}
 
 

@@ -50,6 +50,9 @@ class Profile:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra FasterRCNN arguments
     # RPN anchor sizes in px, the same at every feature level; None: the architecture's own.
     anchor_sizes: tuple[int, ...] | None = None
+    # Train on full-resolution crops of this many px around an object (`tiling.ObjectCrop`)
+    # instead of resized frames; None: whole frames.
+    train_crop: int | None = None
 
     def __post_init__(self):
         if self.anchor_sizes is not None:  # read back from JSON as a list

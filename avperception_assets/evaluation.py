@@ -9,6 +9,7 @@ metrics of `detections`. Writing the result down (COCO JSON, panels, report file
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,10 @@ class Evaluation:
     panel_frames: list[PanelFrame] = field(default_factory=list)
     frame_errors: dict[str, list[FrameErrors]] = field(default_factory=dict)  # per model, in frame order
     worst_frames: list[PanelFrame] = field(default_factory=list)  # the fine-tuned model's, worst first
+    seconds: dict[str, float] = field(default_factory=dict)  # per model: wall time of its inference alone
+
+    def seconds_per_frame(self, model: str) -> float:
+        return self.seconds[model] / len(self.image_ids)
 
     @property
     def class_ids(self) -> list[int]:
@@ -87,8 +92,8 @@ class _WorstFrames:
 
 def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
              classes: Iterable[str], panel_count: int = 3, worst_count: int = 3) -> Evaluation:
-    """Run every model over the val batches once, score each with COCO metrics and match every
-    frame's boxes (`frame_errors`).
+    """Run every model over the val batches once, score each with COCO metrics, match every
+    frame's boxes (`frame_errors`) and time each model's inference (decoding excluded).
 
     Keeps `panel_count` frames for pictures, preferring frames that contain the mode's
     classes (first come, so the choice is stable across runs of the same view version), and
@@ -106,10 +111,15 @@ def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
     preferred: list[PanelFrame] = []
     others: list[PanelFrame] = []
     worst = _WorstFrames(worst_count)
+    seconds = dict.fromkeys(models, 0.0)
     for images, batch_targets, batch_ids in batches:
         if not (len(images) == len(batch_targets) == len(batch_ids)):
             raise ValueError("a batch must hold as many images as targets and image ids")
-        batch_predictions = {name: predict(model, images) for name, model in models.items()}
+        batch_predictions = {}
+        for name, model in models.items():
+            started = time.perf_counter()
+            batch_predictions[name] = predict(model, images)
+            seconds[name] += time.perf_counter() - started
         for k, (image, target, image_id) in enumerate(zip(images, batch_targets, batch_ids)):
             target = _check_target(target, image_id)
             index = len(image_ids)
@@ -128,7 +138,8 @@ def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
         raise ValueError("the val view yielded no frames to evaluate on")
     metrics = {name: compute_metrics(preds, targets, class_ids) for name, preds in predictions.items()}
     panel_frames = (preferred + others)[:panel_count]
-    return Evaluation(classes, image_ids, sizes, targets, predictions, metrics, panel_frames, errors, worst.frames())
+    return Evaluation(classes, image_ids, sizes, targets, predictions, metrics, panel_frames, errors, worst.frames(),
+                      seconds)
 
 
 def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> Iterator[Batch]:

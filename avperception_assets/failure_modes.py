@@ -37,6 +37,14 @@ DEFAULT_DISTANT_PERSON_MAX_AREA_PCT = 0.5
 # 13x34) in 1280x720 frames: 448 px input keeps the median at 8x21 px, within reach of the CPU
 # profile's 16 px anchors; its default 192 px would leave 4x9 px.
 DISTANT_PERSON_MIN_INPUT_SIZE = 448
+# ... and are evaluated on full-resolution tiles of that size too: 20 % overlap (90 px) exceeds
+# their 90th-percentile height (60 px), so each is whole in some tile. The fine-tune trains on
+# crops of that size (pedestrians at the scale tiles show them), and a crop is a fifth of a
+# 1280x720 frame, so it runs 4x the profile's 5 epochs. On the demo data (35 train frames) 5
+# epochs found no distant pedestrian; 20 epochs of crops or of whole frames both did, alike on
+# pedestrians (README); crops train in about 2/3 of the time.
+DISTANT_PERSON_TILE_SIZE = 448
+DISTANT_PERSON_FINETUNE_EPOCHS = 20
 
 # Types of the curation columns (avperception_assets.curation writes them; names must match
 # curation.COLUMNS, which a test asserts) so filters are type-checked against the real table.
@@ -106,6 +114,26 @@ def validate_filter(mode_name: str, sql: str, schema: pa.Schema = FILTER_SCHEMA)
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """A mode's tiled evaluation (`tiling.TiledDetector`): square tiles of `tile_size` px at full
+    resolution overlapping by `overlap` (a fraction of a tile), plus the whole frame at the
+    model's input size when `whole_frame`. With `train_on_tiles` its fine-tune trains on crops
+    of that size around objects (profile `train_crop`), seen unscaled when `tile_size` is the
+    fine-tune's input size (the mode's `min_input_size`), as tiles are."""
+
+    tile_size: int
+    overlap: float = 0.2
+    whole_frame: bool = True
+    train_on_tiles: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size <= 0:
+            raise ValueError(f"tile_size must be a positive number of pixels, got {self.tile_size!r}")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) or not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be a fraction of a tile in [0, 1), got {self.overlap!r}")
+
+
+@dataclass(frozen=True)
 class FailureMode:
     """One long-tail failure mode: its slice filter and the classes that matter for it.
 
@@ -123,6 +151,9 @@ class FailureMode:
     # Shorter image side (px) this mode's fine-tune and evaluation need at least: small
     # objects need pixels. Raises a profile's smaller input size; None keeps the profile's.
     min_input_size: int | None = None
+    # Also evaluate on full-resolution tiles (the report shows both); None: whole frames only.
+    tiling: Tiling | None = None
+    finetune_epochs: int | None = None  # its fine-tune's epochs; None: the profile's
     exemplars: tuple[str, ...] = ()
     text_query: str | None = None
     max_distance: float | None = None
@@ -161,6 +192,11 @@ class FailureMode:
         if self.min_input_size is not None and not (isinstance(self.min_input_size, int) and self.min_input_size > 0):
             raise FailureModeError(f"failure mode {self.name!r}: min_input_size must be a positive number of "
                                    f"pixels, got {self.min_input_size!r}")
+        if self.finetune_epochs is not None and not (isinstance(self.finetune_epochs, int) and self.finetune_epochs > 0):
+            raise FailureModeError(f"failure mode {self.name!r}: finetune_epochs must be a positive number, "
+                                   f"got {self.finetune_epochs!r}")
+        if self.tiling is not None and not isinstance(self.tiling, Tiling):
+            raise FailureModeError(f"failure mode {self.name!r}: tiling must be a Tiling or None, got {self.tiling!r}")
         object.__setattr__(self, "columns", filter_columns(where, schema))
 
     def _check_example(self) -> None:
@@ -175,6 +211,11 @@ class FailureMode:
                                    f"(0, 2], got {self.max_distance!r}")
         if self.text_query is not None:
             _require_text_tower(self.name)
+
+    @property
+    def train_crop(self) -> int | None:
+        """Crop size (px) its fine-tune trains on (`Tiling.train_on_tiles`); None: whole frames."""
+        return self.tiling.tile_size if self.tiling is not None and self.tiling.train_on_tiles else None
 
     @property
     def curation_columns(self) -> tuple[str, ...]:
@@ -239,6 +280,8 @@ def default_failure_modes() -> tuple[FailureMode, ...]:
             ("pedestrian",),
             "Frames whose largest pedestrian is small, i.e. far away.",
             min_input_size=DISTANT_PERSON_MIN_INPUT_SIZE,
+            tiling=Tiling(DISTANT_PERSON_TILE_SIZE, train_on_tiles=True),
+            finetune_epochs=DISTANT_PERSON_FINETUNE_EPOCHS,
         ),
     ])
 

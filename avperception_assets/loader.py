@@ -244,12 +244,16 @@ def coco_target(categories, boxes, width: int, height: int) -> dict:
     }
 
 
-def train_transform(min_size: int, max_size: int):
-    """Box-aware augmentation on uint8 frames: resize to the network size, flip, photometric jitter."""
+def train_transform(min_size: int, max_size: int, crop: int | None = None):
+    """Box-aware augmentation on uint8 frames: resize to the network size (or, with `crop`, a
+    full-resolution crop of that size around an object, which the network takes as it is when
+    `crop` is its `min_size`), flip, photometric jitter."""
     from torchvision.transforms import v2
 
+    from .tiling import ObjectCrop
+
     return v2.Compose([
-        v2.Resize(min_size, max_size=max_size, antialias=True),
+        v2.Resize(min_size, max_size=max_size, antialias=True) if crop is None else ObjectCrop(crop),
         v2.RandomHorizontalFlip(p=0.5),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
         v2.SanitizeBoundingBoxes(min_size=1.0),

@@ -24,6 +24,8 @@ COLORS = {"ground truth": "green", BASELINE: "red", FINETUNED: "blue"}
 GROUND_TRUTH_FILE = "ground_truth_coco.json"
 PREDICTIONS_FILES = {BASELINE: "baseline_predictions_coco.json",
                      FINETUNED: "finetuned_predictions_coco.json"}
+TILED_PREDICTIONS_FILES = {BASELINE: "baseline_tiled_predictions_coco.json",
+                           FINETUNED: "finetuned_tiled_predictions_coco.json"}
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PANELS_DIR = "panels"
@@ -78,6 +80,47 @@ def size_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
     """mAP@[.5:.95] by COCO object size (small < 32² px ≤ medium < 96² px ≤ large), over the
     mode's classes and over all classes."""
     return _with_delta([row for scope in SCOPES for row in _scope_rows(baseline, finetuned, scope, SIZE_FIGURES)])
+
+
+# The tiled table's columns: each model untiled (as in the headline) and tiled.
+TILING_COLUMNS = {BASELINE: (BASELINE, False), f"{BASELINE}_tiled": (BASELINE, True),
+                  FINETUNED: (FINETUNED, False), f"{FINETUNED}_tiled": (FINETUNED, True)}
+TILING_TITLES = {BASELINE: "baseline", f"{BASELINE}_tiled": "baseline tiled",
+                 FINETUNED: "fine-tuned", f"{FINETUNED}_tiled": "fine-tuned tiled"}
+TILING_FIGURES = (("recall@IoU 0.5", "recall_50"), ("recall (mAR@100)", "mar_100"))
+TIME_PER_FRAME = "time per frame (s, inference only)"
+
+
+def tiling_rows(untiled: Evaluation, tiled: Evaluation) -> list[dict]:
+    """Both models untiled and tiled, side by side, over the mode's classes: mAP@0.5, each
+    class's AP@0.5, recall at IoU 0.5 and mAR@100, and the inference time per frame."""
+    runs = {column: (tiled if is_tiled else untiled, model) for column, (model, is_tiled) in TILING_COLUMNS.items()}
+
+    def row(metric: str, figure) -> dict:
+        return {"metric": metric, **{column: figure(*run) for column, run in runs.items()}}
+
+    rows = [row(f"mAP@0.5 ({MODE_SCOPE})", lambda ev, model: ev.metrics[model]["mode"]["map_50"])]
+    for name, figures in untiled.metrics[BASELINE]["per_class"].items():
+        rows.append(row(f"AP@0.5 {name} ({'+'.join(figures['bdd_classes'])})",
+                        lambda ev, model, name=name: ev.metrics[model]["per_class"][name]["ap_50"]))
+    rows += [row(f"{label} ({MODE_SCOPE})", lambda ev, model, key=key: ev.metrics[model]["mode"][key])
+             for label, key in TILING_FIGURES]
+    return rows + [row(TIME_PER_FRAME, lambda ev, model: ev.seconds_per_frame(model))]
+
+
+def tiling_markdown(rows: Sequence[Mapping]) -> str:
+    """A markdown table of tiling rows: metric, then each model untiled and tiled."""
+    lines = ["| metric | " + " | ".join(TILING_TITLES.values()) + " |", "|---|" + "---:|" * len(TILING_TITLES)]
+    lines += [f"| {row['metric']} | " + " | ".join(_fmt(row[column]) for column in TILING_TITLES) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def tiling_description(tiling: Mapping) -> str:
+    whole = " plus the whole frame at the model's input size" if tiling["whole_frame"] else ""
+    return (f"{tiling['tile_size']}x{tiling['tile_size']} px tiles at full resolution, overlapping by "
+            f"{tiling['overlap']:.0%}{whole}; boxes cut by a tile edge dropped where the object is whole in "
+            f"another tile, then class-wise NMS at IoU 0.5")
 
 
 def _fmt(value: float | None) -> str:
@@ -306,15 +349,39 @@ def _write_pictures(out_dir: Path, evaluation: Evaluation, score_threshold: floa
     return panels, worst
 
 
+def _tiling_data(out_dir: Path, evaluation: Evaluation, tiled: Evaluation | None, tiling: Mapping | None) -> dict | None:
+    """The tiled figures beside the untiled ones, and the tiled models' COCO predictions; None
+    without a tiled evaluation (stale tiled files are removed)."""
+    if (tiled is None) != (tiling is None):
+        raise ValueError("a tiled evaluation comes with its tiling, and a tiling with its evaluation")
+    if tiled is not None and tiled.image_ids != evaluation.image_ids:
+        raise ValueError("the tiled evaluation must cover the same frames, in the same order")
+    for name, filename in TILED_PREDICTIONS_FILES.items():
+        path = out_dir / filename
+        if tiled is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(json.dumps(coco_detections(tiled.predictions[name])))
+    if tiled is None:
+        return None
+    return {"spec": dict(tiling), "metrics": tiled.metrics,
+            "seconds_per_frame": {name: tiled.seconds_per_frame(name) for name in TILED_PREDICTIONS_FILES},
+            "rows": tiling_rows(evaluation, tiled),
+            "files": {f"{k}_predictions": v for k, v in TILED_PREDICTIONS_FILES.items()}}
+
+
 def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: Mapping, baseline: Mapping, finetuned: Mapping,
-                 score_threshold: float = 0.5, eval_frames: Mapping | None = None) -> Report:
+                 score_threshold: float = 0.5, eval_frames: Mapping | None = None, tiled: Evaluation | None = None,
+                 tiling: Mapping | None = None) -> Report:
     """Write COCO JSON (ground truth + both models), panels, the precision-recall curves,
     report.json and report.md.
 
     `val_view` names the view and version evaluated on; `baseline`/`finetuned` describe the
     models (checkpoint path and its metadata, or the weights source); `eval_frames` names the
-    `<mode>_eval_frames` table and version holding this evaluation's frames. Rewrites the
-    folder's files, so re-running for the same view version is safe.
+    `<mode>_eval_frames` table and version holding this evaluation's frames. `tiled`, the same
+    frames evaluated with tiled inference as `tiling` describes it (tile_size, overlap,
+    whole_frame), adds a table of both models untiled and tiled. Rewrites the folder's files,
+    so re-running for the same view version is safe.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,6 +389,7 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
     (out_dir / GROUND_TRUTH_FILE).write_text(json.dumps(coco_ground_truth(evaluation)))
     for name, filename in PREDICTIONS_FILES.items():
         (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
+    tiling_data = _tiling_data(out_dir, evaluation, tiled, tiling)
     panels, worst = _write_pictures(out_dir, evaluation, score_threshold)
     rows = metric_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED])
     names = coco_category_names()
@@ -336,6 +404,8 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
         "num_objects": sum(len(t["labels"]) for t in evaluation.targets),
         "models": {BASELINE: dict(baseline), FINETUNED: dict(finetuned)},
         "metrics": evaluation.metrics,
+        "seconds_per_frame": {model: evaluation.seconds_per_frame(model) for model in (BASELINE, FINETUNED)},
+        "tiling": tiling_data,
         "delta_pct": {row["metric"]: row["delta_pct"] for row in rows},
         "rows": rows,
         "size_rows": size_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED]),
@@ -363,6 +433,18 @@ def worst_frames_markdown(data: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _tiling_section(data: Mapping) -> list[str]:
+    tiling = data.get("tiling")
+    if not tiling:
+        return []
+    return ["## Tiled inference", "",
+            f"The same frames with tiled inference: {tiling_description(tiling['spec'])}. Recall@IoU 0.5 is "
+            "COCO's recall at IoU 0.5 (100 detections per frame); time per frame is the wall time of "
+            "inference alone, decoding excluded. Predictions: "
+            + ", ".join(f"`{f}`" for f in tiling["files"].values()) + ".", "",
+            tiling_markdown(tiling["rows"]), ""]
+
+
 def report_markdown(data: Mapping) -> str:
     """report.md: the tables, what was evaluated, and the pictures (as relative links)."""
     view, frames = data["val_view"], data.get("eval_frames") or {}
@@ -382,6 +464,7 @@ def report_markdown(data: Mapping) -> str:
         "COCO class: `person` scores BDD pedestrians and riders alike (both are COCO person); "
         "the parentheses name the mode's classes it stands for.",
         "",
+        *_tiling_section(data),
         "## By object size",
         rows_markdown(data["size_rows"]),
         "",

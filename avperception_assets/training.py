@@ -439,7 +439,7 @@ def epoch_loader(view: loader.ViewRef, profile: Profile, seed: int, epoch: int, 
 
     torch.manual_seed(seed + epoch)
     return loader.make_loader(view, batch_size=profile.batch_size, seed=seed, epoch=epoch,
-                              transform=loader.train_transform(profile.min_size, profile.max_size),
+                              transform=loader.train_transform(profile.min_size, profile.max_size, profile.train_crop),
                               num_workers=profile.num_workers, pin_memory=pin_memory, weights=weights, shard=shard)
 
 

@@ -124,6 +124,9 @@ TINY_TRAINING = {"profile": "cpu", "weights": "none", "epochs": 1, "max_steps_pe
                  "batch_size": 2, "min_size": 96, "max_size": 160}
 # The fine-tune runs at a larger input than the base, as distant_person does by default.
 TINY_FINETUNE = {**TINY_TRAINING, "min_size": 128, "max_size": 228}
+# Rider has no tiling of its own: the report tiles its 320x180 frames, in two overlapping tiles
+# (each pass costs about as much as a whole frame's).
+TINY_TILING = {"tile_size": 180, "tile_overlap": 0.25, "tile_whole_frame": False}
 
 
 @dataclass
@@ -150,7 +153,7 @@ def trained_rider(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained-rider")
     assets = [*training_assets.build_training_defs([RIDER]).assets, *evaluation_assets.build_evaluation_defs([RIDER]).assets]
     run_config = {"ops": {"base_detector": {"config": TINY_TRAINING}, "rider_checkpoint": {"config": TINY_FINETUNE},
-                          "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2}}}}
+                          "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2, **TINY_TILING}}}}
     with dg.instance_for_test() as instance:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("AVP_DATA_DIR", str(root))

@@ -31,8 +31,15 @@ def test_perfect_predictions_score_one():
                                               "ap_50": 1.0, "ap": 1.0, "ar_100": 1.0, "pr_50": [1.0] * 101}
     assert metrics["per_class"]["car"]["ap_50"] == 1.0
     # 40x80 and 100x60 boxes are both medium (COCO: 32² to 96² px); no small or large object
-    assert metrics["mode"] == {"map_50": 1.0, "map": 1.0, "mar_100": 1.0, "map_small": None, "map_medium": 1.0,
-                               "map_large": None}
+    assert metrics["mode"] == {"map_50": 1.0, "map": 1.0, "mar_100": 1.0, "recall_50": 1.0, "map_small": None,
+                               "map_medium": 1.0, "map_large": None}
+
+
+def test_recall_at_iou_half_counts_a_loose_box_that_mar_averages_down():
+    loose = [pred([[10, 10, 50, 70]], [0.9], [PERSON])]  # IoU 0.75 with the 40x80 box
+    metrics = detections.compute_metrics(loose, TARGETS[:1], detections.mode_class_ids(["pedestrian"]))
+    assert metrics["mode"]["recall_50"] == 1.0
+    assert metrics["mode"]["mar_100"] == pytest.approx(0.6)  # found at IoU 0.50 .. 0.75: 6 of 10 thresholds
 
 
 def test_prediction_of_a_class_absent_from_the_frame_is_a_false_positive():

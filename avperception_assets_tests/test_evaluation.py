@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avperception_assets import bdd100k, detector, evaluation, ingest, reports, storage, synthetic
+from avperception_assets import bdd100k, detector, evaluation, ingest, reports, storage, synthetic, tiling
 from avperception_assets.evaluation import BASELINE, FINETUNED
 
 PERSON = bdd100k.COCO_IDS["pedestrian"]
@@ -20,11 +20,11 @@ def frames_uri(tmp_path_factory):
     return str(root / "lancedb")
 
 
-def _tiny_model(seed, score_thresh):
+def _tiny_model(seed, score_thresh, **model_kwargs):
     torch.manual_seed(seed)
     profile = detector.get_profile("cpu", min_size=160, max_size=320)
     profile = profile.replace(model_kwargs={**profile.model_kwargs, "box_score_thresh": score_thresh,
-                                            "box_detections_per_img": 10})
+                                            "box_detections_per_img": 10, **model_kwargs})
     return detector.build_detector(profile, detector.WEIGHTS_NONE)
 
 
@@ -68,3 +68,19 @@ def test_evaluate_rejects_an_empty_view(tiny_models):
     with pytest.raises(ValueError, match="no frames"):
         evaluation.evaluate(tiny_models, [], classes=["rider"])
 
+
+
+def test_a_tiled_detector_is_evaluated_like_any_model(frames_uri):
+    version = storage.connect(frames_uri).open_table(storage.FRAMES_TABLE).version
+    few_proposals = {"rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20}  # 7 passes a frame: keep them light
+    tiled = tiling.tiled(_tiny_model(1, 0.0, **few_proposals), 128, 0.25)  # on 6 tiles + the frame
+    models = {BASELINE: _tiny_model(1, 0.0, **few_proposals), FINETUNED: tiled}
+    first_frames = next(evaluation.view_batches(frames_uri, storage.FRAMES_TABLE, version, batch_size=2))
+    result = evaluation.evaluate(models, [first_frames], classes=["rider"])
+    assert len(result.predictions[FINETUNED]) == len(result.image_ids) == 2
+    for untiled, tiles in zip(result.predictions[BASELINE], result.predictions[FINETUNED]):
+        boxes = tiles["boxes"]
+        assert len(boxes) > len(untiled["boxes"]) == 10  # each tile adds its own 10 boxes, some merged away
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 320).all() and (boxes[:, 3] <= 180).all()
+    assert result.metrics[FINETUNED]["mode"]["map_50"] is not None
+    assert result.seconds_per_frame(FINETUNED) > result.seconds_per_frame(BASELINE) > 0

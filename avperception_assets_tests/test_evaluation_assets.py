@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import pytest
 
 from avperception_assets import storage
 from avperception_assets.defs import evaluation_assets
+from avperception_assets.defs.evaluation_assets import EvalReportConfig
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.evaluation import FINETUNED
-from avperception_assets.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON
+from avperception_assets.evaluation import BASELINE, FINETUNED
+from avperception_assets.failure_modes import Tiling, get_mode
+from avperception_assets.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON, TILED_PREDICTIONS_FILES
 
-from .conftest import RIDER
+from .conftest import RIDER, TINY_TILING
 
 @pytest.fixture(scope="module")
 def materialized(trained_rider):
@@ -72,6 +75,38 @@ def test_metadata_figures_are_the_report_figures(materialized):
             assert meta[f"mode_{key}_{model}"] == pytest.approx(data["metrics"][model]["mode"][key])
             assert meta[f"all_classes_{key}_{model}"] == pytest.approx(data["metrics"][model][key])
     assert meta["mode_map_50_delta_pct"] == data["rows"][0]["delta_pct"]
+
+
+def test_report_shows_both_models_untiled_and_tiled(materialized):
+    _, result, _ = materialized
+    meta = _metadata(result, "rider_eval_report")
+    out = Path(meta["report_dir"])
+    data = json.loads((out / REPORT_JSON).read_text())
+    tiling = data["tiling"]
+    assert tiling["spec"] == meta["tiling_spec"] == {"tile_size": TINY_TILING["tile_size"],
+                                                     "overlap": TINY_TILING["tile_overlap"], "whole_frame": False}
+    assert meta["tiling"].startswith("| metric | baseline | baseline tiled | fine-tuned | fine-tuned tiled |")
+    headline = tiling["rows"][0]
+    assert headline["metric"] == data["rows"][0]["metric"] == "mAP@0.5 (mode classes)"
+    assert (headline[BASELINE], headline[FINETUNED]) == (data["rows"][0]["baseline"], data["rows"][0]["finetuned"])
+    for model in (BASELINE, FINETUNED):
+        assert meta[f"tiled_mode_map_50_{model}"] == pytest.approx(tiling["metrics"][model]["mode"]["map_50"])
+        assert headline[f"{model}_tiled"] == tiling["metrics"][model]["mode"]["map_50"]
+        # two tiles against the whole frame once
+        assert meta[f"tiled_seconds_per_frame_{model}"] > meta[f"seconds_per_frame_{model}"] > 0
+        assert (out / TILED_PREDICTIONS_FILES[model]).stat().st_size > 0
+    assert "## Tiled inference" in (out / "report.md").read_text()
+
+
+def test_tiling_config_overrides_the_modes():
+    distant = get_mode("distant_person")
+    assert EvalReportConfig().resolve_tiling(distant) == distant.tiling
+    assert (distant.tiling.tile_size, distant.tiling.overlap, distant.tiling.whole_frame) == (448, 0.2, True)
+    assert EvalReportConfig(tiling=False).resolve_tiling(distant) is None
+    assert EvalReportConfig(tile_overlap=0.5, tile_whole_frame=False).resolve_tiling(distant) == \
+        dataclasses.replace(distant.tiling, overlap=0.5, whole_frame=False)
+    assert EvalReportConfig().resolve_tiling(RIDER) is None
+    assert EvalReportConfig(tile_size=256).resolve_tiling(RIDER) == Tiling(256)
 
 
 def test_every_val_frame_is_kept_with_its_matches(materialized, trained_rider):

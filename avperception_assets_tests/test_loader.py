@@ -178,6 +178,23 @@ def test_augmentation_moves_boxes_with_the_image():
     assert 0 < flipped < 8  # both outcomes of the random flip were exercised
 
 
+def test_crops_hold_an_object_at_full_resolution():
+    image = torch.zeros(3, 360, 640, dtype=torch.uint8)
+    image[:, 200:240, 500:515] = 230  # a small object far from the crop a fixed corner would take
+    transform = loader.train_transform(128, 228, crop=128)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        target = {"boxes": tv_tensors.BoundingBoxes([[500.0, 200.0, 515.0, 240.0]], format="XYXY",
+                                                    canvas_size=(360, 640)), "labels": torch.tensor([1])}
+        out_image, out_target = transform(tv_tensors.Image(image), target)
+        assert out_image.shape[-2:] == (128, 128)
+        x1, y1, x2, y2 = out_target["boxes"][0].tolist()
+        assert [x1, y1, x2, y2] == _bright_box(out_image) and (x2 - x1, y2 - y1) == (15, 40)  # whole, unscaled
+    empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(360, 640)),
+             "labels": torch.zeros(0, dtype=torch.int64)}
+    assert transform(tv_tensors.Image(image), empty)[0].shape[-2:] == (128, 128)
+
+
 def test_missing_view_is_a_clear_error(frames_uri):
     with pytest.raises(ValueError, match="does not exist"):
         loader.pin_view(frames_uri, "bdd100k_nothing_train")

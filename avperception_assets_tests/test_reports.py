@@ -70,14 +70,18 @@ class Replay(torch.nn.Module):
         return self.outputs[self.served - len(images):self.served]
 
 
-@pytest.fixture(scope="module")
-def hand_built_evaluation():
+def _hand_built(seeds=(2, 3)):
     """`evaluation.evaluate` over 24 frames of known boxes, with detections jittered from them."""
     targets = _random_targets(24, seed=1)
-    models = {BASELINE: Replay(_jittered(targets, seed=2)), FINETUNED: Replay(_jittered(targets, seed=3))}
+    models = {name: Replay(_jittered(targets, seed=seed)) for name, seed in zip((BASELINE, FINETUNED), seeds)}
     image = torch.zeros(3, 300, 320, dtype=torch.uint8)
     batches = [([image] * 6, targets[i:i + 6], [f"frame-{k}.jpg" for k in range(i, i + 6)]) for i in range(0, 24, 6)]
     return evaluation.evaluate(models, batches, classes=["rider", "car"], panel_count=2, worst_count=3)
+
+
+@pytest.fixture(scope="module")
+def hand_built_evaluation():
+    return _hand_built()
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +193,30 @@ def test_rewriting_a_report_replaces_its_files(hand_built_evaluation, tmp_path):
                                      baseline={}, finetuned={})
     assert sorted(p.name for p in (report.out_dir / reports.PANELS_DIR).iterdir()) == sorted(
         [report.panels[0].name, report.worst_panels[0].name])
+
+
+def test_report_carries_tiled_figures_beside_untiled(hand_built_evaluation, tmp_path):
+    tiled = _hand_built(seeds=(4, 5))  # stands in for the same frames evaluated on tiles
+    spec = {"tile_size": 448, "overlap": 0.2, "whole_frame": True}
+    report = reports.write_report(tmp_path, hand_built_evaluation, mode="rider", val_view={}, baseline={},
+                                  finetuned={}, tiled=tiled, tiling=spec)
+    tiling = json.loads((tmp_path / reports.REPORT_JSON).read_text())["tiling"]
+    rows = {row["metric"]: row for row in tiling["rows"]}
+    assert list(rows) == ["mAP@0.5 (mode classes)", "AP@0.5 person (rider)", "AP@0.5 car (car)",
+                          "recall@IoU 0.5 (mode classes)", "recall (mAR@100) (mode classes)", reports.TIME_PER_FRAME]
+    headline = rows["mAP@0.5 (mode classes)"]
+    assert (headline[BASELINE], headline[FINETUNED]) == (report.rows[0]["baseline"], report.rows[0]["finetuned"])
+    assert headline["finetuned_tiled"] == tiled.metrics[FINETUNED]["mode"]["map_50"] != headline[FINETUNED]
+    assert rows["recall@IoU 0.5 (mode classes)"]["baseline_tiled"] == tiled.metrics[BASELINE]["mode"]["recall_50"]
+    assert rows[reports.TIME_PER_FRAME]["finetuned_tiled"] == pytest.approx(tiled.seconds[FINETUNED] / 24)
+    assert tiling["spec"] == spec and tiling["seconds_per_frame"][BASELINE] == pytest.approx(tiled.seconds[BASELINE] / 24)
+    assert "## Tiled inference" in report.markdown and "448x448 px tiles at full resolution, overlapping by 20%" in \
+        report.markdown and reports.tiling_markdown(tiling["rows"]) in report.markdown
+    assert json.loads((tmp_path / reports.TILED_PREDICTIONS_FILES[FINETUNED]).read_text()) == \
+        reports.coco_detections(tiled.predictions[FINETUNED])
+    untiled = reports.write_report(tmp_path, hand_built_evaluation, mode="rider", val_view={}, baseline={}, finetuned={})
+    assert untiled.data["tiling"] is None and "Tiled" not in untiled.markdown
+    assert not any((tmp_path / f).exists() for f in reports.TILED_PREDICTIONS_FILES.values())
 
 
 def test_summary_over_modes(written_report, tmp_path):

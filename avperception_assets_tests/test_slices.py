@@ -55,6 +55,13 @@ def test_bad_entries_rejected():
         FailureMode("Bad Name", "has_person = true", ("pedestrian",))
     with pytest.raises(FailureModeError, match="repeated"):
         failure_modes.check_registry([FAILURE_MODES[0], FAILURE_MODES[0]])
+    with pytest.raises(FailureModeError, match="finetune_epochs"):
+        FailureMode("longer", "has_person = true", ("pedestrian",), finetune_epochs=0)
+    with pytest.raises(FailureModeError, match="tiling must be a Tiling"):
+        FailureMode("tiled", "has_person = true", ("pedestrian",), tiling=448)
+    for size, overlap in ((0, 0.2), (448, 1.0), (448.0, 0.2)):
+        with pytest.raises(ValueError, match="tile_size|overlap"):
+            failure_modes.Tiling(size, overlap)
 
 
 def test_distant_threshold_is_configurable(monkeypatch):

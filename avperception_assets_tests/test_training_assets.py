@@ -12,7 +12,7 @@ import pytest
 from avperception_assets import detector, loader, maintenance, settings, storage, training
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.training_assets import FineTuneConfig, TrainingConfig, build_training_defs
-from avperception_assets.failure_modes import FailureMode
+from avperception_assets.failure_modes import FailureMode, get_mode
 
 from .conftest import TINY_TRAINING, build_frames_table
 
@@ -114,6 +114,18 @@ def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():
     assert plain.resolve_profile(finetune=True, min_input_size=base.min_size // 2) == base  # never lowered
     explicit = TrainingConfig(profile="cpu", min_size=96, max_size=160)
     assert explicit.resolve_profile(finetune=True, min_input_size=448).min_size == 96
+
+
+def test_a_mode_that_trains_on_tiles_gives_its_fine_tune_crops_of_the_tile_size_and_its_epochs():
+    distant = get_mode("distant_person")
+    assert distant.train_crop == distant.tiling.tile_size == distant.min_input_size  # crops go in unscaled
+    profile = TrainingConfig(profile="cpu").resolve_profile(True, distant.min_input_size, distant.train_crop,
+                                                            distant.finetune_epochs)
+    assert (profile.train_crop, profile.min_size, profile.epochs) == (448, 448, 20)
+    assert TrainingConfig(profile="cpu", epochs=3).resolve_profile(True, finetune_epochs=20).epochs == 3  # run config wins
+    assert get_mode("rider").train_crop is None and get_mode("rider").finetune_epochs is None
+    plain = TrainingConfig(profile="cpu").resolve_profile(True)
+    assert plain.train_crop is None and plain.epochs == plain.finetune_epochs
 
 
 def test_checkpoint_without_base_detector_fails_clearly(data_dir: Path):

@@ -8,13 +8,15 @@ The summary gathers the latest report of every mode into one table. Torch is imp
 the asset bodies only.
 """
 
+import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
 from .. import settings
-from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
+from ..failure_modes import FAILURE_MODES, FailureMode, Tiling, check_registry
 from ..slices import view_name
 from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_metadata,
                     view_key)
@@ -28,6 +30,23 @@ class EvalReportConfig(dg.Config):
     worst_count: int = Field(3, description="The fine-tuned model's worst val frames drawn as panels.")
     panel_score_threshold: float = Field(0.5, description="Predictions below this score are not drawn "
                                          "(all of them count in the metrics).")
+    tiling: bool = Field(True, description="Also evaluate both models with tiled inference where the mode has a "
+                         "tiling (or tile_size is set); the report shows the figures side by side. False: untiled only.")
+    tile_size: Optional[int] = Field(None, description="Tile side in px at full resolution: overrides the mode's, "
+                                     "or tiles a mode that has none.")
+    tile_overlap: Optional[float] = Field(None, description="Overlap of neighbouring tiles, a fraction of a tile.")
+    tile_whole_frame: Optional[bool] = Field(None, description="Also run the whole frame and merge its boxes "
+                                             "with the tiles' (SAHI's standard prediction).")
+
+    def resolve_tiling(self, mode: FailureMode) -> Tiling | None:
+        """The mode's tiling with this config's overrides; None when not tiling."""
+        spec = mode.tiling
+        if self.tile_size is not None:
+            spec = dataclasses.replace(spec, tile_size=self.tile_size) if spec else Tiling(self.tile_size)
+        if not self.tiling or spec is None:
+            return None
+        overrides = {"overlap": self.tile_overlap, "whole_frame": self.tile_whole_frame}
+        return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
@@ -62,6 +81,47 @@ def _figures(report) -> dict:
     return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
 
 
+def _tiled_figures(report) -> dict:
+    """Inference time per frame, and with tiling each model's tiled figures over the mode's classes."""
+    from ..evaluation import BASELINE, FINETUNED
+
+    figures = {f"seconds_per_frame_{model}": report.data["seconds_per_frame"][model] for model in (BASELINE, FINETUNED)}
+    tiling = report.data["tiling"]
+    for model in (BASELINE, FINETUNED) if tiling else ():
+        figures.update({f"tiled_mode_{key}_{model}": tiling["metrics"][model]["mode"][key]
+                        for key in ("map_50", "recall_50", "mar_100")},
+                       **{f"tiled_seconds_per_frame_{model}": tiling["seconds_per_frame"][model]})
+    return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
+
+
+def _tiling_metadata(report) -> dict:
+    """The table of both models untiled and tiled, and the tiling; nothing without tiling."""
+    from ..reports import tiling_markdown
+
+    tiling = report.data["tiling"]
+    if not tiling:
+        return {}
+    return {"tiling": dg.MetadataValue.md(tiling_markdown(tiling["rows"])),
+            "tiling_spec": dg.MetadataValue.json(tiling["spec"])}
+
+
+def _inference_spec(spec: Tiling) -> dict:
+    """How the tiled figures were made (`train_on_tiles` is the checkpoint's profile's `train_crop`)."""
+    return {"tile_size": spec.tile_size, "overlap": spec.overlap, "whole_frame": spec.whole_frame}
+
+
+def _evaluate_tiled(uri: str, view: dict, models: dict, mode: FailureMode, spec: Tiling, batch_size: int):
+    """The same frames again, each model on tiles. `tiling.tiled` changes the models' input size,
+    so it takes them over once their untiled pass is done."""
+    from .. import evaluation, tiling
+
+    tiled = {name: tiling.tiled(model, spec.tile_size, spec.overlap, whole_frame=spec.whole_frame,
+                                batch_size=batch_size) for name, model in models.items()}
+    result, _ = evaluation.evaluate_view(uri, view["name"], tiled, classes=mode.classes, version=view["version"],
+                                         batch_size=batch_size, panel_count=0, worst_count=0)
+    return result
+
+
 def _write_eval_frames(lancedb: LanceDBResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
     """Every frame's matches, both models, as `<mode>_eval_frames`; returns its name and version."""
     from .. import frame_errors
@@ -86,29 +146,37 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     f"{', '.join(mode.classes)} (the headline; all-class figures secondary), by object size, "
                     f"precision-recall curves, the confusion between classes and the worst frames, with "
                     f"COCO JSON and panels under `reports/{mode.name}/{{val view version}}/`; every frame's "
-                    f"matches in the `{mode.name}_eval_frames` table.",
+                    f"matches in the `{mode.name}_eval_frames` table."
+                    + (f" Both models also on {mode.tiling.tile_size} px full-resolution tiles, side by side with "
+                       "the untiled figures (run config `tiling`, `tile_size`, `tile_overlap`)." if mode.tiling else ""),
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
                 lancedb: LanceDBResource) -> dg.MaterializeResult:
         from .. import evaluation, reports
 
+        spec = config.resolve_tiling(mode)
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
         baseline, baseline_info = base_model(context, finetuned_metadata["profile"])
+        models = {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned}
         uri = lancedb.uri or settings.lancedb_uri()
         try:
             result, view = evaluation.evaluate_view(
-                uri, val_name, {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned},
-                classes=mode.classes, batch_size=config.batch_size, panel_count=config.panel_count,
-                worst_count=config.worst_count)
+                uri, val_name, models, classes=mode.classes, batch_size=config.batch_size,
+                panel_count=config.panel_count, worst_count=config.worst_count)
         except ValueError as exc:  # missing or empty val view
             raise dg.Failure(f"{mode.name}: {exc}") from exc
+        tiled = _evaluate_tiled(uri, view, models, mode, spec, config.batch_size) if spec else None
         eval_frames = _write_eval_frames(lancedb, mode, result, view, finetuned_info)
         report = reports.write_report(
             settings.reports_dir() / mode.name / str(view["version"]), result, mode=mode.name, val_view=view,
             baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
-            eval_frames=eval_frames)
+            eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None)
         table = reports.rows_markdown(report.rows)
         context.log.info(f"{mode.name} on {val_name}@{view['version']}:\n{table}")
+        tiling_metadata = _tiling_metadata(report)
+        if tiling_metadata:
+            context.log.info(f"{mode.name}, untiled and tiled ({reports.tiling_description(report.data['tiling']['spec'])})"
+                             f":\n{tiling_metadata['tiling'].value}")
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(table),
@@ -120,6 +188,8 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 "eval_frames_table": eval_frames["table"],
                 "eval_frames_version": eval_frames["version"],
                 **_figures(report),
+                **_tiled_figures(report),
+                **tiling_metadata,
                 "val_view": view["name"],
                 "val_view_version": view["version"],
                 "source_table_version": view["source_table_version"],

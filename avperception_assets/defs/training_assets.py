@@ -57,14 +57,16 @@ class TrainingConfig(dg.Config):
     rendezvous_endpoint: Optional[str] = Field(None, description="host:port of this node for torchrun's c10d "
                                                "rendezvous (only with nodes > 1).")
 
-    def resolve_profile(self, finetune: bool, min_input_size: int | None = None):
-        """The profile, as a fine-tune if asked, raised to a mode's input size, then this config's overrides."""
+    def resolve_profile(self, finetune: bool, min_input_size: int | None = None, train_crop: int | None = None,
+                        finetune_epochs: int | None = None):
+        """The profile, as a fine-tune if asked, as a mode needs it (raised to its input size,
+        trained on its crops, for its epochs), then this config's overrides."""
         from ..detector import get_profile
 
         profile = get_profile(self.profile)
         if finetune:
-            profile = profile.for_finetune()
-        return profile.with_min_input(min_input_size).replace(**{k: v for k, v in {
+            profile = profile.for_finetune().replace(epochs=finetune_epochs or profile.finetune_epochs)
+        return profile.with_min_input(min_input_size).replace(train_crop=train_crop, **{k: v for k, v in {
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
             "max_steps_per_epoch": self.max_steps_per_epoch, "min_size": self.min_size,
             "max_size": self.max_size, "num_workers": self.num_workers}.items() if v is not None})
@@ -229,9 +231,10 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             train_view, val_view = loader.pin_view(uri, train_name), loader.pin_view(uri, val_name)
         except ValueError as exc:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
-        spec = training.RunSpec(train=train_view, val=val_view,
-                                profile=config.resolve_profile(finetune=True, min_input_size=mode.min_input_size),
-                                weights=base_weights(context), seed=config.seed)
+        profile = config.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
+                                         finetune_epochs=mode.finetune_epochs)
+        spec = training.RunSpec(train=train_view, val=val_view, profile=profile, weights=base_weights(context),
+                                seed=config.seed)
         scored = {}
         if config.hard_example_mining:
             mining, scored = _mining(context, config, mode, lancedb, spec)
