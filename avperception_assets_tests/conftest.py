@@ -38,6 +38,12 @@ def build_frames_table(root: Path, batches: list[tuple[str, int, int]], layout: 
     return conn, landing
 
 
+def pytest_collection_modifyitems(items):
+    """The Ray-cluster test first: its cluster's jobs run 3-4x slower once the session's local
+    Ray is up on the same machine (see test_ray_cluster.py)."""
+    items.sort(key=lambda item: item.module.__name__ != "avperception_assets_tests.test_ray_cluster")
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """A fresh AVP_DATA_DIR for one test."""
