@@ -2,10 +2,9 @@
 separate processes, and `dagster asset materialize` sends a backfill and a view refresh to them
 through `AVP_RAY_ADDRESS`, as a deployment on KubeRay does.
 
-It runs first in the session (conftest), before the session's local Ray starts: with that Ray
-alive on the machine, the cluster's backfill and refresh took 3-4x as long (1 min 37 s and
-1 min 25 s against 40 s and 8 s, on an idle CPU; not the agents' default ports, RAY_ADDRESS
-or Ray's temp root, each ruled out)."""
+It runs first in the session (conftest), before the session's local Ray starts: with another
+Ray alive on the machine, the cluster's backfill and refresh took 3-4x as long (1 min 37 s and
+1 min 25 s against 40 s and 8 s alone), on an idle CPU; the cause is not found."""
 
 from __future__ import annotations
 
