@@ -25,11 +25,10 @@ instance:
 	mkdir -p "$(DAGSTER_HOME)"
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 
-# The main job: synthetic footage if the landing zone is empty, then every asset but the ONNX
-# exports (a deployment step; the README says which models pass their parity check).
+# The main job: synthetic footage if the landing zone is empty, then every asset.
 demo: install instance
 	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) --if-empty
-	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select 'not group:deployment'
+	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select '*'
 	$(BIN)/python -m avperception_assets.summary
 
 # The web UI test drives Debian's Chromium through Playwright (no browser download).

@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from torchvision.models.detection._utils import BoxCoder
 
 from . import bdd100k, training
 from .detections import predict
@@ -137,24 +138,45 @@ def read_model_metadata(path: Path) -> dict:
     return {prop.key: json.loads(prop.value) for prop in model.metadata_props}
 
 
-def _trace_input(model) -> torch.Tensor:
-    # Any frame traces the same graph (sizes stay symbolic, data-dependent branches are scripted).
-    height, width = model.transform.min_size[-1], model.transform.max_size
-    return torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+class _ExportBoxCoder(BoxCoder):
+    """torchvision's box coder with no branch on the proposal count: `BoxCoder.decode` reshapes
+    to (proposals, -1) and (proposals, -1, 4) only when there are proposals, so the trace fixed
+    whichever branch its frame took, and onnxruntime could not reshape a frame with no proposal
+    ({0,364} to {0,-1}). Reshaping to (-1, width) and (-1, classes, 4) is the same for any count."""
+
+    def decode(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        width = rel_codes.shape[-1]
+        pred_boxes = self.decode_single(rel_codes.reshape(-1, width), torch.cat(boxes, dim=0))
+        return pred_boxes.reshape(-1, width // 4, 4)
 
 
-def export(checkpoint_dir: Path, out: Path | None = None) -> Path:
+def _trace_input(model, checkpoint_dir: Path, uri: str | None) -> torch.Tensor:
+    """The val frame (of the first few) the model detects most on: the trace keeps only the
+    branches its input takes, and torchvision's `BoxCoder.decode` shapes its boxes per class only
+    when there are proposals. Traced on a random-noise frame, or on a frame with no proposal, the
+    export of a 192 px model failed on every real frame in onnxruntime (`Reshape
+    '/roi_heads/Reshape_2'`, input {150,363} to {-1,4})."""
+    meta, _ = _checkpoint(checkpoint_dir)
+    images = model_inputs(_val_frames(meta, uri, DEFAULT_FRAMES), "cpu")
+    counts = [len(d["boxes"]) for d in predict(model, images)]
+    return images[counts.index(max(counts))]
+
+
+def export(checkpoint_dir: Path, out: Path | None = None, uri: str | None = None) -> Path:
     """Write the best model of `checkpoint_dir` as ONNX to `out` (default `<checkpoint_dir>/model.onnx`),
-    atomically: a reader never sees a half-written file."""
+    atomically: a reader never sees a half-written file. The trace runs on the first frame of the
+    checkpoint's val view (LanceDB at `uri`, default the recorded one)."""
     out = Path(out) if out else Path(checkpoint_dir) / ONNX_FILE
     metadata = model_metadata(checkpoint_dir)
     model = training.load_checkpoint(checkpoint_dir).eval()
+    coder = model.roi_heads.box_coder
+    model.roi_heads.box_coder = _ExportBoxCoder(coder.weights, coder.bbox_xform_clip)
     tmp = out.with_name(out.name + ".tmp")
     dynamic = {INPUT: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUTS}}
     with warnings.catch_warnings():
         for category in (torch.jit.TracerWarning, UserWarning, FutureWarning, DeprecationWarning):
             warnings.simplefilter("ignore", category)
-        torch.onnx.export(model, ([_trace_input(model)],), str(tmp), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(model, ([_trace_input(model, checkpoint_dir, uri)],), str(tmp), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT], output_names=list(OUTPUTS), dynamic_axes=dynamic)
     proto = onnx.load(str(tmp))
     for key, value in metadata.items():
@@ -250,7 +272,7 @@ def export_checked(checkpoint_dir: Path, out: Path | None = None, *, frames: int
     out = Path(out) if out else Path(checkpoint_dir) / ONNX_FILE
     staged = out.with_name(out.name + ".unchecked")
     started = time.perf_counter()
-    export(checkpoint_dir, staged)
+    export(checkpoint_dir, staged, uri)
     seconds = time.perf_counter() - started
     try:
         metadata = read_model_metadata(staged)

@@ -163,3 +163,16 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match=missing):
         dg.materialize([build_onnx_model_asset(RIDER)], instance=instance,
                        resources={"lancedb": LanceDBResource(uri=str(tmp_path))})
+
+
+def test_the_export_box_coder_decodes_like_torchvisions_and_a_frame_without_proposals():
+    """What the export traces instead of torchvision's decode: the same boxes, with no branch on the
+    proposal count, so the ONNX model also runs a frame where no proposal survived."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    weights, clip = (10.0, 10.0, 5.0, 5.0), 4.135
+    codes = torch.randn(6, 91 * 4, generator=torch.Generator().manual_seed(0))
+    proposals = [torch.tensor([[10.0, 20.0, 60.0, 90.0]]).repeat(4, 1), torch.tensor([[0.0, 0.0, 5.0, 8.0]]).repeat(2, 1)]
+    coder = onnx_export._ExportBoxCoder(weights, clip)
+    assert torch.equal(coder.decode(codes, proposals), BoxCoder(weights, clip).decode(codes, proposals))
+    assert coder.decode(codes[:0], [torch.zeros(0, 4)]).shape == (0, 91, 4)
