@@ -7,28 +7,17 @@ checkpoint's val view at its pinned version. A model that misses parity is not p
 the run fails with the figures. Torch, onnx and onnxruntime are imported inside the asset bodies only.
 """
 
-from pathlib import Path
-
 import dagster as dg
 from pydantic import Field
 
 from .. import settings
 from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
-from .names import DEPLOYMENT, checkpoint_key, latest_metadata, onnx_model_key
+from .names import DEPLOYMENT, checkpoint_key, latest_checkpoint_dir, onnx_model_key
 from .resources import LanceDBResource
 
 
 class OnnxExportConfig(dg.Config):
     frames: int = Field(8, ge=1, description="Val frames on which onnxruntime must match PyTorch.")
-
-
-def _checkpoint_dir(context: dg.AssetExecutionContext, mode: FailureMode) -> Path:
-    key = checkpoint_key(mode)
-    recorded = latest_metadata(context.instance, key)
-    if recorded is None or "checkpoint_dir" not in recorded:
-        raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first",
-                         allow_retries=False)
-    return Path(recorded["checkpoint_dir"])
 
 
 def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -47,7 +36,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     lancedb: LanceDBResource) -> dg.MaterializeResult:
         from .. import onnx_export
 
-        folder = _checkpoint_dir(context, mode)
+        folder = latest_checkpoint_dir(context.instance, mode)
         try:
             result = onnx_export.export_checked(folder, frames=config.frames, uri=lancedb.uri or settings.lancedb_uri())
         except (FileNotFoundError, ValueError) as exc:

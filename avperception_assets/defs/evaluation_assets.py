@@ -18,8 +18,8 @@ from pydantic import Field
 from .. import settings
 from ..failure_modes import FAILURE_MODES, FailureMode, Tiling, check_registry
 from ..slices import view_name
-from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_metadata,
-                    view_key)
+from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key,
+                    latest_checkpoint_dir, latest_metadata, view_key)
 from .resources import LanceDBResource
 from .training_assets import base_model
 
@@ -54,10 +54,7 @@ def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
     from .. import training
 
     key = checkpoint_key(mode)
-    recorded = latest_metadata(context.instance, key)
-    if recorded is None or "checkpoint_dir" not in recorded:
-        raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first")
-    folder = Path(recorded["checkpoint_dir"])
+    folder = latest_checkpoint_dir(context.instance, mode)
     if not (folder / training.BEST_FILE).is_file():
         raise dg.Failure(f"checkpoint {folder / training.BEST_FILE} is gone; rematerialize {key.to_user_string()}")
     metadata = training.read_metadata(folder)

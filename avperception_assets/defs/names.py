@@ -3,6 +3,8 @@ of an asset's latest materialization metadata."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from ..failure_modes import FailureMode
@@ -62,3 +64,13 @@ def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | No
     if event is None or event.asset_materialization is None:
         return None
     return {name: value.value for name, value in event.asset_materialization.metadata.items()}
+
+
+def latest_checkpoint_dir(instance: dg.DagsterInstance, mode: FailureMode) -> Path:
+    """The folder of the mode's latest checkpoint materialization; a clear failure when there is none."""
+    key = checkpoint_key(mode)
+    recorded = latest_metadata(instance, key)
+    if recorded is None or "checkpoint_dir" not in recorded:
+        raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first",
+                         allow_retries=False)
+    return Path(recorded["checkpoint_dir"])
