@@ -9,7 +9,7 @@ on the columns in `curation_checks`.
 
 - `has_person`, `has_rider`, `num_persons`, `scene_description` ("night, rainy, city street;
   2 pedestrians, 1 rider"): from the (already det_20-normalised) annotations and scene
-  attributes, by one multi-output UDF (`UDF_GROUPS`), so one Geneva job fills all four.
+  attributes.
 - `person_bbox_area_pct`: largest person box as a percentage of the frame area, from a
   torchvision detector (COCO weights from the torch hub cache, or a local state_dict) or,
   where no weights are available, from the annotations. The source is recorded in the
@@ -23,6 +23,13 @@ on the columns in `curation_checks`.
   (`embeddings`; recorded in the column's metadata, changed only with a recompute), and
   `uniqueness`: cosine distance to the nearest earlier-ingested frame, so again old rows never
   change.
+
+A Geneva job costs seconds whatever its row count, so columns computed from the same inputs
+share one multi-output UDF (`UDF_GROUPS`): the annotation columns; `dhash` and `embedding` (one
+read of the bytes); `is_duplicate` and `uniqueness`. A batch runs three jobs in two waves
+(the area column and the annotation and pixel groups side by side, then the novelty group).
+Each column keeps its own defining parameters; siblings are added, backfilled, recomputed and
+dropped together, and a UDF error is recorded under the group's first column.
 
 A UDF error on one row does not abort a column: Geneva's `skip_on_error` isolates the row
 (bisecting batches), writes NULL and records the error in the `geneva_errors` table;
@@ -50,9 +57,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import embeddings, storage
-from .curation_udfs import (ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, DuplicateFlagger, ExemplarDistance, FrameEmbedder,
-                            PersonAreaDetector, UniquenessScorer, annotation_columns, dhash,
-                            person_bbox_area_pct_annotations, vectors_matrix)
+from .curation_udfs import (ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector,
+                            PixelColumns, annotation_columns, person_bbox_area_pct_annotations, vectors_matrix)
 from .failure_modes import FAILURE_MODES, FailureMode
 from .quarantine import Rejection, record_quarantine
 
@@ -62,10 +68,10 @@ COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "perso
 # recomputing a column recomputes those that read it.
 COLUMN_DEPS = {"is_duplicate": ("dhash",), "uniqueness": ("embedding",)}
 # Beside COLUMNS, each failure mode defined by example adds `<mode>_distance`, read from `embedding`.
-# Columns one multi-output UDF fills in a single Geneva job (`geneva.Columns[T]`): a job costs
-# seconds whatever its row count, so columns computed from the same inputs share one. Siblings
-# are added, backfilled and dropped together.
-UDF_GROUPS = {"annotation_columns": ("has_person", "has_rider", "num_persons", "scene_description")}
+# Columns one multi-output UDF fills in a single Geneva job (`geneva.Columns[T]`).
+UDF_GROUPS = {"annotation_columns": ("has_person", "has_rider", "num_persons", "scene_description"),
+              "pixel_columns": ("dhash", "embedding"),
+              "novelty_columns": ("is_duplicate", "uniqueness")}
 # Geneva's field metadata naming the group of an unpacked sibling column.
 GENEVA_UNPACK_GROUP = b"virtual_column.unpack_group"
 
@@ -136,9 +142,11 @@ class CurationConfig:
         object.__setattr__(self, "recompute", self._with_readers(self.recompute))
 
     def _with_readers(self, columns) -> tuple[str, ...]:
-        """`columns` and every column that reads one of them (its values follow theirs)."""
+        """`columns`, their UDF-group siblings, and every column that reads one of them (its
+        values follow theirs)."""
         wanted = set(columns)
-        while grown := {c for c, deps in self.deps.items() if wanted & set(deps)} - wanted:
+        while grown := ({c for c, deps in self.deps.items() if wanted & set(deps)}
+                        | {s for c in wanted for s in UDF_GROUPS.get(job_of(c), ())}) - wanted:
             wanted |= grown
         return tuple(c for c in self.columns if c in wanted)
 
@@ -222,43 +230,57 @@ def resolve_person_area_source(config: CurationConfig) -> PersonAreaSource:
 
 @dataclass
 class ColumnPlan:
-    """One Geneva job: the UDF that fills `columns` plus the parameters that define their values
-    (stored on each column)."""
+    """One Geneva job: the UDF that fills `columns` plus the parameters that define each one's
+    values (stored on the column)."""
 
     name: str
     make_udf: Callable[[Any], Any]  # table -> geneva UDF (is_duplicate needs the table)
-    params: dict[str, Any]
-    columns: tuple[str, ...] = ()
+    params: dict[str, dict[str, Any]]  # by column, in the UDF's output order
 
-    def __post_init__(self):
-        self.columns = self.columns or (self.name,)
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.params)
 
     def null_filter(self) -> str:
         """Rows this job fills: Geneva's default for a group is any sibling NULL."""
         return " OR ".join(f"{c} IS NULL" for c in self.columns)
 
 
-def _udf(func, data_type: pa.DataType, params: dict[str, Any], name: str, **kwargs):
-    import geneva
-
+def _field_metadata(params: dict[str, Any]) -> dict[str, str]:
     metadata = {META_PARAMS: json.dumps(params, sort_keys=True)}
     if "source" in params:
         metadata[META_SOURCE] = params["source"]
+    return metadata
+
+
+def _udf(func, data_type: pa.DataType, params: dict[str, Any], name: str, **kwargs):
+    """A single-column UDF; `params` define its values."""
+    import geneva
+
     version = hashlib.sha1(json.dumps([name, params], sort_keys=True).encode()).hexdigest()[:12]
     kwargs.setdefault("num_cpus", LIGHT_CPUS)
-    return geneva.udf(func, data_type=data_type, field_metadata=metadata, version=kwargs.pop("version", version),
+    kwargs.setdefault("field_metadata", _field_metadata(params))
+    return geneva.udf(func, data_type=data_type, version=kwargs.pop("version", version),
                       on_error=geneva.skip_on_error(), **kwargs)
+
+
+def _group_udf(func, data_type: pa.StructType, params: dict[str, dict[str, Any]], name: str, **kwargs):
+    """A multi-output UDF: each output column's defining parameters go on its own field."""
+    fields = [data_type.field(i) for i in range(data_type.num_fields)]
+    struct = pa.struct([f.with_metadata(_field_metadata(params[f.name])) for f in fields])
+    return _udf(func, struct, params, name, field_metadata={}, **kwargs)
+
+
+def _group_plan(name: str, make_udf: Callable[[Any], Any], params: dict[str, dict[str, Any]]) -> ColumnPlan:
+    assert tuple(params) == UDF_GROUPS[name], (name, tuple(params))
+    return ColumnPlan(name, make_udf, params)
 
 
 def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
     """The job (UDF and defining parameters) of every curation column under `config`, by job name."""
-    plans = {
-        "annotation_columns": ColumnPlan(
-            "annotation_columns", lambda t: _udf(annotation_columns, ANNOTATION_COLUMNS_TYPE, {}, "annotation_columns"),
-            {}, UDF_GROUPS["annotation_columns"]),
-        "dhash": ColumnPlan("dhash", lambda t: _udf(dhash, pa.uint64(), {"hash": "dhash64"}, "dhash",
-                                                    num_cpus=DECODE_CPUS), {"hash": "dhash64"}),
-    }
+    annotation_params = {c: {} for c in UDF_GROUPS["annotation_columns"]}
+    plans = {"annotation_columns": _group_plan("annotation_columns", lambda t: _group_udf(
+        annotation_columns, ANNOTATION_COLUMNS_TYPE, annotation_params, "annotation_columns"), annotation_params)}
     source = resolve_person_area_source(config)
     pct_params: dict[str, Any] = {"source": source.label}
     if source.kind == SOURCE_ANNOTATIONS:
@@ -272,9 +294,7 @@ def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
                                           config.detector_batch_size)
         pct = lambda t: _udf(detector_udf, pa.float32(), pct_params, "pct", num_gpus=gpus,  # noqa: E731
                              num_cpus=1.0)
-    plans["person_bbox_area_pct"] = ColumnPlan("person_bbox_area_pct", pct, pct_params)
-    dup_params = {"hamming_threshold": config.dup_threshold, "rule": "earlier_ingest_within_threshold"}
-    plans["is_duplicate"] = ColumnPlan("is_duplicate", lambda t: _duplicate_udf(t, config, dup_params), dup_params)
+    plans["person_bbox_area_pct"] = ColumnPlan("person_bbox_area_pct", pct, {"person_bbox_area_pct": pct_params})
     plans.update(_embedding_plans(config))
     return plans
 
@@ -287,19 +307,22 @@ def _embedding_model(config: CurationConfig) -> embeddings.EmbeddingModel:
 
 
 def _embedding_plans(config: CurationConfig) -> dict[str, ColumnPlan]:
-    """`embedding`, `uniqueness`, and the distance column of each mode defined by example."""
+    """The pixel group (`dhash`, `embedding`), the novelty group (`is_duplicate`, `uniqueness`),
+    and the distance column of each mode defined by example."""
     model = _embedding_model(config)
-    params = {"model": model.label, "dim": model.dim}
-    embedder = FrameEmbedder(model, config.embedding_batch_size)
-    unique_params = {"embedding_model": model.label, "rule": "cosine_distance_to_nearest_earlier_ingest",
-                     "cap": UNIQUENESS_CAP}
+    pixel_params = {"dhash": {"hash": "dhash64"}, "embedding": {"model": model.label, "dim": model.dim}}
+    pixel_type = pa.struct([("dhash", pa.uint64()), ("embedding", pa.list_(pa.float32(), model.dim))])
+    pixels = PixelColumns(model, config.embedding_batch_size)
+    novelty_params = {
+        "is_duplicate": {"hamming_threshold": config.dup_threshold, "rule": "earlier_ingest_within_threshold"},
+        "uniqueness": {"embedding_model": model.label, "rule": "cosine_distance_to_nearest_earlier_ingest",
+                       "cap": UNIQUENESS_CAP}}
     return {
-        "embedding": ColumnPlan("embedding", lambda t: _udf(
-            embedder, pa.list_(pa.float32(), model.dim), params, "embedding",
-            num_cpus=1.0 if model.kind != embeddings.COLOR_LAYOUT else DECODE_CPUS), params),
-        "uniqueness": ColumnPlan("uniqueness", lambda t: _udf(
-            UniquenessScorer(t.uri.rsplit("/", 1)[0], t.name), pa.float32(), unique_params, "uniqueness"),
-            unique_params),
+        "pixel_columns": _group_plan("pixel_columns", lambda t: _group_udf(
+            pixels, pixel_type, pixel_params, "pixel_columns",
+            num_cpus=1.0 if model.kind != embeddings.COLOR_LAYOUT else DECODE_CPUS), pixel_params),
+        "novelty_columns": _group_plan("novelty_columns", lambda t: _novelty_udf(t, config, novelty_params),
+                                       novelty_params),
         **{mode.distance_column: _distance_plan(mode, model) for mode in config.modes if mode.by_example},
     }
 
@@ -308,7 +331,8 @@ def _distance_plan(mode: FailureMode, model: embeddings.EmbeddingModel) -> Colum
     example = {"exemplars": list(mode.exemplars)} if mode.exemplars else {"text_query": mode.text_query}
     params = {"embedding_model": model.label, **example}
     return ColumnPlan(mode.distance_column, lambda t: _udf(
-        ExemplarDistance(exemplar_vectors(t, mode, model)), pa.float32(), params, mode.distance_column), params)
+        ExemplarDistance(exemplar_vectors(t, mode, model)), pa.float32(), params, mode.distance_column),
+        {mode.distance_column: params})
 
 
 def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel) -> np.ndarray:
@@ -326,13 +350,14 @@ def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel)
     return vectors_matrix(found["embedding"])
 
 
-def _duplicate_udf(table, config: CurationConfig, params: dict[str, Any]):
+def _novelty_udf(table, config: CurationConfig, params: dict[str, dict[str, Any]]):
     hashes, seqs = reference_hashes(table)
     # The version names the reference set, so checkpoints are reused only for the same one.
     digest = hashlib.sha1(hashes.tobytes() + seqs.tobytes()).hexdigest()[:12]
     version = hashlib.sha1(json.dumps([params, digest], sort_keys=True).encode()).hexdigest()[:12]
-    return _udf(DuplicateFlagger(hashes, seqs, config.dup_threshold), pa.bool_(), params, "is_duplicate",
-                version=version)
+    novelty = NoveltyColumns(hashes, seqs, config.dup_threshold, table.uri.rsplit("/", 1)[0], table.name)
+    return _group_udf(novelty, pa.struct([("is_duplicate", pa.bool_()), ("uniqueness", pa.float32())]), params,
+                      "novelty_columns", version=version)
 
 
 def reference_hashes(table) -> tuple[np.ndarray, np.ndarray]:
@@ -359,6 +384,11 @@ def job_of(column: str) -> str:
     return next((group for group, members in UDF_GROUPS.items() if column in members), column)
 
 
+def error_column(column: str) -> str:
+    """The column Geneva records `column`'s UDF errors under: its group's first."""
+    return UDF_GROUPS.get(job_of(column), (column,))[0]
+
+
 def ordered(columns, all_columns: tuple[str, ...] = COLUMNS) -> list[str]:
     """Columns in backfill order (a column after the columns it reads), unknown ones rejected."""
     wanted = set(all_columns if columns is None else columns)
@@ -369,8 +399,8 @@ def ordered(columns, all_columns: tuple[str, ...] = COLUMNS) -> list[str]:
 
 
 def _is_whole_group(table, plan: ColumnPlan) -> bool:
-    """Every sibling exists and all belong to one Geneva group (not, say, columns a single-column
-    UDF added before the group existed)."""
+    """Every sibling exists and all belong to one Geneva group (not, say, columns single-column
+    UDFs added before the group existed)."""
     schema = table.schema
     if not all(c in schema.names for c in plan.columns):
         return False
@@ -383,17 +413,18 @@ def _ensure_column(table, plan: ColumnPlan, recompute: bool) -> None:
     present = [c for c in plan.columns if c in table.schema.names]
     if present and (recompute or (len(plan.columns) > 1 and not _is_whole_group(table, plan))):
         table.drop_columns(present)  # a partial or legacy group is rebuilt whole
-    existing = column_params(table, plan.columns[0])
-    if existing is None:
+    recorded = {c: column_params(table, c) for c in plan.columns}
+    if all(params is None for params in recorded.values()):
         _add_column(table, plan)
         return
-    filled = f"NOT ({plan.null_filter()})"
-    if existing != plan.params and table.count_rows(filled):
+    changed = [c for c in plan.columns if recorded[c] != plan.params[c]]
+    if changed and table.count_rows(f"NOT ({plan.null_filter()})"):
+        column = changed[0]
         raise CurationError(
-            f"column {plan.name!r} holds values computed with {existing}, but this run is configured for "
-            f"{plan.params}; one column never mixes sources. Configure the recorded source again, or "
-            f"recompute the column (recompute=['{plan.columns[0]}']).")
-    if existing != plan.params:  # empty column: just record the new definition
+            f"column {column!r} holds values computed with {recorded[column]}, but this run is configured for "
+            f"{plan.params[column]}; one column never mixes sources. Configure the recorded source again, or "
+            f"recompute the column (recompute=['{column}']).")
+    if changed:  # empty columns: just record the new definition
         table.drop_columns(list(plan.columns))
         _add_column(table, plan)
 
@@ -409,7 +440,7 @@ def _errored_rows(table, column: str, job_id: str | None = None, columns: tuple[
                   where: str | None = None) -> list[tuple[dict, str]]:
     """NULL rows of `column` (among those `where` selects) that have a recorded UDF error:
     (row's `columns`, error text)."""
-    errors = table.get_errors(column_name=column, job_id=job_id)
+    errors = table.get_errors(column_name=error_column(column), job_id=job_id)
     by_address = {e.row_address: e for e in errors if e.row_address is not None}
     if not by_address:
         return []
@@ -492,18 +523,20 @@ def _finish(table, launch: _Launch) -> list[ColumnStats]:
         stats.append(ColumnStats(
             column=name, rows_processed=launch.pending, rows_total=rows_total,
             rows_filled=table.count_rows(f"{name} IS NOT NULL"), error_rows=errors, elapsed_s=elapsed,
-            params=launch.plan.params, job_id=job_id, errors=sample, first_ingest_seq=launch.first_ingest_seq))
+            params=launch.plan.params[name], job_id=job_id, errors=sample, first_ingest_seq=launch.first_ingest_seq))
     return stats
 
 
-def waves(names: list[str], deps: dict[str, tuple[str, ...]] = COLUMN_DEPS) -> list[list[str]]:
-    """Group columns into waves that can run concurrently: a column after those it reads."""
-    remaining, done, result = list(names), set(), []
+def waves(jobs: list[str], deps: dict[str, tuple[str, ...]] = COLUMN_DEPS) -> list[list[str]]:
+    """Group jobs into waves that can run concurrently: a job after the jobs filling the columns
+    it reads (`deps`: the columns each column reads)."""
+    reads = {job: {job_of(d) for c in UDF_GROUPS.get(job, (job,)) for d in deps.get(c, ())} - {job} for job in jobs}
+    remaining, done, result = list(jobs), set(), []
     while remaining:
-        wave = [n for n in remaining if all(d in done or d not in names for d in deps.get(n, ()))]
+        wave = [j for j in remaining if all(d in done or d not in jobs for d in reads[j])]
         result.append(wave)
         done.update(wave)
-        remaining = [n for n in remaining if n not in wave]
+        remaining = [j for j in remaining if j not in wave]
     return result
 
 

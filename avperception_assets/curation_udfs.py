@@ -1,13 +1,16 @@
 """Curation row functions: what each curation column computes for a frame.
 
 These are the functions Geneva's Ray workers unpickle and run (by reference, so a worker
-imports this module): plain per-row functions for the annotation columns and `dhash`, and
-batched callables for the detector column, duplicate flags, embeddings and uniqueness. The
-checks reuse them to recompute expected values. Nothing here writes a table; uniqueness reads
-the embeddings of earlier frames.
-"""
+imports this module): a per-row function for the annotation columns, per-row callables for
+the duplicate flag and uniqueness, and batched callables for the detector column, the dhash and
+embedding of a frame, and exemplar distances. The checks reuse the per-value functions to
+recompute expected values. Nothing here writes a table; uniqueness reads the embeddings of
+earlier frames.
 
-from __future__ import annotations
+No `from __future__ import annotations`: Geneva tells a record-batch UDF by comparing its
+parameter's annotation with `pa.RecordBatch` itself, unevaluated. Annotations naming `Columns`
+are strings, so definitions load without importing Geneva.
+"""
 
 import io
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -122,7 +125,7 @@ ANNOTATION_COLUMNS_TYPE = pa.struct([("has_person", pa.bool_()), ("has_rider", p
 
 
 def annotation_columns(ann_categories: np.ndarray, timeofday: str, weather: str,
-                       scene: str) -> Columns[AnnotationColumns]:
+                       scene: str) -> "Columns[AnnotationColumns]":
     """`has_person`, `has_rider`, `num_persons` and `scene_description`: one UDF, so one Geneva
     job fills all four."""
     return AnnotationColumns(has_person(ann_categories), has_rider(ann_categories), count_persons(ann_categories),
@@ -201,27 +204,6 @@ def _decode_batch(blobs: list[bytes], device) -> list:
     return [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in data]
 
 
-class DuplicateFlagger:
-    """Batched UDF: flag frames with an earlier-ingested frame within `threshold` bits.
-
-    The reference hashes (every frame with a dhash, old and new) travel with the UDF, so
-    workers need no table access; 16 bytes per frame.
-    """
-
-    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int):
-        self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
-        self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
-        self.threshold = threshold
-
-    def __call__(self, dhash: pa.Array, ingest_seq: pa.Array) -> pa.Array:
-        if dhash.null_count:
-            raise ValueError("frame has no dhash (its image could not be hashed)")
-        flags = duplicate_flags(dhash.to_numpy(), ingest_seq.to_numpy(), self.ref_hashes, self.ref_seqs,
-                                self.threshold)
-        return pa.array(flags, type=pa.bool_())
-
-
-
 def vectors_array(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     """(n, dim) float32 → the fixed-size list column LanceDB searches."""
     return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors, dtype=np.float32).ravel()), dim)
@@ -234,44 +216,73 @@ def vectors_matrix(column) -> np.ndarray:
     return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
-class FrameEmbedder:
-    """Batched UDF: each frame's embedding from its pixels (the model loaded once per worker)."""
+class PixelValues(NamedTuple):
+    dhash: int
+    embedding: list[float]
+
+
+class PixelColumns:
+    """Record-batch UDF: `dhash` and `embedding` of each frame, so one Geneva job (and one read
+    of the bytes) fills both. A frame that does not decode fails its batch; Geneva bisects the
+    batch down to it and writes NULL to both columns (the frame stays out of every slice)."""
 
     def __init__(self, model: EmbeddingModel, batch_size: int):
         self.model = model
         self.batch_size = batch_size
 
-    def __call__(self, image_bytes: pa.Array) -> pa.Array:
+    def __call__(self, batch: pa.RecordBatch) -> "Columns[PixelValues]":
+        frames = batch["image_bytes"].to_pylist()
+        hashes = pa.array([dhash(frame) for frame in frames], type=pa.uint64())
         embedder = load_embedder(self.model)
-        frames = image_bytes.to_pylist()
         chunks = [embedder.embed_images(frames[s:s + self.batch_size]) for s in range(0, len(frames), self.batch_size)]
-        return vectors_array(np.concatenate(chunks) if chunks else np.zeros((0, self.model.dim)), self.model.dim)
+        vectors = vectors_array(np.concatenate(chunks) if chunks else np.zeros((0, self.model.dim)), self.model.dim)
+        return pa.StructArray.from_arrays([hashes, vectors], names=list(PixelValues._fields))
 
 
 UNIQUENESS_CAP = 1.0  # cosine distance at which a frame counts as wholly unlike anything earlier
 
 
-class UniquenessScorer:
-    """Batched UDF: cosine distance from a frame's embedding to the nearest frame ingested before
-    it, capped at `UNIQUENESS_CAP` (the first frame ever scores the cap). Earlier frames only,
-    so a value never changes when footage lands; one indexed (or, on a small table, exact)
-    nearest-neighbour query a row, so the cost follows the new rows."""
+class NoveltyValues(NamedTuple):
+    is_duplicate: bool
+    uniqueness: float
 
-    def __init__(self, uri: str, table_name: str):
+
+class NoveltyColumns:
+    """Per-row UDF: `is_duplicate` and `uniqueness` of a frame against the frames ingested before
+    it, one Geneva job for both. Earlier frames only, so a value never changes when footage lands.
+
+    - is_duplicate: an earlier frame is within `threshold` bits of its dhash. The reference
+      hashes (every frame with a dhash, old and new) travel with the UDF: 16 bytes a frame.
+    - uniqueness: cosine distance from its embedding to the nearest earlier frame's, capped at
+      `UNIQUENESS_CAP` (the first frame ever scores the cap); one indexed (or, on a small table,
+      exact) nearest-neighbour query a row, so the cost follows the new rows.
+    """
+
+    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int, uri: str, table_name: str):
+        self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
+        self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
+        self.threshold = threshold
         self.uri = uri  # the database's, not the table's
         self.table_name = table_name
+        self._table = None
 
-    def __call__(self, embedding: pa.Array, ingest_seq: pa.Array) -> pa.Array:
-        import lancedb
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_table": None}  # a table handle does not travel to workers
 
-        if embedding.null_count:
-            raise ValueError("frame has no embedding (its image could not be embedded)")
-        table = lancedb.connect(self.uri).open_table(self.table_name)
-        values = []
-        for vector, seq in zip(vectors_matrix(embedding), ingest_seq.to_pylist()):
-            hit = nearest(table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
-            values.append(min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP)
-        return pa.array(values, type=pa.float32())
+    def __call__(self, dhash: int | None, embedding: np.ndarray | None, ingest_seq: int) -> "Columns[NoveltyValues]":
+        if dhash is None or embedding is None:
+            raise ValueError("frame has no dhash or embedding (its image could not be decoded)")
+        [flag] = duplicate_flags(np.array([dhash], dtype=np.uint64), np.array([ingest_seq]), self.ref_hashes,
+                                 self.ref_seqs, self.threshold)
+        return NoveltyValues(bool(flag), self._uniqueness(np.asarray(embedding, dtype=np.float32), ingest_seq))
+
+    def _uniqueness(self, vector: np.ndarray, seq: int) -> float:
+        if self._table is None:
+            import lancedb
+
+            self._table = lancedb.connect(self.uri).open_table(self.table_name)
+        hit = nearest(self._table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
+        return min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP
 
 
 class ExemplarDistance:

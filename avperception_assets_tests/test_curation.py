@@ -210,7 +210,8 @@ def test_bad_configuration_is_refused():
         curation.CurationConfig(dup_threshold=65)
     with pytest.raises(curation.CurationError, match="neither"):
         curation.resolve_person_area_source(curation.CurationConfig(person_area_source="/no/such/file.pt"))
-    assert curation.waves(list(curation.COLUMNS))[-1] == ["is_duplicate", "uniqueness"]
+    jobs = list(dict.fromkeys(curation.job_of(c) for c in curation.COLUMNS))  # three jobs in two waves
+    assert curation.waves(jobs) == [["annotation_columns", "person_bbox_area_pct", "pixel_columns"], ["novelty_columns"]]
 
 
 # --- detector path -------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def test_detector_embeddings_and_a_changed_model_refused_unless_recomputed(tmp_p
     with pytest.raises(curation.CurationError, match=r"recompute=\['embedding'\]"):
         curation.backfill_columns(table, ["embedding"], other)
     recompute = replace(other, recompute=("embedding",))
-    assert recompute.recompute == ("embedding", "uniqueness")  # uniqueness reads the embedding
+    # dhash shares the embedding's job; is_duplicate and uniqueness read them.
+    assert recompute.recompute == ("dhash", "is_duplicate", "embedding", "uniqueness")
     stats = curation.backfill_columns(table, ["embedding"], recompute)
     assert stats["embedding"].rows_processed == 6 and stats["embedding"].coverage == 1.0
     assert stats["embedding"].params["model"].startswith("detector:base.pt@")

@@ -1,8 +1,9 @@
 """Curation columns as Dagster assets: one asset per column, one Geneva backfill job per column
-or UDF group (`curation.UDF_GROUPS`: the four annotation columns share one).
+or UDF group (`curation.UDF_GROUPS`).
 
 All columns live in one `multi_asset` (subsettable) so a run starts Ray once and backfills the
-selected columns together (independent jobs concurrently, `is_duplicate` after `dhash`).
+selected columns together (independent jobs concurrently, the novelty group after the pixel
+group).
 """
 
 from pathlib import Path
