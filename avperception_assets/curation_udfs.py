@@ -1,9 +1,9 @@
 """Curation row functions: what each curation column computes for a frame.
 
 These are the functions Geneva's Ray workers unpickle and run (by reference, so a worker
-imports this module): a per-row function for the annotation columns, per-row callables for
-the duplicate flag and uniqueness, and batched callables for the detector column, the dhash and
-embedding of a frame, and exemplar distances. The checks reuse the per-value functions to
+imports this module): a per-row function for the annotation columns, and batched callables for
+the detector column, a frame's dhash and embedding, its duplicate flag and uniqueness, and
+exemplar distances. The checks reuse the per-value functions to
 recompute expected values. Nothing here writes a table; uniqueness reads the embeddings of
 earlier frames.
 
@@ -248,8 +248,9 @@ class NoveltyValues(NamedTuple):
 
 
 class NoveltyColumns:
-    """Per-row UDF: `is_duplicate` and `uniqueness` of a frame against the frames ingested before
-    it, one Geneva job for both. Earlier frames only, so a value never changes when footage lands.
+    """Record-batch UDF: `is_duplicate` and `uniqueness` of each frame against the frames ingested
+    before it, one Geneva job for both. Earlier frames only, so a value never changes when
+    footage lands.
 
     - is_duplicate: an earlier frame is within `threshold` bits of its dhash. The reference
       hashes (every frame with a dhash, old and new) travel with the UDF: 16 bytes a frame.
@@ -264,25 +265,21 @@ class NoveltyColumns:
         self.threshold = threshold
         self.uri = uri  # the database's, not the table's
         self.table_name = table_name
-        self._table = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_table": None}  # a table handle does not travel to workers
+    def __call__(self, batch: pa.RecordBatch) -> "Columns[NoveltyValues]":
+        import lancedb
 
-    def __call__(self, dhash: int | None, embedding: np.ndarray | None, ingest_seq: int) -> "Columns[NoveltyValues]":
-        if dhash is None or embedding is None:
+        if batch["dhash"].null_count or batch["embedding"].null_count:
             raise ValueError("frame has no dhash or embedding (its image could not be decoded)")
-        [flag] = duplicate_flags(np.array([dhash], dtype=np.uint64), np.array([ingest_seq]), self.ref_hashes,
-                                 self.ref_seqs, self.threshold)
-        return NoveltyValues(bool(flag), self._uniqueness(np.asarray(embedding, dtype=np.float32), ingest_seq))
-
-    def _uniqueness(self, vector: np.ndarray, seq: int) -> float:
-        if self._table is None:
-            import lancedb
-
-            self._table = lancedb.connect(self.uri).open_table(self.table_name)
-        hit = nearest(self._table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
-        return min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP
+        seqs = batch["ingest_seq"].to_numpy()
+        flags = duplicate_flags(batch["dhash"].to_numpy(), seqs, self.ref_hashes, self.ref_seqs, self.threshold)
+        table = lancedb.connect(self.uri).open_table(self.table_name)
+        values = []
+        for vector, seq in zip(vectors_matrix(batch["embedding"]), seqs):
+            hit = nearest(table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
+            values.append(min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP)
+        return pa.StructArray.from_arrays([pa.array(flags, type=pa.bool_()), pa.array(values, type=pa.float32())],
+                                          names=list(NoveltyValues._fields))
 
 
 class ExemplarDistance:

@@ -246,8 +246,8 @@ JOB_PINNED_CPUS = 0.5
 
 
 def side_by_side(jobs: int) -> int:
-    """How many refresh jobs run at once on the connected Ray (on 2 CPUs: 2, which took 32.9 s
-    for six refreshes here against 41.7 s one after another)."""
+    """How many refresh jobs run at once on the connected Ray (on 2 CPUs: 2; six refreshes took
+    32.9 s so against 41.7 s one after another here)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)

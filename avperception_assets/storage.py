@@ -106,7 +106,7 @@ def open_or_create(conn, name: str, schema: pa.Schema):
 def ray_context(ray_address: str | None = None):
     """Context manager for the Ray that Geneva backfills and view refreshes run on.
 
-    No address: a local Ray on this machine, with Ray's dashboard only if `AVP_RAY_DASHBOARD=1`. An address (`ray://host:10001`): the same jobs
+    No address: a local Ray on this machine, with Ray's dashboard UI only if `AVP_RAY_DASHBOARD=1`. An address (`ray://host:10001`): the same jobs
     run on that cluster, which is how a deployment outgrows one machine. Its nodes run an
     image with this project installed, as the code location's is: Geneva 0.17 would otherwise
     zip the local code to an uploader that only its namespace connections have ("Geneva was
@@ -121,7 +121,8 @@ def ray_context(ray_address: str | None = None):
                            manifest=GenevaManifest(name="avperception_assets", zips=[]),
                            ray_init_kwargs={"runtime_env": {"pip": None}})
     # The dashboard costs each local Ray start about 2.5 s (4.7 s against 7.2 s measured here)
-    # and ten more processes; a run's Ray lives only as long as the run.
+    # and ten more processes; a run's Ray lives only as long as the run. (Ray 2.60 still starts
+    # a dashboard head without it, minus the UI's module processes.)
     return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
         "include_dashboard": os.environ.get("AVP_RAY_DASHBOARD") == "1",
         "runtime_env": {"worker_process_setup_hook": "avperception_assets.lazy_imports.defer_unused_imports"}})
