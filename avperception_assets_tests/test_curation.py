@@ -41,9 +41,10 @@ def curated(tmp_path_factory, curated_db):
     config = curation.CurationConfig(person_area_source="annotations", concurrency=1)
     before = {r["image_id"]: r for r in _frames(table)}
 
-    # Canary: an old row holding a value no run would compute; a rerun that touched old rows would fix it.
-    canary = first_ids[1]
-    table.update(where=f"image_id = '{canary}'", values={"num_persons": 99})
+    # Canary: an old row holding values no run would compute; a rerun that touched old rows would
+    # fix them (the novelty UDF's version changes with every batch's reference set).
+    canary, planted = first_ids[1], {"num_persons": 99, "uniqueness": 0.125}
+    table.update(where=f"image_id = '{canary}'", values=planted)
 
     synthetic.write_batch(landing, "b2", 6, seed=4, **CURATED_SIZE)
     ingest.ingest_batches(conn, landing)
@@ -56,11 +57,11 @@ def curated(tmp_path_factory, curated_db):
     append_rows(table, [*copies, corrupt])
     new_rows = table.count_rows() - len(before)
     run2 = curation.backfill_columns(table, config=config)
-    canary_after = table.to_lance().to_table(columns=["num_persons"], filter=f"image_id = '{canary}'")
-    table.update(where=f"image_id = '{canary}'", values={"num_persons": before[canary]["num_persons"]})
+    canary_after = table.to_lance().to_table(columns=list(planted), filter=f"image_id = '{canary}'").to_pylist()[0]
+    table.update(where=f"image_id = '{canary}'", values={c: before[canary][c] for c in planted})
     table.checkout_latest()
     return dict(table=table, conn=conn, run1=run1, run2=run2, before=before, new_rows=new_rows,
-                canary_after=canary_after["num_persons"][0].as_py(), first_ids=first_ids, second_ids=second_ids)
+                canary_after=canary_after, first_ids=first_ids, second_ids=second_ids)
 
 
 def test_columns_match_an_independent_computation(curated):
@@ -111,7 +112,7 @@ def test_second_run_processes_only_new_rows(curated):
     for name, stats in curated["run2"].items():
         assert stats.rows_processed == curated["new_rows"] == 9, name
         assert stats.rows_total == len(curated["before"]) + 9
-    assert curated["canary_after"] == 99  # the old row was not recomputed
+    assert curated["canary_after"] == {"num_persons": 99, "uniqueness": 0.125}  # the old row was not recomputed
     after = {r["image_id"]: r for r in _frames(table)}
     for image_id, old in curated["before"].items():  # old values never change
         assert {c: after[image_id][c] for c in curated["run1"]} == {c: old[c] for c in curated["run1"]}
