@@ -26,16 +26,15 @@ on the columns in `curation_checks`.
 
 A Geneva job costs seconds whatever its row count, so columns computed from the same inputs
 share one multi-output UDF (`UDF_GROUPS`): the annotation columns; `dhash` and `embedding` (one
-read of the bytes); `is_duplicate` and `uniqueness`. A batch runs three jobs in two waves
+read of the bytes); `is_duplicate` and `uniqueness`. A batch runs four jobs in two waves
 (the area column and the annotation and pixel groups side by side, then the novelty group).
 Each column keeps its own defining parameters; siblings are added, backfilled, recomputed and
 dropped together, and a UDF error is recorded under the group's first column. The pixel and
 novelty groups are record-batch UDFs: Geneva 0.17 unpacks `Columns[T]` from a per-row or a
 record-batch UDF but not from an array one, and a record batch holds every column of its rows
 (Geneva takes no column list for it), the image bytes included, so the novelty job reads about
-110 MB for 500 1280x720 frames that it does not need. Per-row was the alternative and cost far
-more: the novelty group as a per-row UDF took about 190 s for 1,000 rows of a 20,000-frame
-table, as a record-batch UDF 15.4 s for 500.
+110 MB for 500 1280x720 frames that it does not need. A per-row UDF would read only its inputs
+but loses the batch: the duplicate flags vectorised over it, one table handle a batch.
 
 A UDF error on one row does not abort a column: Geneva's `skip_on_error` isolates the row
 (bisecting batches), writes NULL and records the error in the `geneva_errors` table;

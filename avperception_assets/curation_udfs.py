@@ -3,9 +3,8 @@
 These are the functions Geneva's Ray workers unpickle and run (by reference, so a worker
 imports this module): a per-row function for the annotation columns, and batched callables for
 the detector column, a frame's dhash and embedding, its duplicate flag and uniqueness, and
-exemplar distances. The checks reuse the per-value functions to
-recompute expected values. Nothing here writes a table; uniqueness reads the embeddings of
-earlier frames.
+exemplar distances. The checks reuse the per-value functions to recompute expected values.
+Nothing here writes a table; uniqueness reads the embeddings of earlier frames.
 
 No `from __future__ import annotations`: Geneva tells a record-batch UDF by comparing its
 parameter's annotation with `pa.RecordBatch` itself, unevaluated. Annotations naming `Columns`
