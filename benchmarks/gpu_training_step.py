@@ -5,8 +5,9 @@ the gpu profile's detector (ResNet50-FPN-v2) from random init, since a step's ti
 depend on the weights, fed batches of synthetic 1280x720 uint8 frames with a few boxes each
 through `training._step`, the step training runs (autocast, GradScaler, the grad-norm clip and
 the stop on a non-finite loss). Per setting: the median step over `--steps` after `--warmup`,
-images/s and the peak GPU memory; a batch that does not fit is reported, not fatal. Without
-CUDA it runs the same step on the CPU, AMP off only, as a check that the script works.
+images/s and the peak GPU memory; a batch that does not fit is reported, not fatal. Target:
+AMP's step at least as fast as AMP off. Without CUDA it runs the same step on the CPU, AMP off
+only, as a check that the script works (the target then FAILs: not measured).
 
     .venv/bin/python benchmarks/gpu_training_step.py [--batch-size 64] [--steps 10] [--warmup 3]
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from avperception_assets import detector, loader, training  # noqa: E402
+from targets import target  # noqa: E402
 
 HEIGHT, WIDTH = 720, 1280
 COCO_LABELS = (1, 2, 3, 4, 6, 8)  # person, bicycle, car, motorcycle, bus, truck
@@ -91,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         memory = f", peak GPU memory {r['peak_gb']:.1f} GB" if cuda else ""
         print(f"AMP {'on' if amp else 'off'}: median step {r['step_s']:.3f} s, {r['images_per_s']:.1f} images/s{memory}",
               flush=True)
-    if len(results) == 2:
-        print(f"AMP speed-up: {results[False]['step_s'] / results[True]['step_s']:.2f}x; memory "
-              f"{results[True]['peak_gb'] / results[False]['peak_gb']:.2f}x")
+    measured = len(results) == 2  # NaN, so FAIL, when AMP could not be compared (no CUDA, or a batch too big)
+    speedup = results[False]["step_s"] / results[True]["step_s"] if measured else float("nan")
+    if measured:
+        print(f"AMP memory: {results[True]['peak_gb'] / results[False]['peak_gb']:.2f}x of AMP off")
+    target("amp_step_speedup", speedup, ">=", 1.0, unit="x")
 
 
 if __name__ == "__main__":
