@@ -111,7 +111,8 @@ class CurationConfig:
         definition, e.g. the detector source, once it holds values), with the columns that
         read them.
     modes: the failure-mode registry, whose modes defined by example add distance columns.
-    concurrency: Geneva applier actors per backfill (default: one per CPU of this machine).
+    concurrency: Geneva applier actors of the jobs that decode pixels or run the detector
+        (default: one per CPU of this machine); the light jobs get one (`ColumnPlan.light`).
     """
 
     person_area_source: str = SOURCE_AUTO
@@ -241,6 +242,13 @@ class ColumnPlan:
     name: str
     make_udf: Callable[[Any], Any]  # table -> geneva UDF (is_duplicate needs the table)
     params: dict[str, dict[str, Any]]  # by column, in the UDF's output order
+    # Light per-row work (annotations, hashes, one search a batch): one applier actor. A second
+    # costs a process start (about 2.5 s of CPU importing geneva here) and saves nothing: the
+    # annotation job alone took 8.8 s with one applier, 11.5 s with two (500 new rows).
+    light: bool = False
+
+    def appliers(self, config: CurationConfig) -> int:
+        return 1 if self.light else config.concurrency or os.cpu_count() or 1
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -276,16 +284,18 @@ def _group_udf(func, data_type: pa.StructType, params: dict[str, dict[str, Any]]
     return _udf(func, struct, params, name, field_metadata={}, **kwargs)
 
 
-def _group_plan(name: str, make_udf: Callable[[Any], Any], params: dict[str, dict[str, Any]]) -> ColumnPlan:
+def _group_plan(name: str, make_udf: Callable[[Any], Any], params: dict[str, dict[str, Any]],
+                light: bool = False) -> ColumnPlan:
     assert tuple(params) == UDF_GROUPS[name], (name, tuple(params))
-    return ColumnPlan(name, make_udf, params)
+    return ColumnPlan(name, make_udf, params, light)
 
 
 def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
     """The job (UDF and defining parameters) of every curation column under `config`, by job name."""
     annotation_params = {c: {} for c in UDF_GROUPS["annotation_columns"]}
     plans = {"annotation_columns": _group_plan("annotation_columns", lambda t: _group_udf(
-        annotation_columns, ANNOTATION_COLUMNS_TYPE, annotation_params, "annotation_columns"), annotation_params)}
+        annotation_columns, ANNOTATION_COLUMNS_TYPE, annotation_params, "annotation_columns"), annotation_params,
+        light=True)}
     source = resolve_person_area_source(config)
     pct_params: dict[str, Any] = {"source": source.label}
     if source.kind == SOURCE_ANNOTATIONS:
@@ -299,7 +309,8 @@ def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
                                           config.detector_batch_size)
         pct = lambda t: _udf(detector_udf, pa.float32(), pct_params, "pct", num_gpus=gpus,  # noqa: E731
                              num_cpus=1.0)
-    plans["person_bbox_area_pct"] = ColumnPlan("person_bbox_area_pct", pct, {"person_bbox_area_pct": pct_params})
+    plans["person_bbox_area_pct"] = ColumnPlan("person_bbox_area_pct", pct, {"person_bbox_area_pct": pct_params},
+                                               light=source.kind == SOURCE_ANNOTATIONS)
     plans.update(_embedding_plans(config))
     return plans
 
@@ -327,7 +338,7 @@ def _embedding_plans(config: CurationConfig) -> dict[str, ColumnPlan]:
             pixels, pixel_type, pixel_params, "pixel_columns",
             num_cpus=1.0 if model.kind != embeddings.COLOR_LAYOUT else DECODE_CPUS), pixel_params),
         "novelty_columns": _group_plan("novelty_columns", lambda t: _novelty_udf(t, config, novelty_params),
-                                       novelty_params),
+                                       novelty_params, light=True),
         **{mode.distance_column: _distance_plan(mode, model) for mode in config.modes if mode.by_example},
     }
 
@@ -337,7 +348,7 @@ def _distance_plan(mode: FailureMode, model: embeddings.EmbeddingModel) -> Colum
     params = {"embedding_model": model.label, **example}
     return ColumnPlan(mode.distance_column, lambda t: _udf(
         ExemplarDistance(exemplar_vectors(t, mode, model)), pa.float32(), params, mode.distance_column),
-        {mode.distance_column: params})
+        {mode.distance_column: params}, light=True)
 
 
 def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel) -> np.ndarray:
@@ -508,7 +519,7 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig, log: Callable[[str]
             # 1,000 new rows of a 20,000-frame table. Changed parameters are refused or
             # recomputed above instead.
             job = table.backfill_async(plan.columns[0], udf=plan.make_udf(table), where=plan.null_filter(),
-                                       concurrency=config.concurrency or os.cpu_count() or 1,
+                                       concurrency=plan.appliers(config),
                                        checkpoint_size=config.checkpoint_size)
         if log:
             log(f"{plan.columns[0]}: backfilling {pending} rows (Geneva job {job.job_id})")

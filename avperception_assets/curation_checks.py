@@ -92,10 +92,11 @@ def check_area_range(table, where: str | None = None) -> CheckOutcome:
                                    "source": params.get("source", "unknown")})
 
 
-def _hash_rows(table, where: str | None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    data = table.to_lance().to_table(columns=["image_id", "dhash", "ingest_seq", "is_duplicate"],
+def _hash_rows(table, where: str | None, ids: bool = True) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, or [] without `ids`, dhashes, ingest seqs, flags) of the rows `where` selects."""
+    data = table.to_lance().to_table(columns=["dhash", "ingest_seq", "is_duplicate", *(["image_id"] if ids else [])],
                                      filter=and_where("dhash IS NOT NULL AND is_duplicate IS NOT NULL", where))
-    return (data["image_id"].to_pylist(), data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64),
+    return (data["image_id"].to_pylist() if ids else [], data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64),
             data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64),
             data["is_duplicate"].to_numpy(zero_copy_only=False).astype(bool))
 
@@ -113,7 +114,8 @@ def check_duplicate_groups(table, where: str | None = None) -> CheckOutcome:
         return CheckOutcome(False, {"reason": "column 'is_duplicate' does not exist yet"})
     threshold = int(params["hamming_threshold"])
     ids, hashes, seqs, flagged = _hash_rows(table, where)
-    _, ref_hashes, ref_seqs, ref_flagged = _hash_rows(table, None) if where else (ids, hashes, seqs, flagged)
+    # The reference set is every frame: its fixed-width columns only, no image ids.
+    _, ref_hashes, ref_seqs, ref_flagged = _hash_rows(table, None, ids=False) if where else (ids, hashes, seqs, flagged)
     expected = duplicate_flags(hashes, seqs, ref_hashes, ref_seqs, threshold)
     wrong = np.flatnonzero(expected != flagged)
     # Unflagged frames within the threshold of an earlier unflagged frame; a later one is in the

@@ -21,7 +21,7 @@ from .bdd100k import CLASSES, PERSON_CLASSES
 from .decoding import decode
 from .embeddings import EmbeddingModel
 from .embeddings import load as load_embedder
-from .vector_index import nearest
+from .vector_index import nearest_each
 
 if TYPE_CHECKING:  # Geneva resolves `Columns` in return annotations itself: no import when definitions load
     from geneva import Columns
@@ -254,8 +254,10 @@ class NoveltyColumns:
     - is_duplicate: an earlier frame is within `threshold` bits of its dhash. The reference
       hashes (every frame with a dhash, old and new) travel with the UDF: 16 bytes a frame.
     - uniqueness: cosine distance from its embedding to the nearest earlier frame's, capped at
-      `UNIQUENESS_CAP` (the first frame ever scores the cap); one indexed (or, on a small table,
-      exact) nearest-neighbour query a row, so the cost follows the new rows.
+      `UNIQUENESS_CAP` (the first frame ever scores the cap). The frames before the batch's
+      first are searched in one indexed (or, on a small table, exact) query for the whole batch;
+      those from its first to its last (the batch's own, and any other its rows span) are
+      compared directly. The cost follows the new rows.
     """
 
     def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int, uri: str, table_name: str):
@@ -273,12 +275,29 @@ class NoveltyColumns:
         seqs = batch["ingest_seq"].to_numpy()
         flags = duplicate_flags(batch["dhash"].to_numpy(), seqs, self.ref_hashes, self.ref_seqs, self.threshold)
         table = lancedb.connect(self.uri).open_table(self.table_name)
-        values = []
-        for vector, seq in zip(vectors_matrix(batch["embedding"]), seqs):
-            hit = nearest(table, vector, k=1, where=f"ingest_seq < {int(seq)}", columns=["ingest_seq"])
-            values.append(min(UNIQUENESS_CAP, float(hit["_distance"][0])) if hit.num_rows else UNIQUENESS_CAP)
+        values = uniqueness(table, vectors_matrix(batch["embedding"]), seqs)
         return pa.StructArray.from_arrays([pa.array(flags, type=pa.bool_()), pa.array(values, type=pa.float32())],
                                           names=list(NoveltyValues._fields))
+
+
+def uniqueness(table, vectors: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+    """Cosine distance from each unit vector to the nearest `table` frame ingested before its
+    `seqs` entry, capped at `UNIQUENESS_CAP`. One query for the frames before the first of
+    `seqs` (one per row costs about 24x more); frames from the first to the last by a matrix."""
+    if not len(seqs):
+        return np.zeros(0)
+    first, last = int(seqs.min()), int(seqs.max())
+    best = np.full(len(seqs), UNIQUENESS_CAP, dtype=np.float64)
+    earlier = nearest_each(table, vectors, k=1, where=f"ingest_seq < {first}", columns=["ingest_seq"])
+    np.minimum.at(best, earlier["query_index"].to_numpy(), earlier["_distance"].to_numpy())
+    span = table.to_lance().to_table(
+        columns=["embedding", "ingest_seq"],
+        filter=f"ingest_seq >= {first} AND ingest_seq < {last} AND embedding IS NOT NULL")
+    if span.num_rows:
+        distances = 1.0 - vectors @ vectors_matrix(span["embedding"]).T
+        distances[span["ingest_seq"].to_numpy()[None, :] >= seqs[:, None]] = np.inf  # itself and later frames
+        best = np.minimum(best, distances.min(axis=1))
+    return np.clip(best, 0.0, UNIQUENESS_CAP)
 
 
 class ExemplarDistance:

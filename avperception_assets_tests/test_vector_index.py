@@ -7,10 +7,12 @@ from __future__ import annotations
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from avperception_assets import storage, vector_index
-from avperception_assets.vector_index import ensure_vector_index, nearest
+from avperception_assets.curation_udfs import UNIQUENESS_CAP, uniqueness
+from avperception_assets.vector_index import ensure_vector_index, nearest, nearest_each
 
 DIM = 32
 MIN_ROWS = 300  # above the 256 vectors PQ training needs
@@ -82,6 +84,43 @@ def test_rows_with_a_null_vector_are_never_returned(tmp_path, indexed):
     assert not any(i % 3 == 0 for i in got["id"].to_pylist())
     assert np.all(np.diff(got["_distance"].to_numpy()) >= 0)
 
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_nearest_each_answers_every_query_as_nearest_does(tmp_path, indexed):
+    rng = np.random.default_rng(7)
+    table = _table(tmp_path, _unit(rng, 600), null_every=5)
+    if indexed:
+        assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    queries = _unit(rng, 6)
+    got = nearest_each(table, queries, k=3, where="id >= 100", columns=["id"])
+    assert got.column_names == ["query_index", "id", "_distance"]
+    for i, query in enumerate(queries):
+        mine = got.filter(pa.compute.equal(got["query_index"], i))
+        assert mine["id"].to_pylist() == nearest(table, query, k=3, where="id >= 100", columns=["id"])["id"].to_pylist()
+    [single] = nearest_each(table, queries[:1], k=1, columns=["id"]).to_pylist()  # lancedb's single query
+    assert (single["query_index"], single["id"]) == (0, nearest(table, queries[0], k=1)["id"][0].as_py())
+    assert nearest_each(table, queries, k=1, where="id < 0").num_rows == 0  # nothing matches: no rows
+
+
+def test_uniqueness_is_the_distance_to_the_nearest_frame_ingested_earlier(tmp_path):
+    """A batch's rows against brute force: earlier batches by one query, the rows it spans (its
+    own, and another batch's between them) by a matrix; NULL vectors never count."""
+    rng = np.random.default_rng(8)
+    vectors = _unit(rng, 300)
+    vectors[150] = vectors[40]  # a copy of an earlier frame: distance 0
+    vectors[161] = vectors[155]  # a copy inside the span, ingested later
+    vectors[2] = (vectors[1] + vectors[2]) / np.linalg.norm(vectors[1] + vectors[2])  # near frame 1
+    table = _table(tmp_path, vectors, null_every=7)
+    table.alter_columns({"path": "id", "rename": "ingest_seq"})
+    batch = np.array([150, 155, 158, 161, 170])  # 156, 157, 159 ... belong to another batch
+    got = uniqueness(table, vectors[batch], batch)
+    present = np.arange(300) % 7 != 0
+    expected = [min(UNIQUENESS_CAP, (1 - vectors[(np.arange(300) < s) & present] @ vectors[s]).min()) for s in batch]
+    np.testing.assert_allclose(got, np.clip(expected, 0, None), atol=1e-5)
+    assert got[0] == pytest.approx(0, abs=1e-5) and got[3] == pytest.approx(0, abs=1e-5)
+    first = uniqueness(table, vectors[[1, 2]], np.array([1, 2]))  # the first frame ever: nothing earlier
+    assert first[0] == UNIQUENESS_CAP and first[1] == pytest.approx(1 - vectors[1] @ vectors[2], abs=1e-5)
 
 def test_the_index_is_created_once_min_rows_vectors_exist(tmp_path):
     rng = np.random.default_rng(3)
