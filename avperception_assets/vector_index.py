@@ -208,9 +208,9 @@ def nearest(table, vector, k: int = 10, where: str | None = None, column: str = 
 
 def nearest_each(table, vectors, k: int = 1, where: str | None = None, column: str = VECTOR_COLUMN,
                  columns: list[str] | None = None) -> pa.Table:
-    """`nearest` for each row of `vectors` in one query (`query_index` names the row): lance
-    scans the table once for all of them, 0.85 ms a vector in batches of 64 against 21 ms one at
-    a time (4,000 rows, exact). A row with no answer has no result rows."""
+    """`nearest` for each row of `vectors` in one lance query (`query_index` names the row): 0.85 ms
+    a vector in batches of 64 against 21 ms one at a time (4,000 rows, exact search; a query's
+    fixed cost dominates at this size). A row with no answer has no result rows."""
     dim = _vector_dim(table, column)
     queries = [_query_vector(v, dim, column) for v in vectors]
     if not queries:
