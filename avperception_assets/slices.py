@@ -247,7 +247,7 @@ JOB_PINNED_CPUS = 0.5
 
 def side_by_side(jobs: int) -> int:
     """How many refresh jobs run at once on the connected Ray (on 2 CPUs: 2; six refreshes took
-    32.9 s so against 41.7 s one after another here)."""
+    32.9 s that way here, against 41.7 s one after another)."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1.0)

@@ -106,12 +106,13 @@ def open_or_create(conn, name: str, schema: pa.Schema):
 def ray_context(ray_address: str | None = None):
     """Context manager for the Ray that Geneva backfills and view refreshes run on.
 
-    No address: a local Ray on this machine, with Ray's dashboard UI only if `AVP_RAY_DASHBOARD=1`. An address (`ray://host:10001`): the same jobs
-    run on that cluster, which is how a deployment outgrows one machine. Its nodes run an
-    image with this project installed, as the code location's is: Geneva 0.17 would otherwise
-    zip the local code to an uploader that only its namespace connections have ("Geneva was
-    not initialized"), and pip-install geneva into a fresh virtualenv on every node (GBs, and
-    without lancedb). An empty manifest skips the first; clearing `pip` the second.
+    No address: a local Ray on this machine, with Ray's dashboard UI only if `AVP_RAY_DASHBOARD=1`.
+    An address (`ray://host:10001`): the same jobs run on that cluster, which is how a deployment
+    outgrows one machine. Its nodes run an image with this project installed, as the code
+    location's is: Geneva 0.17 would otherwise zip the local code to an uploader that only its
+    namespace connections have ("Geneva was not initialized"), and pip-install geneva into a fresh
+    virtualenv on every node (GBs, and without lancedb). An empty manifest skips the first;
+    clearing `pip` the second.
     """
     from geneva.manifest.mgr import GenevaManifest
     from geneva.runners.ray._mgr import ray_cluster
