@@ -107,14 +107,16 @@ def land_batch(landing: Path, batch_id: str, frames: int, pool: list[tuple[bytes
 # --- measuring -----------------------------------------------------------------------------
 
 
-def _tree_rss() -> int:
-    """RSS in bytes of this process and every descendant (the run's process, its Ray's raylet,
-    GCS and workers)."""
-    parents, rss = {}, {}
+def _tree() -> dict[tuple[int, int], tuple[int, float]]:
+    """(pid, start tick) → (RSS bytes, CPU seconds so far) of this process and every descendant
+    (the run's process, its Ray's raylet, GCS and workers)."""
+    parents, stats = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)], rss[int(stat.parent.name)] = int(fields[1]), int(fields[21])
+            pid = int(stat.parent.name)
+            parents[pid] = int(fields[1])
+            stats[pid] = (int(fields[19]), int(fields[21]), int(fields[11]) + int(fields[12]))
         except (OSError, ValueError, IndexError):
             continue
     tree, frontier = {os.getpid()}, [os.getpid()]
@@ -122,21 +124,22 @@ def _tree_rss() -> int:
         children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    return sum(rss.get(pid, 0) for pid in tree) * os.sysconf("SC_PAGE_SIZE")
+    page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+    return {(pid, stats[pid][0]): (stats[pid][1] * page, stats[pid][2] / tick) for pid in tree if pid in stats}
 
 
-class RssSampler:
-    """Samples the process tree's RSS in the background: (time, bytes)."""
+class TreeSampler:
+    """Samples the process tree in the background: (time, {process: (RSS bytes, CPU seconds)})."""
 
     def __init__(self, every_s: float = 0.5):
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, dict]] = []
         self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
 
     def _run(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
-            self.samples.append((time.time(), _tree_rss()))
+            self.samples.append((time.time(), _tree()))
 
     def __enter__(self):
         self._thread.start()
@@ -147,8 +150,19 @@ class RssSampler:
         self._thread.join()
 
     def peak(self, start: float, end: float) -> int:
-        """Peak over [start, end], widened by one sampling interval so short steps get a sample."""
-        return max((rss for t, rss in self.samples if start - self.every_s <= t <= end + self.every_s), default=0)
+        """Peak RSS over [start, end], widened by one sampling interval so short steps get a sample."""
+        return max((sum(rss for rss, _ in tree.values()) for t, tree in self.samples
+                    if start - self.every_s <= t <= end + self.every_s), default=0)
+
+    def cpu_s(self, start: float, end: float) -> float:
+        """CPU seconds the tree used over [start, end]: a lower bound, as what a process uses
+        after its last sample (or in a life shorter than the interval) is not seen."""
+        before, last = {}, {}
+        for t, tree in self.samples:
+            target = before if t < start else last if t <= end + self.every_s else None
+            if target is not None:
+                target.update((process, cpu) for process, (_, cpu) in tree.items())
+        return sum(cpu - before.get(process, 0.0) for process, cpu in last.items())
 
 
 def step_spans(instance, run_id: str) -> dict[str, tuple[float, float]]:
@@ -234,8 +248,9 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     per_stage: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     whole: list[float] = []
+    cpu: list[float] = []
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance, \
-            RssSampler() as sampler:
+            TreeSampler() as sampler:
         footage_run(instance, "base")
         print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
         for n in range(batches):
@@ -243,6 +258,7 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
             land_batch(landing, batch_id, new, pool, seed=frames + n + 1)
             run_id, t0, t1 = footage_run(instance, batch_id)
             whole.append(t1 - t0)
+            cpu.append(sampler.cpu_s(t0, t1))
             spans: dict[str, list[tuple[float, float]]] = {}
             for key, span in step_spans(instance, run_id).items():
                 spans.setdefault(stage_of(key), []).append(span)
@@ -253,13 +269,15 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
                 per_stage.setdefault(stage, []).append(seconds)
                 rss.setdefault(stage, []).append(peak)
                 line.append(f"{stage} {seconds:.1f} s / {peak / 2**30:.2f} GB")
-            print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views: {'; '.join(line)}", flush=True)
+            print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views, {cpu[-1]:.0f} s of CPU: "
+                  f"{'; '.join(line)}", flush=True)
     uri = Path(settings.lancedb_uri())
     table_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}.lance"))
     views_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}_"))
     print(f"   disk: table {table_disk / 2**20:.0f} MB, views {views_disk / 2**20:.1f} MB", flush=True)
     return {"stage_s": {k: statistics.median(v) for k, v in per_stage.items()},
             "stage_rss": {k: max(v) for k, v in rss.items()}, "whole_s": statistics.median(whole),
+            "cpu_s": statistics.median(cpu),
             "views_fraction": views_disk / table_disk}
 
 
@@ -283,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {stage} | {s:.1f} | {l:.1f} | {l / s:.2f} | {rs / 2**30:.2f} → {rl / 2**30:.2f} | {rl / rs:.2f} |")
     print(f"whole batch, READY to refreshed views (median): {small['whole_s']:.1f} s at {args.sizes[0]}, "
           f"{large['whole_s']:.1f} s at {args.sizes[1]}")
+    cpus = os.cpu_count() or 1
+    print(f"CPU time of the run's process tree (median): {small['cpu_s']:.0f} s at {args.sizes[0]}, "
+          f"{large['cpu_s']:.0f} s at {args.sizes[1]}: on {cpus} CPUs a batch takes at least "
+          f"{large['cpu_s'] / cpus:.0f} s at {args.sizes[1]}")
     for stage in sorted(small["stage_s"]):
         target(f"{stage}_time_ratio", large["stage_s"][stage] / small["stage_s"][stage], "<=", RATIO_GOAL)
         target(f"{stage}_rss_ratio", large["stage_rss"][stage] / small["stage_rss"][stage], "<=", RATIO_GOAL)
