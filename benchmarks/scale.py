@@ -10,7 +10,8 @@ the median seconds and the peak RSS of this process tree (the run's process and 
 included) over the batches are compared between the sizes (targets: 20,000-frame median <=
 1.2x the 2,000-frame one). Also: the views' disk next to the table's (target <= 10%), and the
 whole batch from READY to refreshed views, the run process's start included (goal <= 60 s at
-20,000 frames on a quiet machine).
+20,000 frames on a quiet machine), and the CPU time the run's process tree used, per stage and
+per batch: divided by the CPUs, the least a batch can take here however its work is ordered.
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
 random 9x8 block pattern so every frame has a distinct difference hash (none is a duplicate);
@@ -268,7 +269,8 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
                 peak = max(sampler.peak(start, end) for start, end in stage_spans)
                 per_stage.setdefault(stage, []).append(seconds)
                 rss.setdefault(stage, []).append(peak)
-                line.append(f"{stage} {seconds:.1f} s / {peak / 2**30:.2f} GB")
+                cpu_s = sum(sampler.cpu_s(start, end) for start, end in stage_spans)
+                line.append(f"{stage} {seconds:.1f} s, {cpu_s:.0f} s of CPU, {peak / 2**30:.2f} GB")
             print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views, {cpu[-1]:.0f} s of CPU: "
                   f"{'; '.join(line)}", flush=True)
     uri = Path(settings.lancedb_uri())
