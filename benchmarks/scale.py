@@ -156,11 +156,11 @@ class TreeSampler:
                     if start - self.every_s <= t <= end + self.every_s), default=0)
 
     def cpu_s(self, start: float, end: float) -> float:
-        """CPU seconds the tree used over [start, end]: a lower bound, as what a process uses
-        after its last sample (or in a life shorter than the interval) is not seen."""
+        """CPU seconds the tree used over [start, end], to within one sampling interval at each
+        end; a process that lives less than one interval is missed."""
         before, last = {}, {}
         for t, tree in self.samples:
-            target = before if t < start else last if t <= end + self.every_s else None
+            target = before if t < start else last if t <= end else None
             if target is not None:
                 target.update((process, cpu) for process, (_, cpu) in tree.items())
         return sum(cpu - before.get(process, 0.0) for process, cpu in last.items())
