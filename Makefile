@@ -37,7 +37,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: install browser
-	$(BIN)/python -m pytest -q --durations=25 avperception_assets_tests
+	$(BIN)/python -m pytest -q -n 2 --durations=25 avperception_assets_tests
 
 # The web UI and the daemon (sensors, run queue) on http://$(HOST):$(PORT).
 dev: install instance
