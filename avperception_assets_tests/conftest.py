@@ -73,7 +73,9 @@ def pytest_collection_modifyitems(items):
 
 class _ByModuleAndSharedFixture(LoadScopeScheduling):
     """Scopes of whole modules, or of the modules that share a session fixture, handed out in
-    collection order."""
+    collection order. Not `--dist loadgroup` with marks: xdist 3.8 groups by renaming
+    `item._nodeid`, which pytest 9.2 no longer reads (`Item.nodeid` comes from `_id`), so every
+    test became a scope of its own and the shared fixtures were built on both workers."""
 
     def _split_scope(self, nodeid: str) -> str:
         return _scope(nodeid)
