@@ -5,7 +5,7 @@ through `AVP_RAY_ADDRESS`, as a deployment on KubeRay does.
 It is handed out first (conftest): with another Ray alive on the machine, the cluster's backfill
 and refresh took 3-4x as long (1 min 37 s and 1 min 25 s against 40 s and 8 s alone), on an idle
 CPU; the cause is not found. Under `make test` the other xdist worker's Ray is busy beside it:
-the test took 105-128 s there against 55 s in a serial run (2026-12-02)."""
+the test took 105-132 s there against 55 s in a serial run (2026-12-02)."""
 
 from __future__ import annotations
 
