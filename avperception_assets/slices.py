@@ -8,15 +8,12 @@ row ids and the source version each refresh reflects), so the cost of a refresh 
 new footage, not the table. Rows whose curation values are still NULL do not qualify; refresh
 after the curation backfill (the Dagster graph orders it so).
 
-A limit of Geneva 0.17 that this does not work around: over a source with stable row ids a
-refresh cannot tell which source fragments a view fragment came from, so it hashes every
-source data file of the columns it reads and any new batch invalidates every view fragment's
-checkpoint ("Destination fragment N has no valid checkpoint"): each refresh re-copies the
-whole view, one task per view fragment, and a view gains a fragment per batch. So a refresh's
-work follows the view's size, which follows the table: the six refreshes of a 500-frame batch
-used 86 s of CPU at 2,000 frames and 95 s at 20,000 (`benchmarks/scale.py`, interleaved
-batches), most of it the fixed cost of starting each job's Ray processes. Compacting views
-would bound the tasks (not the rows copied) and move the version numbers checkpoints name.
+Over a source with stable row ids Geneva 0.17 would re-copy every fragment of a view on each
+refresh (it cannot tell which source fragments a view fragment came from);
+`geneva_workarounds` mends that inside Ray's workers, so a refresh copies the new rows and
+only those view fragments whose source rows a compaction or backfill rewrote. What still grows
+with the table is Geneva's search for new and deleted source rows: it reads the filter's
+scalar columns (not pixels) of every source fragment.
 
 A view holds every column of its rows but the image bytes, which readers take from the frames
 table by stable row id (`pixels`), and the embedding, so views together stay a small fraction

@@ -103,6 +103,10 @@ def open_or_create(conn, name: str, schema: pa.Schema):
     return conn.create_table(name, schema=schema, storage_options=STABLE_ROW_IDS, exist_ok=True)
 
 
+# Run in each Ray worker process: import deferrals and Geneva workarounds (`geneva_workarounds`).
+_WORKER_SETUP = "avperception_assets.geneva_workarounds.setup_ray_worker"
+
+
 def ray_context(ray_address: str | None = None):
     """Context manager for the Ray that Geneva backfills and view refreshes run on.
 
@@ -120,13 +124,13 @@ def ray_context(ray_address: str | None = None):
     if ray_address:
         return ray_cluster(addr=ray_address, use_portforwarding=False,
                            manifest=GenevaManifest(name="avperception_assets", zips=[]),
-                           ray_init_kwargs={"runtime_env": {"pip": None}})
+                           ray_init_kwargs={"runtime_env": {"pip": None, "worker_process_setup_hook": _WORKER_SETUP}})
     # The dashboard costs each local Ray start about 2.5 s (4.7 s against 7.2 s measured here)
     # and ten more processes; a run's Ray lives only as long as the run. (Ray 2.60 still starts
     # a dashboard head without it, minus the UI's module processes.)
     return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
         "include_dashboard": os.environ.get("AVP_RAY_DASHBOARD") == "1",
-        "runtime_env": {"worker_process_setup_hook": "avperception_assets.lazy_imports.defer_unused_imports"}})
+        "runtime_env": {"worker_process_setup_hook": _WORKER_SETUP}})
 
 
 def require_ray(what: str) -> None:
