@@ -26,8 +26,6 @@ import sys
 from contextvars import ContextVar
 from typing import Callable
 
-import numpy as np
-
 from .lazy_imports import defer_unused_imports
 
 _PIPELINE = "geneva.runners.ray.pipeline"
@@ -47,6 +45,8 @@ def setup_ray_worker() -> None:
 def source_fragments_of(dataset) -> Callable[[list[int]], set[int]]:
     """A lookup from stable row ids to the ids of the fragments of `dataset` (a Lance dataset)
     that hold them now; ids no longer in `dataset` (deleted rows) are left out."""
+    import numpy as np  # here, not at the top: the setup hook runs in workers that never need it
+
     rows = dataset.scanner(columns=[], with_row_id=True, with_row_address=True).to_table()
     row_ids = rows["_rowid"].to_numpy()
     order = np.argsort(row_ids)

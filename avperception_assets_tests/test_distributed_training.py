@@ -1,6 +1,7 @@
 """Training as torch.distributed processes: two gloo ranks started by torchrun share one epoch's
 order and write one checkpoint; through Dagster Pipes the logs and the materialization reach
-the run; a killed training process is retried by the run and resumes from its last epoch."""
+the run; a killed training process is retried by the run and resumes from its last epoch, at the view
+version its first attempt pinned."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _worker_pids() -> list[int]:
     return found
 
 
-def _kill_after_first_epoch(out: Path, killed: list) -> None:
+def _kill_after_first_epoch(out: Path, killed: list, then) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         metadata = out / training.METADATA_FILE
@@ -79,6 +80,7 @@ def _kill_after_first_epoch(out: Path, killed: list) -> None:
             for pid in _worker_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+            then()
             return
         time.sleep(0.05)
 
@@ -94,7 +96,11 @@ def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(train
     train = loader.open_table(settings.lancedb_uri(), "bdd100k_killed_train")
     out = settings.checkpoints_dir() / "killed" / str(train.version)
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_after_first_epoch, args=(out, killed))
+
+    def grow():  # before the retry (5 s later) the view gains a version, as a refresh between attempts would
+        conn.open_table("bdd100k_killed_train").add(frames.slice(0, 1))
+
+    watcher = threading.Thread(target=_kill_after_first_epoch, args=(out, killed, grow))
     watcher.start()
     (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("killed_checkpoint")]
     config = TrainingConfig(**{**TINY_TRAINING, "epochs": 2})
@@ -107,6 +113,8 @@ def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(train
     assert len(retries) == 1 and "died" in retries[0].event_specific_data.error.to_string()
     [materialization] = result.asset_materializations_for_node("killed_checkpoint")
     assert materialization.metadata["resumed_from_epoch"].value == 1  # epoch 1 was not trained again
+    assert materialization.metadata["train_view_version"].value == train.version  # the first attempt's
+    assert loader.open_table(settings.lancedb_uri(), "bdd100k_killed_train").version > train.version
     assert materialization.metadata["world_size"].value == 1
     logs = [e.user_message for e in trained_rider.instance.all_logs(result.run_id)]
     assert any("epoch 2/2 saved" in m for m in logs)  # the trainer's log lines, through Pipes

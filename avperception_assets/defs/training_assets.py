@@ -11,6 +11,7 @@ Torch is imported inside the asset bodies only.
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,21 @@ AUTO_WEIGHTS = "auto"
 # Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
 # resumes from the last saved epoch; the run's own errors are raised with allow_retries=False.
 TRAINING_RETRIES = dg.RetryPolicy(max_retries=2, delay=5)
+
+
+def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> dict[str, int]:
+    """The table versions a training run trains on (`pin()`: name -> latest version). A retry
+    takes the ones its run's first attempt pinned, so it resumes that attempt's epochs even when
+    curation or a view refresh committed a newer version in between."""
+    record = folder / "run_pins" / f"{context.run_id}.json"
+    if context.retry_number and record.is_file():
+        return json.loads(record.read_text())
+    versions = pin()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    staged = record.with_suffix(".tmp")
+    staged.write_text(json.dumps(versions))
+    os.replace(staged, record)
+    return versions
 
 
 def base_checkpoints_dir() -> Path:
@@ -150,7 +166,9 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
             "note": "COCO-pretrained weights are the base; nothing trained",
         })
     uri = _uri(lancedb)
-    train_view = loader.pin_view(uri, FRAMES_TABLE, where="split = 'train'")
+    versions = _versions_this_run(context, base_checkpoints_dir(),
+                                  lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
+    train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
     spec = training.RunSpec(
         train=train_view, val=loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"),
         profile=profile, weights=weights, seed=config.seed)
@@ -228,7 +246,9 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
 
         uri = _uri(lancedb)
         try:
-            train_view, val_view = loader.pin_view(uri, train_name), loader.pin_view(uri, val_name)
+            versions = _versions_this_run(context, settings.checkpoints_dir() / mode.name,
+                                          lambda: {n: loader.pin_view(uri, n).version for n in (train_name, val_name)})
+            train_view, val_view = (loader.pin_view(uri, n, versions[n]) for n in (train_name, val_name))
         except ValueError as exc:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
         profile = config.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
