@@ -1,7 +1,7 @@
 """Training as torch.distributed processes: two gloo ranks started by torchrun share one epoch's
 order and write one checkpoint; through Dagster Pipes the logs and the materialization reach
-the run; a killed training process is retried by the run and resumes from its last epoch, at the view
-version its first attempt pinned."""
+the run; a killed training process is retried by the run and resumes from its last epoch, at
+the view version its first attempt pinned."""
 
 from __future__ import annotations
 
