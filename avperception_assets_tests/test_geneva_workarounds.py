@@ -49,25 +49,28 @@ def test_source_fragments_of_follows_rows_through_compaction(tmp_path):
 
 def test_a_refresh_copies_only_new_rows_and_rows_a_compaction_moved(tmp_path, local_ray):
     conn = storage.connect(str(tmp_path))
-    source = conn.create_table("frames", frames(0, 50), storage_options=storage.STABLE_ROW_IDS)
+    source = conn.create_table("frames", frames(0, 200), storage_options=storage.STABLE_ROW_IDS)
     view = conn.create_materialized_view(
         "train_view", source.search().select({"frame_id": "frame_id", "x": "coalesce(x)"}).where(FILTER))
     refresh(view, source)
-    source.add(frames(50, 50))
-    before = data_files(view)
+    source.add(frames(200, 50))
+    first = data_files(view)
     refresh(view, source)
-    after = data_files(view)
-    assert {f: after[f] for f in before} == before  # unmended, Geneva 0.17 rewrote fragment 0 here
-    assert len(after) == len(before) + 1 and view_rows(view) == expected(100)
+    second = data_files(view)
+    assert {f: second[f] for f in first} == first  # unmended, Geneva 0.17 rewrote fragment 0 here
+    assert len(second) == len(first) + 1 and view_rows(view) == expected(250)
 
-    # A compaction (table maintenance does one before the views refresh) puts the new rows in
-    # the fragment the view's rows come from: they are found, and the moved rows copied again.
-    source.add(frames(100, 50))
-    lance.dataset(source.to_lance().uri).optimize.compact_files(target_rows_per_fragment=1000)
+    # Compaction, as maintenance runs it before the views refresh: the small fragments (the last
+    # batch and a new one) merge, so new rows land in a fragment the view draws from, while the
+    # big first fragment stays as it was. The new rows are found; only the moved ones are copied.
+    source.add(frames(250, 50))
+    lance.dataset(source.to_lance().uri).optimize.compact_files(target_rows_per_fragment=150)
     source.checkout_latest()
-    assert len(source.to_lance().get_fragments()) == 1
+    assert [f.count_rows() for f in source.to_lance().get_fragments()] == [200, 100]
     refresh(view, source)
-    assert view_rows(view) == expected(150)
+    third = data_files(view)
+    assert third[0] == first[0] and all(third[f] != second[f] for f in second if f not in first)
+    assert view_rows(view) == expected(300)
 
 
 def test_a_patch_waits_for_its_module_and_applies_once(tmp_path, monkeypatch):
