@@ -112,7 +112,8 @@ def _save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(data: dict, path: Path) -> None:
+def write_json(data: dict, path: Path) -> None:
+    """Write `data` as JSON atomically: a run killed mid-write leaves the previous file intact."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
@@ -272,7 +273,7 @@ def _end_epoch(model, spec: RunSpec, out: Path, metadata: dict, record: dict, sa
         metadata.update(best_epoch=epoch, best_val_map_50=record["val_map_50"])
     metadata["epochs"].append(record)
     _save({**saved_state, "epoch": epoch}, out / STATE_FILE)
-    _write_json(metadata, out / METADATA_FILE)
+    write_json(metadata, out / METADATA_FILE)
     if record["val_map_50"] is not None:
         writer.add_scalar("val/map_50", record["val_map_50"], epoch)
     log(f"epoch {epoch}/{profile.epochs} saved: loss {record['loss']:.4f}, "
@@ -325,7 +326,7 @@ def train(spec: RunSpec, out: Path, *, log: Log = print) -> dict:
             writer.close()
     metadata["status"] = "complete"
     if process.leader:
-        _write_json(metadata, out / METADATA_FILE)
+        write_json(metadata, out / METADATA_FILE)
     return metadata
 
 

@@ -11,7 +11,6 @@ Torch is imported inside the asset bodies only.
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,14 +35,14 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     """The table versions a training run trains on (`pin()`: name -> latest version). A retry
     takes the ones its run's first attempt pinned, so it resumes that attempt's epochs even when
     curation or a view refresh committed a newer version in between."""
+    from .. import training
+
     record = folder / "run_pins" / f"{context.run_id}.json"
     if context.retry_number and record.is_file():
         return json.loads(record.read_text())
     versions = pin()
     record.parent.mkdir(parents=True, exist_ok=True)
-    staged = record.with_suffix(".tmp")
-    staged.write_text(json.dumps(versions))
-    os.replace(staged, record)
+    training.write_json(versions, record)
     return versions
 
 
