@@ -61,7 +61,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from . import embeddings, storage
+from . import embeddings, geneva_workarounds, storage
 from .curation_udfs import (ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector,
                             PixelColumns, annotation_columns, person_bbox_area_pct_annotations, vectors_matrix)
 from .failure_modes import FAILURE_MODES, FailureMode
@@ -517,7 +517,7 @@ def _launch(table, plan: ColumnPlan, config: CurationConfig, log: Callable[[str]
             # also refills every row an earlier UDF version computed (the novelty UDF's version
             # names its reference set, new each batch), a whole-table job each batch: 253 s for
             # 1,000 new rows of a 20,000-frame table. Changed parameters are refused or
-            # recomputed above instead.
+            # recomputed above instead, so Geneva's advisory on explicit filters is dropped.
             job = table.backfill_async(plan.columns[0], udf=plan.make_udf(table), where=plan.null_filter(),
                                        concurrency=plan.appliers(config),
                                        checkpoint_size=config.checkpoint_size)
@@ -566,6 +566,7 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
     on the Ray the caller opened. A column of a UDF group brings its siblings along (one job
     fills them all); the stats name every column filled."""
     storage.require_ray("curation backfills")
+    geneva_workarounds.drop_explicit_where_advisory()
     config = config or CurationConfig()
     jobs = list(dict.fromkeys(job_of(c) for c in ordered(columns, config.columns)))
     plans = plan_columns(config)

@@ -1,4 +1,4 @@
-"""Workarounds for Geneva 0.17 that take effect inside Ray's workers, where Geneva's jobs run.
+"""Workarounds for Geneva 0.17, most of them inside Ray's workers, where Geneva's jobs run.
 
 `setup_ray_worker` is the `worker_process_setup_hook` of every Ray that `storage.ray_context`
 starts or joins. A patch applies when the Geneva module it mends is imported, so a worker that
@@ -15,6 +15,14 @@ never runs Geneva code (Ray's queue actors) does not import Geneva for it.
   files changed (a compaction or backfill that rewrote them). Geneva still searches every source
   fragment for rows the view lacks, as before: a compaction can move a new row into a fragment
   the view already draws from.
+
+In the process that launches backfills (`drop_explicit_where_advisory`):
+
+- geneva 0.17, `table.Table.backfill`: a backfill with an explicit `where` always logs the
+  warning "Column X has an explicit where filter provided. Rows already computed with a previous
+  UDF version or changed input data will not be reprocessed", once per job in every curation
+  run's log. Curation passes its NULL filter on purpose and refuses or recomputes a column whose
+  definition changed (`curation._ensure_column`), so the advice does not apply and is dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import inspect
+import logging
 import sys
 from contextvars import ContextVar
 from typing import Callable
@@ -40,6 +49,21 @@ def setup_ray_worker() -> None:
     """Ray's `worker_process_setup_hook`: the import deferrals and the patches above."""
     defer_unused_imports()
     patch_on_import(_PIPELINE, keep_view_checkpoints)
+
+
+_EXPLICIT_WHERE_ADVISORY = "Column %s has an explicit where filter provided."
+
+
+class _ExplicitWhereAdvisory(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_EXPLICIT_WHERE_ADVISORY)
+
+
+def drop_explicit_where_advisory() -> None:
+    """Drop Geneva's advisory on backfills with an explicit filter (the docstring's last item)."""
+    logger = logging.getLogger("geneva.table")
+    if not any(isinstance(f, _ExplicitWhereAdvisory) for f in logger.filters):
+        logger.addFilter(_ExplicitWhereAdvisory())
 
 
 def source_fragments_of(dataset) -> Callable[[list[int]], set[int]]:
