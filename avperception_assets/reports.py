@@ -32,9 +32,15 @@ PANELS_DIR = "panels"
 PR_CURVES_FILE = "pr_curves.png"
 
 
+# Metrics are shown to 3 decimals: a baseline that shows as 0.000 gives no meaningful ratio
+# (a baseline AP of 0.00004 made "+430973.6%" in the summary).
+DELTA_MIN_BASELINE = 0.0005
+
+
 def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
-    """Relative change of fine-tuned over baseline in percent; None when undefined (baseline 0)."""
-    if baseline is None or finetuned is None or baseline == 0:
+    """Relative change of fine-tuned over baseline in percent; None when undefined (a baseline
+    under `DELTA_MIN_BASELINE`, that is 0.000 as the tables show it)."""
+    if baseline is None or finetuned is None or baseline < DELTA_MIN_BASELINE:
         return None
     return (finetuned - baseline) / baseline * 100.0
 
@@ -458,7 +464,7 @@ def report_markdown(data: Mapping) -> str:
         "",
         rows_markdown(data["rows"]),
         "",
-        "Δ% = (fine-tuned − baseline) / baseline; n/a where the baseline is 0 or there is "
+        "Δ% = (fine-tuned − baseline) / baseline; n/a where the baseline shows as 0.000 or there is "
         "nothing to measure. COCO protocol (torchmetrics `MeanAveragePrecision`, pycocotools); "
         "a prediction of a class absent from a frame is a false positive. Per-class AP is per "
         "COCO class: `person` scores BDD pedestrians and riders alike (both are COCO person); "

@@ -21,6 +21,8 @@ def test_delta_pct():
     assert reports.delta_pct(0.2, 0.3) == pytest.approx(50.0)
     assert reports.delta_pct(0.4, 0.3) == pytest.approx(-25.0)
     assert reports.delta_pct(0.0, 0.3) is None
+    assert reports.delta_pct(0.0004, 0.3) is None  # shows as 0.000: no meaningful ratio
+    assert reports.delta_pct(0.0005, 0.001) == pytest.approx(100.0)
     assert reports.delta_pct(None, 0.3) is None
 
 
