@@ -33,7 +33,7 @@ PR_CURVES_FILE = "pr_curves.png"
 
 
 # Metrics are shown to 3 decimals: a baseline that shows as 0.000 gives no meaningful ratio
-# (a baseline AP of 0.00004 made "+430973.6%" in the summary).
+# (a baseline mAP of about 0.00001 made "+430973.6%" in the demo's summary).
 DELTA_MIN_BASELINE = 0.0005
 
 
