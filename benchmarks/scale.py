@@ -9,8 +9,8 @@ launcher and the lancedb resource do (so no run carries another's memory or Ray)
 the median seconds over the batches and the highest peak RSS of the run's process tree (its
 Ray included; sampled every 0.1 s) are compared between the sizes (targets: at 20,000 frames
 <= 1.2x the 2,000-frame figure). Also: the views' disk next to the table's (target <= 10%), and the
-whole batch from READY to refreshed views, the run process's start included (goal <= 60 s at
-20,000 frames on a quiet machine), and the CPU time the run's process tree used, per stage and
+whole batch from READY to refreshed views, the run process's start and exit included and shown
+apart (goal <= 60 s at 20,000 frames on a quiet machine), and the CPU time the run's process tree used, per stage and
 per batch: divided by the CPUs, the least a batch can take here however its work is ordered.
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
@@ -254,6 +254,7 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     rss: dict[str, list[int]] = {}
     whole: list[float] = []
     cpu: list[float] = []
+    outside: list[tuple[float, float]] = []  # (process start → first step, last step → process exit)
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance, \
             TreeSampler() as sampler:
         footage_run(instance, "base")
@@ -265,8 +266,10 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
             whole.append(t1 - t0)
             cpu.append(sampler.cpu_s(t0, t1))
             spans: dict[str, list[tuple[float, float]]] = {}
-            for key, span in step_spans(instance, run_id).items():
+            steps = step_spans(instance, run_id)
+            for key, span in steps.items():
                 spans.setdefault(stage_of(key), []).append(span)
+            outside.append((min(start for start, _ in steps.values()) - t0, t1 - max(end for _, end in steps.values())))
             line = []
             for stage, stage_spans in sorted(spans.items()):
                 seconds = sum(end - start for start, end in stage_spans)
@@ -276,7 +279,8 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
                 cpu_s = sum(sampler.cpu_s(start, end) for start, end in stage_spans)
                 line.append(f"{stage} {seconds:.1f} s, {cpu_s:.0f} s of CPU, {peak / 2**30:.2f} GB")
             print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views, {cpu[-1]:.0f} s of CPU: "
-                  f"{'; '.join(line)}", flush=True)
+                  f"run start {outside[-1][0]:.1f} s; {'; '.join(line)}; after the last step {outside[-1][1]:.1f} s",
+                  flush=True)
     uri = Path(settings.lancedb_uri())
     table_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}.lance"))
     views_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}_"))
@@ -284,6 +288,7 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     return {"stage_s": {k: statistics.median(v) for k, v in per_stage.items()},
             "stage_rss": {k: max(v) for k, v in rss.items()}, "whole_s": statistics.median(whole),
             "cpu_s": statistics.median(cpu),
+            "start_s": statistics.median(o[0] for o in outside), "exit_s": statistics.median(o[1] for o in outside),
             "views_fraction": views_disk / table_disk}
 
 
@@ -307,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {stage} | {s:.1f} | {l:.1f} | {l / s:.2f} | {rs / 2**30:.2f} → {rl / 2**30:.2f} | {rl / rs:.2f} |")
     print(f"whole batch, READY to refreshed views (median): {small['whole_s']:.1f} s at {args.sizes[0]}, "
           f"{large['whole_s']:.1f} s at {args.sizes[1]}")
+    print(f"of which outside the steps (median): the run process's start to its first step {small['start_s']:.1f} "
+          f"and {large['start_s']:.1f} s; its last step to its exit (Ray's stop, the process's) "
+          f"{small['exit_s']:.1f} and {large['exit_s']:.1f} s")
     cpus = os.cpu_count() or 1
     print(f"CPU time of the run's process tree (median): {small['cpu_s']:.0f} s at {args.sizes[0]}, "
           f"{large['cpu_s']:.0f} s at {args.sizes[1]}: on {cpus} CPUs a batch takes at least "
