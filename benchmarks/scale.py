@@ -3,15 +3,16 @@
 For each table size (default 2,000 and 20,000 frames of 1280x720 distinct JPEGs) the table is
 built and curated once, untimed, with its views. Then `--batches` READY batches of `--new`
 frames land one after another, and each goes through the footage run a sensor requests
-(raw_frames → curation columns → slice views → table_maintenance, with every check those
-steps launch), each run in a process of its own that starts its local Ray, as Dagster's run
-launcher and the lancedb resource do (so no run carries another's memory or Ray). Per stage
-the median seconds over the batches and the highest peak RSS of the run's process tree (its
-Ray included; sampled every 0.1 s) are compared between the sizes (targets: at 20,000 frames
-<= 1.2x the 2,000-frame figure). Also: the views' disk next to the table's (target <= 10%), and the
-whole batch from READY to refreshed views, the run process's start and exit included and shown
-apart (goal <= 60 s at 20,000 frames on a quiet machine), and the CPU time the run's process tree used, per stage and
-per batch: divided by the CPUs, the least a batch can take here however its work is ordered.
+(raw_frames → curation columns → table_maintenance → slice views, with every check those steps
+launch), each run in a process of its own that starts its local Ray, as Dagster's run launcher
+and the lancedb resource do (so no run carries another's memory or Ray). Per stage the median
+seconds over the batches and the highest peak RSS of the run's process tree (its Ray included;
+sampled every 0.1 s) are compared between the sizes (targets: at 20,000 frames <= 1.2x the
+2,000-frame figure). Also: the views' disk next to the table's (target <= 10%), and the whole
+batch from READY to refreshed views, the run process's start and exit included and shown apart
+(goal <= 60 s at 20,000 frames on a quiet machine), and the CPU time the run's process tree
+used, per stage and per batch: divided by the CPUs, the least a batch can take here however its
+work is ordered.
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
 random 9x8 block pattern so every frame has a distinct difference hash (none is a duplicate);
