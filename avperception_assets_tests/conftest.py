@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,29 @@ from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
 from avperception_assets.failure_modes import get_mode  # noqa: E402
 
 CURATED_SIZE = dict(width=640, height=360)
+RAY_WORKER_PORTS = range(10002, 20000)  # what a local Ray's workers bind (Ray's default range)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` localhost ports free now that no other process takes before servers are started
+    on them: outside the kernel's ephemeral range (what every bind to port 0 and every outgoing
+    connection gets, such as the other xdist worker's Ray) and above Ray's worker ports. A port
+    from a bind to port 0 may be handed to another process before the server binds it: the
+    two-node Ray test then most likely reached another process's server on its client port, and
+    every connection attempt timed out (2026-12-03)."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [p for p in range(RAY_WORKER_PORTS.stop, 65536) if not low <= p <= high]
+    free = []
+    for port in random.sample(ports, len(ports)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        free.append(port)
+        if len(free) == count:
+            return free
+    raise RuntimeError(f"fewer than {count} free localhost ports outside the ephemeral range")
 
 
 def build_frames_table(root: Path, batches: list[tuple[str, int, int]], layout: str = "det_20"):

@@ -24,19 +24,9 @@ from pathlib import Path
 import pytest
 
 from avperception_assets import ingest, slices, storage, synthetic
-from avperception_assets_tests.conftest import source_ids, view_ids
+from avperception_assets_tests.conftest import free_ports, source_ids, view_ids
 
 BIN = Path(sys.executable).parent
-RAY_WORKER_PORTS = range(10002, 20000)  # `ray start`'s default worker port range
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in RAY_WORKER_PORTS:
-            return port
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -66,7 +56,7 @@ def ray_cluster_env():
     runs them all; yields the environment a Dagster run needs to use them, and the cluster's
     session folder."""
     temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, client = _free_port(), _free_port()
+    gcs, client = free_ports(2)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "AVP_RAY_ADDRESS": f"ray://127.0.0.1:{client}"}
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import requests
 
 from avperception_assets import synthetic
 from avperception_assets.definitions import defs
+from avperception_assets_tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -33,12 +33,6 @@ RUN_STATUS = "query Run($id: ID!) { runOrError(runId: $id) { ... on Run { status
 NUX_SEEN = "mutation { setNuxSeen }"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
     response = requests.post(f"{url}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
     response.raise_for_status()
@@ -55,7 +49,7 @@ def webserver(tmp_path_factory):
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     synthetic.write_batch(data_dir / "landing", "ui-batch", 6, seed=5)
-    port = _free_port()
+    [port] = free_ports(1)
     # Sensors stopped: the daemon must not start its own ingestion run of the test batch.
     env = {**os.environ, "AVP_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home), "AVP_SENSORS_DEFAULT_STATUS": "stopped"}
     process = subprocess.Popen(
