@@ -4,6 +4,6 @@ The plain-Python stages (ingest, curation, slices, loader, training, evaluation,
 know nothing of Dagster; `avperception_assets.defs` wires them into assets.
 """
 
-from .lazy_imports import defer_unused_imports
+from avperception_assets.patches.imports import defer_unused_imports
 
 defer_unused_imports()

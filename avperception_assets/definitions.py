@@ -4,9 +4,8 @@ import os
 
 import dagster as dg
 
-from .defs import (audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets,
-                   maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets)
-from .defs.resources import LanceDBResource
+from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets
+from avperception_assets.defs.resources import LanceDBResource
 
 defs = dg.Definitions.merge(
     ingest_assets.defs,

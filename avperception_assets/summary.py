@@ -1,19 +1,6 @@
-"""Print the failure-mode summary that `failure_mode_summary` wrote (the end of `make demo`)."""
+"""`python -m avperception_assets.summary`: the command-line entry point of `evaluation.summary`."""
 
-import sys
-
-from . import settings
-
-
-def main() -> int:
-    path = settings.reports_dir() / "summary.md"
-    if not path.is_file():
-        print(f"no summary at {path}: materialize failure_mode_summary first", file=sys.stderr)
-        return 1
-    print(path.read_text())
-    print(f"reports: {settings.reports_dir()}")
-    return 0
-
+from avperception_assets.evaluation.summary import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

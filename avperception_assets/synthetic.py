@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .landing import READY_MARKER
+from avperception_assets.ingest.landing import READY_MARKER
 
 LAYOUTS = ("det_20", "split_list_2018", "per_image_2018")
 
@@ -315,7 +315,7 @@ def write_batch(landing_dir: Path, batch_id: str, num_frames: int, *, seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import settings
+    from avperception_assets import workspace as settings
 
     parser = argparse.ArgumentParser(description="Write a synthetic BDD100K landing batch.")
     parser.add_argument("--batch-id", required=True)

@@ -23,10 +23,14 @@ os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; read when Geneva is imported
 
-from avperception_assets import curation, ingest, pixels, settings, slices, storage, synthetic  # noqa: E402
+from avperception_assets.curation import columns as curation
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import pixels, tables as storage
+from avperception_assets import workspace as settings, synthetic
+from avperception_assets.slices import views as slices
 from avperception_assets.defs import evaluation_assets, training_assets  # noqa: E402
 from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
-from avperception_assets.failure_modes import get_mode  # noqa: E402
+from avperception_assets.failure_modes.registry import get_mode
 
 CURATED_SIZE = dict(width=640, height=360)
 RAY_WORKER_PORTS = range(10002, 20000)  # what a local Ray's workers bind (Ray's default range)

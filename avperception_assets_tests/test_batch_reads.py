@@ -28,7 +28,10 @@ def _rchar() -> int:
 
 def _stage_reads(root: Path, old_frames: int) -> dict[str, int]:
     """Bytes each stage reads while a batch of NEW_FRAMES lands on a table of `old_frames`."""
-    from avperception_assets import ingest, ingest_checks, maintenance, storage, synthetic
+    from avperception_assets.ingest import frames as ingest, checks as ingest_checks
+    from avperception_assets.curation import maintenance
+    from avperception_assets.storage import tables as storage
+    from avperception_assets import synthetic
 
     landing, conn = root / "landing", storage.connect(str(root / "lancedb"))
 

@@ -17,8 +17,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from avperception_assets import curation, curation_checks, curation_udfs, image_checks, ingest, ingest_checks, storage, synthetic
-from avperception_assets.bdd100k import PERSON_CLASSES
+from avperception_assets.curation import columns as curation, checks as curation_checks, udfs as curation_udfs
+from avperception_assets.ingest import image_checks, frames as ingest, checks as ingest_checks
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
+from avperception_assets.formats.taxonomy import PERSON_CLASSES
 
 from .conftest import (CURATED_SIZE, append_rows, build_frames_table, copy_curated_db, damaged_inside,
                        near_duplicate_rows)
@@ -224,7 +227,7 @@ def _random_detector(path: Path, person_bias: float) -> Path:
     """A randomly initialised CPU-profile detector whose person logit is shifted by `person_bias`."""
     import torch
 
-    from avperception_assets import detector
+    from avperception_assets.model import detector
 
     torch.manual_seed(0)
     model = detector.build_detector(detector.get_profile("cpu"), detector.WEIGHTS_NONE)
@@ -239,7 +242,7 @@ def _expected_pct(path: Path, jpegs: list[bytes], threshold: float) -> list[floa
     import torch
     from torchvision.transforms.functional import pil_to_tensor
 
-    from avperception_assets import detector
+    from avperception_assets.model import detector
 
     model = detector.build_detector(detector.get_profile("cpu"), str(path)).eval()
     values = []

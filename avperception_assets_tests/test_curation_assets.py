@@ -5,7 +5,9 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from avperception_assets import ingest, storage, synthetic
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from avperception_assets.defs import curation_assets
 from avperception_assets.defs.resources import LanceDBResource
 

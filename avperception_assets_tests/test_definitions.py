@@ -12,7 +12,7 @@ from avperception_assets.defs import (curation_assets, deployment_assets, evalua
                                       maintenance_assets, sensors, slice_assets, training_assets)
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.definitions import defs
-from avperception_assets.failure_modes import FAILURE_MODES, FailureMode
+from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode
 
 MODES = ("rider", "nighttime_person", "distant_person")
 COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avperception_assets import bdd100k, detections
+from avperception_assets.formats import taxonomy as bdd100k
+from avperception_assets.model import detections
 
 PERSON, CAR = bdd100k.COCO_IDS["pedestrian"], bdd100k.COCO_IDS["car"]
 

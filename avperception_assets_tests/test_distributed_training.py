@@ -18,10 +18,12 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets import detector, loader, settings, storage, training
+from avperception_assets.model import detector, loader, training
+from avperception_assets import workspace as settings
+from avperception_assets.storage import tables as storage
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.training_assets import TrainingConfig, build_training_defs
-from avperception_assets.failure_modes import FailureMode
+from avperception_assets.failure_modes.registry import FailureMode
 
 from .conftest import TINY_TRAINING, build_frames_table
 
@@ -54,7 +56,7 @@ def test_two_gloo_ranks_cover_the_epoch_once_and_write_one_checkpoint(tmp_path):
     assert sorted(ranks[0] + ranks[1]) == sorted(whole) and not set(ranks[0]) & set(ranks[1])
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt", "train_state.pt"]
     training.load_checkpoint(out)  # rank 0's state_dict, without DDP's `module.` prefix
-    cli = subprocess.run([sys.executable, "-m", "avperception_assets.training", "reproduce", str(out), "--rank", "1"],
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(out), "--rank", "1"],
                          capture_output=True, text=True, check=True)
     assert cli.stdout.splitlines()[1:] == ranks[1] and "rank 1 of 2" in cli.stdout
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avperception_assets import bdd100k, detector, evaluation, ingest, reports, storage, synthetic, tiling
-from avperception_assets.evaluation import BASELINE, FINETUNED
+from avperception_assets.formats import taxonomy as bdd100k
+from avperception_assets.model import detector, tiling
+from avperception_assets.evaluation import comparison as evaluation, reports
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
+from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 
 PERSON = bdd100k.COCO_IDS["pedestrian"]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from avperception_assets import storage
+from avperception_assets.storage import tables as storage
 from avperception_assets.defs import evaluation_assets
 from avperception_assets.defs.evaluation_assets import EvalReportConfig
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.evaluation import BASELINE, FINETUNED
-from avperception_assets.failure_modes import Tiling, get_mode
-from avperception_assets.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON, TILED_PREDICTIONS_FILES
+from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
+from avperception_assets.failure_modes.registry import Tiling, get_mode
+from avperception_assets.evaluation.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON, TILED_PREDICTIONS_FILES
 
 from .conftest import RIDER, TINY_TILING
 

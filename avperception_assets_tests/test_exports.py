@@ -13,11 +13,14 @@ import pyarrow.compute as pc
 import pytest
 from pycocotools.coco import COCO
 
-from avperception_assets import exports, ingest, pixels, storage, synthetic
-from avperception_assets.bdd100k import CLASSES
+from avperception_assets.slices import exports
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import pixels, tables as storage
+from avperception_assets import synthetic
+from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.defs.export_jobs import slice_export
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.landing import READY_MARKER
+from avperception_assets.ingest.landing import READY_MARKER
 
 VIEW = "bdd100k_rider_val"
 

@@ -6,7 +6,8 @@ import sys
 import lance
 import pyarrow as pa
 
-from avperception_assets import geneva_workarounds, storage
+from avperception_assets.patches import geneva as geneva_workarounds
+from avperception_assets.storage import tables as storage
 
 FILTER = "split = 'train' AND x >= 10"
 

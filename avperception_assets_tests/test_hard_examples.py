@@ -9,8 +9,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from avperception_assets import bdd100k, detector, hard_examples, loader, storage, training
-from avperception_assets.vector_index import VECTOR_COLUMN
+from avperception_assets.formats import taxonomy as bdd100k
+from avperception_assets.model import detector, loader, training
+from avperception_assets.discovery import hard_examples
+from avperception_assets.storage import tables as storage
+from avperception_assets.discovery.vector_index import VECTOR_COLUMN
 
 from .conftest import build_frames_table
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from avperception_assets import bdd100k, image_checks, ingest, storage, synthetic
-from avperception_assets.landing import READY_MARKER, ready_batches
+from avperception_assets.formats import taxonomy as bdd100k
+from avperception_assets.ingest import image_checks, frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
+from avperception_assets.ingest.landing import READY_MARKER, ready_batches
 
 from .conftest import build_frames_table
 

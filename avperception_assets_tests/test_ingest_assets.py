@@ -6,8 +6,10 @@ import time
 
 import dagster as dg
 
-from avperception_assets import ingest_checks, storage, synthetic
-from avperception_assets.landing import READY_MARKER
+from avperception_assets.ingest import checks as ingest_checks
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
+from avperception_assets.ingest.landing import READY_MARKER
 from avperception_assets.defs import audit_jobs, ingest_assets
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.sensors import new_footage_sensor

@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from avperception_assets import class_names, ingest, storage
-from avperception_assets.failure_modes import get_mode
-from avperception_assets.landing import READY_MARKER
+from avperception_assets.formats import class_names
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets.failure_modes.registry import get_mode
+from avperception_assets.ingest.landing import READY_MARKER
 
 WIDTH, HEIGHT = 100, 50
 SCENE = ("weather", "scene", "timeofday", "timestamp")

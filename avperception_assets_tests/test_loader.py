@@ -11,10 +11,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from avperception_assets import loader, storage
-from avperception_assets.bdd100k import COCO_IDS
-from avperception_assets.decoding import decode
-from avperception_assets.pixels import PixelReader
+from avperception_assets.model import loader
+from avperception_assets.storage import tables as storage
+from avperception_assets.formats.taxonomy import COCO_IDS
+from avperception_assets.storage.decoding import decode
+from avperception_assets.storage.pixels import PixelReader
 
 from .conftest import build_frames_table
 

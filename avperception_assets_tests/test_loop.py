@@ -7,12 +7,16 @@ import json
 import dagster as dg
 import pytest
 
-from avperception_assets import curation, maintenance, settings, slices, storage, synthetic, training
+from avperception_assets.curation import columns as curation, maintenance
+from avperception_assets import workspace as settings, synthetic
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
+from avperception_assets.model import training
 from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
                                       slice_assets, training_assets)
 from avperception_assets.defs.names import latest_metadata
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.failure_modes import FAILURE_MODES
+from avperception_assets.failure_modes.registry import FAILURE_MODES
 
 from .conftest import copy_curated_db, source_ids, view_ids
 

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from avperception_assets import maintenance, storage, vector_index
+from avperception_assets.curation import maintenance
+from avperception_assets.storage import tables as storage
+from avperception_assets.discovery import vector_index
 
 INDEXES = {"image_id": "BTREE", "split": "BITMAP", "ann_categories": "LABEL_LIST"}
 BIG = 40  # rows a compacted fragment holds in these tests

@@ -13,12 +13,14 @@ import onnxruntime
 import pytest
 import torch
 
-from avperception_assets import onnx_export, settings, training
+from avperception_assets.deployment import onnx as onnx_export
+from avperception_assets import workspace as settings
+from avperception_assets.model import training
 from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_onnx_model_asset
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.detections import predict
-from avperception_assets.evaluation import view_batches
-from avperception_assets.loader import model_inputs
+from avperception_assets.model.detections import predict
+from avperception_assets.evaluation.comparison import view_batches
+from avperception_assets.model.loader import model_inputs
 
 from .conftest import RIDER
 

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from avperception_assets import ingest, slices, storage, synthetic
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from avperception_assets_tests.conftest import free_ports, source_ids, view_ids
 
 BIN = Path(sys.executable).parent

@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from avperception_assets import bdd100k, detections, evaluation, reports
-from avperception_assets.evaluation import BASELINE, FINETUNED
+from avperception_assets.formats import taxonomy as bdd100k
+from avperception_assets.model import detections
+from avperception_assets.evaluation import comparison as evaluation, reports
+from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 
 from .test_detections import CAR, PERSON, TARGETS, pred, target
 
@@ -318,7 +320,8 @@ def test_report_shows_sizes_confusion_curves_and_worst_frames(written_report):
 
 
 def test_eval_frames_table_is_versioned_with_each_report(hand_built_evaluation, tmp_path):
-    from avperception_assets import frame_errors, storage
+    from avperception_assets.evaluation import frame_errors
+    from avperception_assets.storage import tables as storage
 
     conn = storage.connect(str(tmp_path / "db"))
     names = detections.coco_category_names()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from avperception_assets.retrain_policy import RetrainPolicy
+from avperception_assets.model.retrain_policy import RetrainPolicy
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from avperception_assets import ingest_checks, storage, synthetic
+from avperception_assets.ingest import checks as ingest_checks
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from avperception_assets.defs.names import LANCEDB_WRITES_POOL
 from avperception_assets.defs.run_recovery import dead_run_sensor, process_alive
 

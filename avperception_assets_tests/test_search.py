@@ -10,8 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from avperception_assets import curation, curation_udfs, detector, embeddings, maintenance, search, slices, storage
-from avperception_assets.failure_modes import FailureMode, FailureModeError
+from avperception_assets.curation import columns as curation, udfs as curation_udfs, maintenance
+from avperception_assets.model import detector
+from avperception_assets.discovery import embeddings, search
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
+from avperception_assets.failure_modes.registry import FailureMode, FailureModeError
 from avperception_assets_tests.conftest import append_rows, build_frames_table, near_duplicate_rows, source_ids, view_ids
 
 FRAMES = 120

@@ -6,9 +6,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from avperception_assets import curation, evaluation, failure_modes, ingest, loader, pixels, slices, storage, synthetic
-from avperception_assets.decoding import decode
-from avperception_assets.failure_modes import FAILURE_MODES, FailureMode, FailureModeError
+from avperception_assets.curation import columns as curation
+from avperception_assets.evaluation import comparison as evaluation
+from avperception_assets.failure_modes import registry as failure_modes
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.model import loader
+from avperception_assets.storage import pixels, tables as storage
+from avperception_assets.slices import views as slices
+from avperception_assets import synthetic
+from avperception_assets.storage.decoding import decode
+from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, FailureModeError
 from avperception_assets_tests.conftest import copy_curated_db, source_ids, view_ids
 
 RIDER = FAILURE_MODES[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avperception_assets import tiling
+from avperception_assets.model import tiling
 
 PERSON = 1
 
@@ -92,7 +92,7 @@ def test_the_whole_frame_finds_what_no_tile_holds():
 
 
 def test_tiled_sets_the_models_input_size_to_the_tile():
-    from avperception_assets import detector
+    from avperception_assets.model import detector
 
     model = detector.build_detector(detector.get_profile("cpu", min_size=160, max_size=284))
     wrapped = tiling.tiled(model, 128, 0.25)

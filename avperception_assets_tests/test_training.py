@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from avperception_assets import detector, loader, storage, training
+from avperception_assets.model import detector, loader, training
+from avperception_assets.storage import tables as storage
 
 from .conftest import build_frames_table
 
@@ -179,7 +180,7 @@ def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
 
     assert training.reproduce_order(metadata, epoch=0) == order
     assert training.reproduce_order(metadata, epoch=1) != order
-    cli = subprocess.run([sys.executable, "-m", "avperception_assets.training", "reproduce", str(out)],
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(out)],
                          capture_output=True, text=True, check=True)
     assert cli.stdout.splitlines()[1:] == order
 

@@ -9,10 +9,13 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets import detector, loader, maintenance, settings, storage, training
+from avperception_assets.model import detector, loader, training
+from avperception_assets.curation import maintenance
+from avperception_assets import workspace as settings
+from avperception_assets.storage import tables as storage
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.training_assets import FineTuneConfig, TrainingConfig, build_training_defs
-from avperception_assets.failure_modes import FailureMode, get_mode
+from avperception_assets.failure_modes.registry import FailureMode, get_mode
 
 from .conftest import TINY_TRAINING, build_frames_table
 

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from avperception_assets import storage, vector_index
-from avperception_assets.curation_udfs import UNIQUENESS_CAP, uniqueness
-from avperception_assets.vector_index import ensure_vector_index, nearest, nearest_each
+from avperception_assets.storage import tables as storage
+from avperception_assets.discovery import vector_index
+from avperception_assets.curation.udfs import UNIQUENESS_CAP, uniqueness
+from avperception_assets.discovery.vector_index import ensure_vector_index, nearest, nearest_each
 
 DIM = 32
 MIN_ROWS = 300  # above the 256 vectors PQ training needs

@@ -105,7 +105,7 @@ def test_materialization_launched_through_graphql_succeeds(webserver):
         status = _graphql(url, RUN_STATUS, {"id": run_id})["runOrError"]["status"]
     assert status == "SUCCESS"
 
-    from avperception_assets import storage
+    from avperception_assets.storage import tables as storage
 
     table = storage.connect(str(data_dir / "lancedb")).open_table(storage.FRAMES_TABLE)
     assert table.count_rows() == 6

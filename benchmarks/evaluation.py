@@ -26,7 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets import detections, detector, evaluation, ingest, reports, storage, synthetic  # noqa: E402
+from avperception_assets.model import detections, detector
+from avperception_assets.evaluation import comparison as evaluation, reports
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from targets import target  # noqa: E402
 
 

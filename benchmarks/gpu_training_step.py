@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from avperception_assets import detector, loader, training  # noqa: E402
+from avperception_assets.model import detector, loader, training
 from targets import target  # noqa: E402
 
 HEIGHT, WIDTH = 720, 1280

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from avperception_assets import ingest, storage, synthetic
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from targets import target
 
 

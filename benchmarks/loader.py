@@ -42,7 +42,11 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets import ingest, loader, slices, storage, synthetic  # noqa: E402
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.model import loader
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from targets import target  # noqa: E402
 
 TO_FLOAT = v2.ToDtype(torch.float32, scale=True)

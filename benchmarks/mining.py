@@ -26,9 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets import detector, evaluation, hard_examples, loader, settings, storage, training  # noqa: E402
-from avperception_assets.failure_modes import FAILURE_MODES  # noqa: E402
-from avperception_assets.slices import view_name  # noqa: E402
+from avperception_assets.model import detector, loader, training
+from avperception_assets.evaluation import comparison as evaluation
+from avperception_assets.discovery import hard_examples
+from avperception_assets import workspace as settings
+from avperception_assets.storage import tables as storage
+from avperception_assets.failure_modes.registry import FAILURE_MODES
+from avperception_assets.slices.views import view_name
 from targets import target  # noqa: E402
 
 VARIANTS = ("plain", "mining")

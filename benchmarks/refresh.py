@@ -22,7 +22,11 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; set before geneva imports tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets import curation, ingest, slices, storage, synthetic  # noqa: E402
+from avperception_assets.curation import columns as curation
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
 from targets import target  # noqa: E402
 
 SIZE = dict(width=640, height=360)

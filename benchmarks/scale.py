@@ -85,7 +85,7 @@ def _distinct(args) -> list[tuple[str, bytes]]:
 
 def land_batch(landing: Path, batch_id: str, frames: int, pool: list[tuple[bytes, dict, str]], seed: int) -> Path:
     """A READY det_20 batch of `frames` distinct frames (each keeps its pool frame's split)."""
-    from avperception_assets.landing import READY_MARKER
+    from avperception_assets.ingest.landing import READY_MARKER
 
     batch = landing / batch_id
     jpegs = [p[0] for p in pool]
@@ -188,7 +188,7 @@ def step_spans(instance, run_id: str) -> dict[str, tuple[float, float]]:
 
 def stage_of(step_key: str) -> str:
     """The stage a step belongs to: an asset step, or a check step of that asset's stage."""
-    from avperception_assets import curation
+    from avperception_assets.curation import columns as curation
 
     if step_key in STAGES:
         return step_key
@@ -244,7 +244,8 @@ def footage_run(instance, batch_id: str) -> tuple[str, float, float]:
 def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     import dagster as dg
 
-    from avperception_assets import settings, storage
+    from avperception_assets import workspace as settings
+    from avperception_assets.storage import tables as storage
 
     os.environ["AVP_DATA_DIR"] = str(root)
     landing = settings.landing_dir()

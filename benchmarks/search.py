@@ -42,9 +42,12 @@ import lancedb  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from avperception_assets import curation_udfs, embeddings, storage, synthetic  # noqa: E402
-from avperception_assets.maintenance import FRAGMENT_ROWS  # noqa: E402
-from avperception_assets.vector_index import METRIC, VECTOR_COLUMN, ensure_vector_index, nearest  # noqa: E402
+from avperception_assets.curation import udfs as curation_udfs
+from avperception_assets.discovery import embeddings
+from avperception_assets.storage import tables as storage
+from avperception_assets import synthetic
+from avperception_assets.curation.maintenance import FRAGMENT_ROWS
+from avperception_assets.discovery.vector_index import METRIC, VECTOR_COLUMN, ensure_vector_index, nearest
 from targets import target  # noqa: E402
 
 K = 10

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from avperception_assets import ingest, storage  # noqa: E402
-from avperception_assets.maintenance import COLUMN_INDEXES  # noqa: E402
+from avperception_assets.ingest import frames as ingest
+from avperception_assets.storage import tables as storage
+from avperception_assets.curation.maintenance import COLUMN_INDEXES
 from targets import target  # noqa: E402
 
 BATCH = 500

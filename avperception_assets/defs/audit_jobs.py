@@ -4,9 +4,11 @@ reported once; this job finds every one. Its weekly schedule is off until a user
 
 import dagster as dg
 
-from .. import curation, curation_checks, ingest_checks, storage
-from .curation_assets import COLUMNS as CURATION_COLUMNS
-from .resources import LanceDBResource
+from avperception_assets.curation import columns as curation, checks as curation_checks
+from avperception_assets.ingest import checks as ingest_checks
+from avperception_assets.storage import tables as storage
+from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
+from avperception_assets.defs.resources import LanceDBResource
 
 # Ingestion checks structure only; curation quarantines what does not decode, so that one warns.
 WARN_ONLY = {"frames_decode"}

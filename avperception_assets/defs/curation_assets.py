@@ -10,11 +10,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from .. import curation, curation_checks, embeddings, storage
-from ..failure_modes import FAILURE_MODES
-from .names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
-from .resources import LanceDBResource
-from .training_assets import base_checkpoints_dir
+from avperception_assets.curation import columns as curation, checks as curation_checks
+from avperception_assets.discovery import embeddings
+from avperception_assets.storage import tables as storage
+from avperception_assets.failure_modes.registry import FAILURE_MODES
+from avperception_assets.defs.names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
+from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.training_assets import base_checkpoints_dir
 
 DESCRIPTIONS = {
     "has_person": "Frame has at least one annotated pedestrian (any BDD name for a person).",

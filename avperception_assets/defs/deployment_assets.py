@@ -10,10 +10,10 @@ the run fails with the figures. Torch, onnx and onnxruntime are imported inside 
 import dagster as dg
 from pydantic import Field
 
-from .. import settings
-from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
-from .names import DEPLOYMENT, checkpoint_key, latest_checkpoint_dir, onnx_model_key
-from .resources import LanceDBResource
+from avperception_assets import workspace as settings
+from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.defs.names import DEPLOYMENT, checkpoint_key, latest_checkpoint_dir, onnx_model_key
+from avperception_assets.defs.resources import LanceDBResource
 
 
 class OnnxExportConfig(dg.Config):
@@ -34,7 +34,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
     )
     def _onnx_model(context: dg.AssetExecutionContext, config: OnnxExportConfig,
                     lancedb: LanceDBResource) -> dg.MaterializeResult:
-        from .. import onnx_export
+        from avperception_assets.deployment import onnx as onnx_export
 
         folder = latest_checkpoint_dir(context.instance, mode)
         try:

@@ -15,13 +15,12 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from .. import settings
-from ..failure_modes import FAILURE_MODES, FailureMode, Tiling, check_registry
-from ..slices import view_name
-from .names import (BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key,
-                    latest_checkpoint_dir, latest_metadata, view_key)
-from .resources import LanceDBResource
-from .training_assets import base_model
+from avperception_assets import workspace as settings
+from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, Tiling, check_registry
+from avperception_assets.slices.views import view_name
+from avperception_assets.defs.names import BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_checkpoint_dir, latest_metadata, view_key
+from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.training_assets import base_model
 
 
 class EvalReportConfig(dg.Config):
@@ -51,7 +50,7 @@ class EvalReportConfig(dg.Config):
 
 def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
     """The mode's latest checkpoint (best epoch) and what the report records about it."""
-    from .. import training
+    from avperception_assets.model import training
 
     key = checkpoint_key(mode)
     folder = latest_checkpoint_dir(context.instance, mode)
@@ -66,8 +65,8 @@ def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
 def _figures(report) -> dict:
     """Headline numbers as Dagster metadata (plottable across materializations): `mode_*` over
     the mode's classes, `all_classes_*` over every class of the val view."""
-    from ..evaluation import BASELINE, FINETUNED
-    from ..reports import SCOPES, delta_pct, scoped
+    from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
+    from avperception_assets.evaluation.reports import SCOPES, delta_pct, scoped
 
     figures = {}
     for scope in SCOPES:
@@ -80,7 +79,7 @@ def _figures(report) -> dict:
 
 def _tiled_figures(report) -> dict:
     """Inference time per frame, and with tiling each model's tiled figures over the mode's classes."""
-    from ..evaluation import BASELINE, FINETUNED
+    from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 
     figures = {f"seconds_per_frame_{model}": report.data["seconds_per_frame"][model] for model in (BASELINE, FINETUNED)}
     tiling = report.data["tiling"]
@@ -93,7 +92,7 @@ def _tiled_figures(report) -> dict:
 
 def _tiling_metadata(report) -> dict:
     """The table of both models untiled and tiled, and the tiling; nothing without tiling."""
-    from ..reports import tiling_markdown
+    from avperception_assets.evaluation.reports import tiling_markdown
 
     tiling = report.data["tiling"]
     if not tiling:
@@ -110,7 +109,8 @@ def _inference_spec(spec: Tiling) -> dict:
 def _evaluate_tiled(uri: str, view: dict, models: dict, mode: FailureMode, spec: Tiling, batch_size: int):
     """The same frames again, each model on tiles. `tiling.tiled` changes the models' input size,
     so it takes them over once their untiled pass is done."""
-    from .. import evaluation, tiling
+    from avperception_assets.evaluation import comparison as evaluation
+    from avperception_assets.model import tiling
 
     tiled = {name: tiling.tiled(model, spec.tile_size, spec.overlap, whole_frame=spec.whole_frame,
                                 batch_size=batch_size) for name, model in models.items()}
@@ -121,8 +121,8 @@ def _evaluate_tiled(uri: str, view: dict, models: dict, mode: FailureMode, spec:
 
 def _write_eval_frames(lancedb: LanceDBResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
     """Every frame's matches, both models, as `<mode>_eval_frames`; returns its name and version."""
-    from .. import frame_errors
-    from ..detections import coco_category_names
+    from avperception_assets.evaluation import frame_errors
+    from avperception_assets.model.detections import coco_category_names
 
     rows = frame_errors.frame_rows(result.frame_errors, result.image_ids, result.class_ids, coco_category_names())
     version = frame_errors.write_table(lancedb.connect(), mode.name, rows, {
@@ -149,7 +149,7 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
                 lancedb: LanceDBResource) -> dg.MaterializeResult:
-        from .. import evaluation, reports
+        from avperception_assets.evaluation import comparison as evaluation, reports
 
         spec = config.resolve_tiling(mode)
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
@@ -213,7 +213,7 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
                     "(also reports/summary.md and summary.json).",
     )
     def _summary(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        from .. import reports
+        from avperception_assets.evaluation import reports
 
         written, missing = {}, []
         for mode in modes:

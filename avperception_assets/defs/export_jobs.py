@@ -7,9 +7,10 @@ from enum import Enum
 import dagster as dg
 from pydantic import Field
 
-from .. import exports, settings
-from ..slices import all_views, view_name
-from .resources import LanceDBResource
+from avperception_assets.slices import exports
+from avperception_assets import workspace as settings
+from avperception_assets.slices.views import all_views, view_name
+from avperception_assets.defs.resources import LanceDBResource
 
 
 class ExportFormat(Enum):

@@ -5,9 +5,11 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from .. import ingest, ingest_checks, settings, storage
-from .names import INGEST, LANCEDB_WRITES_POOL, RAW_FRAMES, latest_metadata
-from .resources import LanceDBResource
+from avperception_assets.ingest import frames as ingest, checks as ingest_checks
+from avperception_assets import workspace as settings
+from avperception_assets.storage import tables as storage
+from avperception_assets.defs.names import INGEST, LANCEDB_WRITES_POOL, RAW_FRAMES, latest_metadata
+from avperception_assets.defs.resources import LanceDBResource
 
 
 class RawFramesConfig(dg.Config):

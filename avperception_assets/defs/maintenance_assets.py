@@ -9,10 +9,11 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from .. import maintenance, settings
-from .curation_assets import COLUMNS as CURATION_COLUMNS
-from .names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
-from .resources import LanceDBResource
+from avperception_assets.curation import maintenance
+from avperception_assets import workspace as settings
+from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
+from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
+from avperception_assets.defs.resources import LanceDBResource
 
 
 class MaintenanceConfig(dg.Config):

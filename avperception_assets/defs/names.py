@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..failure_modes import FailureMode
-from ..slices import view_name
+from avperception_assets.failure_modes.registry import FailureMode
+from avperception_assets.slices.views import view_name
 
 # Groups, in pipeline order.
 INGEST = "ingest"

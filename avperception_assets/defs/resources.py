@@ -5,8 +5,8 @@ import contextlib
 import dagster as dg
 from pydantic import PrivateAttr
 
-from .. import storage
-from .run_recovery import fail_dead_runs
+from avperception_assets.storage import tables as storage
+from avperception_assets.defs.run_recovery import fail_dead_runs
 
 
 class LanceDBResource(dg.ConfigurableResource):

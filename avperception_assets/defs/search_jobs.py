@@ -7,8 +7,9 @@ from enum import Enum
 import dagster as dg
 from pydantic import Field
 
-from .. import search, settings
-from .resources import LanceDBResource
+from avperception_assets.discovery import search
+from avperception_assets import workspace as settings
+from avperception_assets.defs.resources import LanceDBResource
 
 
 class SearchKind(Enum):
@@ -35,7 +36,7 @@ class FrameSearchConfig(dg.Config):
 
 @dg.op(description="Run one frame search; its metadata shows the results and their contact sheet.")
 def search_frames(context: dg.OpExecutionContext, config: FrameSearchConfig, lancedb: LanceDBResource) -> dict:
-    from .. import reports  # imports torch: not when definitions load
+    from avperception_assets.evaluation import reports
 
     uri = lancedb.uri or settings.lancedb_uri()
     try:

@@ -11,13 +11,14 @@ import os
 
 import dagster as dg
 
-from .. import detector, ingest, settings
-from ..failure_modes import FAILURE_MODES, check_registry
-from ..retrain_policy import RetrainPolicy
-from .ingest_assets import RawFramesConfig
-from .names import (BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key,
-                    eval_report_key, latest_metadata, view_key)
-from .resources import LanceDBResource
+from avperception_assets.model import detector
+from avperception_assets.ingest import frames as ingest
+from avperception_assets import workspace as settings
+from avperception_assets.failure_modes.registry import FAILURE_MODES, check_registry
+from avperception_assets.model.retrain_policy import RetrainPolicy
+from avperception_assets.defs.ingest_assets import RawFramesConfig
+from avperception_assets.defs.names import BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key, eval_report_key, latest_metadata, view_key
+from avperception_assets.defs.resources import LanceDBResource
 
 # Ingestion and everything that refreshes with it; retraining is the growth sensor's call, and an
 # ONNX export a deliberate step of a deployment.

@@ -9,10 +9,10 @@ same definitions from any registry (tests, or a deployment with its own modes).
 
 import dagster as dg
 
-from .. import slices
-from ..failure_modes import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
-from .names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
-from .resources import LanceDBResource
+from avperception_assets.slices import views as slices
+from avperception_assets.failure_modes.registry import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
+from avperception_assets.defs.resources import LanceDBResource
 
 CHECK_NAME = "row_count_matches_source"
 

@@ -18,12 +18,12 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from .. import settings
-from ..failure_modes import FAILURE_MODES, FailureMode, check_registry
-from ..slices import view_name
-from ..storage import FRAMES_TABLE
-from .names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
-from .resources import LanceDBResource
+from avperception_assets import workspace as settings
+from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.slices.views import view_name
+from avperception_assets.storage.tables import FRAMES_TABLE
+from avperception_assets.defs.names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
+from avperception_assets.defs.resources import LanceDBResource
 
 AUTO_WEIGHTS = "auto"
 # Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
@@ -35,7 +35,7 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     """The table versions a training run trains on (`pin()`: name -> latest version). A retry
     takes the ones its run's first attempt pinned, so it resumes that attempt's epochs even when
     curation or a view refresh committed a newer version in between."""
-    from .. import training
+    from avperception_assets.model import training
 
     record = folder / "run_pins" / f"{context.run_id}.json"
     if context.retry_number and record.is_file():
@@ -76,7 +76,7 @@ class TrainingConfig(dg.Config):
                         finetune_epochs: int | None = None):
         """The profile, as a fine-tune if asked, as a mode needs it (raised to its input size,
         trained on its crops, for its epochs), then this config's overrides."""
-        from ..detector import get_profile
+        from avperception_assets.model.detector import get_profile
 
         profile = get_profile(self.profile)
         if finetune:
@@ -87,7 +87,7 @@ class TrainingConfig(dg.Config):
             "max_size": self.max_size, "num_workers": self.num_workers}.items() if v is not None})
 
     def resolve_weights(self, architecture: str) -> str:
-        from ..detector import WEIGHTS_COCO, WEIGHTS_NONE, coco_weights_path
+        from avperception_assets.model.detector import WEIGHTS_COCO, WEIGHTS_NONE, coco_weights_path
 
         if self.weights != AUTO_WEIGHTS:
             return self.weights
@@ -116,7 +116,7 @@ def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
     lines reach the run, and rank 0 reports the checkpoint's metadata (returned here)."""
     from dagster._core.errors import DagsterPipesExecutionError
 
-    from .. import training
+    from avperception_assets.model import training
 
     options = _torchrun_options(config, context.run_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,8 @@ def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
 )
 def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
                   lancedb: LanceDBResource) -> dg.MaterializeResult:
-    from .. import loader, training
-    from ..detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
+    from avperception_assets.model import loader, training
+    from avperception_assets.model.detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
 
     profile = config.resolve_profile(finetune=False)
     weights = config.resolve_weights(profile.architecture)
@@ -189,7 +189,7 @@ def base_weights(context: dg.AssetExecutionContext) -> str:
 def base_model(context: dg.AssetExecutionContext, profile: dict):
     """The base detector at a fine-tune's profile (`training.starting_model`) and what a report
     or a checkpoint records about it."""
-    from .. import training
+    from avperception_assets.model import training
 
     model, info = training.starting_model(base_weights(context), profile)
     return model, {"source": "base_detector", **info}
@@ -211,7 +211,7 @@ class FineTuneConfig(TrainingConfig):
 def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, spec):
     """Score the train view's new frames with the base detector at the fine-tune's input size;
     the sampling the run records, and how many frames were scored."""
-    from .. import hard_examples
+    from avperception_assets.discovery import hard_examples
 
     profile = spec.profile
     model, info = base_model(context, profile.as_dict())
@@ -241,7 +241,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
     )
     def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
                     lancedb: LanceDBResource) -> dg.MaterializeResult:
-        from .. import loader, training
+        from avperception_assets.model import loader, training
 
         uri = _uri(lancedb)
         try:

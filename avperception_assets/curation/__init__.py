@@ -1,0 +1,1 @@
+"""Curation: the computed columns of the frames table (Geneva UDF backfills), their checks and table maintenance."""

@@ -1,0 +1,1 @@
+"""Discovery: frame embeddings, the vector index, search, and hard-example mining."""

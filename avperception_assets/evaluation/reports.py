@@ -1,0 +1,532 @@
+"""Writing evaluations down: COCO JSON, PNG panels, report.json / report.md, and the summary
+over every failure mode. Every figure comes from an `evaluation.Evaluation`; nothing here
+runs a model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from torch import Tensor
+
+from avperception_assets.evaluation import frame_errors
+from avperception_assets.model.detections import METRIC_BACKEND, SIZES, coco_category_names
+from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame
+
+MODEL_TITLES = {BASELINE: "baseline", FINETUNED: "fine-tuned"}
+COLORS = {"ground truth": "green", BASELINE: "red", FINETUNED: "blue"}
+
+GROUND_TRUTH_FILE = "ground_truth_coco.json"
+PREDICTIONS_FILES = {BASELINE: "baseline_predictions_coco.json",
+                     FINETUNED: "finetuned_predictions_coco.json"}
+TILED_PREDICTIONS_FILES = {BASELINE: "baseline_tiled_predictions_coco.json",
+                           FINETUNED: "finetuned_tiled_predictions_coco.json"}
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PANELS_DIR = "panels"
+PR_CURVES_FILE = "pr_curves.png"
+
+
+# Metrics are shown to 3 decimals: a baseline that shows as 0.000 gives no meaningful ratio
+# (a baseline mAP of about 0.00001 made "+430973.6%" in the demo's summary).
+DELTA_MIN_BASELINE = 0.0005
+
+
+def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
+    """Relative change of fine-tuned over baseline in percent; None when undefined (a baseline
+    under `DELTA_MIN_BASELINE`, that is 0.000 as the tables show it)."""
+    if baseline is None or finetuned is None or baseline < DELTA_MIN_BASELINE:
+        return None
+    return (finetuned - baseline) / baseline * 100.0
+
+
+SUMMARY_FIGURES = (("mAP@0.5", "map_50"), ("mAP@[.5:.95]", "map"), ("recall (mAR@100)", "mar_100"))
+SIZE_FIGURES = tuple((f"mAP@[.5:.95] {size}", f"map_{size}") for size in SIZES)
+MODE_SCOPE, ALL_SCOPE = "mode classes", "all classes"
+# Each scope's short name (metadata keys) and its label in the tables
+SCOPES = {"mode": MODE_SCOPE, "all_classes": ALL_SCOPE}
+
+
+def scoped(metrics: Mapping, scope: str) -> Mapping:
+    """One model's figures over the mode's classes (`mode`) or over every class (`all_classes`)."""
+    return metrics["mode"] if scope == "mode" else metrics
+
+
+def _scope_rows(baseline: Mapping, finetuned: Mapping, scope: str, figures) -> list[dict]:
+    return [{"metric": f"{label} ({SCOPES[scope]})", "baseline": scoped(baseline, scope)[key],
+             "finetuned": scoped(finetuned, scope)[key]} for label, key in figures]
+
+
+def _with_delta(table: list[dict]) -> list[dict]:
+    for row in table:
+        row["delta_pct"] = delta_pct(row["baseline"], row["finetuned"])
+    return table
+
+
+def metric_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
+    """The report's table: one row per figure with baseline, fine-tuned and Δ%. The headline
+    comes first, over the mode's own classes; then each of those classes; then, secondary, the
+    figures over every class in the val view."""
+    table = _scope_rows(baseline, finetuned, "mode", SUMMARY_FIGURES)
+    for name, figures in baseline["per_class"].items():
+        tuned = finetuned["per_class"][name]
+        covers = "+".join(figures["bdd_classes"])
+        for label, key in (("AP@0.5", "ap_50"), ("AP@[.5:.95]", "ap")):
+            table.append({"metric": f"{label} {name} ({covers})", "baseline": figures[key],
+                          "finetuned": tuned[key]})
+    return _with_delta(table + _scope_rows(baseline, finetuned, "all_classes", SUMMARY_FIGURES))
+
+
+def size_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
+    """mAP@[.5:.95] by COCO object size (small < 32² px ≤ medium < 96² px ≤ large), over the
+    mode's classes and over all classes."""
+    return _with_delta([row for scope in SCOPES for row in _scope_rows(baseline, finetuned, scope, SIZE_FIGURES)])
+
+
+# The tiled table's columns: each model untiled (as in the headline) and tiled.
+TILING_COLUMNS = {BASELINE: (BASELINE, False), f"{BASELINE}_tiled": (BASELINE, True),
+                  FINETUNED: (FINETUNED, False), f"{FINETUNED}_tiled": (FINETUNED, True)}
+TILING_TITLES = {BASELINE: "baseline", f"{BASELINE}_tiled": "baseline tiled",
+                 FINETUNED: "fine-tuned", f"{FINETUNED}_tiled": "fine-tuned tiled"}
+TILING_FIGURES = (("recall@IoU 0.5", "recall_50"), ("recall (mAR@100)", "mar_100"))
+TIME_PER_FRAME = "time per frame (s, inference only)"
+
+
+def tiling_rows(untiled: Evaluation, tiled: Evaluation) -> list[dict]:
+    """Both models untiled and tiled, side by side, over the mode's classes: mAP@0.5, each
+    class's AP@0.5, recall at IoU 0.5 and mAR@100, and the inference time per frame."""
+    runs = {column: (tiled if is_tiled else untiled, model) for column, (model, is_tiled) in TILING_COLUMNS.items()}
+
+    def row(metric: str, figure) -> dict:
+        return {"metric": metric, **{column: figure(*run) for column, run in runs.items()}}
+
+    rows = [row(f"mAP@0.5 ({MODE_SCOPE})", lambda ev, model: ev.metrics[model]["mode"]["map_50"])]
+    for name, figures in untiled.metrics[BASELINE]["per_class"].items():
+        rows.append(row(f"AP@0.5 {name} ({'+'.join(figures['bdd_classes'])})",
+                        lambda ev, model, name=name: ev.metrics[model]["per_class"][name]["ap_50"]))
+    rows += [row(f"{label} ({MODE_SCOPE})", lambda ev, model, key=key: ev.metrics[model]["mode"][key])
+             for label, key in TILING_FIGURES]
+    return rows + [row(TIME_PER_FRAME, lambda ev, model: ev.seconds_per_frame(model))]
+
+
+def tiling_markdown(rows: Sequence[Mapping]) -> str:
+    """A markdown table of tiling rows: metric, then each model untiled and tiled."""
+    lines = ["| metric | " + " | ".join(TILING_TITLES.values()) + " |", "|---|" + "---:|" * len(TILING_TITLES)]
+    lines += [f"| {row['metric']} | " + " | ".join(_fmt(row[column]) for column in TILING_TITLES) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def tiling_description(tiling: Mapping) -> str:
+    whole = " plus the whole frame at the model's input size" if tiling["whole_frame"] else ""
+    return (f"{tiling['tile_size']}x{tiling['tile_size']} px tiles at full resolution, overlapping by "
+            f"{tiling['overlap']:.0%}{whole}; boxes cut by a tile edge dropped where the object is whole in "
+            f"another tile, then class-wise NMS at IoU 0.5")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _fmt_delta(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}%"
+
+
+def rows_markdown(rows: Sequence[Mapping]) -> str:
+    """A markdown table of metric rows: metric, baseline, fine-tuned, Δ%."""
+    lines = ["| metric | baseline | fine-tuned | Δ% |", "|---|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['metric']} | {_fmt(row['baseline'])} | "
+                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_pct'])} |")
+    return "\n".join(lines)
+
+
+# --- COCO JSON -----------------------------------------------------------------------------
+
+def _xywh(boxes: Tensor) -> list[list[float]]:
+    from torchvision.ops import box_convert
+
+    return box_convert(boxes.reshape(-1, 4).float(), "xyxy", "xywh").tolist()
+
+
+def coco_ground_truth(evaluation: Evaluation) -> dict:
+    """The val frames and their boxes as a COCO dataset (image id = position, file = frame id).
+
+    Categories are every class in the ground truth or any model's predictions, as in the
+    metric, so `COCOeval` on these files scores exactly what the report scored.
+    """
+    names = coco_category_names()
+    used = {int(c) for t in evaluation.targets for c in t["labels"]}
+    used |= {int(c) for preds in evaluation.predictions.values() for p in preds for c in p["labels"]}
+    images = [{"id": i, "file_name": image_id, "height": h, "width": w}
+              for i, (image_id, (h, w)) in enumerate(zip(evaluation.image_ids, evaluation.sizes))]
+    annotations = []
+    for i, target in enumerate(evaluation.targets):
+        for box, label in zip(_xywh(target["boxes"]), target["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label),
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    categories = [{"id": c, "name": names[c]} for c in sorted(used)]
+    return {"info": {"description": "AV Perception Assets val view ground truth"},
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_detections(predictions: Sequence[Mapping[str, Tensor]]) -> list[dict]:
+    """One model's predictions in COCO results format (loadable by `COCO.loadRes`, which
+    refuses an empty list: a model with no detection at all scores 0 without it)."""
+    results = []
+    for i, pred in enumerate(predictions):
+        for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(),
+                                     pred["labels"].tolist()):
+            results.append({"image_id": i, "category_id": int(label), "bbox": box, "score": score})
+    return results
+
+
+# --- panels --------------------------------------------------------------------------------
+
+def _resize(image: Tensor, boxes: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    from torchvision.transforms.functional import resize
+
+    scale = width / image.shape[-1]
+    height = max(1, round(image.shape[-2] * scale))
+    return resize(image, [height, width], antialias=True), boxes.reshape(-1, 4) * scale
+
+
+def _draw(image: Tensor, boxes: Tensor, labels: Sequence[str], color: str) -> Tensor:
+    from torchvision.utils import draw_bounding_boxes
+
+    if len(boxes) == 0:
+        return image
+    return draw_bounding_boxes(image, boxes, labels=list(labels), colors=color, width=2)
+
+
+def draw_panel(frame: PanelFrame, target: Mapping[str, Tensor],
+               predictions: Mapping[str, Mapping[str, Tensor]], *,
+               score_threshold: float = 0.5, tile_width: int = 400):
+    """The same frame side by side: ground truth (green), baseline (red), fine-tuned (blue).
+
+    Predictions below `score_threshold` are not drawn (they still count in the metrics).
+    Returns a PIL image with a caption over each tile.
+    """
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import to_pil_image
+
+    names = coco_category_names()
+    tiles = []
+    image, boxes = _resize(frame.image, target["boxes"], tile_width)
+    gt_labels = [names[int(c)] for c in target["labels"]]
+    tiles.append((f"ground truth ({len(boxes)})", _draw(image, boxes, gt_labels, COLORS["ground truth"])))
+    for name in (BASELINE, FINETUNED):
+        pred = predictions[name]
+        keep = pred["scores"] >= score_threshold
+        _, boxes = _resize(frame.image, pred["boxes"][keep], tile_width)
+        labels = [f"{names[int(c)]} {float(s):.2f}"
+                  for c, s in zip(pred["labels"][keep], pred["scores"][keep])]
+        tiles.append((f"{MODEL_TITLES[name]} ({len(boxes)} >= {score_threshold})",
+                      _draw(image, boxes, labels, COLORS[name])))
+    caption = 18
+    height = image.shape[-2]
+    panel = Image.new("RGB", (tile_width * len(tiles), height + caption), "white")
+    pen = ImageDraw.Draw(panel)
+    for i, (title, tile) in enumerate(tiles):
+        panel.paste(to_pil_image(tile), (i * tile_width, caption))
+        color = COLORS["ground truth"] if i == 0 else COLORS[(BASELINE, FINETUNED)[i - 1]]
+        pen.text((i * tile_width + 4, 3), title, fill=color)
+    return panel
+
+
+def write_panels(out_dir: Path, evaluation: Evaluation, *, frames: Sequence[PanelFrame] | None = None,
+                 prefix: str = "panel", score_threshold: float = 0.5, tile_width: int = 400) -> list[Path]:
+    """Save one PNG panel per frame of `frames` (default: the evaluation's panel frames) under
+    `out_dir` as `<prefix>_<n>_<frame id>.png`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, frame in enumerate(evaluation.panel_frames if frames is None else frames):
+        preds = {name: evaluation.predictions[name][frame.index] for name in (BASELINE, FINETUNED)}
+        panel = draw_panel(frame, evaluation.targets[frame.index], preds,
+                           score_threshold=score_threshold, tile_width=tile_width)
+        safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in frame.image_id)
+        path = out_dir / f"{prefix}_{n}_{safe_id}.png"
+        panel.save(path, format="PNG", optimize=True)
+        paths.append(path)
+    return paths
+
+
+def draw_pr_curves(metrics: Mapping[str, Mapping], *, size: tuple[int, int] = (320, 240)):
+    """Precision against recall at IoU 0.5 for each of the mode's classes, baseline (red) and
+    fine-tuned (blue), one plot per class side by side. Returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    classes = list(metrics[BASELINE]["per_class"])
+    width, height = size
+    margin = 28
+    image = Image.new("RGB", (width * len(classes), height), "white")
+    pen = ImageDraw.Draw(image)
+    for i, name in enumerate(classes):
+        left, right, top, bottom = i * width + margin, (i + 1) * width - 8, 22, height - margin
+        pen.rectangle((left, top, right, bottom), outline="gray")
+        pen.text((left, bottom + 4), "0", fill="black")
+        pen.text((right - 30, bottom + 4), "recall 1", fill="black")
+        pen.text((i * width + 4, top - 4), "1", fill="black")
+        title = [f"{name} AP@0.5"]
+        for model in (BASELINE, FINETUNED):
+            figures = metrics[model]["per_class"][name]
+            title.append(f"{MODEL_TITLES[model]} {_fmt(figures['ap_50'])}")
+            points = [(left + (right - left) * r / 100, bottom - (bottom - top) * p)
+                      for r, p in enumerate(figures["pr_50"] or []) if p is not None]
+            if len(points) > 1:
+                pen.line(points, fill=COLORS[model], width=2)
+        pen.text((left, 4), " · ".join(title), fill="black")
+    return image
+
+
+def confusion_markdown(confusion: Mapping) -> str:
+    """A confusion matrix as a markdown table: rows ground truth, columns prediction."""
+    classes = confusion["classes"]
+    lines = ["| ground truth \\ predicted | " + " | ".join(classes) + " |",
+             "|---|" + "---:|" * len(classes)]
+    lines += [f"| {gt} | " + " | ".join(str(n) for n in row) + " |" for gt, row in zip(classes, confusion["matrix"])]
+    return "\n".join(lines)
+
+
+def png_markdown(path: Path) -> str:
+    """Markdown that embeds a PNG (base64 data URIs render in the Dagster UI)."""
+    return f"**{path.stem}**\n\n![{path.stem}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+
+def panels_markdown(paths: Sequence[Path]) -> str:
+    legend = "Ground truth **green** · baseline **red** · fine-tuned **blue**"
+    return "\n\n".join([legend, *(png_markdown(p) for p in paths)])
+
+
+# --- report --------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    out_dir: Path
+    data: dict  # the content of report.json
+    markdown: str  # the content of report.md
+    panels: list[Path]
+    worst_panels: list[Path]
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data["rows"]
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _worst_frames(evaluation: Evaluation, panels: Sequence[Path], out_dir: Path) -> list[dict]:
+    class_ids = evaluation.class_ids
+    rows = []
+    for frame, panel in zip(evaluation.worst_frames, panels):
+        errors = evaluation.frame_errors[FINETUNED][frame.index]
+        counts = errors.total(class_ids)
+        rows.append({"image_id": frame.image_id, "frame_index": frame.index,
+                     "error_score": errors.error_score(class_ids), "misses": counts.misses,
+                     "confident_fp": counts.confident_fp, "panel": str(panel.relative_to(out_dir))})
+    return rows
+
+
+def _write_pictures(out_dir: Path, evaluation: Evaluation, score_threshold: float) -> tuple[list[Path], list[Path]]:
+    """The panels (first frames with the mode's classes, and the fine-tuned model's worst
+    frames) and the precision-recall curves, replacing those of an earlier write."""
+    panel_dir = out_dir / PANELS_DIR
+    for stale in [*panel_dir.glob("panel_*.png"), *panel_dir.glob("worst_*.png")]:
+        stale.unlink()
+    panels = write_panels(panel_dir, evaluation, score_threshold=score_threshold)
+    worst = write_panels(panel_dir, evaluation, frames=evaluation.worst_frames, prefix="worst",
+                         score_threshold=score_threshold)
+    draw_pr_curves(evaluation.metrics).save(out_dir / PR_CURVES_FILE, format="PNG", optimize=True)
+    return panels, worst
+
+
+def _tiling_data(out_dir: Path, evaluation: Evaluation, tiled: Evaluation | None, tiling: Mapping | None) -> dict | None:
+    """The tiled figures beside the untiled ones, and the tiled models' COCO predictions; None
+    without a tiled evaluation (stale tiled files are removed)."""
+    if (tiled is None) != (tiling is None):
+        raise ValueError("a tiled evaluation comes with its tiling, and a tiling with its evaluation")
+    if tiled is not None and tiled.image_ids != evaluation.image_ids:
+        raise ValueError("the tiled evaluation must cover the same frames, in the same order")
+    for name, filename in TILED_PREDICTIONS_FILES.items():
+        path = out_dir / filename
+        if tiled is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(json.dumps(coco_detections(tiled.predictions[name])))
+    if tiled is None:
+        return None
+    return {"spec": dict(tiling), "metrics": tiled.metrics,
+            "seconds_per_frame": {name: tiled.seconds_per_frame(name) for name in TILED_PREDICTIONS_FILES},
+            "rows": tiling_rows(evaluation, tiled),
+            "files": {f"{k}_predictions": v for k, v in TILED_PREDICTIONS_FILES.items()}}
+
+
+def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: Mapping, baseline: Mapping, finetuned: Mapping,
+                 score_threshold: float = 0.5, eval_frames: Mapping | None = None, tiled: Evaluation | None = None,
+                 tiling: Mapping | None = None) -> Report:
+    """Write COCO JSON (ground truth + both models), panels, the precision-recall curves,
+    report.json and report.md.
+
+    `val_view` names the view and version evaluated on; `baseline`/`finetuned` describe the
+    models (checkpoint path and its metadata, or the weights source); `eval_frames` names the
+    `<mode>_eval_frames` table and version holding this evaluation's frames. `tiled`, the same
+    frames evaluated with tiled inference as `tiling` describes it (tile_size, overlap,
+    whole_frame), adds a table of both models untiled and tiled. Rewrites the folder's files,
+    so re-running for the same view version is safe.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"ground_truth": GROUND_TRUTH_FILE, **{f"{k}_predictions": v for k, v in PREDICTIONS_FILES.items()}}
+    (out_dir / GROUND_TRUTH_FILE).write_text(json.dumps(coco_ground_truth(evaluation)))
+    for name, filename in PREDICTIONS_FILES.items():
+        (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
+    tiling_data = _tiling_data(out_dir, evaluation, tiled, tiling)
+    panels, worst = _write_pictures(out_dir, evaluation, score_threshold)
+    rows = metric_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED])
+    names = coco_category_names()
+    data = _json_safe({
+        "mode": mode,
+        "classes": evaluation.classes,
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "val_view": dict(val_view),
+        "eval_frames": dict(eval_frames or {}),
+        "report_dir": out_dir,
+        "num_images": len(evaluation.image_ids),
+        "num_objects": sum(len(t["labels"]) for t in evaluation.targets),
+        "models": {BASELINE: dict(baseline), FINETUNED: dict(finetuned)},
+        "metrics": evaluation.metrics,
+        "seconds_per_frame": {model: evaluation.seconds_per_frame(model) for model in (BASELINE, FINETUNED)},
+        "tiling": tiling_data,
+        "delta_pct": {row["metric"]: row["delta_pct"] for row in rows},
+        "rows": rows,
+        "size_rows": size_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED]),
+        "confusion": {model: frame_errors.confusion(evaluation.predictions[model], evaluation.targets, names,
+                                                    min_score=score_threshold) for model in (BASELINE, FINETUNED)},
+        "worst_frames": _worst_frames(evaluation, worst, out_dir),
+        "protocol": {"metric": "torchmetrics.detection.MeanAveragePrecision", "backend": METRIC_BACKEND,
+                     "iou_type": "bbox", "label_space": "COCO category ids (bdd100k.COCO_IDS)",
+                     "headline": "over the mode's classes; all-class figures are secondary",
+                     "frame_matching": f"COCO greedy matching at IoU {frame_errors.IOU_THRESHOLD}",
+                     "panel_score_threshold": score_threshold},
+        "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels], "pr_curves": PR_CURVES_FILE},
+    })
+    (out_dir / REPORT_JSON).write_text(json.dumps(data, indent=2))
+    markdown = report_markdown(data)
+    (out_dir / REPORT_MD).write_text(markdown)
+    return Report(out_dir, data, markdown, panels, worst)
+
+
+def worst_frames_markdown(data: Mapping) -> str:
+    """The fine-tuned model's worst frames on the mode's classes, as a table."""
+    lines = ["| frame | misses | confident false positives | panel |", "|---|---:|---:|---|"]
+    lines += [f"| `{w['image_id']}` | {w['misses']} | {w['confident_fp']} | `{w['panel']}` |"
+              for w in data["worst_frames"]]
+    return "\n".join(lines)
+
+
+def _tiling_section(data: Mapping) -> list[str]:
+    tiling = data.get("tiling")
+    if not tiling:
+        return []
+    return ["## Tiled inference", "",
+            f"The same frames with tiled inference: {tiling_description(tiling['spec'])}. Recall@IoU 0.5 is "
+            "COCO's recall at IoU 0.5 (100 detections per frame); time per frame is the wall time of "
+            "inference alone, decoding excluded. Predictions: "
+            + ", ".join(f"`{f}`" for f in tiling["files"].values()) + ".", "",
+            tiling_markdown(tiling["rows"]), ""]
+
+
+def report_markdown(data: Mapping) -> str:
+    """report.md: the tables, what was evaluated, and the pictures (as relative links)."""
+    view, frames = data["val_view"], data.get("eval_frames") or {}
+    threshold = data["protocol"]["panel_score_threshold"]
+    lines = [
+        f"# Failure mode `{data['mode']}`: baseline vs fine-tuned",
+        "",
+        f"Val view `{view.get('name')}` version {view.get('version')}: {data['num_images']} frame(s), "
+        f"{data['num_objects']} objects. Classes that matter: {', '.join(data['classes'])}; the headline "
+        f"figures are over those classes only.",
+        "",
+        rows_markdown(data["rows"]),
+        "",
+        "Δ% = (fine-tuned − baseline) / baseline; n/a where the baseline shows as 0.000 or there is "
+        "nothing to measure. COCO protocol (torchmetrics `MeanAveragePrecision`, pycocotools); "
+        "a prediction of a class absent from a frame is a false positive. Per-class AP is per "
+        "COCO class: `person` scores BDD pedestrians and riders alike (both are COCO person); "
+        "the parentheses name the mode's classes it stands for.",
+        "",
+        *_tiling_section(data),
+        "## By object size",
+        rows_markdown(data["size_rows"]),
+        "",
+        f"## Precision-recall at IoU 0.5\n\n![precision-recall]({data['files']['pr_curves']})",
+        "",
+        f"## Confusion between classes (IoU ≥ 0.5, score ≥ {threshold})",
+    ]
+    for model in (BASELINE, FINETUNED):
+        lines += ["", f"**{MODEL_TITLES[model]}**", "", confusion_markdown(data["confusion"][model])]
+    every_frame = f" Every frame's matches: table `{frames['table']}` version {frames['version']}." if frames else ""
+    lines += ["", "## Worst frames of the fine-tuned model",
+              f"Misses plus false positives scoring ≥ {frame_errors.CONFIDENT} on the mode's classes.{every_frame}", "",
+              worst_frames_markdown(data), ""]
+    lines += [f"![{Path(w['panel']).stem}]({w['panel']})" for w in data["worst_frames"]]
+    lines += ["", "## Models"]
+    for name, info in data["models"].items():
+        lines.append(f"- **{MODEL_TITLES[name]}**: `{json.dumps(info, sort_keys=True)}`")
+    lines += ["", "## Files",
+              f"- ground truth: `{data['files']['ground_truth']}` (COCO dataset)",
+              *[f"- {MODEL_TITLES[k]} predictions: `{v}` (COCO results)"
+                for k, v in PREDICTIONS_FILES.items()],
+              "", "## Panels", "Ground truth green · baseline red · fine-tuned blue", ""]
+    lines += [f"![{Path(p).stem}]({p})" for p in data["files"]["panels"]]
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(reports: Mapping[str, Mapping]) -> list[dict]:
+    """Rows over all modes from their report.json contents (mode -> report data)."""
+    return [{"mode": mode, **row} for mode, data in reports.items() for row in data["rows"]]
+
+
+def summary_markdown(reports: Mapping[str, Mapping]) -> str:
+    """One table over every failure mode: metric, baseline, fine-tuned, Δ%."""
+    lines = ["| failure mode | metric | baseline | fine-tuned | Δ% |", "|---|---|---:|---:|---:|"]
+    for row in summary_rows(reports):
+        lines.append(f"| {row['mode']} | {row['metric']} | {_fmt(row['baseline'])} | "
+                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_pct'])} |")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: Path, reports: Mapping[str, Mapping]) -> tuple[Path, Path, str]:
+    """Write summary.md and summary.json (rows plus each mode's data/model versions)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = summary_markdown(reports)
+    md_path, json_path = out_dir / "summary.md", out_dir / "summary.json"
+    md_path.write_text("# Failure modes: baseline vs fine-tuned\n\n" + markdown + "\n")
+    sources = {mode: {"val_view": data["val_view"], "models": data["models"],
+                      "report_dir": data["report_dir"]} for mode, data in reports.items()}
+    json_path.write_text(json.dumps(_json_safe({
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "rows": summary_rows(reports), "modes": sources}), indent=2))
+    return md_path, json_path, markdown
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+

@@ -1,0 +1,15 @@
+"""Print the failure-mode summary that `failure_mode_summary` wrote (the end of `make demo`)."""
+
+import sys
+
+from avperception_assets import workspace as settings
+
+
+def main() -> int:
+    path = settings.reports_dir() / "summary.md"
+    if not path.is_file():
+        print(f"no summary at {path}: materialize failure_mode_summary first", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"reports: {settings.reports_dir()}")
+    return 0

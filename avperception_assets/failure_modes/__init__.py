@@ -1,0 +1,1 @@
+"""The failure-mode registry: which long-tail modes the platform targets, loaded from TOML."""

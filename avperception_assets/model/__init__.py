@@ -1,0 +1,1 @@
+"""The detector: its factory, the data loader, the training engine, checkpoints and tiled inference."""

@@ -1,0 +1,91 @@
+"""The training processes: torchrun starts one per rank, and the training assets start torchrun
+through Dagster Pipes.
+
+    python -m avperception_assets.training_worker launch <run.json> <out> [torchrun options]
+        torchrun (`torch.distributed.run`) in this process, made to die with its parent, so a
+        killed Dagster run never leaves a trainer writing checkpoints behind it;
+    python -m avperception_assets.training_worker train <run.json> <out>
+        one rank (what torchrun runs): joins the process group (gloo on the CPU, NCCL on GPUs)
+        when there is more than one, trains `training.RunSpec.from_dict(run.json)` into `out`,
+        and on rank 0, when started through Pipes, streams the log lines and reports the
+        checkpoint's metadata as the asset's materialization.
+
+Knows nothing of Dagster but the Pipes protocol (`dagster_pipes`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from avperception_assets.model import training
+
+# How each field of the materialization reaches Dagster (others are inferred from the value).
+PIPES_TYPES = {"checkpoint_dir": "path", "weights": "path", "hyper_parameters": "json", "epoch_loss": "json",
+               "epoch_val_map_50": "json", "mining": "json"}
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the process that started it dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def backend(spec: training.RunSpec) -> str:
+    return "nccl" if training.device_for(spec.profile).type == "cuda" else "gloo"
+
+
+def _pipes_metadata(summary: dict) -> dict:
+    return {key: {"raw_value": value, "type": PIPES_TYPES.get(key, "__infer__")} for key, value in summary.items()}
+
+
+def _run(spec: training.RunSpec, out: Path, rank: int) -> None:
+    if rank == 0 and "DAGSTER_PIPES_CONTEXT" in os.environ:
+        from dagster_pipes import open_dagster_pipes
+
+        with open_dagster_pipes() as pipes:
+            metadata = training.train(spec, out, log=pipes.log.info)
+            pipes.report_asset_materialization(metadata=_pipes_metadata(training.run_summary(metadata, out)))
+    else:
+        training.train(spec, out, log=lambda line: print(f"[rank {rank}] {line}", flush=True))
+
+
+def train(run_file: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    die_with_parent()
+    spec = training.RunSpec.from_dict(json.loads(run_file.read_text()))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group(backend(spec))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        _run(spec, out, rank)
+    except (training.NonFiniteLossError, ValueError) as exc:  # the run's own error: a retry would meet it again
+        (out / training.FAILURE_FILE).write_text(json.dumps({"rank": rank, "message": str(exc)}))
+        raise
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def launch(torchrun_args: list[str]) -> None:
+    from torch.distributed.run import main as torchrun
+
+    die_with_parent()
+    torchrun(torchrun_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command, run_file, out, *rest = argv
+    if command == "train":
+        train(Path(run_file), Path(out))
+    elif command == "launch":
+        launch([*rest, "-m", "avperception_assets.training_worker", "train", run_file, out])
+    else:
+        raise SystemExit(f"unknown command {command!r}: expected launch or train")

@@ -1,0 +1,1 @@
+"""Slices: one Geneva materialized view per failure mode and split, and their exports."""
