@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from avperception_assets.curation.columns import column_params, error_rows
+from avperception_assets.curation.columns import error_rows
+from avperception_assets.discovery.vector_index import vectors_matrix
+from avperception_assets.storage.tables import column_params
 from avperception_assets.storage.tables import and_where
-from avperception_assets.curation.udfs import count_persons, duplicate_flags, has_person, has_rider, scene_description, vectors_matrix
+from avperception_assets.curation.udfs import count_persons, duplicate_flags, has_person, has_rider, scene_description
 
 
 @dataclass

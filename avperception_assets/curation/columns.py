@@ -62,9 +62,10 @@ import numpy as np
 import pyarrow as pa
 
 from avperception_assets.discovery import embeddings
+from avperception_assets.discovery.vector_index import vectors_matrix
 from avperception_assets.patches import geneva as geneva_workarounds
 from avperception_assets.storage import tables as storage
-from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, person_bbox_area_pct_annotations, vectors_matrix
+from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, person_bbox_area_pct_annotations
 from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
@@ -86,7 +87,6 @@ SOURCE_COCO = "coco"
 SOURCE_ANNOTATIONS = "annotations"
 
 # Field-metadata keys written on each curation column.
-META_PARAMS = "avp.params"  # JSON of what defines the column's values
 META_SOURCE = "avp.source"  # person_bbox_area_pct: which source produced the values
 
 # Ray CPU reservations per applier actor: annotation columns are cheap, so several of their
@@ -261,7 +261,7 @@ class ColumnPlan:
 
 
 def _field_metadata(params: dict[str, Any]) -> dict[str, str]:
-    metadata = {META_PARAMS: json.dumps(params, sort_keys=True)}
+    metadata = {storage.META_PARAMS: json.dumps(params, sort_keys=True)}
     if "source" in params:
         metadata[META_SOURCE] = params["source"]
     return metadata
@@ -386,14 +386,6 @@ def reference_hashes(table) -> tuple[np.ndarray, np.ndarray]:
             data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-def column_params(table, column: str) -> dict[str, Any] | None:
-    """The defining parameters recorded on an existing column (None: no such column)."""
-    schema = table.schema
-    if column not in schema.names:
-        return None
-    metadata = schema.field(column).metadata or {}
-    raw = metadata.get(META_PARAMS.encode())
-    return json.loads(raw) if raw else {}
 
 
 def job_of(column: str) -> str:
@@ -430,7 +422,7 @@ def _ensure_column(table, plan: ColumnPlan, recompute: bool) -> None:
     present = [c for c in plan.columns if c in table.schema.names]
     if present and (recompute or (len(plan.columns) > 1 and not _is_whole_group(table, plan))):
         table.drop_columns(present)  # a partial or legacy group is rebuilt whole
-    recorded = {c: column_params(table, c) for c in plan.columns}
+    recorded = {c: storage.column_params(table, c) for c in plan.columns}
     if all(params is None for params in recorded.values()):
         _add_column(table, plan)
         return

@@ -21,7 +21,7 @@ from avperception_assets.formats.taxonomy import CLASSES, PERSON_CLASSES
 from avperception_assets.storage.decoding import decode
 from avperception_assets.discovery.embeddings import EmbeddingModel
 from avperception_assets.discovery.embeddings import load as load_embedder
-from avperception_assets.discovery.vector_index import nearest_each
+from avperception_assets.discovery.vector_index import nearest_each, vectors_matrix
 
 if TYPE_CHECKING:  # Geneva resolves `Columns` in return annotations itself: no import when definitions load
     from geneva import Columns
@@ -208,11 +208,6 @@ def vectors_array(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors, dtype=np.float32).ravel()), dim)
 
 
-def vectors_matrix(column) -> np.ndarray:
-    """A fixed-size list column (array or chunked, no NULLs) → (n, dim) float32."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), column.type.list_size)
 
 
 class PixelValues(NamedTuple):

@@ -28,12 +28,11 @@ import pyarrow.compute as pc
 
 from avperception_assets.model import loader
 from avperception_assets.storage import tables as storage
-from avperception_assets.curation.udfs import vectors_matrix
 from avperception_assets.model.detections import coco_category_names, mode_class_ids, predict
 from avperception_assets.evaluation.frame_errors import match_frame
 from avperception_assets.storage.pixels import PixelReader
 from avperception_assets.storage.tables import DIFFICULTY_SUFFIX
-from avperception_assets.discovery.vector_index import VECTOR_COLUMN
+from avperception_assets.discovery.vector_index import VECTOR_COLUMN, vectors_matrix
 
 NEIGHBOR_SHARE = 0.5  # a look-alike of a hard frame gains this share of the hard frame's boost
 

@@ -27,7 +27,6 @@ import pyarrow as pa
 from avperception_assets.discovery import embeddings
 from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
-from avperception_assets.curation.columns import column_params
 from avperception_assets.storage.pixels import IMAGE_BYTES, PixelReader
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN, nearest
 
@@ -78,7 +77,7 @@ def text(table, query: str, k: int = 12, where: str | None = None, split: str | 
     the configured CLIP model: a text vector is only comparable with its own image tower's)."""
     _require_column(table, VECTOR_COLUMN, "the embedding curation column")
     configured = embeddings.resolve(model)
-    recorded = (column_params(table, VECTOR_COLUMN) or {}).get("model")
+    recorded = (storage.column_params(table, VECTOR_COLUMN) or {}).get("model")
     vector = embeddings.load(configured).embed_text([query])[0]  # raises for models without a text tower
     if recorded != configured.label:
         raise SearchError(f"the embedding column was computed with {recorded}, not the configured "

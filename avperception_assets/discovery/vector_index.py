@@ -221,3 +221,9 @@ def nearest_each(table, vectors, k: int = 1, where: str | None = None, column: s
     if "query_index" not in found.column_names:
         found = found.add_column(0, "query_index", pa.array(np.zeros(found.num_rows, dtype=np.int32)))
     return found
+
+def vectors_matrix(column) -> np.ndarray:
+    """A fixed-size list column (array or chunked, no NULLs) → (n, dim) float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), column.type.list_size)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from typing import Any
 
 import pyarrow as pa
 
@@ -181,3 +183,14 @@ def source_table_version(uri: str, name: str, version: int) -> tuple[str, int | 
     view = connect(uri).open_table(name)
     view.checkout(version)
     return FRAMES_TABLE, reflected_version(view)
+
+META_PARAMS = "avp.params"  # JSON of what defines the column's values
+
+def column_params(table, column: str) -> dict[str, Any] | None:
+    """The defining parameters recorded on an existing column (None: no such column)."""
+    schema = table.schema
+    if column not in schema.names:
+        return None
+    metadata = schema.field(column).metadata or {}
+    raw = metadata.get(META_PARAMS.encode())
+    return json.loads(raw) if raw else {}
