@@ -1,1 +1,3 @@
-"""Label formats in and out: one module per format (BDD100K, YOLO, Pascal VOC, COCO) and the shared taxonomy."""
+"""Label formats in and out: one module per format (`bdd`, `yolo`, `voc`, `coco`: its reader and,
+where there is one, its writer), the record every reader returns (`records`), which layout a batch
+uses (`layouts`), and the class names (`taxonomy`, `class_names`)."""

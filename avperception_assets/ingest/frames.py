@@ -1,7 +1,7 @@
 """Landing batches → the `bdd100k` Lance table; every rejected input goes to `quarantine`.
 
 A landing batch (see `landing`) holds images (JPEG/PNG) and labels in one layout: any of the
-three BDD100K ones (see `labels`), YOLO, Pascal VOC or COCO (see `label_formats`). Ingestion
+three BDD100K ones, YOLO, Pascal VOC or COCO (see `formats.layouts`). Ingestion
 never stops on bad input: each bad file, frame or object becomes a quarantine record with its
 reason, and every good frame of the batch lands in one commit. A batch whose layout is ambiguous
 (or whose class names cannot be read) is refused whole: one record, no frame. Re-ingesting a
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from avperception_assets.storage import tables as storage
 from avperception_assets.ingest.image_checks import CorruptImageError, NotAnImageError, inspect_image
 from avperception_assets.formats.layouts import read_batch
-from avperception_assets.formats.bdd import IMAGE_SUFFIXES, SPLITS, LabelRecord, normalize_objects, split_name
+from avperception_assets.formats.records import IMAGE_SUFFIXES, SPLITS, LabelRecord, normalize_objects, split_name
 from avperception_assets.ingest.landing import READY_MARKER, ready_batches, validate_batch_id
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
