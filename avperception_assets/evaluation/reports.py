@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from torch import Tensor
 
 from avperception_assets.evaluation import frame_errors
+from avperception_assets.formats import coco
 from avperception_assets.model.detections import METRIC_BACKEND, SIZES, coco_category_names
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame
 
@@ -148,13 +150,11 @@ def rows_markdown(rows: Sequence[Mapping]) -> str:
 
 # --- COCO JSON -----------------------------------------------------------------------------
 
-def _xywh(boxes: Tensor) -> list[list[float]]:
-    from torchvision.ops import box_convert
-
-    return box_convert(boxes.reshape(-1, 4).float(), "xyxy", "xywh").tolist()
+def _corners(boxes: Tensor) -> np.ndarray:
+    return boxes.reshape(-1, 4).float().numpy()
 
 
-def coco_ground_truth(evaluation: Evaluation) -> dict:
+def coco_ground_truth(evaluation: Evaluation) -> coco.Dataset:
     """The val frames and their boxes as a COCO dataset (image id = position, file = frame id).
 
     Categories are every class in the ground truth or any model's predictions, as in the
@@ -163,27 +163,19 @@ def coco_ground_truth(evaluation: Evaluation) -> dict:
     names = coco_category_names()
     used = {int(c) for t in evaluation.targets for c in t["labels"]}
     used |= {int(c) for preds in evaluation.predictions.values() for p in preds for c in p["labels"]}
-    images = [{"id": i, "file_name": image_id, "height": h, "width": w}
-              for i, (image_id, (h, w)) in enumerate(zip(evaluation.image_ids, evaluation.sizes))]
-    annotations = []
-    for i, target in enumerate(evaluation.targets):
-        for box, label in zip(_xywh(target["boxes"]), target["labels"].tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label),
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-    categories = [{"id": c, "name": names[c]} for c in sorted(used)]
-    return {"info": {"description": "AV Perception Assets val view ground truth"},
-            "images": images, "annotations": annotations, "categories": categories}
+    dataset = coco.Dataset({"description": "AV Perception Assets val view ground truth"},
+                           {c: names[c] for c in sorted(used)}, first_image_id=0)
+    for frame_id, (height, width), target in zip(evaluation.image_ids, evaluation.sizes, evaluation.targets):
+        dataset.add_image(frame_id, width, height, target["labels"].tolist(), _corners(target["boxes"]))
+    return dataset
 
 
 def coco_detections(predictions: Sequence[Mapping[str, Tensor]]) -> list[dict]:
     """One model's predictions in COCO results format (loadable by `COCO.loadRes`, which
     refuses an empty list: a model with no detection at all scores 0 without it)."""
-    results = []
-    for i, pred in enumerate(predictions):
-        for box, score, label in zip(_xywh(pred["boxes"]), pred["scores"].tolist(),
-                                     pred["labels"].tolist()):
-            results.append({"image_id": i, "category_id": int(label), "bbox": box, "score": score})
-    return results
+    return [detection for i, pred in enumerate(predictions)
+            for detection in coco.detections(i, pred["labels"].tolist(), _corners(pred["boxes"]),
+                                             pred["scores"].tolist())]
 
 
 # --- panels --------------------------------------------------------------------------------
@@ -392,7 +384,7 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"ground_truth": GROUND_TRUTH_FILE, **{f"{k}_predictions": v for k, v in PREDICTIONS_FILES.items()}}
-    (out_dir / GROUND_TRUTH_FILE).write_text(json.dumps(coco_ground_truth(evaluation)))
+    coco_ground_truth(evaluation).write(out_dir / GROUND_TRUTH_FILE)
     for name, filename in PREDICTIONS_FILES.items():
         (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
     tiling_data = _tiling_data(out_dir, evaluation, tiled, tiling)

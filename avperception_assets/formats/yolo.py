@@ -2,11 +2,14 @@
 class names in `data.yaml` (`names`: a list or index → name) or `classes.txt` (one a line).
 
 `read_labels` reads one label file into a `LabelRecord` whose boxes are fractions of the frame
-(`relative_boxes`).
+(`relative_boxes`); `YoloWriter` writes frames as a data set (`labels/<split>/<stem>.txt` and
+`data.yaml`), which `read_labels` reads back.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -82,3 +85,31 @@ def _values(line: str) -> tuple[int, float, float, float, float]:
         raise ValueError(line)
     cx, cy, w, h = map(float, tokens[1:])
     return int(index), cx, cy, w, h
+
+
+class YoloWriter:
+    """Frames (frames-table columns: `split`, `width`, `height`, `ann_categories`, `ann_bboxes` in
+    pixels) as YOLO labels under `root`: one label file per image as it comes, `data.yaml` at the
+    end, naming the splits' image folders (`images/<split>`, written by the caller) and `info`."""
+
+    def __init__(self, root: Path, info: dict, names: Sequence[str]):
+        self.root, self.info, self.names = root, info, list(names)
+        self.splits: set[str] = set()
+
+    def add(self, frame: dict, file_name: str) -> None:
+        self.splits.add(frame["split"])
+        width, height = frame["width"], frame["height"]
+        lines = [
+            f"{self.names.index(category)} {(x1 + x2) / 2 / width:.7f} {(y1 + y2) / 2 / height:.7f} "
+            f"{(x2 - x1) / width:.7f} {(y2 - y1) / height:.7f}"
+            for category, (x1, y1, x2, y2) in zip(frame["ann_categories"], frame["ann_bboxes"])
+        ]
+        target = self.root / "labels" / frame["split"] / f"{Path(file_name).stem}.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(line + "\n" for line in lines))
+
+    def close(self) -> None:
+        # JSON is YAML: data.yaml needs no YAML writer, and Ultralytics ignores the keys it does not know.
+        data = {"path": ".", **{split: f"images/{split}" for split in sorted(self.splits)},
+                "nc": len(self.names), "names": self.names, "export": self.info}
+        (self.root / "data.yaml").write_text(json.dumps(data, indent=2) + "\n")

@@ -5,7 +5,9 @@ names the view, its version and the frames-table version it reflects. YOLO (Ultr
 `images/<split>/`, `labels/<split>/<image id>.txt` (`class cx cy w h`, normalised) and
 `data.yaml`, which names the same. Both use the det_20 class names, in `bdd100k.CLASSES` order
 (COCO category ids from 1, YOLO class indices from 0), and the image bytes exactly as stored.
-Both layouts are among those ingestion reads, so an export lands again as a batch.
+Both layouts are among those ingestion reads, so an export lands again as a batch. The label
+files are written by `formats.coco` and `formats.yolo`; this module reads the pinned view and
+writes the images.
 
 An export is written to a temporary folder beside its destination and renamed into place, so a
 killed export leaves no half-written data set under the name; exporting the same view version
@@ -27,11 +29,11 @@ from pathlib import Path
 from avperception_assets.model import loader
 from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
+from avperception_assets.formats import coco, yolo
 from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.storage.pixels import IMAGE_BYTES, PixelReader
 
-COCO = "coco"
-YOLO = "yolo"
+COCO, YOLO = coco.LAYOUT, yolo.LAYOUT  # an export lands again with its format as `label_format`
 FORMATS = (COCO, YOLO)
 _COLUMNS = ["image_id", "split", "width", "height", "image_format", IMAGE_BYTES, "ann_categories", "ann_bboxes"]
 _SUFFIXES = {"jpeg": ".jpg", "png": ".png"}
@@ -86,61 +88,7 @@ def _write_image(root: Path, frame: dict) -> str:
     return name
 
 
-class _CocoWriter:
-    """Collects images and boxes, one `instances_<split>.json` per split at the end."""
-
-    def __init__(self, root: Path, info: dict):
-        self.root, self.info = root, info
-        self.splits: dict[str, dict] = {}
-        self.next_annotation = 1
-
-    def add(self, frame: dict, file_name: str) -> None:
-        split = self.splits.setdefault(frame["split"], {"images": [], "annotations": []})
-        image_id = len(split["images"]) + 1
-        split["images"].append({"id": image_id, "file_name": file_name, "width": frame["width"],
-                                "height": frame["height"], "frame_id": frame["image_id"]})
-        for category, (x1, y1, x2, y2) in zip(frame["ann_categories"], frame["ann_bboxes"]):
-            w, h = x2 - x1, y2 - y1
-            split["annotations"].append({"id": self.next_annotation, "image_id": image_id,
-                                         "category_id": CLASSES.index(category) + 1, "bbox": [x1, y1, w, h],
-                                         "area": w * h, "iscrowd": 0})
-            self.next_annotation += 1
-
-    def close(self) -> None:
-        categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
-        (self.root / "annotations").mkdir(exist_ok=True)
-        for split, content in self.splits.items():
-            payload = {"info": self.info, "categories": categories, **content}
-            (self.root / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
-
-
-class _YoloWriter:
-    """One label file per image as it comes; `data.yaml` at the end."""
-
-    def __init__(self, root: Path, info: dict):
-        self.root, self.info = root, info
-        self.splits: set[str] = set()
-
-    def add(self, frame: dict, file_name: str) -> None:
-        self.splits.add(frame["split"])
-        width, height = frame["width"], frame["height"]
-        lines = [
-            f"{CLASSES.index(category)} {(x1 + x2) / 2 / width:.7f} {(y1 + y2) / 2 / height:.7f} "
-            f"{(x2 - x1) / width:.7f} {(y2 - y1) / height:.7f}"
-            for category, (x1, y1, x2, y2) in zip(frame["ann_categories"], frame["ann_bboxes"])
-        ]
-        target = self.root / "labels" / frame["split"] / f"{Path(file_name).stem}.txt"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(line + "\n" for line in lines))
-
-    def close(self) -> None:
-        # JSON is YAML: data.yaml needs no YAML writer, and Ultralytics ignores the keys it does not know.
-        data = {"path": ".", **{split: f"images/{split}" for split in sorted(self.splits)},
-                "nc": len(CLASSES), "names": list(CLASSES), "export": self.info}
-        (self.root / "data.yaml").write_text(json.dumps(data, indent=2) + "\n")
-
-
-_WRITERS = {COCO: _CocoWriter, YOLO: _YoloWriter}
+_WRITERS = {COCO: coco.CocoWriter, YOLO: yolo.YoloWriter}
 
 
 def export_view(uri: str, view_name: str, fmt: str, out_dir: Path, version: int | None = None,
@@ -157,7 +105,7 @@ def export_view(uri: str, view_name: str, fmt: str, out_dir: Path, version: int 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        writer, frames, boxes = _WRITERS[fmt](staging, info), 0, 0
+        writer, frames, boxes = _WRITERS[fmt](staging, info, CLASSES), 0, 0
         for frame in _frames(view):
             writer.add(frame, _write_image(staging, frame))
             frames, boxes = frames + 1, boxes + len(frame["ann_categories"])
