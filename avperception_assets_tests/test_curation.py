@@ -323,7 +323,9 @@ def test_plain_functions_never_start_ray(tmp_path):
     build_frames_table(tmp_path, [("b1", 2, 1)])
     probe = f"""
 import ray
-from avperception_assets import curation, slices, storage
+from avperception_assets.curation import columns as curation
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
 conn = storage.connect({str(tmp_path / "lancedb")!r})
 for call in (lambda: curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["has_person"]),
              lambda: slices.refresh_views(conn)):

@@ -1,5 +1,6 @@
-"""The package's layout: no import cycle between its modules (imports inside functions count too),
-and the code location loads without torch."""
+"""The package's layout: stages as subpackages that import only the stages below them (the table
+`ALLOWED`), no import cycle between modules (imports inside functions count too), and a code
+location that loads without torch."""
 
 from __future__ import annotations
 
@@ -72,6 +73,70 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+# Which units each unit may import: a unit is a subpackage, or a module at the top of the package.
+# Lower rows never import higher ones; `defs` (the Dagster layer) and the entry points may import
+# anything below them.
+STAGES = ("patches", "workspace", "cluster", "storage", "formats", "ingest", "model", "evaluation", "discovery",
+          "failure_modes", "curation", "slices", "deployment")
+ALLOWED: dict[str, set[str]] = {
+    "patches": set(),
+    "workspace": set(),
+    "cluster": {"patches", "workspace"},
+    "storage": {"patches", "workspace", "cluster"},
+    "formats": {"storage"},
+    "ingest": {"formats", "storage"},
+    "model": {"formats", "storage"},
+    "evaluation": {"model", "formats", "storage"},
+    "discovery": {"evaluation", "model", "formats", "storage", "cluster"},
+    "failure_modes": {"discovery", "formats", "storage"},
+    "curation": {"failure_modes", "discovery", "model", "formats", "storage", "cluster", "patches"},
+    "slices": {"failure_modes", "discovery", "model", "formats", "storage", "cluster", "patches"},
+    "deployment": {"evaluation", "model", "formats", "storage"},
+    "synthetic": {"ingest", "formats", "workspace"},
+    "defs": set(STAGES),
+    "definitions": {"defs", "patches", "workspace"},
+    # Command-line entry points kept under their historical names: each wraps one stage.
+    "search": {"discovery"},
+    "exports": {"slices"},
+    "onnx_export": {"deployment"},
+    "summary": {"evaluation"},
+    "training_worker": {"model"},
+    "geneva_workarounds": {"patches"},
+}
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def forbidden_imports(graph: dict[str, set[str]], allowed: dict[str, set[str]] = ALLOWED) -> list[str]:
+    """Every import from one unit into another that the table does not allow, as "a -> b"."""
+    bad = []
+    for module, targets in graph.items():
+        unit = unit_of(module)
+        for target in targets:
+            other = unit_of(target)
+            if other not in (unit, "") and other not in allowed.get(unit, set()):
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_every_unit_of_the_package_is_in_the_dependency_table():
+    units = {unit_of(m) for m in import_graph()} - {""}
+    assert units == set(ALLOWED), f"add to ALLOWED: {sorted(units - set(ALLOWED))}; gone: {sorted(set(ALLOWED) - units)}"
+
+
+def test_subpackages_import_only_what_the_table_allows():
+    assert forbidden_imports(import_graph()) == []
+
+
+def test_the_table_check_catches_a_planted_import_inside_a_function():
+    graph = import_graph()
+    planted = {**graph, f"{NAME}.model.detector": graph[f"{NAME}.model.detector"] | {f"{NAME}.discovery.search"}}
+    assert forbidden_imports(planted) == [f"{NAME}.model.detector -> {NAME}.discovery.search"]
 
 
 def test_no_import_cycle_between_modules():

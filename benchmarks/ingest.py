@@ -56,7 +56,7 @@ def bare_write_seconds(landing: Path, batch_id: str, db: Path) -> float:
 def peak_rss_mb(landing: Path, batch_id: str, db: Path) -> float:
     """Peak RSS of a fresh process that ingests one batch."""
     code = (
-        "import resource, sys; from pathlib import Path; from avperception_assets import ingest, storage;"
+        "import resource, sys; from pathlib import Path; from avperception_assets.ingest import frames as ingest; from avperception_assets.storage import tables as storage;"
         f"ingest.ingest_batches(storage.connect({str(db)!r}), Path({str(landing)!r}), [{batch_id!r}]);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
