@@ -1,28 +1,36 @@
-"""The code location: every stage's assets, checks and sensors, merged."""
+"""The code location: every stage's assets, checks and sensors, merged, for the failure modes of
+the data location (`defs.modes`: the shipped ones with the user's config/failure_modes.toml)."""
 
 import os
 
 import dagster as dg
 
 from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets
+from avperception_assets.defs.modes import location_modes
 from avperception_assets.defs.resources import LanceDBResource
 
-defs = dg.Definitions.merge(
-    ingest_assets.defs,
-    curation_assets.defs,
-    slice_assets.defs,
-    maintenance_assets.defs,
-    training_assets.defs,
-    evaluation_assets.defs,
-    deployment_assets.defs,
-    sensors.defs,
-    audit_jobs.defs,
-    search_jobs.defs,
-    export_jobs.defs,
-    run_recovery.defs,
-    dg.Definitions(
-        resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},
-        # One run = one process: Ray starts once per run and training holds the CPU/GPU alone.
-        executor=dg.in_process_executor,
-    ),
-)
+
+def build_definitions(modes) -> dg.Definitions:
+    """The whole graph for the failure-mode registry `modes` (one set of assets per mode)."""
+    return dg.Definitions.merge(
+        ingest_assets.defs,
+        curation_assets.build_curation_defs(modes),
+        slice_assets.build_slice_defs(modes),
+        maintenance_assets.build_maintenance_defs(modes),
+        training_assets.build_training_defs(modes),
+        evaluation_assets.build_evaluation_defs(modes),
+        deployment_assets.build_deployment_defs(modes),
+        sensors.build_sensor_defs(modes),
+        audit_jobs.build_audit_defs(modes),
+        search_jobs.defs,
+        export_jobs.defs,
+        run_recovery.defs,
+        dg.Definitions(
+            resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},
+            # One run = one process: Ray starts once per run and training holds the CPU/GPU alone.
+            executor=dg.in_process_executor,
+        ),
+    )
+
+
+defs = build_definitions(location_modes())

@@ -324,11 +324,12 @@ def test_plain_functions_never_start_ray(tmp_path):
     probe = f"""
 import ray
 from avperception_assets.curation import columns as curation
+from avperception_assets.failure_modes.registry import default_failure_modes
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
 conn = storage.connect({str(tmp_path / "lancedb")!r})
 for call in (lambda: curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["has_person"]),
-             lambda: slices.refresh_views(conn)):
+             lambda: slices.refresh_views(conn, slices.all_views(default_failure_modes()))):
     try:
         call()
     except RuntimeError as error:

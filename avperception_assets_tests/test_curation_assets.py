@@ -10,16 +10,19 @@ from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.defs import curation_assets
 from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import copy_curated_db
 
 NEW_ROWS = 3
 CONFIG = {"ops": {"curation_columns": {"config": {"person_area_source": "annotations", "concurrency": 1}}}}
+CURATION_COLUMNS = curation_assets.build_curation_columns(default_failure_modes())
+CURATION_CHECKS = curation_assets.build_curation_checks(default_failure_modes())
 
 
 def _materialize(resource, instance, selection=None):
     return dg.materialize(
-        [curation_assets.curation_columns, *curation_assets.CURATION_CHECKS],
+        [CURATION_COLUMNS, *CURATION_CHECKS],
         selection=selection, resources={"lancedb": resource}, instance=instance, run_config=CONFIG)
 
 
@@ -54,7 +57,7 @@ def test_subset_backfills_only_the_new_rows_of_selected_columns(runs):
 def test_missing_table_is_a_clear_failure(tmp_path):
     resource = LanceDBResource(uri=str(tmp_path / "empty"))
     with dg.instance_for_test() as instance:
-        result = dg.materialize([curation_assets.curation_columns], resources={"lancedb": resource},
+        result = dg.materialize([CURATION_COLUMNS], resources={"lancedb": resource},
                                 instance=instance, run_config=CONFIG, raise_on_error=False)
     assert not result.success
     assert "materialize raw_frames first" in str(result.all_events)

@@ -8,11 +8,10 @@ import sys
 import dagster as dg
 import pytest
 
-from avperception_assets.defs import (curation_assets, deployment_assets, evaluation_assets, ingest_assets,
-                                      maintenance_assets, sensors, slice_assets, training_assets)
-from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.definitions import defs
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode
+from avperception_assets.defs import training_assets
+from avperception_assets.defs.modes import location_modes
+from avperception_assets.definitions import build_definitions, defs
+from avperception_assets.failure_modes.registry import FailureMode, default_failure_modes
 
 MODES = ("rider", "nighttime_person", "distant_person")
 COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
@@ -40,14 +39,8 @@ def _parents(definitions: dg.Definitions) -> dict[str, set[str]]:
             for key in graph.get_all_asset_keys()}
 
 
-def _with_modes(modes) -> dg.Definitions:
-    return dg.Definitions.merge(
-        ingest_assets.defs, curation_assets.build_curation_defs(modes), slice_assets.build_slice_defs(modes),
-        training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
-        deployment_assets.build_deployment_defs(modes),
-        sensors.build_sensor_defs(modes), maintenance_assets.defs,
-        dg.Definitions(resources={"lancedb": LanceDBResource()}),
-    )
+def _view_filter(definitions: dg.Definitions, view: str) -> str:
+    return _graph(definitions).get(dg.AssetKey(view)).metadata["filter"]
 
 
 def test_definitions_load_with_the_names_users_see():
@@ -117,7 +110,7 @@ def test_writers_share_one_pool_and_training_another():
 
 
 def test_a_registry_entry_adds_its_views_checkpoint_and_report():
-    grown = _with_modes([*FAILURE_MODES, CROWD])
+    grown = build_definitions([*default_failure_modes(), CROWD])
     dg.Definitions.validate_loadable(grown)
     parents = _parents(grown)
     added = set(parents) - set(_parents(defs))
@@ -130,7 +123,7 @@ def test_a_registry_entry_adds_its_views_checkpoint_and_report():
 
 
 def test_a_mode_defined_by_example_adds_its_distance_column():
-    grown = _with_modes([*FAILURE_MODES, LOOKALIKES])
+    grown = build_definitions([*default_failure_modes(), LOOKALIKES])
     dg.Definitions.validate_loadable(grown)
     parents, groups = _parents(grown), _groups(grown)
     assert set(parents) - set(_parents(defs)) == {
@@ -140,19 +133,71 @@ def test_a_mode_defined_by_example_adds_its_distance_column():
     assert parents["night_lookalikes_distance"] == {"raw_frames", "embedding"}
     assert parents["bdd100k_night_lookalikes_val"] == {"raw_frames", "night_lookalikes_distance", "dhash",
                                                        "table_maintenance"}
+    assert "night_lookalikes_distance" in parents["table_maintenance"]  # maintained before its views refresh
+
+
+def _write_user_modes(data_dir, text: str) -> None:
+    config = data_dir / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "failure_modes.toml").write_text(text)
+
+
+NIGHT_RIDER = """
+[modes.night_rider]
+description = "Riders at night."
+filter = "timeofday = 'night' AND has_rider = true"
+classes = ["rider", "bicycle", "motorcycle"]
+"""
+
+
+def test_a_mode_in_the_users_file_adds_its_assets_without_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path))
+    _write_user_modes(tmp_path, NIGHT_RIDER)
+    grown = build_definitions(location_modes())
+    dg.Definitions.validate_loadable(grown)
+    parents = _parents(grown)
+    assert set(parents) - set(_parents(defs)) == {
+        "bdd100k_night_rider_train", "bdd100k_night_rider_val", "night_rider_checkpoint", "night_rider_eval_report",
+        "night_rider_onnx_model"}
+    assert parents["bdd100k_night_rider_val"] == {"raw_frames", "has_rider", "dhash", "table_maintenance"}
+    assert parents["night_rider_eval_report"] == {"night_rider_checkpoint", "bdd100k_night_rider_val", "base_detector"}
+    assert "night_rider_eval_report" in parents["failure_mode_summary"]
+    assert _view_filter(grown, "bdd100k_night_rider_train") == (
+        "(timeofday = 'night' AND has_rider = true) AND split = 'train' AND is_duplicate = false")
+
+
+def test_a_mode_in_the_users_file_replaces_the_default_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path))
+    _write_user_modes(tmp_path, """
+[modes.distant_person]
+filter = "has_person = true AND person_bbox_area_pct < 2.0"
+classes = ["pedestrian"]
+""")
+    replaced = build_definitions(location_modes())
+    assert _view_filter(defs, "bdd100k_distant_person_val") == (
+        "(has_person = true AND person_bbox_area_pct < 0.5) AND split = 'val' AND dhash IS NOT NULL")
+    assert _view_filter(replaced, "bdd100k_distant_person_val") == (
+        "(has_person = true AND person_bbox_area_pct < 2.0) AND split = 'val' AND dhash IS NOT NULL")
+    assert _parents(replaced) == _parents(defs)  # same assets, same dependencies
+
+
+def test_a_broken_users_file_fails_when_the_definitions_load_naming_file_and_line(tmp_path):
+    _write_user_modes(tmp_path, NIGHT_RIDER.replace('"timeofday = \'night\' AND has_rider = true"', "has_rider"))
+    env = {**os.environ, "AVP_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'config' / 'failure_modes.toml'}: TOML syntax error" in result.stderr
+    assert "(at line 4, column 10)" in result.stderr  # the unquoted filter
 
 
 def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():
-    env = {**os.environ, "AVP_DISTANT_PERSON_MAX_AREA_PCT": "far away"}
-    result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "AVP_DISTANT_PERSON_MAX_AREA_PCT" in result.stderr
-    with pytest.raises(ValueError, match="'rider_typo'.*No field named has_ridr"):
-        _with_modes([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
+    with pytest.raises(ValueError, match="'rider_typo', field 'filter'.*No field named has_ridr"):
+        build_definitions([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
 
 
 def test_embeddings_from_the_base_detector_depend_on_it(monkeypatch):
     monkeypatch.setenv("AVP_EMBEDDING_MODEL", f"detector:{training_assets.base_checkpoints_dir()}/3/best.pt")
-    assert "base_detector" in _parents(_with_modes(FAILURE_MODES))["embedding"]
+    assert "base_detector" in _parents(build_definitions(default_failure_modes()))["embedding"]
     monkeypatch.setenv("AVP_EMBEDDING_MODEL", "detector:/elsewhere/best.pt")  # not an asset of this graph
-    assert _parents(_with_modes(FAILURE_MODES))["embedding"] == {"raw_frames"}
+    assert _parents(build_definitions(default_failure_modes()))["embedding"] == {"raw_frames"}

@@ -16,15 +16,15 @@ from avperception_assets.defs import (curation_assets, evaluation_assets, ingest
                                       slice_assets, training_assets)
 from avperception_assets.defs.names import latest_metadata
 from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.failure_modes.registry import FAILURE_MODES
+from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import copy_curated_db, source_ids, view_ids
 
-MODES = FAILURE_MODES[:1]  # rider: each view refresh is a Geneva job; the choice among modes is test_sensors'.
+MODES = default_failure_modes()[:1]  # rider: each view refresh is a Geneva job; the choice among modes is test_sensors'.
 DEFS = dg.Definitions.merge(
-    ingest_assets.defs, curation_assets.defs, slice_assets.build_slice_defs(MODES),
+    ingest_assets.defs, curation_assets.build_curation_defs(MODES), slice_assets.build_slice_defs(MODES),
     training_assets.build_training_defs(MODES), evaluation_assets.build_evaluation_defs(MODES),
-    sensors.build_sensor_defs(MODES), maintenance_assets.defs,
+    sensors.build_sensor_defs(MODES), maintenance_assets.build_maintenance_defs(MODES),
     dg.Definitions(resources={"lancedb": LanceDBResource()}),
 )
 FRAME_SIZE = dict(width=320, height=180)
@@ -183,7 +183,7 @@ def test_every_check_of_the_footage_runs_passes(loop):
         assert [(e.asset_key, e.check_name) for e in evaluations if not e.passed] == []
     evaluations = loop["footage_2"].get_asset_check_evaluations()
     on_columns = [e for e in evaluations if e.asset_key.to_user_string() in curation.COLUMNS]
-    assert len(on_columns) == len(curation_assets.CURATION_CHECKS)
+    assert len(on_columns) == len(curation_assets.build_curation_checks(MODES))
 
 
 def test_rerunning_a_current_view_is_safe(loop):

@@ -15,7 +15,7 @@ from avperception_assets.model import detector
 from avperception_assets.discovery import embeddings, search
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
-from avperception_assets.failure_modes.registry import FailureMode, FailureModeError
+from avperception_assets.failure_modes.registry import FailureMode, FailureModeError, get_mode, load_registry
 from avperception_assets_tests.conftest import append_rows, build_frames_table, near_duplicate_rows, source_ids, view_ids
 
 FRAMES = 120
@@ -39,20 +39,24 @@ def search_db(tmp_path_factory, local_ray) -> SearchDB:
     """120 small synthetic frames curated for search (descriptions, hashes, embeddings,
     uniqueness, the distance of a mode defined by example), the full-text index and the mode's
     val view; then new footage (a re-encoded copy of one frame, a copy of the exemplar) curated
-    again and the view refreshed."""
+    again and the view refreshed. The mode comes from a user's registry file in a config folder
+    that Ray's workers are never told of: what its UDF needs travels with the UDF."""
     conn, _ = build_frames_table(tmp_path_factory.mktemp("search"), [("s1", FRAMES, 11)])
     table = conn.open_table(storage.FRAMES_TABLE)
     frames = _frames(table, ["image_id", "timeofday", "split"])
     exemplar = next(f["image_id"] for f in frames if f["timeofday"] == "night" and f["split"] == "val")
-    mode = FailureMode("like_night", "", ("pedestrian",), exemplars=(exemplar,), max_distance=0.35)
+    config_dir = tmp_path_factory.mktemp("config")
+    (config_dir / "failure_modes.toml").write_text(
+        f'[modes.like_night]\nclasses = ["pedestrian"]\nexemplars = ["{exemplar}"]\nmax_distance = 0.35\n')
+    mode = get_mode("like_night", load_registry(config_dir))
     config, columns = replace(CONFIG, modes=(mode,)), [*SEARCH_COLUMNS, mode.distance_column]
     curation.backfill_columns(table, columns, config)
     maintenance.ensure_column_indexes(table, {"scene_description": "FTS"})
-    created = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
+    created = slices.refresh_views(conn, [(mode, "val")])["bdd100k_like_night_val"]
     original = next(f["image_id"] for f in frames if f["timeofday"] == "daytime")
     append_rows(table, near_duplicate_rows(table, [(original, 0.9, 60), (exemplar, 1.0, 80)], "new"))
     stats = curation.backfill_columns(table, columns, config)
-    refreshed = slices.refresh_views(conn, [(mode, "val")], modes=(mode,))["bdd100k_like_night_val"]
+    refreshed = slices.refresh_views(conn, [(mode, "val")])["bdd100k_like_night_val"]
     return SearchDB(conn, table, mode, original, stats, created, refreshed)
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from avperception_assets.defs import sensors
 from avperception_assets.defs.names import BASE_DETECTOR, checkpoint_key, view_key
-from avperception_assets.failure_modes.registry import FAILURE_MODES
+from avperception_assets.failure_modes.registry import default_failure_modes
 
-GROWTH_SENSOR = next(s for s in sensors.build_sensor_defs(FAILURE_MODES).sensors if s.name == "slice_growth_sensor")
+GROWTH_SENSOR = next(s for s in sensors.build_sensor_defs(default_failure_modes()).sensors if s.name == "slice_growth_sensor")
 # mode -> (train view version, rows): every checkpoint saw version 3 with 100 rows.
 VIEWS = {"rider": (5, 150), "nighttime_person": (5, 105), "distant_person": (3, 100)}
 

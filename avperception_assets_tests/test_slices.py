@@ -15,10 +15,11 @@ from avperception_assets.storage import pixels, tables as storage
 from avperception_assets.slices import views as slices
 from avperception_assets import synthetic
 from avperception_assets.storage.decoding import decode
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, FailureModeError
+from avperception_assets.failure_modes.registry import FailureMode, FailureModeError, default_failure_modes
 from avperception_assets_tests.conftest import copy_curated_db, source_ids, view_ids
 
-RIDER = FAILURE_MODES[0]
+DEFAULT_MODES = default_failure_modes()
+RIDER = DEFAULT_MODES[0]
 
 
 def refresh(conn, mode, split):
@@ -29,12 +30,12 @@ def refresh(conn, mode, split):
 
 
 def test_default_registry():
-    assert [m.name for m in FAILURE_MODES] == ["rider", "nighttime_person", "distant_person"]
-    rider, night, distant = FAILURE_MODES
+    assert [m.name for m in DEFAULT_MODES] == ["rider", "nighttime_person", "distant_person"]
+    rider, night, distant = DEFAULT_MODES
     assert rider.filter == "has_rider = true" and set(rider.classes) == {"rider", "bicycle", "motorcycle"}
     assert night.columns == ("timeofday", "has_person") and night.curation_columns == ("has_person",)
     assert distant.curation_columns == ("has_person", "person_bbox_area_pct")
-    assert f"< {failure_modes.DEFAULT_DISTANT_PERSON_MAX_AREA_PCT}" in distant.filter
+    assert distant.filter == "has_person = true AND person_bbox_area_pct < 0.5"
 
 
 def test_curation_fields_match_curation_columns():
@@ -61,22 +62,14 @@ def test_bad_entries_rejected():
     with pytest.raises(FailureModeError, match="lower-case"):
         FailureMode("Bad Name", "has_person = true", ("pedestrian",))
     with pytest.raises(FailureModeError, match="repeated"):
-        failure_modes.check_registry([FAILURE_MODES[0], FAILURE_MODES[0]])
+        failure_modes.check_registry([RIDER, RIDER])
     with pytest.raises(FailureModeError, match="finetune_epochs"):
         FailureMode("longer", "has_person = true", ("pedestrian",), finetune_epochs=0)
-    with pytest.raises(FailureModeError, match="tiling must be a Tiling"):
+    with pytest.raises(FailureModeError, match="'tiled', field 'tiling': must be a Tiling"):
         FailureMode("tiled", "has_person = true", ("pedestrian",), tiling=448)
     for size, overlap in ((0, 0.2), (448, 1.0), (448.0, 0.2)):
         with pytest.raises(ValueError, match="tile_size|overlap"):
             failure_modes.Tiling(size, overlap)
-
-
-def test_distant_threshold_is_configurable(monkeypatch):
-    monkeypatch.setenv(failure_modes.DISTANT_PERSON_ENV, "2.5")
-    assert failure_modes.default_failure_modes()[2].filter.endswith("< 2.5")
-    monkeypatch.setenv(failure_modes.DISTANT_PERSON_ENV, "far")
-    with pytest.raises(FailureModeError, match=failure_modes.DISTANT_PERSON_ENV):
-        failure_modes.default_failure_modes()
 
 
 def test_filter_columns_are_what_it_reads():
@@ -84,13 +77,12 @@ def test_filter_columns_are_what_it_reads():
 
 
 def test_view_names_and_filters():
-    rider = FAILURE_MODES[0]
-    assert slices.view_name(rider, "train") == "bdd100k_rider_train"
+    assert slices.view_name(RIDER, "train") == "bdd100k_rider_train"
     assert slices.view_name("nighttime_person", "val") == "bdd100k_nighttime_person_val"
-    assert slices.view_columns(rider, "train") == ("has_rider", "split", "is_duplicate")
-    assert slices.view_columns(rider, "val") == ("has_rider", "split", "dhash")
+    assert slices.view_columns(RIDER, "train") == ("has_rider", "split", "is_duplicate")
+    assert slices.view_columns(RIDER, "val") == ("has_rider", "split", "dhash")
     with pytest.raises(slices.SliceError, match="unknown split"):
-        slices.view_name(rider, "test")
+        slices.view_name(RIDER, "test")
 
 
 def test_filters_drop_undecoded_frames_train_also_duplicates():
@@ -104,8 +96,7 @@ def test_filters_drop_undecoded_frames_train_also_duplicates():
                      "dhash": pa.array([1, 2, None, 3, 4, None], pa.uint64()),
                      "is_duplicate": [False, True, None, True, False, None]})
     dataset = lance.write_dataset(rows, "memory://null-semantics")
-    rider = FAILURE_MODES[0]
-    kept = {s: dataset.count_rows(filter=slices.view_filter(rider, s)) for s in slices.SPLITS}
+    kept = {s: dataset.count_rows(filter=slices.view_filter(RIDER, s)) for s in slices.SPLITS}
     assert kept == {"train": 1, "val": 1}
 
 

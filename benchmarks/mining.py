@@ -31,7 +31,7 @@ from avperception_assets.evaluation import comparison as evaluation
 from avperception_assets.discovery import hard_examples
 from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
-from avperception_assets.failure_modes.registry import FAILURE_MODES
+from avperception_assets.defs.modes import location_modes
 from avperception_assets.slices.views import view_name
 from targets import target  # noqa: E402
 
@@ -100,7 +100,7 @@ def main() -> None:
         out = args.out or Path(tmp)
         overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps_per_epoch", args.max_steps_per_epoch))
                      if v is not None}
-        by_mode = {mode.name: run_mode(uri, weights, mode, args.seeds, out, overrides) for mode in FAILURE_MODES}
+        by_mode = {mode.name: run_mode(uri, weights, mode, args.seeds, out, overrides) for mode in location_modes()}
     print("\n| mode | train rows | figure | plain mean ± sd | mining mean ± sd | Δ |\n|---|---:|---|---:|---:|---:|")
     wins = 0
     for name, found in by_mode.items():

@@ -23,6 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; set before
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avperception_assets.curation import columns as curation
+from avperception_assets.failure_modes.registry import default_failure_modes
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
@@ -33,6 +34,7 @@ SIZE = dict(width=640, height=360)
 RATIO_GOAL = 1.2
 SLICE_COLUMNS = ["has_person", "has_rider", "person_bbox_area_pct", "dhash", "is_duplicate"]
 CURATION = curation.CurationConfig(person_area_source=curation.SOURCE_ANNOTATIONS)
+VIEWS = slices.all_views(default_failure_modes())  # the shipped modes' views
 
 
 def land(conn, landing: Path, batch_id: str, frames: int, seed: int) -> None:
@@ -43,7 +45,7 @@ def land(conn, landing: Path, batch_id: str, frames: int, seed: int) -> None:
 
 def timed_refresh(conn) -> tuple[float, dict[str, slices.ViewStats]]:
     started = time.perf_counter()
-    stats = slices.refresh_views(conn)
+    stats = slices.refresh_views(conn, VIEWS)
     return time.perf_counter() - started, stats
 
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    print(f"{len(slices.all_views())} views; frames {SIZE['width']}x{SIZE['height']}; {os.cpu_count()} CPUs")
+    print(f"{len(VIEWS)} views; frames {SIZE['width']}x{SIZE['height']}; {os.cpu_count()} CPUs")
 
     root = Path(tempfile.mkdtemp(prefix="avp-bench-refresh-"))
     conns = {name: storage.connect(str(root / name / "lancedb")) for name in ("small", "large")}
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 expected = sum(
                     conn.open_table(storage.FRAMES_TABLE).count_rows(f"({slices.view_filter(m, s)}) "
                                                                      f"AND batch_id = 'new{repeat}'")
-                    for m, s in slices.all_views())
+                    for m, s in VIEWS)
                 assert added == expected, f"{name}: refresh added {added} rows, expected {expected}"
                 total = conn.open_table(storage.FRAMES_TABLE).count_rows()
                 print(f"{name}: +{args.new} frames (table {total}): refresh {seconds:.1f} s, {added} view rows added")

@@ -66,7 +66,7 @@ from avperception_assets.discovery.vector_index import vectors_matrix
 from avperception_assets.patches import geneva as geneva_workarounds
 from avperception_assets.storage import tables as storage
 from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, person_bbox_area_pct_annotations
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode
+from avperception_assets.failure_modes.registry import FailureMode
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
 COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
@@ -99,6 +99,12 @@ class CurationError(ValueError):
     """A curation run that cannot proceed as configured (the message says what to change)."""
 
 
+def curation_columns(modes) -> tuple[str, ...]:
+    """The curation columns of a registry, in backfill order: COLUMNS, then the distance column
+    of each mode defined by example."""
+    return COLUMNS + tuple(m.distance_column for m in modes if m.by_example)
+
+
 @dataclass(frozen=True)
 class CurationConfig:
     """What defines the curation columns and how the backfill runs.
@@ -111,7 +117,8 @@ class CurationConfig:
     recompute: columns to drop and recompute from scratch (needed to change a column's
         definition, e.g. the detector source, once it holds values), with the columns that
         read them.
-    modes: the failure-mode registry, whose modes defined by example add distance columns.
+    modes: the failure-mode registry (`registry.load_registry`); its modes defined by example
+        add distance columns, the others none (so the default, no mode, suits SQL-only registries).
     concurrency: Geneva applier actors of the jobs that decode pixels or run the detector
         (default: one per CPU of this machine); the light jobs get one (`ColumnPlan.light`).
     """
@@ -126,13 +133,12 @@ class CurationConfig:
     recompute: tuple[str, ...] = ()
     concurrency: int | None = None
     checkpoint_size: int = 64
-    modes: tuple[FailureMode, ...] = FAILURE_MODES
+    modes: tuple[FailureMode, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """Every curation column, in backfill order: COLUMNS, then the distance column of each
-        mode defined by example."""
-        return COLUMNS + tuple(m.distance_column for m in self.modes if m.by_example)
+        """Every curation column of `modes`, in backfill order (`curation_columns`)."""
+        return curation_columns(self.modes)
 
     @property
     def deps(self) -> dict[str, tuple[str, ...]]:

@@ -7,7 +7,6 @@ import dagster as dg
 from avperception_assets.curation import columns as curation, checks as curation_checks
 from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
-from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
 from avperception_assets.defs.resources import LanceDBResource
 
 # Ingestion checks structure only; curation quarantines what does not decode, so that one warns.
@@ -25,8 +24,8 @@ def _ingest_audits(table) -> dict[str, tuple[bool, dict]]:
     return results
 
 
-def _curation_audits(table) -> dict[str, tuple[bool, dict]]:
-    present = [c for c in CURATION_COLUMNS if c in table.schema.names]
+def _curation_audits(table, columns: tuple[str, ...]) -> dict[str, tuple[bool, dict]]:
+    present = [c for c in columns if c in table.schema.names]
     outcomes = {f"{c}.full_coverage": curation_checks.check_coverage(table, c) for c in present}
     outcomes.update({f"{c}.consistent_with_annotations": curation_checks.check_annotation_consistency(table, c)
                      for c in present if c in curation.UDF_GROUPS["annotation_columns"]})
@@ -41,13 +40,13 @@ def _curation_audits(table) -> dict[str, tuple[bool, dict]]:
     return {name: (o.passed or o.warn_only, o.metadata) for name, o in outcomes.items()}
 
 
-@dg.op(description="Every raw_frames and curation check over every row of the frames table.")
-def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource) -> dict:
+def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource, columns: tuple[str, ...]) -> dict:
+    """Every raw_frames check, and every check of the curation `columns`, over the whole table."""
     conn = lancedb.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
     table = conn.open_table(storage.FRAMES_TABLE)
-    results = {**_ingest_audits(table), **_curation_audits(table)}
+    results = {**_ingest_audits(table), **_curation_audits(table, columns)}
     for name, (passed, metadata) in results.items():
         context.log.info(f"{name}: {'passed' if passed else 'FAILED'} {metadata}")
     failed = sorted(name for name, (passed, _) in results.items() if not passed and name not in WARN_ONLY)
@@ -61,12 +60,19 @@ def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource)
     return summary
 
 
-@dg.job(description="Whole-table audit of the frames table (a run's own checks look at its rows only).")
-def frames_audit():
-    audit_frames_table()
+def build_audit_defs(modes) -> dg.Definitions:
+    """The `frames_audit` job over the curation columns of the registry `modes`, and its schedule."""
+    columns = curation.curation_columns(modes)
 
+    @dg.op(name="audit_frames_table",
+           description="Every raw_frames and curation check over every row of the frames table.")
+    def audit_op(context: dg.OpExecutionContext, lancedb: LanceDBResource) -> dict:
+        return audit_frames_table(context, lancedb, columns)
 
-frames_audit_schedule = dg.ScheduleDefinition(job=frames_audit, cron_schedule="0 3 * * 0",
-                                              default_status=dg.DefaultScheduleStatus.STOPPED)
+    @dg.job(description="Whole-table audit of the frames table (a run's own checks look at its rows only).")
+    def frames_audit():
+        audit_op()
 
-defs = dg.Definitions(jobs=[frames_audit], schedules=[frames_audit_schedule])
+    schedule = dg.ScheduleDefinition(job=frames_audit, cron_schedule="0 3 * * 0",
+                                     default_status=dg.DefaultScheduleStatus.STOPPED)
+    return dg.Definitions(jobs=[frames_audit], schedules=[schedule])

@@ -13,7 +13,6 @@ import dagster as dg
 from avperception_assets.curation import columns as curation, checks as curation_checks
 from avperception_assets.discovery import embeddings
 from avperception_assets.storage import tables as storage
-from avperception_assets.failure_modes.registry import FAILURE_MODES
 from avperception_assets.defs.names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.defs.training_assets import base_checkpoints_dir
@@ -34,8 +33,6 @@ DESCRIPTIONS = {
     "uniqueness": "Cosine distance to the nearest earlier-ingested frame's embedding (capped at 1): high for "
                   "frames unlike anything seen before; old rows never change.",
 }
-# The registry's curation columns (curation.COLUMNS, and a distance column per mode defined by example).
-COLUMNS = curation.CurationConfig(modes=FAILURE_MODES).columns
 
 
 def _description(name: str, modes) -> str:
@@ -57,7 +54,7 @@ class CurationRunConfig(dg.Config):
     recompute: list[str] = []
     concurrency: int | None = None
 
-    def to_curation(self, modes=FAILURE_MODES) -> curation.CurationConfig:
+    def to_curation(self, modes) -> curation.CurationConfig:
         return curation.CurationConfig(
             person_area_source=self.person_area_source, detector_profile=self.detector_profile,
             score_threshold=self.score_threshold, dup_threshold=self.dup_threshold,
@@ -118,7 +115,7 @@ def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, 
         yield dg.MaterializeResult(asset_key=column_key(name), metadata=metadata)
 
 
-def build_curation_columns(modes=FAILURE_MODES) -> dg.AssetsDefinition:
+def build_curation_columns(modes) -> dg.AssetsDefinition:
     """The curation columns of a registry: curation.COLUMNS and each by-example mode's distance."""
     modes = tuple(modes)
     config = curation.CurationConfig(modes=modes)
@@ -201,9 +198,9 @@ def uniqueness_range(context: dg.AssetCheckExecutionContext, lancedb: LanceDBRes
     return _scoped(context, lancedb, "uniqueness", curation_checks.check_uniqueness_range)
 
 
-def build_curation_checks(modes=FAILURE_MODES) -> list:
+def build_curation_checks(modes) -> list:
     return [
-        *(_coverage_check(name) for name in curation.CurationConfig(modes=tuple(modes)).columns),
+        *(_coverage_check(name) for name in curation.curation_columns(modes)),
         *(_consistency_check(name) for name in curation.UDF_GROUPS["annotation_columns"]),
         person_area_range,
         duplicate_groups,
@@ -212,11 +209,6 @@ def build_curation_checks(modes=FAILURE_MODES) -> list:
     ]
 
 
-def build_curation_defs(modes=FAILURE_MODES) -> dg.Definitions:
-    """The curation assets and checks of a registry (tests, or a deployment with its own modes)."""
+def build_curation_defs(modes) -> dg.Definitions:
+    """The curation assets and checks of a registry."""
     return dg.Definitions(assets=[build_curation_columns(modes)], asset_checks=build_curation_checks(modes))
-
-
-curation_columns = build_curation_columns()
-CURATION_CHECKS = build_curation_checks()
-defs = dg.Definitions(assets=[curation_columns], asset_checks=CURATION_CHECKS)

@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets import workspace as settings
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.failure_modes.registry import FailureMode, check_registry
 from avperception_assets.defs.names import DEPLOYMENT, checkpoint_key, latest_checkpoint_dir, onnx_model_key
 from avperception_assets.defs.resources import LanceDBResource
 
@@ -73,10 +73,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
     return _onnx_model
 
 
-def build_deployment_defs(modes=None) -> dg.Definitions:
-    """One ONNX model asset per failure mode (default: the registry)."""
-    modes = check_registry(FAILURE_MODES if modes is None else modes)
+def build_deployment_defs(modes) -> dg.Definitions:
+    """One ONNX model asset per failure mode of the registry `modes`."""
+    modes = check_registry(modes)
     return dg.Definitions(assets=[build_onnx_model_asset(m) for m in modes])
-
-
-defs = build_deployment_defs()

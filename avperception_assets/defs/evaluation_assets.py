@@ -16,7 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets import workspace as settings
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, Tiling, check_registry
+from avperception_assets.failure_modes.registry import FailureMode, Tiling, check_registry
 from avperception_assets.slices.views import view_name
 from avperception_assets.defs.names import BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_checkpoint_dir, latest_metadata, view_key
 from avperception_assets.defs.resources import LanceDBResource
@@ -239,10 +239,7 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
     return _summary
 
 
-def build_evaluation_defs(modes=None) -> dg.Definitions:
-    """One eval report per failure mode (default: the registry) plus the summary."""
-    modes = check_registry(FAILURE_MODES if modes is None else modes)
+def build_evaluation_defs(modes) -> dg.Definitions:
+    """One eval report per failure mode of the registry `modes`, plus the summary."""
+    modes = check_registry(modes)
     return dg.Definitions(assets=[*(build_eval_report_asset(m) for m in modes), build_summary_asset(modes)])
-
-
-defs = build_evaluation_defs()

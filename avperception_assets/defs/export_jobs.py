@@ -9,7 +9,6 @@ from pydantic import Field
 
 from avperception_assets.slices import exports
 from avperception_assets import workspace as settings
-from avperception_assets.slices.views import all_views, view_name
 from avperception_assets.defs.resources import LanceDBResource
 
 
@@ -19,7 +18,7 @@ class ExportFormat(Enum):
 
 
 class SliceExportConfig(dg.Config):
-    view: str = Field(description="the view to export: " + ", ".join(view_name(m, s) for m, s in all_views()))
+    view: str = Field(description="the view to export: bdd100k_<failure mode>_<train|val>, e.g. bdd100k_rider_val")
     version: int | None = Field(default=None, description="the view version (default: the latest)")
     format: ExportFormat = Field(default=ExportFormat.coco, description="coco: annotations/instances_<split>.json; "
                                  "yolo: images/, labels/ and data.yaml (Ultralytics)")

@@ -9,9 +9,8 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets.curation import maintenance
+from avperception_assets.curation import columns as curation, maintenance
 from avperception_assets import workspace as settings
-from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
 from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
 from avperception_assets.defs.resources import LanceDBResource
 
@@ -32,11 +31,6 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(key=TABLE_MAINTENANCE, group_name=MAINTENANCE, kinds={"lancedb"}, pool=LANCEDB_WRITES_POOL,
-          deps=[RAW_FRAMES, *(column_key(c) for c in CURATION_COLUMNS)], automation_condition=FOLLOWS_FOOTAGE,
-          description="Compacts the small fragments of bdd100k, removes old versions of it and of the slice views that nothing is "
-                      "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
-                      "of the columns view filters read current.")
 def table_maintenance(config: MaintenanceConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
     stats = maintenance.maintain_all(lancedb.connect(), settings.checkpoints_dir(), settings.reports_dir(),
                                      older_than=timedelta(minutes=config.keep_minutes))
@@ -53,4 +47,13 @@ table_maintenance_schedule = dg.ScheduleDefinition(
     name="table_maintenance_schedule", cron_schedule="0 4 * * *", target=dg.AssetSelection.assets(TABLE_MAINTENANCE),
     default_status=dg.DefaultScheduleStatus.STOPPED)
 
-defs = dg.Definitions(assets=[table_maintenance], schedules=[table_maintenance_schedule])
+
+def build_maintenance_defs(modes) -> dg.Definitions:
+    """table_maintenance after every curation column of the registry `modes`, and its schedule."""
+    asset = dg.asset(
+        key=TABLE_MAINTENANCE, group_name=MAINTENANCE, kinds={"lancedb"}, pool=LANCEDB_WRITES_POOL,
+        deps=[RAW_FRAMES, *(column_key(c) for c in curation.curation_columns(modes))], automation_condition=FOLLOWS_FOOTAGE,
+        description="Compacts the small fragments of bdd100k, removes old versions of it and of the slice views that nothing is "
+                    "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
+                    "of the columns view filters read current.")(table_maintenance)
+    return dg.Definitions(assets=[asset], schedules=[table_maintenance_schedule])

@@ -14,7 +14,7 @@ import dagster as dg
 from avperception_assets.model import detector
 from avperception_assets.ingest import frames as ingest
 from avperception_assets import workspace as settings
-from avperception_assets.failure_modes.registry import FAILURE_MODES, check_registry
+from avperception_assets.failure_modes.registry import check_registry
 from avperception_assets.model.retrain_policy import RetrainPolicy
 from avperception_assets.defs.ingest_assets import RawFramesConfig
 from avperception_assets.defs.names import BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key, eval_report_key, latest_metadata, view_key
@@ -105,8 +105,8 @@ def retrain_requests(instance: dg.DagsterInstance, modes, policy: RetrainPolicy)
     return [_retrain_request({mode: version}, with_base=False) for mode, version in due.items()]
 
 
-def build_sensor_defs(modes=None) -> dg.Definitions:
-    modes = check_registry(FAILURE_MODES if modes is None else modes)
+def build_sensor_defs(modes) -> dg.Definitions:
+    modes = check_registry(modes)
 
     @dg.sensor(
         name="slice_growth_sensor",
@@ -121,6 +121,3 @@ def build_sensor_defs(modes=None) -> dg.Definitions:
         return requests or dg.SkipReason("no train view grew past the retrain policy")
 
     return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor, footage_automation_sensor])
-
-
-defs = build_sensor_defs()

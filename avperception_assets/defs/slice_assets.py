@@ -10,7 +10,7 @@ same definitions from any registry (tests, or a deployment with its own modes).
 import dagster as dg
 
 from avperception_assets.slices import views as slices
-from avperception_assets.failure_modes.registry import CURATION_COLUMNS, FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.failure_modes.registry import CURATION_COLUMNS, FailureMode, check_registry
 from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
 from avperception_assets.defs.resources import LanceDBResource
 
@@ -51,9 +51,9 @@ def _metadata(stats: slices.ViewStats) -> dict:
     return meta
 
 
-def build_slice_defs(modes=None) -> dg.Definitions:
-    """Slice-view assets and checks for `modes` (default: the registry FAILURE_MODES)."""
-    modes = check_registry(FAILURE_MODES if modes is None else modes)
+def build_slice_defs(modes) -> dg.Definitions:
+    """Slice-view assets and checks for the registry `modes`."""
+    modes = check_registry(modes)
     views = slices.all_views(modes)
     by_key = {view_key(m, s): (m, s) for m, s in views}
 
@@ -64,7 +64,7 @@ def build_slice_defs(modes=None) -> dg.Definitions:
         selected = [by_key[key] for key in by_key if key in context.selected_asset_keys]
         lancedb.ensure_ray()
         try:
-            stats = slices.refresh_views(lancedb.connect(), selected, modes=modes)
+            stats = slices.refresh_views(lancedb.connect(), selected)
         except slices.SliceError as exc:
             raise dg.Failure(str(exc)) from exc
         for name, view_stats in stats.items():
@@ -83,11 +83,8 @@ def build_slice_defs(modes=None) -> dg.Definitions:
         conn = lancedb.connect()
         for check_key in context.selected_asset_check_keys:
             mode, split = by_key[check_key.asset_key]
-            outcome = slices.check_view(conn, mode, split, modes=modes)
+            outcome = slices.check_view(conn, mode, split)
             yield dg.AssetCheckResult(asset_key=check_key.asset_key, check_name=CHECK_NAME,
                                       passed=outcome.passed, metadata=outcome.metadata)
 
     return dg.Definitions(assets=[slice_views], asset_checks=[slice_view_checks])
-
-
-defs = build_slice_defs()

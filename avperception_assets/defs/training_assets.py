@@ -19,7 +19,7 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets import workspace as settings
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, check_registry
+from avperception_assets.failure_modes.registry import FailureMode, check_registry
 from avperception_assets.slices.views import view_name
 from avperception_assets.storage.tables import FRAMES_TABLE
 from avperception_assets.defs.names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
@@ -265,11 +265,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
     return _checkpoint
 
 
-def build_training_defs(modes=None) -> dg.Definitions:
-    """base_detector plus one checkpoint asset per failure mode (default: the registry)."""
-    modes = check_registry(FAILURE_MODES if modes is None else modes)
+def build_training_defs(modes) -> dg.Definitions:
+    """base_detector plus one checkpoint asset per failure mode of the registry `modes`."""
+    modes = check_registry(modes)
     return dg.Definitions(assets=[base_detector, *(build_checkpoint_asset(m) for m in modes)])
-
-
-defs = build_training_defs()
-

@@ -1,50 +1,33 @@
-"""The failure-mode registry: the one place that names the long-tail modes the platform targets.
+"""The failure-mode registry: the long-tail modes the platform targets, read from TOML.
 
 Each FailureMode is a name, a SQL filter over the frames table (raw fields plus curation
-columns), and the det_20 classes its evaluation scores. Adding an entry to FAILURE_MODES
-adds its train/val slice views, and every stage that iterates this registry (checkpoints,
-reports) grows with it; no other file changes.
+columns), the det_20 classes its evaluation scores, and its training and evaluation settings.
+The defaults ship in `default.toml` beside this module; `load_registry(config_dir)` merges a
+user's `<config_dir>/failure_modes.toml` over them (a mode of the same name replaces the default
+one entirely; new names are added after the defaults). Every registered mode gets its train/val
+slice views, checkpoint and report; no Python changes.
 
-A filter is checked when its FailureMode is built, so a typo fails when the definitions load,
-not halfway through a run: it must parse, return a boolean, and name only known columns
-(with types, so `person_bbox_area_pct < 'x'` is caught too). Filters come only from here.
-
-distant_person threshold: on the synthetic data (800 frames, 416 with a pedestrian; the
-largest annotated pedestrian box as % of the frame), the share of person frames kept is
-  < 0.1 %: 14.7 %   < 0.2 .. 0.5 %: 20.4 %   < 1 %: 24.0 %   < 2 %: 36.3 %
-  < 5 %: 70.9 %     < 10 %: 100 %            < 30 % (the reference's value): 100 %
-so 30 keeps every person frame. The default, 0.5 % of a 1280x720 frame (≈ 40x115 px), keeps
-the fifth of person frames whose nearest pedestrian is far away (the gap in the distribution
-lies between 0.2 % and 1 %). Set AVP_DISTANT_PERSON_MAX_AREA_PCT to change it.
+Everything is checked when the registry loads, so a typo fails when the definitions load, not
+halfway through a run: the file's syntax (path and line), each mode's fields (unknown, missing,
+wrong type), its name and classes, and its filter, which must parse, return a boolean, and name
+only known columns (with types, so `person_bbox_area_pct < 'x'` is caught too). Errors name the
+file, the mode and the field.
 """
 
 from __future__ import annotations
 
-import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
 import pyarrow as pa
 
 from avperception_assets.discovery import embeddings
 from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.storage.tables import FRAMES_SCHEMA
-
-DISTANT_PERSON_ENV = "AVP_DISTANT_PERSON_MAX_AREA_PCT"
-DEFAULT_DISTANT_PERSON_MAX_AREA_PCT = 0.5
-# Distant pedestrians of the synthetic val slice are 8-23 x 21-60 px (10th-90th percentile, median
-# 13x34) in 1280x720 frames: 448 px input keeps the median at 8x21 px, within reach of the CPU
-# profile's 16 px anchors; its default 192 px would leave 4x9 px.
-DISTANT_PERSON_MIN_INPUT_SIZE = 448
-# ... and are evaluated on full-resolution tiles of that size too: 20 % overlap (90 px) exceeds
-# their 90th-percentile height (60 px), so each is whole in some tile. The fine-tune trains on
-# crops of that size (pedestrians at the scale tiles show them), and a crop is a fifth of a
-# 1280x720 frame, so it runs 4x the profile's 5 epochs. On the demo data (35 train frames) 5
-# epochs found no distant pedestrian; 20 epochs of crops or of whole frames both did, alike on
-# pedestrians (README); crops train in about 2/3 of the time.
-DISTANT_PERSON_TILE_SIZE = 448
-DISTANT_PERSON_FINETUNE_EPOCHS = 20
 
 # Types of the curation columns (avperception_assets.curation writes them; names must match
 # curation.COLUMNS, which a test asserts) so filters are type-checked against the real table.
@@ -67,7 +50,8 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # becomes part of table an
 
 
 class FailureModeError(ValueError):
-    """A registry entry that cannot be used (the message names the mode)."""
+    """A registry entry that cannot be used (the message names the mode and the field, and the
+    file when it comes from one)."""
 
 
 @lru_cache(maxsize=1)
@@ -100,17 +84,20 @@ def filter_columns(sql: str, schema: pa.Schema = FILTER_SCHEMA) -> tuple[str, ..
     return tuple(columns)
 
 
+def _field_error(mode_name: str, field_name: str, problem: str) -> FailureModeError:
+    return FailureModeError(f"failure mode {mode_name!r}, field {field_name!r}: {problem}")
+
+
 def validate_filter(mode_name: str, sql: str, schema: pa.Schema = FILTER_SCHEMA) -> None:
     """Raise FailureModeError naming the mode when `sql` is not a valid boolean filter."""
     if not isinstance(sql, str) or not sql.strip():
-        raise FailureModeError(f"failure mode {mode_name!r}: filter must be a non-empty SQL string")
+        raise _field_error(mode_name, "filter", "must be a non-empty SQL string")
     # The parser reads only the first statement; anything after ';' or a comment would hide.
     error = "one expression only (no ';' or SQL comments)" if any(t in sql for t in (";", "--", "/*")) \
         else _filter_error(sql, None if schema is FILTER_SCHEMA else schema)
     if error is not None:
-        raise FailureModeError(
-            f"failure mode {mode_name!r}: invalid filter {sql!r}: {error}. Filters may use the frames "
-            f"columns and the curation columns {', '.join(CURATION_COLUMNS)}.")
+        raise _field_error(mode_name, "filter", f"invalid filter {sql!r}: {error}. Filters may use the frames "
+                                                f"columns and the curation columns {', '.join(CURATION_COLUMNS)}.")
 
 
 @dataclass(frozen=True)
@@ -172,8 +159,9 @@ class FailureMode:
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise FailureModeError(
-                f"failure mode name {self.name!r} must be lower-case letters, digits and '_' "
-                "(it becomes a table and asset name)")
+                f"failure mode {self.name!r}: the name must be lower-case letters, digits and '_', at most 48, "
+                "starting with a letter (it becomes a table and asset name)")
+        self._check_settings()
         schema = FILTER_SCHEMA
         where = self.filter
         if self.by_example:
@@ -183,32 +171,31 @@ class FailureMode:
             where = f"{clause} AND ({self.filter})" if self.filter.strip() else clause
         validate_filter(self.name, where, schema)
         object.__setattr__(self, "where", where)
+        object.__setattr__(self, "columns", filter_columns(where, schema))
+
+    def _check_settings(self) -> None:
         classes = tuple(self.classes)
         unknown = [c for c in classes if c not in CLASSES]
         if not classes or unknown:
-            raise FailureModeError(
-                f"failure mode {self.name!r}: classes must be det_20 names from {CLASSES}, got {classes}")
+            raise _field_error(self.name, "classes", f"must be det_20 names from {CLASSES}, got {list(classes)}"
+                               + (f" (unknown: {unknown})" if unknown else ""))
         object.__setattr__(self, "classes", classes)
-        if self.min_input_size is not None and not (isinstance(self.min_input_size, int) and self.min_input_size > 0):
-            raise FailureModeError(f"failure mode {self.name!r}: min_input_size must be a positive number of "
-                                   f"pixels, got {self.min_input_size!r}")
-        if self.finetune_epochs is not None and not (isinstance(self.finetune_epochs, int) and self.finetune_epochs > 0):
-            raise FailureModeError(f"failure mode {self.name!r}: finetune_epochs must be a positive number, "
-                                   f"got {self.finetune_epochs!r}")
+        for name in ("min_input_size", "finetune_epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise _field_error(self.name, name, f"must be a positive integer, got {value!r}")
         if self.tiling is not None and not isinstance(self.tiling, Tiling):
-            raise FailureModeError(f"failure mode {self.name!r}: tiling must be a Tiling or None, got {self.tiling!r}")
-        object.__setattr__(self, "columns", filter_columns(where, schema))
+            raise _field_error(self.name, "tiling", f"must be a Tiling or None, got {self.tiling!r}")
 
     def _check_example(self) -> None:
         object.__setattr__(self, "exemplars", tuple(self.exemplars))
         if bool(self.exemplars) == (self.text_query is not None):
-            raise FailureModeError(f"failure mode {self.name!r}: give exemplars or a text_query, not both")
+            raise _field_error(self.name, "exemplars", "give exemplars or a text_query, not both")
         if not all(isinstance(e, str) and e for e in self.exemplars):
-            raise FailureModeError(f"failure mode {self.name!r}: exemplars must be image ids, got {self.exemplars}")
+            raise _field_error(self.name, "exemplars", f"must be image ids, got {list(self.exemplars)}")
         if isinstance(self.max_distance, bool) or not isinstance(self.max_distance, (int, float)) \
                 or not 0 < self.max_distance <= 2:
-            raise FailureModeError(f"failure mode {self.name!r}: max_distance must be a cosine distance in "
-                                   f"(0, 2], got {self.max_distance!r}")
+            raise _field_error(self.name, "max_distance", f"must be a cosine distance in (0, 2], got {self.max_distance!r}")
         if self.text_query is not None:
             _require_text_tower(self.name)
 
@@ -227,24 +214,11 @@ def _require_text_tower(mode_name: str) -> None:
     try:
         model = embeddings.resolve()
     except embeddings.EmbeddingError as exc:
-        raise FailureModeError(f"failure mode {mode_name!r} is defined by a text query: {exc}") from exc
+        raise _field_error(mode_name, "text_query", str(exc)) from exc
     if not model.has_text_tower:
-        raise FailureModeError(
-            f"failure mode {mode_name!r} is defined by a text query, which needs CLIP; the configured embedding "
-            f"model is {model.label}. Set {embeddings.MODEL_ENV}=clip:<architecture>:<weights>, or give exemplars.")
-
-
-def distant_person_max_area_pct() -> float:
-    raw = os.environ.get(DISTANT_PERSON_ENV)
-    if raw is None:
-        return DEFAULT_DISTANT_PERSON_MAX_AREA_PCT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 100.0:
-        raise FailureModeError(f"{DISTANT_PERSON_ENV}={raw!r}: expected a percentage in (0, 100]")
-    return value
+        raise _field_error(
+            mode_name, "text_query", f"a text query needs CLIP; the configured embedding model is {model.label}. "
+            f"Set {embeddings.MODEL_ENV}=clip:<architecture>:<weights>, or give exemplars.")
 
 
 def check_registry(modes) -> tuple[FailureMode, ...]:
@@ -260,39 +234,123 @@ def check_registry(modes) -> tuple[FailureMode, ...]:
     return modes
 
 
+# --- the registry file ------------------------------------------------------------------------
+
+REGISTRY_FILE = "failure_modes.toml"  # a user's modes, in the data location's config folder
+DEFAULTS_FILE = "default.toml"  # the shipped modes, package data beside this module
+
+
+def _of(*types):
+    """A TOML value's type check (TOML's booleans are not numbers)."""
+    return lambda value: isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# The fields of a mode's TOML table (FailureMode's, less the name, which is the table's key):
+# field -> (type check, what its value must be).
+MODE_FIELDS = {
+    "filter": (_of(str), "a string of SQL"),
+    "classes": (_strings, "a list of det_20 class names"),
+    "description": (_of(str), "a string"),
+    "min_input_size": (_of(int), "an integer (pixels)"),
+    "finetune_epochs": (_of(int), "an integer"),
+    "tiling": (_of(dict), "a table ([modes.<name>.tiling])"),
+    "exemplars": (_strings, "a list of image ids"),
+    "text_query": (_of(str), "a string"),
+    "max_distance": (_of(int, float), "a number"),
+}
+TILING_FIELDS = {
+    "tile_size": (_of(int), "an integer (pixels)"),
+    "overlap": (_of(int, float), "a number (a fraction of a tile)"),
+    "whole_frame": (_of(bool), "true or false"),
+    "train_on_tiles": (_of(bool), "true or false"),
+}
+
+
+def _check_fields(mode: str, table: dict, fields: dict, required: tuple[str, ...], prefix: str = "") -> None:
+    """Unknown, missing and mistyped fields of one TOML table, named `<prefix><field>`."""
+    for key, value in table.items():
+        if key not in fields:
+            raise _field_error(mode, prefix + key, f"unknown field; known fields: {', '.join(fields)}")
+        check, expected = fields[key]
+        if not check(value):
+            raise _field_error(mode, prefix + key, f"must be {expected}, got {value!r}")
+    for key in required:
+        if key not in table:
+            raise _field_error(mode, prefix + key, "missing required field")
+
+
+def _mode_from_toml(name: str, table: dict) -> FailureMode:
+    """A FailureMode from its TOML table, every field checked."""
+    by_example = "exemplars" in table or "text_query" in table
+    required = ("classes", "max_distance") if by_example else ("filter", "classes")
+    _check_fields(name, table, MODE_FIELDS, required)
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in table.items()}
+    if "tiling" in values:
+        _check_fields(name, values["tiling"], TILING_FIELDS, ("tile_size",), prefix="tiling.")
+        try:
+            values["tiling"] = Tiling(**values["tiling"])
+        except ValueError as exc:
+            raise _field_error(name, "tiling", str(exc)) from None
+    return FailureMode(name, values.pop("filter", ""), values.pop("classes"), **values)
+
+
+def _read_toml(source) -> dict:
+    """The document at `source` (a Path or package resource); a syntax error names the file and line."""
+    try:
+        return tomllib.loads(source.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise FailureModeError(f"{source}: TOML syntax error: {exc}") from None
+
+
+def _mode_tables(source) -> dict[str, dict]:
+    """Mode name -> its table, from the `[modes.<name>]` tables of the file at `source`."""
+    document = _read_toml(source)
+    unknown = [key for key in document if key != "modes"]
+    if unknown:
+        raise FailureModeError(f"{source}: unknown top-level key {unknown[0]!r}; "
+                               "failure modes are tables named [modes.<name>]")
+    modes = document.get("modes", {})
+    if not isinstance(modes, dict):
+        raise FailureModeError(f"{source}: 'modes' must be tables named [modes.<name>], got {modes!r}")
+    for name, table in modes.items():
+        if not isinstance(table, dict):
+            raise FailureModeError(f"{source}: failure mode {name!r} must be a table ([modes.{name}]), got {table!r}")
+    return modes
+
+
+def _build(source, name: str, table: dict) -> FailureMode:
+    try:
+        return _mode_from_toml(name, table)
+    except FailureModeError as exc:
+        raise FailureModeError(f"{source}: {exc}") from None
+
+
+def load_registry(config_dir: Path | None) -> tuple[FailureMode, ...]:
+    """The shipped modes, with `<config_dir>/failure_modes.toml` (when there is one) merged over
+    them: its modes replace the defaults of the same name, in their place, and add the others
+    after them. Every mode is checked (see the module's docstring)."""
+    defaults = resources.files(__package__).joinpath(DEFAULTS_FILE)
+    sources = {name: (defaults, table) for name, table in _mode_tables(defaults).items()}
+    user_file = None if config_dir is None else Path(config_dir) / REGISTRY_FILE
+    if user_file is not None and user_file.is_file():
+        sources.update({name: (user_file, table) for name, table in _mode_tables(user_file).items()})
+    return check_registry(_build(source, name, table) for name, (source, table) in sources.items())
+
+
+@lru_cache(maxsize=1)
 def default_failure_modes() -> tuple[FailureMode, ...]:
-    return check_registry([
-        FailureMode(
-            "rider",
-            "has_rider = true",
-            ("rider", "bicycle", "motorcycle"),
-            "Cyclists and motorcyclists: a person on a two-wheeler.",
-        ),
-        FailureMode(
-            "nighttime_person",
-            "timeofday = 'night' AND has_person = true",
-            ("pedestrian",),
-            "Pedestrians in night frames.",
-        ),
-        FailureMode(
-            "distant_person",
-            f"has_person = true AND person_bbox_area_pct < {distant_person_max_area_pct()!r}",
-            ("pedestrian",),
-            "Frames whose largest pedestrian is small, i.e. far away.",
-            min_input_size=DISTANT_PERSON_MIN_INPUT_SIZE,
-            tiling=Tiling(DISTANT_PERSON_TILE_SIZE, train_on_tiles=True),
-            finetune_epochs=DISTANT_PERSON_FINETUNE_EPOCHS,
-        ),
-    ])
-
-
-FAILURE_MODES: tuple[FailureMode, ...] = default_failure_modes()
+    """The shipped modes alone (the package's file does not change while it runs)."""
+    return load_registry(None)
 
 
 def get_mode(name: str, modes=None) -> FailureMode:
-    """The registry entry called `name` (from `modes`, default FAILURE_MODES)."""
-    for mode in FAILURE_MODES if modes is None else modes:
+    """The registry entry called `name` (from `modes`, default the shipped modes)."""
+    modes = default_failure_modes() if modes is None else modes
+    for mode in modes:
         if mode.name == name:
             return mode
-    known = [m.name for m in (FAILURE_MODES if modes is None else modes)]
-    raise FailureModeError(f"unknown failure mode {name!r}; registered: {known}")
+    raise FailureModeError(f"unknown failure mode {name!r}; registered: {[m.name for m in modes]}")

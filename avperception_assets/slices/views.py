@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from avperception_assets.storage import tables as storage
-from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, get_mode
+from avperception_assets.failure_modes.registry import FailureMode
 from avperception_assets.storage.pixels import IMAGE_BYTES
 from avperception_assets.storage.tables import FRAMES_TABLE, reflected_version, table_exists
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN
@@ -48,10 +48,6 @@ SPLIT_COLUMNS = {"train": ("split", "is_duplicate"), "val": ("split", "dhash")}
 
 class SliceError(RuntimeError):
     """A slice that cannot be built from the table as it is (the message says why)."""
-
-
-def _resolve(mode: FailureMode | str, modes=None) -> FailureMode:
-    return mode if isinstance(mode, FailureMode) else get_mode(mode, modes)
 
 
 def _check_split(split: str) -> str:
@@ -81,9 +77,9 @@ def view_columns(mode: FailureMode, split: str) -> tuple[str, ...]:
     return tuple(mode.columns) + tuple(extra)
 
 
-def all_views(modes=None) -> list[tuple[FailureMode, str]]:
-    """(mode, split) of every view of the registry, in registry order."""
-    return [(mode, split) for mode in (FAILURE_MODES if modes is None else modes) for split in SPLITS]
+def all_views(modes) -> list[tuple[FailureMode, str]]:
+    """(mode, split) of every view of the registry `modes`, in registry order."""
+    return [(mode, split) for mode in modes for split in SPLITS]
 
 
 # --- what a view records ----------------------------------------------------------------
@@ -253,16 +249,15 @@ def side_by_side(jobs: int) -> int:
     return max(1, min(jobs, int((cpus - 1.0) / JOB_PINNED_CPUS)))
 
 
-def refresh_views(conn, targets: Iterable[tuple[FailureMode | str, str]] | None = None, *, modes=None,
-                  concurrency: int = 1) -> dict[str, ViewStats]:
-    """Bring the views `targets` [(mode, split)] (default: all of the registry) up to date
-    with the frames table; returns their stats by view name.
+def refresh_views(conn, targets: Iterable[tuple[FailureMode, str]], *, concurrency: int = 1) -> dict[str, ViewStats]:
+    """Bring the views `targets` [(mode, split)] (every view of a registry: `all_views(modes)`)
+    up to date with the frames table; returns their stats by view name.
 
     Needs a running Ray (Geneva's refresh jobs run on it). Refreshes run side by side as far as
     Ray's CPUs allow (`side_by_side`); `concurrency` is the number of copy actors per job.
     """
     storage.require_ray("view refreshes")
-    targets = all_views(modes) if targets is None else [(_resolve(m, modes), s) for m, s in targets]
+    targets = list(targets)
     source = _open_source(conn)
     for mode, split in targets:  # every view's columns exist before any job starts
         _check_source_columns(source, mode, split)
@@ -281,10 +276,9 @@ class ViewCheck:
     metadata: dict[str, Any]
 
 
-def check_view(conn, mode: FailureMode | str, split: str, *, modes=None) -> ViewCheck:
+def check_view(conn, mode: FailureMode, split: str) -> ViewCheck:
     """The view's row count equals a direct count on the source table, with the view's
     filter, at the source version the view reflects."""
-    mode = _resolve(mode, modes)
     name = view_name(mode, split)
     if not table_exists(conn, name):
         return ViewCheck(False, {"reason": f"view {name!r} does not exist"})
