@@ -150,8 +150,8 @@ def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, mo
         assert {c.metadata["rows_checked"].value for c in checks.values()} == {3}
         assert len(decoded) == 3  # the run's frames only, not the table's 7
 
-        audit_job = audit_jobs.build_audit_defs(default_failure_modes()).resolve_job_def("frames_audit")
-        audit = audit_job.execute_in_process(resources=resources, instance=instance)
+        audit = audit_jobs.build_frames_audit(default_failure_modes()).execute_in_process(resources=resources,
+                                                                                         instance=instance)
         audits = audit.output_for_node("audit_frames_table")["audits"]
         assert audits["frames_decode"] == {"passed": False, "count": 1, "examples": [bad.stem]}
         assert audits["no_duplicate_image_ids"]["passed"] and audits["boxes_inside_frames"]["passed"]

@@ -60,8 +60,8 @@ def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource,
     return summary
 
 
-def build_audit_defs(modes) -> dg.Definitions:
-    """The `frames_audit` job over the curation columns of the registry `modes`, and its schedule."""
+def build_frames_audit(modes) -> dg.JobDefinition:
+    """The `frames_audit` job over the curation columns of the registry `modes`."""
     columns = curation.curation_columns(modes)
 
     @dg.op(name="audit_frames_table",
@@ -73,6 +73,11 @@ def build_audit_defs(modes) -> dg.Definitions:
     def frames_audit():
         audit_op()
 
-    schedule = dg.ScheduleDefinition(job=frames_audit, cron_schedule="0 3 * * 0",
-                                     default_status=dg.DefaultScheduleStatus.STOPPED)
-    return dg.Definitions(jobs=[frames_audit], schedules=[schedule])
+    return frames_audit
+
+
+def build_audit_defs(modes) -> dg.Definitions:
+    """`frames_audit` for the registry `modes`, and its weekly schedule."""
+    job = build_frames_audit(modes)
+    schedule = dg.ScheduleDefinition(job=job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED)
+    return dg.Definitions(jobs=[job], schedules=[schedule])
