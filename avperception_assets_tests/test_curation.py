@@ -97,7 +97,7 @@ def test_first_run_fills_every_row(curated):
 def test_a_column_added_before_its_group_existed_is_rebuilt_with_the_group(tmp_path, local_ray, caplog):
     """Deployments from before `UDF_GROUPS` hold has_person as a column of its own UDF: the
     next run rebuilds the group whole (the values are recomputed from the annotations). The log
-    holds no advice from Geneva to force a reprocess (`geneva_workarounds`)."""
+    holds no advice from Geneva to force a reprocess (`patches.geneva`, `geneva.where_advisory`)."""
     import geneva
 
     conn, _ = build_frames_table(tmp_path, [("b1", 3, 2)])
@@ -323,7 +323,9 @@ def test_plain_functions_never_start_ray(tmp_path):
     build_frames_table(tmp_path, [("b1", 2, 1)])
     probe = f"""
 import ray
-from avperception_assets import curation, slices, storage
+from avperception_assets.curation import columns as curation
+from avperception_assets.slices import views as slices
+from avperception_assets.storage import tables as storage
 conn = storage.connect({str(tmp_path / "lancedb")!r})
 for call in (lambda: curation.backfill_columns(conn.open_table(storage.FRAMES_TABLE), ["has_person"]),
              lambda: slices.refresh_views(conn)):
