@@ -1,4 +1,5 @@
-"""Patches of geneva 0.17.0. Geneva's issue tracker is not public: none is filed upstream.
+"""Patches of geneva 0.17.0. Upstream: none filed upstream for any of them (Geneva publishes no
+public issue tracker; its code cites LanceDB's internal one).
 
 `geneva.view_checkpoints` (with pylance 14.0.3; applied in Ray's workers, where refreshes run):
   a view refresh over a source with stable row ids re-copies every fragment of the view.
