@@ -5,9 +5,13 @@ import os
 
 import dagster as dg
 
-from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets
-from avperception_assets.defs.modes import location_modes
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets import patches
+
+patches.apply_at_startup()  # the code location's entry point: before the stages import lancedb and geneva
+
+from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets  # noqa: E402
+from avperception_assets.defs.modes import location_modes  # noqa: E402
+from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
 
 
 def build_definitions(modes) -> dg.Definitions:

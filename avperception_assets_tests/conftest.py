@@ -23,6 +23,11 @@ os.environ["AVP_DATA_DIR"] = tempfile.mkdtemp(prefix="avp-test-data-")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; read when Geneva is imported
 
+from avperception_assets import patches  # noqa: E402
+
+patches.apply_at_startup()  # as the code location does, before the stages import lancedb and geneva
+
+from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.curation import columns as curation
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import pixels, tables as storage
@@ -56,6 +61,15 @@ def free_ports(count: int) -> list[int]:
         if len(free) == count:
             return free
     raise RuntimeError(f"fewer than {count} free localhost ports outside the ephemeral range")
+
+
+def fake_distribution(root: Path, name: str, version: str) -> Path:
+    """A folder that, first on sys.path, makes `importlib.metadata` report `name` at `version`
+    (the import system still finds the real package): how a test fakes a library's version."""
+    info = Path(root) / f"fake-{name}" / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return info.parent
 
 
 def build_frames_table(root: Path, batches: list[tuple[str, int, int]], layout: str = "det_20"):
@@ -126,7 +140,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the whole session: its start costs seconds."""
-    with storage.ray_context():
+    with ray_context():
         yield
 
 

@@ -97,7 +97,7 @@ def test_first_run_fills_every_row(curated):
 def test_a_column_added_before_its_group_existed_is_rebuilt_with_the_group(tmp_path, local_ray, caplog):
     """Deployments from before `UDF_GROUPS` hold has_person as a column of its own UDF: the
     next run rebuilds the group whole (the values are recomputed from the annotations). The log
-    holds no advice from Geneva to force a reprocess (`geneva_workarounds`)."""
+    holds no advice from Geneva to force a reprocess (`patches.geneva`, `geneva.where_advisory`)."""
     import geneva
 
     conn, _ = build_frames_table(tmp_path, [("b1", 3, 2)])

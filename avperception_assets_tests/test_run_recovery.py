@@ -18,7 +18,8 @@ from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.defs.names import LANCEDB_WRITES_POOL
-from avperception_assets.defs.run_recovery import dead_run_sensor, process_alive
+from avperception_assets.cluster.processes import process_alive
+from avperception_assets.defs.run_recovery import dead_run_sensor
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -86,6 +87,7 @@ def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deploym
         dead_run_sensor(context)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
     assert "is gone" in _failure_message(instance, dead)
+    assert instance.get_run_by_id(dead).tags["dagster/failure_reason"] == "UNEXPECTED_TERMINATION"
     assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots
 
     # Killed again: from the command line, with no daemon, the next run frees the slot itself.

@@ -24,6 +24,11 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; set before geneva imports tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avperception_assets import patches  # noqa: E402
+
+patches.apply_at_startup()  # an entry point that runs Geneva jobs: before lancedb and geneva are imported
+
+from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.curation import columns as curation
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import tables as storage
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         tables[name] = (conn, conn.open_table(storage.FRAMES_TABLE))
 
     incremental: dict[str, list[float]] = {"small": [], "large": []}
-    with storage.ray_context(os.environ.get("AVP_RAY_ADDRESS")):
+    with ray_context(os.environ.get("AVP_RAY_ADDRESS")):
         for name, (_, table) in tables.items():
             seconds, stats = backfill(table, config)
             report_fill(f"{name}: initial fill of {table.count_rows()} rows", seconds, stats)

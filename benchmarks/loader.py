@@ -42,6 +42,11 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avperception_assets import patches  # noqa: E402
+
+patches.apply_at_startup()  # an entry point that runs Geneva jobs: before lancedb and geneva are imported
+
+from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.model import loader
 from avperception_assets.slices import views as slices
@@ -109,8 +114,8 @@ def _every_frame_view(conn, uri: str) -> loader.ViewRef:
     """A Geneva view of every frame, created and refreshed as the slice views are."""
     source = conn.open_table(storage.FRAMES_TABLE)
     view = slices.create_view(conn, source, "bdd100k_every_frame", "image_id IS NOT NULL")
-    with storage.ray_context():
-        storage.release_job_tracker(view.refresh(src_version=source.version).job_id)
+    with ray_context():
+        patches.geneva.release_job_tracker(view.refresh(src_version=source.version).job_id)
     return loader.pin_view(uri, "bdd100k_every_frame")
 
 

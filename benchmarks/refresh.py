@@ -22,6 +22,11 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # Geneva's progress bars; set before geneva imports tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avperception_assets import patches  # noqa: E402
+
+patches.apply_at_startup()  # an entry point that runs Geneva jobs: before lancedb and geneva are imported
+
+from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.curation import columns as curation
 from avperception_assets.failure_modes.registry import default_failure_modes
 from avperception_assets.ingest import frames as ingest
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     conns = {name: storage.connect(str(root / name / "lancedb")) for name in ("small", "large")}
     sizes = {"small": args.small, "large": args.large}
     times: dict[str, list[float]] = {"small": [], "large": []}
-    with storage.ray_context():
+    with ray_context():
         for name, conn in conns.items():
             land(conn, root / name / "landing", "base", sizes[name], seed=1)
             seconds, stats = timed_refresh(conn)

@@ -43,7 +43,7 @@ resumes from Geneva's per-batch checkpoints: a rerun with the same UDF version a
 recomputes only the missing batches (checked by hand here: a job that failed after 37 of 40
 rows recomputed 20 on rerun).
 
-Backfills run on the Ray the caller opened (`storage.ray_context`; in Dagster runs the
+Backfills run on the Ray the caller opened (`cluster.ray.ray_context`; in Dagster runs the
 `LanceDBResource` owns it): nothing here starts Ray. Nothing here knows about Dagster.
 """
 
@@ -63,7 +63,8 @@ import pyarrow as pa
 
 from avperception_assets.discovery import embeddings
 from avperception_assets.discovery.vector_index import vectors_matrix
-from avperception_assets.patches import geneva as geneva_workarounds
+from avperception_assets.cluster.ray import require_ray
+from avperception_assets.patches import geneva as geneva_patches
 from avperception_assets.storage import tables as storage
 from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, person_bbox_area_pct_annotations
 from avperception_assets.failure_modes.registry import FailureMode
@@ -533,7 +534,7 @@ def _finish(table, launch: _Launch) -> list[ColumnStats]:
         try:
             launch.job.result()
         finally:
-            storage.release_job_tracker(launch.job.job_id)
+            geneva_patches.release_job_tracker(launch.job.job_id)
         job_id = launch.job.job_id
     table.checkout_latest()
     elapsed, rows_total, stats = time.perf_counter() - launch.started, table.count_rows(), []
@@ -564,13 +565,13 @@ def backfill_columns(table, columns=None, config: CurationConfig | None = None,
     """Backfill the curation `columns` (default: all) of the frames `table`, in dependency order,
     on the Ray the caller opened. A column of a UDF group brings its siblings along (one job
     fills them all); the stats name every column filled."""
-    storage.require_ray("curation backfills")
-    geneva_workarounds.drop_explicit_where_advisory()
+    require_ray("curation backfills")
+    geneva_patches.drop_explicit_where_advisory()
     config = config or CurationConfig()
     jobs = list(dict.fromkeys(job_of(c) for c in ordered(columns, config.columns)))
     plans = plan_columns(config)
     stats: dict[str, ColumnStats] = {}
-    storage.create_error_table(table)  # before concurrent jobs would each create it
+    geneva_patches.create_error_table(table)  # before concurrent jobs would each create it
     # Each Geneva job has a fixed cost of seconds; independent jobs run concurrently.
     for wave in waves(jobs, config.deps):
         for name in wave:  # schema changes first, so they do not race the jobs' commits

@@ -5,6 +5,7 @@ import contextlib
 import dagster as dg
 from pydantic import PrivateAttr
 
+from avperception_assets.cluster.ray import ray_context
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.run_recovery import fail_dead_runs
 
@@ -37,7 +38,7 @@ class LanceDBResource(dg.ConfigurableResource):
 
         if self._ray_stack is None and not ray.is_initialized():
             stack = contextlib.ExitStack()
-            stack.enter_context(storage.ray_context(self.ray_address))
+            stack.enter_context(ray_context(self.ray_address))
             self._ray_stack = stack
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -3,9 +3,7 @@ the pool slots they claimed, so every later ingestion, backfill and refresh wait
 `lancedb_writes` forever. Dagster's run monitoring cannot see this with the default run
 launcher (it has no worker health check), so we check ourselves: a STARTED run whose worker
 process is gone is marked failed with the reason and its slots are freed. The local Ray
-the run had started outlives it: its agents and idle workers are re-parented, not killed (Ray
-2.60.0: `ray::DashboardAgent`, `ray::RuntimeEnvAgent` and workers still alive minutes after a
-SIGKILL, holding memory), so they are killed with the run.
+the run had started outlives it, so it is killed with the run (`cluster.processes`).
 
 The check runs when any run starts (the `lancedb` resource, so the command line is covered
 without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
@@ -14,80 +12,21 @@ execute elsewhere (Kubernetes, ECS, Docker launchers) relies on run monitoring i
 and sets `AVP_DEAD_RUN_CHECK=off`.
 """
 
-import contextlib
 import os
-import re
-import signal
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import dagster as dg
-from dagster._core.events import DagsterEventType, JobFailureData, RunFailureReason
+
+from avperception_assets.cluster.processes import kill_ray_of, process_alive
+from avperception_assets.patches import dagster as dagster_patches
 
 ENABLED = os.environ.get("AVP_DEAD_RUN_CHECK", "on") != "off"
 
 
-def ray_processes_of(worker_pid: int) -> list[int]:
-    """Live processes of the local Ray that the (dead) process `worker_pid` started. Ray names a
-    session's directory after its driver's pid (`session_<date>_<pid>`) and every Ray process
-    keeps its log files there open (the agents get an environment of Ray's own, so an
-    environment variable cannot mark them)."""
-    session = re.compile(rf"/session_[^/]+_{worker_pid}/")
-    found = []
-    for fds in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(session.search(os.readlink(fd)) for fd in fds.iterdir()):
-                found.append(int(fds.parent.name))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return found
-
-
-def kill_ray_of(worker_pid: int) -> list[int]:
-    """SIGKILL the local Ray a dead run worker left running; returns the pids killed. Nothing is
-    killed while a live process holds `worker_pid` again: its own Ray's session would match."""
-    if process_alive(worker_pid, time.time()):
-        return []
-    killed = []
-    for pid in ray_processes_of(worker_pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
-
-
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise RuntimeError("no btime in /proc/stat")
-
-
-def process_alive(pid: int, started_by: float) -> bool:
-    """Whether process `pid` exists, is not a zombie and started by `started_by` (a later
-    process that reused the pid is not the run's worker)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.parent.exists():  # not Linux: existence is all we can tell
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    state, start_ticks = fields[0], int(fields[19])
-    started = _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
-    return state != "Z" and started <= started_by + 1.0
-
-
 def _worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
     """(pid, timestamp) of the run's RUN_START event: the process that executes it."""
-    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_START, limit=1).records
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_START, limit=1).records
     if not records:
         return None
     entry = records[0].event_log_entry
@@ -107,10 +46,9 @@ def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = No
             continue
         pid, _ = worker
         left = kill_ray_of(pid)
-        instance.report_run_failed(
-            run, message=f"run worker process {pid} is gone (killed?): marked failed, {len(left)} processes it "
-                         "had started killed, and its pool slots freed so later runs can proceed",
-            job_failure_data=JobFailureData(error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION))
+        dagster_patches.report_run_failed(
+            instance, run, f"run worker process {pid} is gone (killed?): marked failed, {len(left)} processes it "
+                           "had started killed, and its pool slots freed so later runs can proceed")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
     return failed

@@ -1,56 +1,25 @@
-"""Imports deferred in every process of the platform: the driver, Dagster run workers,
-DataLoader workers, and each Ray worker (through `storage.ray_context`'s setup hook).
+"""The import-time mechanisms of the patches, which entry points apply explicitly
+(`patches.apply_at_startup`, Ray's worker set-up hook), never an import of this package.
 
-Each Geneva job (one backfill, one view refresh) starts two to four Ray worker processes, and
-each imports geneva, so what an import costs is paid about 27 times a footage run. Two
-packages that a local database and a local Ray never call cost most of it:
+`defer_package_init` (the `lancedb` and `kubernetes` patches): a deferred package is registered
+in `sys.modules` as an empty module with the package's own spec and path, so its submodules
+import as usual while its `__init__` runs on the first read of an attribute the package does
+not have yet. Any caller that does use the package gets it whole; one that only imports a few
+submodules (or reads the few names listed as early) never pays for the rest.
 
-- lancedb 0.39 with lance-namespace-urllib3-client 0.13: `import lancedb` runs that REST
-  client's package `__init__`, which imports every endpoint module (each wraps its methods
-  in pydantic's `validate_call`): about 2 s of CPU per process.
-- geneva 0.17 with kubernetes 35: `geneva.runners.ray.admission` imports the KubeRay cluster
-  code, whose modules import `kubernetes` (its `__init__` imports every submodule; the client
-  package imports all 721 models and 66 APIs, the config package google-auth and
-  cryptography): a fresh Ray actor took 2.72 s of CPU to import geneva with it, 1.87 s
-  without. Those modules read a few names at import time (annotations such as `client.V1Pod`,
-  `parse_quantity`); they come from their own small modules.
-
-Deferring such a package's `__init__` to the first attribute read that needs it keeps the
-package whole for any caller that does use it.
+`patch_on_import` (Geneva's refresh patch): a patch that runs when the module it mends is first
+imported, so a process that never imports that module does not import it for the patch.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import sys
 import threading
 import types
-
-_K8S_CLIENT = "kubernetes.client"
-
-# package -> {name read from it at import time: the module that defines it}. Parents first.
-DEFERRED_PACKAGES: dict[str, dict[str, str]] = {
-    "lance_namespace_urllib3_client": {},
-    "kubernetes": {},
-    "kubernetes.config": {},
-    "kubernetes.utils": {"parse_quantity": "kubernetes.utils.quantity"},
-    _K8S_CLIENT: {
-        "ApiClient": f"{_K8S_CLIENT}.api_client",
-        "ApiException": f"{_K8S_CLIENT}.exceptions",
-        "rest": f"{_K8S_CLIENT}.rest",
-        "AuthorizationV1Api": f"{_K8S_CLIENT}.api.authorization_v1_api",
-        "CoreV1Api": f"{_K8S_CLIENT}.api.core_v1_api",
-        "CustomObjectsApi": f"{_K8S_CLIENT}.api.custom_objects_api",
-        "SchedulingV1Api": f"{_K8S_CLIENT}.api.scheduling_v1_api",
-        "V1ContainerStatus": f"{_K8S_CLIENT}.models.v1_container_status",
-        "V1LocalSubjectAccessReview": f"{_K8S_CLIENT}.models.v1_local_subject_access_review",
-        "V1Pod": f"{_K8S_CLIENT}.models.v1_pod",
-        "V1ServiceAccount": f"{_K8S_CLIENT}.models.v1_service_account",
-    },
-    f"{_K8S_CLIENT}.api": {},
-    f"{_K8S_CLIENT}.models": {},
-}
+from typing import Callable
 
 
 def defer_package_init(name: str, early: dict[str, str] | None = None) -> None:
@@ -89,7 +58,47 @@ def defer_package_init(name: str, early: dict[str, str] | None = None) -> None:
         setattr(sys.modules[parent], child, package)
 
 
-def defer_unused_imports() -> None:
-    """Also Ray's `worker_process_setup_hook`."""
-    for name, early in DEFERRED_PACKAGES.items():
+def defer_packages(packages: dict[str, dict[str, str]]) -> None:
+    """Defer each package of `packages` {package: early names}, parents before children."""
+    for name, early in packages.items():
         defer_package_init(name, early)
+
+
+def patch_on_import(name: str, patch: Callable) -> None:
+    """Run `patch(module)` once module `name` is imported: now if it is, else right after its
+    first import."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+    elif not any(isinstance(finder, _PatchOnImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch: Callable):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader, self.patch)
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """The module's own loader, then the patch."""
+
+    def __init__(self, loader, patch: Callable):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+    def __getattr__(self, attribute):  # get_source, get_filename, ... for inspect and tracebacks
+        return getattr(self.loader, attribute)

@@ -10,7 +10,7 @@ after the curation backfill (the Dagster graph orders it so).
 
 Over a source with stable row ids Geneva 0.17 would re-copy every fragment of a view on each
 refresh (it cannot tell which source fragments a view fragment came from);
-`geneva_workarounds` mends that inside Ray's workers, so a refresh copies the new rows and
+`patches.geneva` mends that inside Ray's workers, so a refresh copies the new rows and
 only those view fragments whose source rows a compaction or backfill rewrote. What still grows
 with the table is Geneva's search for new and deleted source rows: it reads the filter's
 scalar columns (not pixels) of every source fragment.
@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from avperception_assets.storage import tables as storage
+from avperception_assets.cluster.ray import require_ray
+from avperception_assets.patches.geneva import release_job_tracker
 from avperception_assets.failure_modes.registry import FailureMode
 from avperception_assets.storage.pixels import IMAGE_BYTES
 from avperception_assets.storage.tables import FRAMES_TABLE, reflected_version, table_exists
@@ -220,7 +222,7 @@ def _refresh_one(conn, source, mode: FailureMode, split: str, concurrency: int, 
     refreshed = created or reflected_version(view) != source.version
     if refreshed:
         result = view.refresh(src_version=source.version, concurrency=concurrency)
-        storage.release_job_tracker(result.job_id)
+        release_job_tracker(result.job_id)
     with lock:
         view.checkout_latest()
         before, after = before or {}, _fragment_rows(view)
@@ -256,7 +258,7 @@ def refresh_views(conn, targets: Iterable[tuple[FailureMode, str]], *, concurren
     Needs a running Ray (Geneva's refresh jobs run on it). Refreshes run side by side as far as
     Ray's CPUs allow (`side_by_side`); `concurrency` is the number of copy actors per job.
     """
-    storage.require_ray("view refreshes")
+    require_ray("view refreshes")
     targets = list(targets)
     source = _open_source(conn)
     for mode, split in targets:  # every view's columns exist before any job starts

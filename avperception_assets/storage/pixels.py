@@ -19,10 +19,9 @@ import lancedb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from avperception_assets.storage.tables import FRAMES_TABLE, reflected_version
+from avperception_assets.storage.tables import FRAMES_TABLE, SOURCE_ROW_ID, reflected_version
 
 IMAGE_BYTES = "image_bytes"
-SOURCE_ROW_ID = "__source_row_id"  # Geneva's column: the source row a view row was copied from
 
 
 @functools.lru_cache(maxsize=4)

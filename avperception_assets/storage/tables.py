@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from typing import Any
 
 import pyarrow as pa
@@ -16,6 +14,7 @@ FRAMES_TABLE = "bdd100k"
 EVAL_FRAMES_SUFFIX = "_eval_frames"  # `<mode>_eval_frames`: every val frame's matches, per report
 DIFFICULTY_SUFFIX = "_difficulty"  # `<mode>_difficulty`: each train frame's difficulty, per starting model
 QUARANTINE_TABLE = "quarantine"
+SOURCE_ROW_ID = "__source_row_id"  # Geneva's column: the source row a view row was copied from
 
 # Geneva view refresh after an append needs stable row ids on the source table.
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
@@ -105,74 +104,15 @@ def open_or_create(conn, name: str, schema: pa.Schema):
     return conn.create_table(name, schema=schema, storage_options=STABLE_ROW_IDS, exist_ok=True)
 
 
-# Run in each Ray worker process: import deferrals and Geneva workarounds (`geneva_workarounds`).
-_WORKER_SETUP = "avperception_assets.geneva_workarounds.setup_ray_worker"
-
-
-def ray_context(ray_address: str | None = None):
-    """Context manager for the Ray that Geneva backfills and view refreshes run on.
-
-    No address: a local Ray on this machine, with Ray's dashboard UI only if `AVP_RAY_DASHBOARD=1`.
-    An address (`ray://host:10001`): the same jobs run on that cluster, which is how a deployment
-    outgrows one machine. Its nodes run an image with this project installed, as the code
-    location's is: Geneva 0.17 would otherwise zip the local code to an uploader that only its
-    namespace connections have ("Geneva was not initialized"), and pip-install geneva into a fresh
-    virtualenv on every node (GBs, and without lancedb). An empty manifest skips the first;
-    clearing `pip` the second.
-    """
-    from geneva.manifest.mgr import GenevaManifest
-    from geneva.runners.ray._mgr import ray_cluster
-
-    if ray_address:
-        return ray_cluster(addr=ray_address, use_portforwarding=False,
-                           manifest=GenevaManifest(name="avperception_assets", zips=[]),
-                           ray_init_kwargs={"runtime_env": {"pip": None, "worker_process_setup_hook": _WORKER_SETUP}})
-    # The dashboard costs each local Ray start about 2.5 s (4.7 s against 7.2 s measured here)
-    # and ten more processes; a run's Ray lives only as long as the run. (Ray 2.60 still starts
-    # a dashboard head without it, minus the UI's module processes.)
-    return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
-        "include_dashboard": os.environ.get("AVP_RAY_DASHBOARD") == "1",
-        "runtime_env": {"worker_process_setup_hook": _WORKER_SETUP}})
-
-
-def require_ray(what: str) -> None:
-    """Fail clearly when no Ray runs in this process: plain functions never start one."""
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError(f"{what} run on Ray, and none is running: open storage.ray_context() around "
-                           "the call (in Dagster runs the lancedb resource does)")
-
-
-def create_error_table(table) -> None:
-    """Create Geneva's `geneva_errors` table for the database of `table`, if it is missing.
-
-    Each backfill's driver process creates it on first use, so two backfills started together
-    on a fresh database race to create it and one job fails (TableAlreadyExists; seen in CI).
-    """
-    from geneva.debug.error_store import ErrorStore
-
-    ErrorStore(table._conn)  # Geneva's Table has no public accessor for its connection
-
-
-def release_job_tracker(job_id: str) -> None:
-    """Kill a finished Geneva job's JobTracker actor.
-
-    Geneva 0.17 leaves one alive per backfill or view refresh (0.1 CPU, ~0.5 GB each), so a
-    long-lived Ray (a Dagster run, a test session) runs out of CPU for new jobs after ~10.
-    """
-    import ray
-    from geneva.runners.ray.naming import job_tracker_name
-
-    with contextlib.suppress(ValueError):  # already gone
-        ray.kill(ray.get_actor(job_tracker_name(job_id)))
-
-
 def reflected_version(view) -> int | None:
-    """Source table version a Geneva view's last successful refresh reflects (None: never)."""
-    from geneva.table import _get_last_refreshed_version
+    """Source table version a Geneva view's last successful refresh reflects (None: never): what
+    Geneva records on the view's `__source_row_id` field."""
+    from geneva.table import MATVIEW_LAST_REFRESHED_VERSION
 
-    return _get_last_refreshed_version(view)
+    if SOURCE_ROW_ID not in view.schema.names:
+        return None
+    recorded = (view.schema.field(SOURCE_ROW_ID).metadata or {}).get(MATVIEW_LAST_REFRESHED_VERSION.encode())
+    return None if recorded is None else int(recorded)
 
 
 def source_table_version(uri: str, name: str, version: int) -> tuple[str, int | None]:
