@@ -97,12 +97,13 @@ ALLOWED: dict[str, set[str]] = {
     "synthetic": {"ingest", "formats", "workspace"},
     "defs": set(STAGES),
     "definitions": {"defs", "patches", "workspace"},
-    # Command-line entry points kept under their historical names: each wraps one stage.
-    "search": {"discovery"},
-    "exports": {"slices"},
-    "onnx_export": {"deployment"},
+    # Command-line entry points kept under their historical names: each wraps one stage, after the
+    # patches its processes need.
+    "search": {"discovery", "patches"},
+    "exports": {"slices", "patches"},
+    "onnx_export": {"deployment", "patches"},
     "summary": {"evaluation"},
-    "training_worker": {"model"},
+    "training_worker": {"model", "patches"},
     "geneva_workarounds": {"patches"},
 }
 
