@@ -17,10 +17,11 @@ dropped by the model itself on rounding:
 - borderline: it scores within the score tolerance of the other side's cut (the model's score
   threshold, or its lowest kept score when the detection cap is full);
 - tied in NMS: the other side kept instead a twinless detection of the same label overlapping it
-  beyond the NMS threshold and scoring at least as high within the score tolerance, which NMS keeps
-  of two such boxes resting on rounding (the synthetic frames' flat regions give whole groups of
-  boxes exactly the same score). Such an ONNX detection must be one PyTorch's RoI heads scored too,
-  before NMS and the cap: a box PyTorch never produced is a mismatch.
+  beyond the NMS threshold and scoring at least as high within the score tolerance. Which of two
+  such boxes NMS keeps rests on rounding and on how each library breaks ties (flat regions of a
+  frame give boxes of different shapes exactly the same scores). An ONNX detection is excused so
+  only if PyTorch's RoI heads scored it too, before NMS and the cap: a box PyTorch never produced
+  is a mismatch.
 At least 20 detections above 0.05 must have been compared, or the check shows nothing and fails.
 `export_checked` only puts a model that passed in place.
 
@@ -255,9 +256,8 @@ def _twins(ref: dict, cand: dict) -> list[tuple[int, int]]:
     for i, j in torch.nonzero(_within(box, score)).tolist():
         distance = float(box[i, j]) / BOX_TOLERANCE_PX + float(score[i, j]) / SCORE_TOLERANCE  # 0 to 2
         graph.add_edge(("pytorch", i), ("onnx", j), weight=3.0 - distance)
-    pairs = (sorted(pair, key=lambda node: node[0] != "pytorch") for pair in nx.max_weight_matching(
-        graph, maxcardinality=True))
-    return sorted((p[1], o[1]) for p, o in pairs)
+    matching = nx.max_weight_matching(graph, maxcardinality=True)
+    return sorted((a[1], b[1]) if a[0] == "pytorch" else (b[1], a[1]) for a, b in matching)
 
 
 def _floor(detections: dict, score_thresh: float, cap: int) -> float:
