@@ -8,13 +8,22 @@ H and W. Outputs `boxes` (N, 4: x1, y1, x2, y2 px of the input), `labels` (N, CO
 `scores` (N). The file's `metadata_props` hold the data version it was trained on, the class map,
 the input size and the source checkpoint (`model_metadata`; JSON values).
 
-Parity: for every detection PyTorch makes above 0.05 on the first frames of the checkpoint's val
-view (at its pinned version), onnxruntime (CPU) must make one with the same label, every box
-coordinate within 1 px and the score within 0.001, and the other way round. A detection with no
-twin counts only when its twin cannot have been cut by the model itself: one scoring within the
-score tolerance of the other side's cut (the model's score threshold, or its lowest kept score
-when the detection cap is full) is reported as borderline instead. `export_checked` only puts a
-model that passed in place.
+Parity, on the first frames of the checkpoint's val view (at its pinned version): PyTorch's
+detections and onnxruntime's (CPU) are paired one to one, each with a twin of the same label, every
+box coordinate within 1 px and the score within 0.001 (the pairing with the most twins, then the
+closest: detections whose scores tie are interchangeable, in whichever order either side lists
+them). Every detection above 0.05 on either side needs a twin, except when its twin may have been
+dropped by the model itself on rounding:
+- borderline: it scores within the score tolerance of the other side's cut (the model's score
+  threshold, or its lowest kept score when the detection cap is full);
+- tied in NMS: the other side kept instead a twinless detection of the same label overlapping it
+  beyond the NMS threshold and scoring at least as high within the score tolerance. Which of two
+  such boxes NMS keeps rests on rounding and on how each library breaks ties (flat regions of a
+  frame give boxes of different shapes exactly the same scores). An ONNX detection is excused so
+  only if PyTorch's RoI heads scored it too, before NMS and the cap: a box PyTorch never produced
+  is a mismatch.
+At least 20 detections above 0.05 must have been compared, or the check shows nothing and fails.
+`export_checked` only puts a model that passed in place.
 
 CLI: `python -m avperception_assets.onnx_export CHECKPOINT_DIR [--frames N] [--out PATH] [--uri URI]`.
 
@@ -44,11 +53,13 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import onnx
 import onnxruntime
 import torch
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
 
 from avperception_assets.formats import taxonomy as bdd100k
 from avperception_assets.model import training
@@ -66,6 +77,7 @@ EXPORTED_PART = ("whole model: resize + normalise, backbone + FPN, RPN (anchors,
 SCORE_CUT = 0.05  # detections above this must agree
 BOX_TOLERANCE_PX = 1.0
 SCORE_TOLERANCE = 0.001
+MIN_DETECTIONS = 20  # compared above SCORE_CUT: fewer, and the check shows nothing
 DEFAULT_FRAMES = 8
 
 
@@ -74,21 +86,44 @@ class Parity:
     """onnxruntime against PyTorch on `frames` val frames."""
 
     frames: int
-    detections: int  # PyTorch detections above SCORE_CUT, each with its ONNX twin
-    max_box_diff_px: float  # over twinned detections
+    detections: int  # PyTorch detections above SCORE_CUT paired with an ONNX twin: what was compared
+    max_box_diff_px: float  # over twins
     max_score_diff: float
     borderline: int  # detections whose twin the model's own cut may have dropped
+    tied: int  # detections whose twin lost a near-tie in the other side's NMS (see `_nms_tie`)
     mismatches: tuple[str, ...]  # detections with no twin, described
 
     @property
+    def failures(self) -> list[str]:
+        """Why parity failed; empty when it passed."""
+        failures = [f"{len(self.mismatches)} detections without a twin"] if self.mismatches else []
+        if self.detections < MIN_DETECTIONS:
+            failures.append(f"only {self.detections} detections above {SCORE_CUT} compared, "
+                            f"at least {MIN_DETECTIONS} needed")
+        return failures
+
+    @property
     def passed(self) -> bool:
-        return not self.mismatches
+        return not self.failures
 
     def summary(self) -> str:
-        verdict = "passed" if self.passed else f"FAILED ({len(self.mismatches)} detections without a twin)"
+        verdict = "passed" if self.passed else f"FAILED ({'; '.join(self.failures)})"
         return (f"ONNX parity {verdict}: {self.frames} frames, {self.detections} detections above {SCORE_CUT}, "
                 f"max box diff {self.max_box_diff_px:.2e} px (tolerance {BOX_TOLERANCE_PX}), max score diff "
-                f"{self.max_score_diff:.2e} (tolerance {SCORE_TOLERANCE}), {self.borderline} borderline")
+                f"{self.max_score_diff:.2e} (tolerance {SCORE_TOLERANCE}), {self.borderline} borderline, "
+                f"{self.tied} tied in NMS")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """PyTorch's side of a parity check, per frame: its detections (`kept`), every detection its RoI
+    heads scored before NMS and the detection cap (`scored`), and the cuts between the two."""
+
+    kept: list[dict]
+    scored: list[dict]
+    score_thresh: float
+    nms_thresh: float
+    cap: int
 
 
 @dataclass(frozen=True)
@@ -200,28 +235,29 @@ def _val_frames(meta: dict, uri: str | None, frames: int):
     return images
 
 
-def _twins(source: dict, other: dict, other_floor: float):
-    """`source`'s detections above SCORE_CUT against `other`'s: the box and score diffs of each
-    twin (same label, within both tolerances; the nearest box), the borderline count, and the
-    detections without a twin, described."""
-    box_diffs, score_diffs, borderline, missing = [], [], 0, []
-    for i in torch.nonzero(source["scores"] > SCORE_CUT).flatten().tolist():
-        label, score = int(source["labels"][i]), float(source["scores"][i])
-        same = other["labels"] == label
-        box = (other["boxes"][same] - source["boxes"][i]).abs().amax(dim=1)
-        score_diff = (other["scores"][same] - score).abs()
-        within = (box <= BOX_TOLERANCE_PX) & (score_diff <= SCORE_TOLERANCE)
-        if within.any():
-            j = torch.argmin(torch.where(within, box, torch.inf))
-            box_diffs.append(float(box[j]))
-            score_diffs.append(float(score_diff[j]))
-        elif score <= other_floor + SCORE_TOLERANCE:
-            borderline += 1
-        else:
-            nearest = f"nearest of that label {float(box.min()):.3g} px away" if len(box) else "none of that label"
-            missing.append(f"label {label} score {score:.4f} box {[round(v, 1) for v in source['boxes'][i].tolist()]}"
-                           f": {nearest}")
-    return box_diffs, score_diffs, borderline, missing
+def _differences(a: dict, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest box-coordinate difference (inf across labels) and the score difference of every
+    detection in `a` against every one in `b`."""
+    box = (a["boxes"][:, None] - b["boxes"][None]).abs().amax(dim=2)
+    box = torch.where(a["labels"][:, None] == b["labels"][None], box, torch.inf)
+    return box, (a["scores"][:, None] - b["scores"][None]).abs()
+
+
+def _within(box: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    return (box <= BOX_TOLERANCE_PX) & (score <= SCORE_TOLERANCE)
+
+
+def _twins(ref: dict, cand: dict) -> list[tuple[int, int]]:
+    """(PyTorch, ONNX) detection pairs, one to one: the most pairs within tolerance, then the
+    closest. Detections whose scores tie are interchangeable, in whichever order each side lists
+    them; a nearest-twin search would let one twin serve two detections."""
+    box, score = _differences(ref, cand)
+    graph = nx.Graph()
+    for i, j in torch.nonzero(_within(box, score)).tolist():
+        distance = float(box[i, j]) / BOX_TOLERANCE_PX + float(score[i, j]) / SCORE_TOLERANCE  # 0 to 2
+        graph.add_edge(("pytorch", i), ("onnx", j), weight=3.0 - distance)
+    matching = nx.max_weight_matching(graph, maxcardinality=True)
+    return sorted((a[1], b[1]) if a[0] == "pytorch" else (b[1], a[1]) for a, b in matching)
 
 
 def _floor(detections: dict, score_thresh: float, cap: int) -> float:
@@ -231,20 +267,92 @@ def _floor(detections: dict, score_thresh: float, cap: int) -> float:
     return max(score_thresh, float(scores.min())) if len(scores) >= cap else score_thresh
 
 
-def compare(reference: list[dict], candidate: list[dict], *, score_thresh: float, cap: int) -> Parity:
-    """PyTorch's detections (`reference`) against the ONNX model's (`candidate`), frame by frame."""
-    box_diffs, score_diffs, borderline, missing, detections = [], [], 0, [], 0
-    for frame, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
-        for source, other, side in ((ref, cand, "PyTorch"), (cand, ref, "ONNX")):
-            boxes, scores, edge, lost = _twins(source, other, _floor(other, score_thresh, cap))
-            box_diffs += boxes
-            score_diffs += scores
-            borderline += edge
-            missing += [f"frame {frame}: {side} {m}" for m in lost]
-            if side == "PyTorch":
-                detections += len(boxes)
-    return Parity(frames=len(reference), detections=detections, max_box_diff_px=max(box_diffs, default=0.0),
-                  max_score_diff=max(score_diffs, default=0.0), borderline=borderline, mismatches=tuple(missing))
+def _nms_tie(source: dict, lone: list[int], other: dict, other_lone: list[int], nms_thresh: float) -> torch.Tensor:
+    """For each of `source`'s twinless detections `lone`: whether the other side's NMS may have
+    dropped its twin for a near-tie, keeping instead a twinless detection of the same label that
+    overlaps it beyond the NMS threshold and scores at least as high within the score tolerance.
+    Which of two such boxes NMS keeps rests on rounding; the box it dropped in turn no longer
+    suppresses others, hence a chain of such detections, all rooted at a near-tie."""
+    keep = torch.zeros(len(lone), dtype=torch.bool)
+    if lone and other_lone:
+        overlap = box_iou(source["boxes"][lone], other["boxes"][other_lone]) > nms_thresh
+        same = source["labels"][lone][:, None] == other["labels"][other_lone][None]
+        outranks = other["scores"][other_lone][None] >= source["scores"][lone][:, None] - SCORE_TOLERANCE
+        keep = (overlap & same & outranks).any(dim=1)
+    return keep
+
+
+def _describe(source: dict, i: int, other: dict) -> str:
+    label, score = int(source["labels"][i]), float(source["scores"][i])
+    box, _ = _differences({k: v[i:i + 1] for k, v in source.items()}, other)
+    nearest = f"nearest of that label {float(box.min()):.3g} px away" if torch.isfinite(box).any() else "none of that label"
+    return f"label {label} score {score:.4f} box {[round(v, 1) for v in source['boxes'][i].tolist()]}: {nearest}"
+
+
+def _compare_frame(ref: dict, cand: dict, scored: dict, reference: Reference) -> dict:
+    """One frame: the twins' differences, and the twinless detections above SCORE_CUT sorted into
+    borderline, tied and mismatched. An ONNX detection can be excused by a near-tie only when
+    PyTorch's RoI heads scored it too (NMS chooses between boxes that were there to choose from):
+    a box PyTorch never produced is a mismatch."""
+    twins = _twins(ref, cand)
+    box, score = _differences(ref, cand)
+    compared = [(i, j) for i, j in twins if max(float(ref["scores"][i]), float(cand["scores"][j])) > SCORE_CUT]
+    lone_ref = sorted(set(range(len(ref["scores"]))) - {i for i, _ in twins})
+    lone_cand = sorted(set(range(len(cand["scores"]))) - {j for _, j in twins})
+    scored_too = _within(*_differences(cand, scored)).any(dim=1)
+    sides = [("PyTorch", ref, lone_ref, lone_ref), ("ONNX", cand, lone_cand, [j for j in lone_cand if scored_too[j]])]
+    result = {"box_diffs": [float(box[i, j]) for i, j in compared],
+              "score_diffs": [float(score[i, j]) for i, j in compared],
+              "detections": sum(float(ref["scores"][i]) > SCORE_CUT for i, _ in compared),
+              "borderline": 0, "tied": 0, "mismatches": []}
+    for (side, source, lone, genuine), (_, other, _, other_genuine) in zip(sides, sides[::-1]):
+        floor = _floor(other, reference.score_thresh, reference.cap)
+        tied = {k for k, is_tied in zip(genuine, _nms_tie(source, genuine, other, other_genuine,
+                                                          reference.nms_thresh).tolist()) if is_tied}
+        for k in lone:
+            k_score = float(source["scores"][k])
+            if k_score <= SCORE_CUT:
+                continue
+            if k_score <= floor + SCORE_TOLERANCE:
+                result["borderline"] += 1
+            elif k in tied:
+                result["tied"] += 1
+            else:
+                result["mismatches"].append(f"{side} {_describe(source, k, other)}")
+    return result
+
+
+def compare(reference: Reference, candidate: list[dict]) -> Parity:
+    """PyTorch's detections against the ONNX model's (`candidate`), frame by frame."""
+    frames = [_compare_frame(ref, cand, scored, reference)
+              for ref, cand, scored in zip(reference.kept, candidate, reference.scored, strict=True)]
+    return Parity(frames=len(frames), detections=sum(f["detections"] for f in frames),
+                  max_box_diff_px=max((d for f in frames for d in f["box_diffs"]), default=0.0),
+                  max_score_diff=max((d for f in frames for d in f["score_diffs"]), default=0.0),
+                  borderline=sum(f["borderline"] for f in frames), tied=sum(f["tied"] for f in frames),
+                  mismatches=tuple(f"frame {n}: {m}" for n, f in enumerate(frames) for m in f["mismatches"]))
+
+
+def pytorch_reference(model: torch.nn.Module, images: list[torch.Tensor]) -> Reference:
+    """`model`'s detections on `images`, and every detection its RoI heads scored above the score
+    threshold before NMS and the cap: the same model with NMS dropping no box and no cap."""
+    heads = model.roi_heads
+    kept = predict(model, images)
+    cuts = heads.nms_thresh, heads.detections_per_img
+    heads.nms_thresh, heads.detections_per_img = 1.0, sys.maxsize  # NMS drops boxes overlapping more than this
+    try:
+        scored = predict(model, images)
+    finally:
+        heads.nms_thresh, heads.detections_per_img = cuts
+    return Reference(kept=kept, scored=scored, score_thresh=heads.score_thresh, nms_thresh=heads.nms_thresh,
+                     cap=heads.detections_per_img)
+
+
+def onnx_detections(onnx_path: Path, images: list[torch.Tensor]) -> list[dict]:
+    """The ONNX model's detections on `images`, run by onnxruntime on the CPU."""
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return [dict(zip(OUTPUTS, map(torch.from_numpy, session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(
+        image.numpy())})))) for image in images]
 
 
 def check_parity(checkpoint_dir: Path, onnx_path: Path, *, frames: int = DEFAULT_FRAMES,
@@ -257,13 +365,7 @@ def check_parity(checkpoint_dir: Path, onnx_path: Path, *, frames: int = DEFAULT
     images = model_inputs(_val_frames(meta, uri, frames), "cpu")
     if not images:
         raise ValueError(f"{meta['val_view']}@{meta['val_view_version']} has no frames to check parity on")
-    model = training.load_checkpoint(checkpoint_dir)
-    reference = predict(model, images)
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    candidate = [dict(zip(OUTPUTS, map(torch.from_numpy, session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(
-        image.numpy())})))) for image in images]
-    return compare(reference, candidate, score_thresh=model.roi_heads.score_thresh,
-                   cap=model.roi_heads.detections_per_img)
+    return compare(pytorch_reference(training.load_checkpoint(checkpoint_dir), images), onnx_detections(onnx_path, images))
 
 
 def export_checked(checkpoint_dir: Path, out: Path | None = None, *, frames: int = DEFAULT_FRAMES,
@@ -288,7 +390,8 @@ def export_checked(checkpoint_dir: Path, out: Path | None = None, *, frames: int
 def parity_figures(parity: Parity) -> dict:
     """The parity result, flat and JSON-shaped."""
     return {**asdict(parity), "mismatches": list(parity.mismatches[:10]), "passed": parity.passed,
-            "box_tolerance_px": BOX_TOLERANCE_PX, "score_tolerance": SCORE_TOLERANCE, "score_cut": SCORE_CUT}
+            "box_tolerance_px": BOX_TOLERANCE_PX, "score_tolerance": SCORE_TOLERANCE, "score_cut": SCORE_CUT,
+            "min_detections": MIN_DETECTIONS, "failures": parity.failures}
 
 
 def main(argv: list[str] | None = None) -> int:
