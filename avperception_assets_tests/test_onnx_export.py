@@ -15,7 +15,7 @@ import torch
 
 from avperception_assets.deployment import onnx as onnx_export
 from avperception_assets import workspace as settings
-from avperception_assets.model import training
+from avperception_assets.model import checkpoints
 from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_onnx_model_asset
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.model.detections import predict
@@ -37,8 +37,8 @@ def _decisive_copy(source: Path, out: Path) -> Path:
     a 2-step random-init model's features fade to ~1e-8 through the backbone, so every frame would
     get the same detections, all scoring about 1/91 (below 0.05)."""
     out.mkdir()
-    shutil.copy(source / training.METADATA_FILE, out)
-    meta, model = training.read_metadata(source), training.load_checkpoint(source).eval()
+    shutil.copy(source / checkpoints.METADATA_FILE, out)
+    meta, model = checkpoints.read_metadata(source), checkpoints.load_checkpoint(source).eval()
     images, _, _ = next(view_batches(meta["lancedb_uri"], meta["val_view"], meta["val_view_version"]))
     batch, _ = model.transform(model_inputs(images, "cpu"))
     for layer in model.backbone.modules():
@@ -52,7 +52,7 @@ def _decisive_copy(source: Path, out: Path) -> Path:
         cls.weight.copy_(torch.randn(cls.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
         cls.bias.zero_()
         cls.bias[[PERSON, CAR]] = 2.0
-    torch.save(model.state_dict(), out / training.BEST_FILE)
+    torch.save(model.state_dict(), out / checkpoints.BEST_FILE)
     return out
 
 
@@ -79,7 +79,7 @@ def test_onnxruntime_matches_pytorch_on_val_frames(decisive):
 
 def test_the_exported_model_takes_any_frame_size(decisive):
     folder, _ = decisive
-    model = training.load_checkpoint(folder)
+    model = checkpoints.load_checkpoint(folder)
     session = onnxruntime.InferenceSession(str(folder / onnx_export.ONNX_FILE), providers=["CPUExecutionProvider"])
     image = torch.rand(3, 150, 100, generator=torch.Generator().manual_seed(1))  # portrait, unlike the val frames
     outputs = session.run(list(onnx_export.OUTPUTS), {onnx_export.INPUT: image.numpy()})
@@ -93,7 +93,7 @@ def test_the_exported_model_takes_any_frame_size(decisive):
 def test_the_model_records_its_data_version_class_map_and_source(decisive):
     folder, _ = decisive
     recorded = onnx_export.read_model_metadata(folder / onnx_export.ONNX_FILE)
-    meta = training.read_metadata(folder)
+    meta = checkpoints.read_metadata(folder)
     assert recorded["data_version"]["train_view"] == "bdd100k_rider_train"
     assert recorded["data_version"]["train_view_version"] == meta["train_view_version"]
     assert recorded["data_version"]["val_view_version"] == meta["val_view_version"]
@@ -101,7 +101,7 @@ def test_the_model_records_its_data_version_class_map_and_source(decisive):
     assert recorded["class_map"]["1"] == {"coco": "person", "det_20": ["pedestrian", "rider"]}
     assert recorded["class_map"]["13"] == {"coco": "stop sign", "det_20": ["traffic sign"]}
     assert recorded["input_size"] == {"min_size": meta["profile"]["min_size"], "max_size": meta["profile"]["max_size"]}
-    assert recorded["source_checkpoint"]["weights"] == str(folder / training.BEST_FILE)
+    assert recorded["source_checkpoint"]["weights"] == str(folder / checkpoints.BEST_FILE)
     assert recorded["exported_part"].startswith("whole model")
 
 
@@ -155,7 +155,7 @@ def test_the_asset_exports_the_modes_checkpoint(trained_rider, monkeypatch):
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert onnx_export.main([str(tmp_path / "nowhere")]) == 2
     assert "no metadata.json in" in capsys.readouterr().err
-    (tmp_path / training.METADATA_FILE).write_text("{}")
+    (tmp_path / checkpoints.METADATA_FILE).write_text("{}")
     assert onnx_export.main([str(tmp_path)]) == 2
     assert f"no best.pt in {tmp_path}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
