@@ -18,7 +18,8 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import checkpoints, detector, loader, training
+from avperception_assets.model.recipe import Recipe
 from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.resources import LanceDBResource
@@ -32,17 +33,17 @@ def _two_ranks(tmp_path: Path, **profile) -> tuple[Path, dict]:
     build_frames_table(tmp_path, [("ddp-a", 14, 6)])
     uri = str(tmp_path / "lancedb")
     view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
-    spec = training.RunSpec(train=view, val=None, seed=4, weights="none", profile=detector.get_profile(
+    recipe = Recipe.on(view, None, detector.get_profile(
         "cpu", **{"batch_size": 2, "min_size": 96, "max_size": 160, "epochs": 1, "warmup_steps": 0,
-                  "max_steps_per_epoch": None, **profile}))
+                  "max_steps_per_epoch": None, **profile}), seed=4)
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps(spec.as_dict()))
+    run_file = checkpoints.write_run(out, recipe, None)
     launched = subprocess.run(
-        [sys.executable, "-m", "avperception_assets.training_worker", "launch", str(out / "run.json"), str(out),
+        [sys.executable, "-m", "avperception_assets.training_worker", "launch", str(run_file), str(out),
          "--standalone", "--nproc-per-node=2"], capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    return out, training.read_metadata(out)
+    return out, checkpoints.read_metadata(out)
 
 
 def test_two_gloo_ranks_cover_the_epoch_once_and_write_one_checkpoint(tmp_path):
@@ -50,12 +51,12 @@ def test_two_gloo_ranks_cover_the_epoch_once_and_write_one_checkpoint(tmp_path):
     assert metadata["world_size"] == 2 and metadata["status"] == "complete"
     [epoch] = metadata["epochs"]
     assert epoch["images"] == metadata["train_rows"]  # every position trained on, by one rank or the other
-    whole = training.reproduce_order(metadata)
-    ranks = [training.reproduce_order(metadata, rank=r) for r in (0, 1)]
+    whole = training.reproduce_order(out)
+    ranks = [training.reproduce_order(out, rank=r) for r in (0, 1)]
     assert ranks[0] == whole[0::2] and ranks[1] == whole[1::2]  # each position to exactly one rank
     assert sorted(ranks[0] + ranks[1]) == sorted(whole) and not set(ranks[0]) & set(ranks[1])
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt", "train_state.pt"]
-    training.load_checkpoint(out)  # rank 0's state_dict, without DDP's `module.` prefix
+    checkpoints.load_checkpoint(out)  # rank 0's state_dict, without DDP's `module.` prefix
     cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(out), "--rank", "1"],
                          capture_output=True, text=True, check=True)
     assert cli.stdout.splitlines()[1:] == ranks[1] and "rank 1 of 2" in cli.stdout
@@ -77,7 +78,7 @@ def _worker_pids() -> list[int]:
 def _kill_after_first_epoch(out: Path, killed: list, then) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        metadata = out / training.METADATA_FILE
+        metadata = out / checkpoints.METADATA_FILE
         if metadata.is_file() and len(json.loads(metadata.read_text())["epochs"]) == 1:
             for pid in _worker_pids():
                 os.kill(pid, signal.SIGKILL)
@@ -120,7 +121,7 @@ def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(train
     assert materialization.metadata["world_size"].value == 1
     logs = [e.user_message for e in trained_rider.instance.all_logs(result.run_id)]
     assert any("epoch 2/2 saved" in m for m in logs)  # the trainer's log lines, through Pipes
-    assert len(training.read_metadata(out)["epochs"]) == 2
+    assert len(checkpoints.read_metadata(out)["epochs"]) == 2
 
 
 def test_several_nodes_need_a_rendezvous_endpoint(trained_rider, monkeypatch):

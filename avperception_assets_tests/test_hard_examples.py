@@ -4,13 +4,17 @@ difficulty and look-alikes, a weighted order that is deterministic, train-only a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from avperception_assets.formats import taxonomy as bdd100k
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import checkpoints, detector, loader, training
+from avperception_assets.model.recipe import Recipe
 from avperception_assets.discovery import hard_examples
 from avperception_assets.storage import tables as storage
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN
@@ -133,13 +137,22 @@ def test_a_mined_run_records_its_sampling_and_reproduce_rebuilds_it(frames, tmp_
     view, mining = _mined(conn, uri, boost=4.0, neighbors=2)
     profile = detector.get_profile("cpu", batch_size=2, max_steps_per_epoch=1, min_size=96, max_size=160, epochs=2,
                                    warmup_steps=0)
-    spec = training.RunSpec(train=view, val=None, profile=profile, weights="none", seed=5, mining=mining)
-    metadata = training.train(spec, tmp_path / "ckpt", log=lambda _: None)
-    assert metadata["mining"] == mining.as_dict() and metadata["config"]["mining"] == mining.as_dict()
-    weights = hard_examples.frame_weights(view, mining)
+    recipe = Recipe.on(view, None, profile, seed=5, mining=mining.as_dict())
+    weights, out = hard_examples.frame_weights(view, mining), tmp_path / "ckpt"
+    metadata = training.train(recipe, out, sample_weights=weights, log=lambda _: None)
+    assert metadata["mining"] == mining.as_dict() and checkpoints.read_sample_weights(out) == weights
     for epoch in (0, 1):
-        seen = [i for batch in training.epoch_loader(view, spec.profile, 5, epoch, weights=weights)
+        seen = [i for batch in training.epoch_loader(view, profile, 5, epoch, weights=weights)
                 for i in batch.image_ids]
-        assert training.reproduce_order(training.read_metadata(tmp_path / "ckpt"), epoch=epoch) == seen
-    plain = training.RunSpec(train=view, val=None, profile=profile, weights="none", seed=5)
-    assert plain.config() != spec.config()  # a mined run never resumes a plain one, nor the reverse
+        assert training.reproduce_order(out, epoch=epoch) == seen
+    plain = Recipe.on(view, None, profile, seed=5)
+    assert not plain.recorded_in(metadata)  # a mined run never resumes a plain one, nor the reverse
+
+    # A mined folder of c618fc9 kept only the record: reproduce says how to rebuild the weights, which does it.
+    (out / checkpoints.SAMPLE_WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="discovery.hard_examples weights"):
+        training.reproduce_order(out, epoch=1)
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.discovery.hard_examples", "weights", str(out)],
+                         capture_output=True, text=True, check=True)
+    assert f"{len(weights)} frames" in cli.stdout and checkpoints.read_sample_weights(out) == weights
+    assert training.reproduce_order(out, epoch=1) == seen

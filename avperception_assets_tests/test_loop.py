@@ -81,7 +81,7 @@ def loop(tmp_path_factory, local_ray, curated_db):
         _execute(instance, state["first_training"][0])
         state["before"] = {m.name: _metadata(instance, f"bdd100k_{m.name}_train") for m in MODES}
         state["first_checkpoints"] = {m.name: _metadata(instance, f"{m.name}_checkpoint") for m in MODES}
-        state["first_orders"] = {m: training.reproduce_order(training.read_metadata(c["checkpoint_dir"]))
+        state["first_orders"] = {m: training.reproduce_order(c["checkpoint_dir"])
                                  for m, c in state["first_checkpoints"].items()}
         state["requests_without_growth"] = _tick(growth_sensor, instance)
 
@@ -96,7 +96,7 @@ def loop(tmp_path_factory, local_ray, curated_db):
         state["columns_2"] = {c: _metadata(instance, c) for c in curation.COLUMNS}
         state["maintenance_2"] = _metadata(instance, "table_maintenance")
         # After compaction and cleanup, each first checkpoint still reproduces its order.
-        state["orders_after_cleanup"] = {m: training.reproduce_order(training.read_metadata(c["checkpoint_dir"]))
+        state["orders_after_cleanup"] = {m: training.reproduce_order(c["checkpoint_dir"])
                                          for m, c in state["first_checkpoints"].items()}
         state["views_2"] = {view: _metadata(instance, view) for view in VIEWS}
         after = {m.name: state["views_2"][f"bdd100k_{m.name}_train"] for m in MODES}

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from torchvision.ops import box_iou
 
 from avperception_assets.deployment import onnx as onnx_export
-from avperception_assets.model import training
+from avperception_assets.model import checkpoints
 from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_onnx_model_asset
 from avperception_assets.defs.resources import LanceDBResource
 from avperception_assets.evaluation.comparison import view_batches
@@ -45,8 +45,8 @@ def _copy_with_classifier(source: Path, out: Path, *, weight_scale: float, favou
     same detections, all scoring about 1/91 (below 0.05). A classifier of zeros scores every class
     exactly 1/91 on any machine: a model that detects nothing."""
     out.mkdir()
-    shutil.copy(source / training.METADATA_FILE, out)
-    meta, model = training.read_metadata(source), training.load_checkpoint(source).eval()
+    shutil.copy(source / checkpoints.METADATA_FILE, out)
+    meta, model = checkpoints.read_metadata(source), checkpoints.load_checkpoint(source).eval()
     images, _, _ = next(view_batches(meta["lancedb_uri"], meta["val_view"], meta["val_view_version"]))
     batch, _ = model.transform(model_inputs(images, "cpu"))
     for layer in model.backbone.modules():
@@ -61,7 +61,7 @@ def _copy_with_classifier(source: Path, out: Path, *, weight_scale: float, favou
         cls.weight.copy_(weights * weight_scale)
         cls.bias.zero_()
         cls.bias[[PERSON, CAR]] = favoured_bias
-    torch.save(model.state_dict(), out / training.BEST_FILE)
+    torch.save(model.state_dict(), out / checkpoints.BEST_FILE)
     return out
 
 
@@ -98,7 +98,7 @@ def test_the_exported_model_takes_any_frame_size(decisive):
     folder, _ = decisive
     image = torch.rand(3, 150, 100, generator=torch.Generator().manual_seed(1))  # portrait, unlike the val frames
     [candidate] = onnx_export.onnx_detections(folder / onnx_export.ONNX_FILE, [image])
-    parity = onnx_export.compare(onnx_export.pytorch_reference(training.load_checkpoint(folder), [image]), [candidate])
+    parity = onnx_export.compare(onnx_export.pytorch_reference(checkpoints.load_checkpoint(folder), [image]), [candidate])
     assert not parity.mismatches and parity.detections > 0
     assert float(candidate["boxes"][:, 2].max()) <= 100 and float(candidate["boxes"][:, 3].max()) <= 150
 
@@ -106,7 +106,7 @@ def test_the_exported_model_takes_any_frame_size(decisive):
 def test_the_model_records_its_data_version_class_map_and_source(decisive):
     folder, _ = decisive
     recorded = onnx_export.read_model_metadata(folder / onnx_export.ONNX_FILE)
-    meta = training.read_metadata(folder)
+    meta = checkpoints.read_metadata(folder)
     assert recorded["data_version"]["train_view"] == "bdd100k_rider_train"
     assert recorded["data_version"]["train_view_version"] == meta["train_view_version"]
     assert recorded["data_version"]["val_view_version"] == meta["val_view_version"]
@@ -114,7 +114,7 @@ def test_the_model_records_its_data_version_class_map_and_source(decisive):
     assert recorded["class_map"]["1"] == {"coco": "person", "det_20": ["pedestrian", "rider"]}
     assert recorded["class_map"]["13"] == {"coco": "stop sign", "det_20": ["traffic sign"]}
     assert recorded["input_size"] == {"min_size": meta["profile"]["min_size"], "max_size": meta["profile"]["max_size"]}
-    assert recorded["source_checkpoint"]["weights"] == str(folder / training.BEST_FILE)
+    assert recorded["source_checkpoint"]["weights"] == str(folder / checkpoints.BEST_FILE)
     assert recorded["exported_part"].startswith("whole model")
 
 
@@ -148,9 +148,9 @@ def test_ties_broken_the_other_way_keep_parity(decisive):
     failure: two boxes 6.56 px apart with the same score, one kept by PyTorch, the other by
     onnxruntime), on the real val frames."""
     folder, _ = decisive
-    meta = training.read_metadata(folder)
+    meta = checkpoints.read_metadata(folder)
     images = model_inputs(onnx_export._val_frames(meta, None, FRAMES), "cpu")
-    reference = onnx_export.pytorch_reference(training.load_checkpoint(folder), images)
+    reference = onnx_export.pytorch_reference(checkpoints.load_checkpoint(folder), images)
     other_way = [_nms_breaking_ties_the_other_way(scored, reference.nms_thresh, reference.cap)
                  for scored in reference.scored]
     assert any(not torch.equal(kept["boxes"], other["boxes"]) for kept, other in zip(reference.kept, other_way))
@@ -193,7 +193,7 @@ def test_parity_refuses_an_altered_export(decisive, tmp_path, alteration):
     elif alteration.startswith("scores"):
         _offset_output(model, "scores", [0.002])
     else:
-        assert _set_nms_threshold(model.graph, training.load_checkpoint(folder).roi_heads.nms_thresh, 0.6) == 1
+        assert _set_nms_threshold(model.graph, checkpoints.load_checkpoint(folder).roi_heads.nms_thresh, 0.6) == 1
     onnx.save(model, str(tmp_path / "altered.onnx"))
     parity = onnx_export.check_parity(folder, tmp_path / "altered.onnx", frames=2)
     assert not parity.passed and parity.mismatches
@@ -277,7 +277,7 @@ def test_parity_needs_20_compared_detections_and_names_the_count(count):
 
 def _materialize_onnx_asset(checkpoint_dir: Path, **kwargs) -> dg.ExecuteInJobResult:
     """The rider ONNX asset run in a fresh instance whose rider_checkpoint is `checkpoint_dir`."""
-    uri = training.read_metadata(checkpoint_dir)["lancedb_uri"]
+    uri = checkpoints.read_metadata(checkpoint_dir)["lancedb_uri"]
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization(
             "rider_checkpoint", metadata={"checkpoint_dir": str(checkpoint_dir)}))
@@ -295,10 +295,10 @@ def test_the_asset_exports_the_modes_checkpoint(decisive, tmp_path):
     assert meta["onnx_model"] == str(checkpoint / onnx_export.ONNX_FILE)
     assert meta["parity"]["passed"] and meta["frames_checked"] == 3 and meta["detections_compared"] >= 20
     assert meta["train_view"] == "bdd100k_rider_train"
-    assert meta["train_view_version"] == training.read_metadata(checkpoint)["train_view_version"]
+    assert meta["train_view_version"] == checkpoints.read_metadata(checkpoint)["train_view_version"]
     assert meta["exported_part"].startswith("whole model") and meta["class_map"]["3"]["coco"] == "car"
     recorded = onnx_export.read_model_metadata(Path(meta["onnx_model"]))
-    assert recorded["source_checkpoint"]["weights"] == str(checkpoint / training.BEST_FILE)
+    assert recorded["source_checkpoint"]["weights"] == str(checkpoint / checkpoints.BEST_FILE)
 
 
 def test_the_asset_refuses_a_model_that_detects_too_little(blank):
@@ -311,7 +311,7 @@ def test_the_asset_refuses_a_model_that_detects_too_little(blank):
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert onnx_export.main([str(tmp_path / "nowhere")]) == 2
     assert "no metadata.json in" in capsys.readouterr().err
-    (tmp_path / training.METADATA_FILE).write_text("{}")
+    (tmp_path / checkpoints.METADATA_FILE).write_text("{}")
     assert onnx_export.main([str(tmp_path)]) == 2
     assert f"no best.pt in {tmp_path}" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -1,15 +1,18 @@
-"""Training on a pinned view: checkpoint files, metadata, resume, time-travel reproduction."""
+"""Training on a pinned view: checkpoint files, metadata, resume, time-travel reproduction, the
+engine's loop and the recipe's one serialised form."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import checkpoints, detector, engine, loader, training
+from avperception_assets.model.recipe import Recipe
 from avperception_assets.storage import tables as storage
 
 from .conftest import build_frames_table
@@ -26,18 +29,18 @@ def uri(tmp_path_factory) -> str:
     return str(root / "lancedb")
 
 
-def spec_for(uri: str, **profile_overrides) -> training.RunSpec:
+def recipe_for(uri: str, **profile_overrides) -> Recipe:
     view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
     val = loader.ViewRef(uri, storage.FRAMES_TABLE, view.version, "split = 'val'")
     profile = detector.get_profile("cpu", **{**TINY, **profile_overrides})
-    return training.RunSpec(train=view, val=val, profile=profile, weights="none", seed=3)
+    return Recipe.on(view, val, profile, weights="none", seed=3)
 
 
 @pytest.fixture(scope="module")
 def trained(uri, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "ckpt"
     lines: list[str] = []
-    metadata = training.train(spec_for(uri), out, log=lines.append)
+    metadata = training.train(recipe_for(uri), out, log=lines.append)
     return out, metadata, lines
 
 
@@ -46,8 +49,9 @@ def test_two_step_run_writes_a_loadable_checkpoint(trained, uri):
     for name in ("last.pt", "best.pt", "train_state.pt", "metadata.json"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    on_disk = training.read_metadata(out)
+    on_disk = checkpoints.read_metadata(out)
     assert on_disk == json.loads(json.dumps(metadata))
+    assert Recipe.from_dict(on_disk) == recipe_for(uri) and "config" not in on_disk  # the recipe, stored once
     table_version = loader.open_table(uri, storage.FRAMES_TABLE).version
     assert on_disk["train_view"] == storage.FRAMES_TABLE and on_disk["train_view_version"] == table_version
     assert on_disk["source_table"] == storage.FRAMES_TABLE and on_disk["source_table_version"] == table_version
@@ -59,7 +63,7 @@ def test_two_step_run_writes_a_loadable_checkpoint(trained, uri):
     assert on_disk["best_epoch"] == 1 and on_disk["best_val_map_50"] is not None
     assert any("step 2/2" in line and "img/s" in line for line in lines)
 
-    model = training.load_checkpoint(out)
+    model = checkpoints.load_checkpoint(out)
     saved = torch.load(out / "best.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     model.eval()
@@ -72,7 +76,7 @@ def test_rerun_of_a_finished_run_reuses_it(trained, uri):
     out, metadata, _ = trained
     before = (out / "last.pt").stat().st_mtime_ns
     lines: list[str] = []
-    again = training.train(spec_for(uri), out, log=lines.append)
+    again = training.train(recipe_for(uri), out, log=lines.append)
     assert again["epochs"] == json.loads(json.dumps(metadata))["epochs"]
     assert (out / "last.pt").stat().st_mtime_ns == before and "nothing to train" in lines[0]
 
@@ -80,7 +84,7 @@ def test_rerun_of_a_finished_run_reuses_it(trained, uri):
 def test_same_seed_trains_the_same_weights(trained, uri, tmp_path):
     out, _, _ = trained
     torch.rand(1000)  # whatever ran before in the process must not change the run
-    training.train(spec_for(uri), tmp_path / "again", log=lambda line: None)
+    training.train(recipe_for(uri), tmp_path / "again", log=lambda line: None)
     first, again = (torch.load(d / "last.pt", weights_only=True) for d in (out, tmp_path / "again"))
     assert all(torch.equal(first[k], again[k]) for k in first)
 
@@ -89,26 +93,26 @@ class Interrupted(Exception):
     pass
 
 
-def _first_of_two_epochs(uri: str, out) -> training.RunSpec:
-    """Start a two-epoch run in `out` and stop it once epoch 1 is saved; returns its spec."""
-    spec = spec_for(uri, epochs=2)
+def _first_of_two_epochs(uri: str, out) -> Recipe:
+    """Start a two-epoch run in `out` and stop it once epoch 1 is saved; returns its recipe."""
+    recipe = recipe_for(uri, epochs=2)
 
     def stop_after_first_epoch(line: str) -> None:
         if line.startswith("epoch 1/2 saved"):
             raise Interrupted(line)
 
     with pytest.raises(Interrupted):
-        training.train(spec, out, log=stop_after_first_epoch)
-    return spec
+        training.train(recipe, out, log=stop_after_first_epoch)
+    return recipe
 
 
 def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
-    spec = _first_of_two_epochs(uri, tmp_path)
-    interrupted = training.read_metadata(tmp_path)
+    recipe = _first_of_two_epochs(uri, tmp_path)
+    interrupted = checkpoints.read_metadata(tmp_path)
     assert interrupted["status"] == "training" and len(interrupted["epochs"]) == 1
 
     lines: list[str] = []
-    resumed = training.train(spec, tmp_path, log=lines.append)
+    resumed = training.train(recipe, tmp_path, log=lines.append)
     assert resumed["resumed_from_epoch"] == 1 and resumed["status"] == "complete"
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
     assert resumed["epochs"][0] == interrupted["epochs"][0]  # epoch 1 was not trained again
@@ -116,14 +120,59 @@ def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
     assert torch.load(tmp_path / "train_state.pt", weights_only=False)["epoch"] == 2
 
     # A different recipe in the same folder is not resumed: it starts over.
-    other = training.train(spec_for(uri, epochs=1, lr=0.001), tmp_path, log=lines.append)
+    other = training.train(recipe_for(uri, epochs=1, lr=0.001), tmp_path, log=lines.append)
     assert other["resumed_from_epoch"] is None and len(other["epochs"]) == 1
+
+
+# metadata.json as c618fc9 wrote it for `recipe_for(uri, epochs=2)` stopped after epoch 1 (with
+# `config`, a second copy of the recipe, and no `val_filter`); its table's location is a placeholder.
+C618FC9_METADATA = Path(__file__).parent / "fixtures" / "c618fc9_metadata.json"
+
+
+def test_a_checkpoint_folder_written_by_c618fc9_loads_reproduces_and_resumes(uri, tmp_path):
+    recipe = _first_of_two_epochs(uri, tmp_path)  # the .pt files, whose format has not changed
+    old = json.loads(C618FC9_METADATA.read_text().replace("@LANCEDB_URI@", uri))
+    assert old["train_view_version"] == recipe.train_view_version, "the fixture's table was built the same way"
+    (tmp_path / checkpoints.METADATA_FILE).write_text(json.dumps(old))
+
+    model = checkpoints.load_checkpoint(tmp_path, checkpoints.LAST_FILE)
+    saved = torch.load(tmp_path / checkpoints.LAST_FILE, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(tmp_path),
+                          "--epoch", "1"], capture_output=True, text=True, check=True)
+    epoch_2 = training.epoch_loader(recipe.train, recipe.profile, recipe.seed, 1)
+    assert cli.stdout.splitlines()[1:] == [i for batch in epoch_2 for i in batch.image_ids]
+
+    resumed = training.train(recipe, tmp_path, log=lambda _: None)
+    assert resumed["resumed_from_epoch"] == 1 and [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert resumed["epochs"][0] == old["epochs"][0]
+    assert "config" not in checkpoints.read_metadata(tmp_path)  # rewritten in the one form
+
+
+def test_the_engine_steps_what_a_run_steps(trained, uri):
+    """An epoch driven through the public engine, seeded as a run seeds it, ends at the run's
+    weights; `evaluate` scores the model on a val loader."""
+    out, metadata, _ = trained
+    recipe, lines = Recipe.from_dict(metadata), []
+    torch.manual_seed(recipe.seed)
+    model = detector.build_detector(recipe.profile)
+    state = engine.TrainState.create(model, recipe.profile, torch.device("cpu"),
+                                     training.steps_per_epoch(metadata["train_rows"], recipe.profile))
+    record = engine.train_one_epoch(state, training.epoch_loader(recipe.train, recipe.profile, recipe.seed, 0),
+                                    log=lines.append)
+    assert state.epoch == 1 and record["steps"] == 2 and record["loss"] == metadata["epochs"][0]["loss"]
+    assert lines[-1].startswith("epoch 1 step 2/2: loss")
+    saved = torch.load(out / checkpoints.LAST_FILE, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    val = loader.make_loader(recipe.val, batch_size=2)
+    assert engine.evaluate(model, val) == metadata["epochs"][0]["val_map_50"]
+    assert engine.evaluate(model, []) is None
 
 
 def _rates(profile, epoch_steps: int, steps: list[int]) -> list[float]:
     """The learning rate of each of `steps` (global, 0-based) under the run's schedule."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=profile.lr)
-    schedule, rates = training.lr_schedule(optimizer, profile, epoch_steps), []
+    schedule, rates = engine.lr_schedule(optimizer, profile, epoch_steps), []
     for step in range(max(steps) + 1):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
@@ -142,30 +191,30 @@ def test_warm_up_spans_epochs_and_decay_follows_the_profile():
 
 
 def test_a_run_whose_first_epoch_is_shorter_than_its_warm_up_reaches_the_full_rate(uri, tmp_path):
-    metadata = training.train(spec_for(uri, epochs=2, warmup_steps=3, lr=0.003), tmp_path, log=lambda _: None)
+    metadata = training.train(recipe_for(uri, epochs=2, warmup_steps=3, lr=0.003), tmp_path, log=lambda _: None)
     # Two steps an epoch: epoch 1 ends at 2/3 of the rate, epoch 2 at the full rate.
     assert [e["lr"] for e in metadata["epochs"]] == pytest.approx([0.002, 0.003])
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_path):
-    spec = _first_of_two_epochs(uri, tmp_path)
+    recipe = _first_of_two_epochs(uri, tmp_path)
     # The weights went bad at the end of epoch 1: the next step's loss is not finite.
     poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                 for k, v in torch.load(tmp_path / "last.pt", weights_only=True).items()}
     torch.save(poisoned, tmp_path / "last.pt")
     saved = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "train_state.pt")}
-    with pytest.raises(training.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3, rank 0\)"):
-        training.train(spec, tmp_path, log=lambda _: None)
+    with pytest.raises(engine.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3, rank 0\)"):
+        training.train(recipe, tmp_path, log=lambda _: None)
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
-    assert len(training.read_metadata(tmp_path)["epochs"]) == 1
+    assert len(checkpoints.read_metadata(tmp_path)["epochs"]) == 1
 
 
 def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
     out, metadata, _ = trained
-    order = training.reproduce_order(metadata, epoch=0)
+    order = training.reproduce_order(out, epoch=0)
     # What the run's own loader yields for that epoch is exactly that order.
-    profile = detector.get_profile(**metadata["profile"])
-    loader_of_epoch = training.epoch_loader(training.recorded_view(metadata), profile, metadata["seed"], 0)
+    recipe = Recipe.from_dict(metadata)
+    loader_of_epoch = training.epoch_loader(recipe.train, recipe.profile, recipe.seed, 0)
     seen = [i for batch in loader_of_epoch for i in batch.image_ids]
     assert seen == order and len(order) == metadata["train_rows"]
 
@@ -178,18 +227,18 @@ def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
     assert latest.version > metadata["train_view_version"]
     assert loader.count_rows(latest) > metadata["train_rows"]
 
-    assert training.reproduce_order(metadata, epoch=0) == order
-    assert training.reproduce_order(metadata, epoch=1) != order
+    assert training.reproduce_order(out, epoch=0) == order
+    assert training.reproduce_order(out, epoch=1) != order
     cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(out)],
                          capture_output=True, text=True, check=True)
     assert cli.stdout.splitlines()[1:] == order
 
 
 def test_empty_training_view_is_a_clear_error(uri, tmp_path):
-    spec = spec_for(uri)
-    empty = loader.ViewRef(uri, storage.FRAMES_TABLE, spec.train.version, "split = 'nowhere'")
+    recipe = recipe_for(uri)
+    empty = loader.ViewRef(uri, storage.FRAMES_TABLE, recipe.train_view_version, "split = 'nowhere'")
     with pytest.raises(ValueError, match="no training rows"):
-        training.train(training.RunSpec(train=empty, val=None, profile=spec.profile, weights="none"), tmp_path)
+        training.train(Recipe.on(empty, None, recipe.profile), tmp_path)
 
 
 def test_missing_coco_weights_name_the_expected_file(monkeypatch, tmp_path):
@@ -205,14 +254,14 @@ def test_missing_coco_weights_name_the_expected_file(monkeypatch, tmp_path):
 def test_anchor_sizes_are_recorded_and_rebuilt(trained):
     out, metadata, _ = trained
     assert metadata["profile"]["anchor_sizes"] == [16, 32, 64, 128, 256]  # the cpu profile's small anchors
-    model = training.load_checkpoint(out)  # rebuilt from metadata.json, where they are a JSON list
+    model = checkpoints.load_checkpoint(out)  # rebuilt from metadata.json, where they are a JSON list
     assert model.rpn.anchor_generator.sizes == ((16, 32, 64, 128, 256),) * 3
     with pytest.raises(ValueError, match="anchors per location"):
         detector.build_detector(detector.get_profile("cpu", anchor_sizes=(16, 32)))
     # A run from COCO weights keeps the anchors those weights' RPN learned, and records that.
     view = loader.ViewRef(uri="unused", name=storage.FRAMES_TABLE, version=1)
-    coco_run = training.RunSpec(view, None, detector.get_profile("cpu"), detector.WEIGHTS_COCO)
-    assert coco_run.profile.anchor_sizes is None and coco_run.config()["profile"]["anchor_sizes"] is None
+    coco_run = Recipe.on(view, None, detector.get_profile("cpu"), weights=detector.WEIGHTS_COCO)
+    assert coco_run.profile.anchor_sizes is None and coco_run.as_dict()["profile"]["anchor_sizes"] is None
 
 
 def test_profiles_match_the_reference():

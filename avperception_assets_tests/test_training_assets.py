@@ -9,8 +9,9 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import checkpoints, detector, loader, training
 from avperception_assets.curation import maintenance
+from avperception_assets.discovery import hard_examples
 from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.resources import LanceDBResource
@@ -48,7 +49,7 @@ def test_a_checkpoint_is_fine_tuned_from_the_base_and_pinned_to_its_view(trained
     assert meta["dagster/row_count"] == train.count_rows()
     assert meta["hyper_parameters"]["lr"] == 0.01  # the cpu profile's fine-tune rate
     assert meta["checkpoint_dir"] == str(out) and (out / "best.pt").is_file()
-    on_disk = training.read_metadata(out)
+    on_disk = checkpoints.read_metadata(out)
     assert on_disk["val_view"] == "bdd100k_rider_val" and on_disk["best_val_map_50"] == meta["best_val_map_50"]
 
 
@@ -93,11 +94,12 @@ def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_ride
     assert meta["mining"]["table"] == "mined_difficulty"
     assert meta["mining"]["model"].startswith(detector.weights_digest(base) + "@")
     assert (meta["frames_scored"], meta["frames_already_scored"]) == (meta["dagster/row_count"], 0)
-    order = training.reproduce_order(training.read_metadata(Path(meta["checkpoint_dir"])))
+    folder = Path(meta["checkpoint_dir"])
+    order = training.reproduce_order(folder)
     train_ids = set(frames.filter(pc.equal(frames["split"], "train"))["image_id"].to_pylist())
     assert len(order) == len(train_ids) and set(order) <= train_ids
 
-    # Maintenance keeps the score version the checkpoint drew by, which still reproduces it.
+    # Maintenance keeps the score version the checkpoint drew by, which still rebuilds its weights.
     scores = conn.open_table("mined_difficulty")
     scores.add(scores.to_arrow().slice(0, 1))  # a later version, unpinned
     pins = maintenance.pinned_versions(conn, settings.checkpoints_dir(), settings.reports_dir(), views=[])
@@ -105,7 +107,8 @@ def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_ride
                                  compact_fragments=False)
     assert meta["mining"]["version"] in stats.pinned_versions
     assert stats.versions_after < stats.versions_before  # the unpinned ones went
-    assert training.reproduce_order(training.read_metadata(Path(meta["checkpoint_dir"]))) == order
+    kept = checkpoints.read_sample_weights(folder)
+    assert hard_examples.rebuild_weights(folder) == kept and training.reproduce_order(folder) == order
 
 
 def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():

@@ -3,8 +3,8 @@
 Prepared for a lent GPU machine (one short command on a bare machine, no weights to download):
 the gpu profile's detector (ResNet50-FPN-v2) from random init, since a step's time does not
 depend on the weights, fed batches of synthetic 1280x720 uint8 frames with a few boxes each
-through `training._step`, the step training runs (autocast, GradScaler, the grad-norm clip and
-the stop on a non-finite loss). Per setting: the median step over `--steps` after `--warmup`,
+through `engine.train_step`, the step training runs (autocast, GradScaler, the grad-norm clip
+and the stop on a non-finite loss). Per setting: the median step over `--steps` after `--warmup`,
 images/s and the peak GPU memory; a batch that does not fit is reported, not fatal. Target:
 AMP's step at least as fast as AMP off. Without CUDA it runs the same step on the CPU, AMP off
 only, as a check that the script works (the target then FAILs: not measured).
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import detector, engine, loader
 from targets import target  # noqa: E402
 
 HEIGHT, WIDTH = 720, 1280
@@ -48,17 +48,16 @@ def synthetic_batch(size: int, generator: torch.Generator) -> loader.Batch:
 
 def time_steps(profile: detector.Profile, amp: bool, batch: loader.Batch, warmup: int, steps: int) -> dict:
     """Median seconds of an optimiser step (synchronised), images/s and peak GPU memory."""
-    device = training.device_for(profile)
+    device = engine.device_for(profile)
     torch.manual_seed(0)
     model = detector.build_detector(profile).to(device).train()
-    optimizer, _ = training._optimizer(model, profile, epoch_steps=warmup + steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    state = engine.TrainState.create(model, profile.replace(amp=amp), device, epoch_steps=warmup + steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        training._step(model, optimizer, scaler, batch, device, amp, profile, f"step {step}")
+        engine.train_step(state, batch, f"step {step}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avperception_assets.model import detector, loader, training
+from avperception_assets.model import checkpoints, detector, loader, training
+from avperception_assets.model.recipe import Recipe
 from avperception_assets.evaluation import comparison as evaluation
 from avperception_assets.discovery import hard_examples
 from avperception_assets import workspace as settings
@@ -39,13 +40,13 @@ VARIANTS = ("plain", "mining")
 FIGURES = (("AP@0.5", "map_50"), ("recall", "mar_100"))
 
 
-def base_weights(checkpoints: Path) -> str:
+def base_weights(root: Path) -> str:
     """The newest base_detector checkpoint (what the assets fine-tune from)."""
-    folders = sorted((p for p in (checkpoints / "base").glob("*") if (p / training.BEST_FILE).is_file()),
+    folders = sorted((p for p in (root / "base").glob("*") if (p / checkpoints.BEST_FILE).is_file()),
                      key=lambda p: int(p.name))
     if not folders:
-        raise SystemExit(f"no base_detector checkpoint under {checkpoints / 'base'}: run `make demo` first")
-    return str(folders[-1] / training.BEST_FILE)
+        raise SystemExit(f"no base_detector checkpoint under {root / 'base'}: run `make demo` first")
+    return str(folders[-1] / checkpoints.BEST_FILE)
 
 
 def own_class_figures(uri: str, mode, model, profile) -> dict:
@@ -60,19 +61,21 @@ def own_class_figures(uri: str, mode, model, profile) -> dict:
 def run_mode(uri: str, weights: str, mode, seeds: list[int], out: Path, overrides: dict) -> dict:
     train = loader.pin_view(uri, view_name(mode, "train"))
     profile = detector.get_profile("cpu").for_finetune().with_min_input(mode.min_input_size).replace(**overrides)
-    base, info = training.starting_model(weights, profile.as_dict())
+    base, info = checkpoints.starting_model(weights, profile.as_dict())
     key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
     stats = hard_examples.score_view(storage.connect(uri), mode.name, train, mode.classes, base, key,
                                      batch_size=profile.batch_size)
     mining = hard_examples.Mining(stats.table, stats.version, key, boost=1.0, neighbors=4, query_fraction=0.1)
+    sampling = {"plain": (None, None), "mining": (mining.as_dict(), hard_examples.frame_weights(train, mining))}
     results = {variant: [] for variant in VARIANTS}
     for seed in seeds:
         for variant in VARIANTS:
-            spec = training.RunSpec(train=train, val=None, profile=profile, weights=weights, seed=seed,
-                                    mining=mining if variant == "mining" else None)
+            record, sample_weights = sampling[variant]
+            recipe = Recipe.on(train, None, profile, weights=weights, seed=seed, mining=record)
             started = time.perf_counter()
-            metadata = training.train(spec, out / mode.name / variant / str(seed), log=lambda _: None)
-            model = training.load_checkpoint(out / mode.name / variant / str(seed), training.LAST_FILE)
+            metadata = training.train(recipe, out / mode.name / variant / str(seed), sample_weights=sample_weights,
+                                      log=lambda _: None)
+            model = checkpoints.load_checkpoint(out / mode.name / variant / str(seed), checkpoints.LAST_FILE)
             figures = own_class_figures(uri, mode, model, profile)
             steps = sum(e["steps"] for e in metadata["epochs"])
             print(f"{mode.name} {variant} seed {seed}: {steps} steps of {profile.batch_size}, "

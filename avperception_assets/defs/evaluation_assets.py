@@ -50,16 +50,16 @@ class EvalReportConfig(dg.Config):
 
 def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
     """The mode's latest checkpoint (best epoch) and what the report records about it."""
-    from avperception_assets.model import training
+    from avperception_assets.model import checkpoints
 
     key = checkpoint_key(mode)
     folder = latest_checkpoint_dir(context.instance, mode)
-    if not (folder / training.BEST_FILE).is_file():
-        raise dg.Failure(f"checkpoint {folder / training.BEST_FILE} is gone; rematerialize {key.to_user_string()}")
-    metadata = training.read_metadata(folder)
-    info = {"source": key.to_user_string(), "checkpoint": str(folder / training.BEST_FILE),
+    if not (folder / checkpoints.BEST_FILE).is_file():
+        raise dg.Failure(f"checkpoint {folder / checkpoints.BEST_FILE} is gone; rematerialize {key.to_user_string()}")
+    metadata = checkpoints.read_metadata(folder)
+    info = {"source": key.to_user_string(), "checkpoint": str(folder / checkpoints.BEST_FILE),
             "checkpoint_dir": str(folder), "metadata": metadata}
-    return training.load_checkpoint(folder), metadata, info
+    return checkpoints.load_checkpoint(folder), metadata, info
 
 
 def _figures(report) -> dict:

@@ -5,11 +5,11 @@ not retrained), otherwise a detector trained on the whole train split of `bdd100
 `<mode>_checkpoint` fine-tunes it on `bdd100k_<mode>_train` at the view's current version,
 keeps the best epoch by mAP@0.5 on `bdd100k_<mode>_val`, and saves under
 `checkpoints/<mode>/<view version>/`. Runs go through the `training` concurrency pool.
-The recipe (profile, weights, seed, schedule overrides, hard-example mining) is run config.
-Torch is imported inside the asset bodies only.
+The run config builds the recipe (`model.recipe.Recipe`: profile, weights, seed, schedule
+overrides); with hard-example mining, the assets score the train view and hand the trainer the
+frames' sampling weights with mining's record. Torch is imported inside the asset bodies only.
 """
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,14 +35,14 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     """The table versions a training run trains on (`pin()`: name -> latest version). A retry
     takes the ones its run's first attempt pinned, so it resumes that attempt's epochs even when
     curation or a view refresh committed a newer version in between."""
-    from avperception_assets.model import training
+    from avperception_assets.model import checkpoints
 
     record = folder / "run_pins" / f"{context.run_id}.json"
     if context.retry_number and record.is_file():
         return json.loads(record.read_text())
     versions = pin()
     record.parent.mkdir(parents=True, exist_ok=True)
-    training.write_json(versions, record)
+    checkpoints.write_json(versions, record)
     return versions
 
 
@@ -111,24 +111,24 @@ def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
             f"--rdzv-endpoint={config.rendezvous_endpoint}", f"--rdzv-id={run_id}", per_node]
 
 
-def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
-    """Train `spec` into `out` in torchrun's processes, launched through Dagster Pipes: their log
-    lines reach the run, and rank 0 reports the checkpoint's metadata (returned here)."""
+def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: dict | None = None) -> dict:
+    """Train `recipe` (drawing frames by `sample_weights` when given) into `out` in torchrun's
+    processes, launched through Dagster Pipes: their log lines reach the run, and rank 0 reports
+    the checkpoint's metadata (returned here)."""
     from dagster._core.errors import DagsterPipesExecutionError
 
-    from avperception_assets.model import training
+    from avperception_assets.model import checkpoints
 
     options = _torchrun_options(config, context.run_id)
     out.mkdir(parents=True, exist_ok=True)
-    run_file = out / training.RUN_FILE
-    run_file.write_text(json.dumps(spec.as_dict(), indent=2, sort_keys=True))
-    (out / training.FAILURE_FILE).unlink(missing_ok=True)
+    run_file = checkpoints.write_run(out, recipe, sample_weights)
+    (out / checkpoints.FAILURE_FILE).unlink(missing_ok=True)
     command = [sys.executable, "-m", "avperception_assets.training_worker", "launch", str(run_file), str(out),
                *options]
     try:
         invocation = dg.PipesSubprocessClient().run(context=context, command=command)
     except DagsterPipesExecutionError as exc:
-        failure = out / training.FAILURE_FILE
+        failure = out / checkpoints.FAILURE_FILE
         if failure.is_file():  # the run's own error (non-finite loss, no rows): retrying cannot help
             raise dg.Failure(json.loads(failure.read_text())["message"], allow_retries=False) from exc
         raise dg.Failure(f"the training processes of {out} died ({exc}); a retry resumes from the last "
@@ -148,8 +148,9 @@ def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
 )
 def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
                   lancedb: LanceDBResource) -> dg.MaterializeResult:
-    from avperception_assets.model import loader, training
+    from avperception_assets.model import loader
     from avperception_assets.model.detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
+    from avperception_assets.model.recipe import Recipe
 
     profile = config.resolve_profile(finetune=False)
     weights = config.resolve_weights(profile.architecture)
@@ -168,10 +169,10 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
     versions = _versions_this_run(context, base_checkpoints_dir(),
                                   lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
-    spec = training.RunSpec(
-        train=train_view, val=loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"),
-        profile=profile, weights=weights, seed=config.seed)
-    return dg.MaterializeResult(metadata=_train(context, spec, base_checkpoints_dir() / str(train_view.version), config))
+    recipe = Recipe.on(train_view, loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"), profile,
+                       weights=weights, seed=config.seed)
+    return dg.MaterializeResult(metadata=_train(context, recipe, base_checkpoints_dir() / str(train_view.version),
+                                                config))
 
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
@@ -187,11 +188,11 @@ def base_weights(context: dg.AssetExecutionContext) -> str:
 
 
 def base_model(context: dg.AssetExecutionContext, profile: dict):
-    """The base detector at a fine-tune's profile (`training.starting_model`) and what a report
+    """The base detector at a fine-tune's profile (`checkpoints.starting_model`) and what a report
     or a checkpoint records about it."""
-    from avperception_assets.model import training
+    from avperception_assets.model import checkpoints
 
-    model, info = training.starting_model(base_weights(context), profile)
+    model, info = checkpoints.starting_model(base_weights(context), profile)
     return model, {"source": "base_detector", **info}
 
 
@@ -208,20 +209,21 @@ class FineTuneConfig(TrainingConfig):
                                          "first, whose neighbours are up-weighted.")
 
 
-def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, spec):
+def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, recipe):
     """Score the train view's new frames with the base detector at the fine-tune's input size;
-    the sampling the run records, and how many frames were scored."""
+    the recipe with mining's record, the frames' sampling weights, and how many were scored."""
     from avperception_assets.discovery import hard_examples
 
-    profile = spec.profile
+    profile = recipe.profile
     model, info = base_model(context, profile.as_dict())
     key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
-    stats = hard_examples.score_view(lancedb.connect(), mode.name, spec.train, mode.classes, model, key,
+    stats = hard_examples.score_view(lancedb.connect(), mode.name, recipe.train, mode.classes, model, key,
                                      batch_size=profile.batch_size, log=context.log.info)
     context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with {key}")
     mining = hard_examples.Mining(stats.table, stats.version, key, config.mining_boost, config.mining_neighbors,
                                   config.mining_query_fraction)
-    return mining, {"frames_scored": stats.scored, "frames_already_scored": stats.already_scored}
+    return (recipe.replace(mining=mining.as_dict()), hard_examples.frame_weights(recipe.train, mining),
+            {"frames_scored": stats.scored, "frames_already_scored": stats.already_scored})
 
 
 def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -241,7 +243,8 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
     )
     def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
                     lancedb: LanceDBResource) -> dg.MaterializeResult:
-        from avperception_assets.model import loader, training
+        from avperception_assets.model import loader
+        from avperception_assets.model.recipe import Recipe
 
         uri = _uri(lancedb)
         try:
@@ -252,14 +255,12 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
         profile = config.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
                                          finetune_epochs=mode.finetune_epochs)
-        spec = training.RunSpec(train=train_view, val=val_view, profile=profile, weights=base_weights(context),
-                                seed=config.seed)
-        scored = {}
+        recipe = Recipe.on(train_view, val_view, profile, weights=base_weights(context), seed=config.seed)
+        sample_weights, scored = None, {}
         if config.hard_example_mining:
-            mining, scored = _mining(context, config, mode, lancedb, spec)
-            spec = dataclasses.replace(spec, mining=mining)
+            recipe, sample_weights, scored = _mining(context, config, mode, lancedb, recipe)
         out = settings.checkpoints_dir() / mode.name / str(train_view.version)
-        return dg.MaterializeResult(metadata={**_train(context, spec, out, config), **scored,
+        return dg.MaterializeResult(metadata={**_train(context, recipe, out, config, sample_weights), **scored,
                                               "failure_mode": mode.name})
 
     return _checkpoint

@@ -62,7 +62,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
 from avperception_assets.formats import taxonomy as bdd100k
-from avperception_assets.model import training
+from avperception_assets.model import checkpoints
 from avperception_assets.model.detections import predict
 from avperception_assets.model.detector import weights_digest
 from avperception_assets.evaluation.comparison import view_batches
@@ -136,10 +136,10 @@ class Exported:
 
 def _checkpoint(checkpoint_dir: Path) -> tuple[dict, Path]:
     """A checkpoint folder's metadata and best weights; a clear error when either is missing."""
-    meta = training.read_metadata(checkpoint_dir)
-    weights = Path(checkpoint_dir) / training.BEST_FILE
+    meta = checkpoints.read_metadata(checkpoint_dir)
+    weights = Path(checkpoint_dir) / checkpoints.BEST_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"no {training.BEST_FILE} in {checkpoint_dir}: the checkpoint has no saved model")
+        raise FileNotFoundError(f"no {checkpoints.BEST_FILE} in {checkpoint_dir}: the checkpoint has no saved model")
     return meta, weights
 
 
@@ -204,7 +204,7 @@ def export(checkpoint_dir: Path, out: Path | None = None, uri: str | None = None
     checkpoint's val view (LanceDB at `uri`, default the recorded one)."""
     out = Path(out) if out else Path(checkpoint_dir) / ONNX_FILE
     metadata = model_metadata(checkpoint_dir)
-    model = training.load_checkpoint(checkpoint_dir).eval()
+    model = checkpoints.load_checkpoint(checkpoint_dir).eval()
     coder = model.roi_heads.box_coder
     model.roi_heads.box_coder = _ExportBoxCoder(coder.weights, coder.bbox_xform_clip)
     tmp = out.with_name(out.name + ".tmp")
@@ -365,7 +365,7 @@ def check_parity(checkpoint_dir: Path, onnx_path: Path, *, frames: int = DEFAULT
     images = model_inputs(_val_frames(meta, uri, frames), "cpu")
     if not images:
         raise ValueError(f"{meta['val_view']}@{meta['val_view_version']} has no frames to check parity on")
-    return compare(pytorch_reference(training.load_checkpoint(checkpoint_dir), images), onnx_detections(onnx_path, images))
+    return compare(pytorch_reference(checkpoints.load_checkpoint(checkpoint_dir), images), onnx_detections(onnx_path, images))
 
 
 def export_checked(checkpoint_dir: Path, out: Path | None = None, *, frames: int = DEFAULT_FRAMES,

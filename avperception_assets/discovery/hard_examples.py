@@ -9,24 +9,31 @@ size), so new footage scores only its new frames and another starting model resc
 A frame's weight is 1 + `boost` × its difficulty. With `neighbors`, the hardest train frames
 (`query_fraction` of those with any difficulty) become similarity queries over the train
 view's own embeddings: each of their `neighbors` nearest train frames gains half the query's
-boost. Val frames never feed training: they are neither scored nor queried nor returned. An
-epoch draws as many positions as the view has rows, with replacement, in proportion to the
-weights, from a generator seeded by seed + epoch, so `reproduce` rebuilds it from what the
-checkpoint recorded (`Mining.as_dict`) and the scores table at its recorded version.
+boost. Val frames never feed training: they are neither scored nor queried nor returned. The
+trainer takes the weights (`training.train(..., sample_weights=...)`) with `Mining.as_dict()`
+as the recipe's record of them; the checkpoint folder keeps both, so `reproduce` rebuilds each
+epoch's draws, and maintenance keeps the scores table at its recorded version.
+
+CLI, for a mined checkpoint folder written up to c618fc9 (it kept only the record):
+`python -m avperception_assets.discovery.hard_examples weights <checkpoint dir>` rebuilds its
+weights from the scores at the recorded version, so that `reproduce` can read them.
 
 Nothing here knows about Dagster.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from avperception_assets.model import loader
+from avperception_assets.model import checkpoints, loader
+from avperception_assets.model.recipe import Recipe
 from avperception_assets.storage import tables as storage
 from avperception_assets.model.detections import coco_category_names, mode_class_ids, predict
 from avperception_assets.evaluation.frame_errors import match_frame
@@ -165,3 +172,29 @@ def hard_share(order: Sequence[str], uri: str, mining: Mining) -> float:
     """The share of an epoch's draws that are frames with any difficulty."""
     scores = difficulties(uri, mining)
     return round(sum(scores.get(i, 0) > 0 for i in order) / max(1, len(order)), 4)
+
+
+def rebuild_weights(checkpoint_dir: Path, uri: str | None = None) -> dict[str, float]:
+    """Write into a mined checkpoint folder the sampling weights its recorded mining gives (the
+    train view and scores at their recorded versions, read from `uri` when given); returns them."""
+    recipe = Recipe.from_dict(checkpoints.read_metadata(checkpoint_dir), uri=uri)
+    if not recipe.mining:
+        raise ValueError(f"{checkpoint_dir} records no hard-example mining: its frames were drawn alike")
+    weights = frame_weights(recipe.train, Mining(**recipe.mining))
+    checkpoints.write_sample_weights(Path(checkpoint_dir), weights)
+    return weights
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m avperception_assets.discovery.hard_examples")
+    commands = parser.add_subparsers(dest="command", required=True)
+    weights = commands.add_parser("weights", help="rebuild a mined checkpoint's sampling weights from its record")
+    weights.add_argument("checkpoint_dir", type=Path)
+    weights.add_argument("--uri", default=None, help="LanceDB location (default: the recorded one)")
+    args = parser.parse_args(argv)
+    rebuilt = rebuild_weights(args.checkpoint_dir, args.uri)
+    print(f"{args.checkpoint_dir / checkpoints.SAMPLE_WEIGHTS_FILE}: {len(rebuilt)} frames")
+
+
+if __name__ == "__main__":
+    main()

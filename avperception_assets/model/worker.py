@@ -6,8 +6,9 @@ through Dagster Pipes.
         killed Dagster run never leaves a trainer writing checkpoints behind it;
     python -m avperception_assets.training_worker train <run.json> <out>
         one rank (what torchrun runs): joins the process group (gloo on the CPU, NCCL on GPUs)
-        when there is more than one, trains `training.RunSpec.from_dict(run.json)` into `out`,
-        and on rank 0, when started through Pipes, streams the log lines and reports the
+        when there is more than one, trains the recipe in run.json, drawing frames by the
+        sampling weights beside it when there are any (`checkpoints.write_run`), into `out`, and
+        on rank 0, when started through Pipes, streams the log lines and reports the
         checkpoint's metadata as the asset's materialization.
 
 Knows nothing of Dagster but the Pipes protocol (`dagster_pipes`).
@@ -22,7 +23,9 @@ import signal
 import sys
 from pathlib import Path
 
-from avperception_assets.model import training
+from avperception_assets.model import checkpoints, training
+from avperception_assets.model.engine import NonFiniteLossError, device_for
+from avperception_assets.model.recipe import Recipe
 
 # How each field of the materialization reaches Dagster (others are inferred from the value).
 PIPES_TYPES = {"checkpoint_dir": "path", "weights": "path", "hyper_parameters": "json", "epoch_loss": "json",
@@ -35,38 +38,38 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def backend(spec: training.RunSpec) -> str:
-    return "nccl" if training.device_for(spec.profile).type == "cuda" else "gloo"
+def backend(recipe: Recipe) -> str:
+    return "nccl" if device_for(recipe.profile).type == "cuda" else "gloo"
 
 
 def _pipes_metadata(summary: dict) -> dict:
     return {key: {"raw_value": value, "type": PIPES_TYPES.get(key, "__infer__")} for key, value in summary.items()}
 
 
-def _run(spec: training.RunSpec, out: Path, rank: int) -> None:
+def _run(recipe: Recipe, weights: dict[str, float] | None, out: Path, rank: int) -> None:
     if rank == 0 and "DAGSTER_PIPES_CONTEXT" in os.environ:
         from dagster_pipes import open_dagster_pipes
 
         with open_dagster_pipes() as pipes:
-            metadata = training.train(spec, out, log=pipes.log.info)
-            pipes.report_asset_materialization(metadata=_pipes_metadata(training.run_summary(metadata, out)))
+            metadata = training.train(recipe, out, sample_weights=weights, log=pipes.log.info)
+            pipes.report_asset_materialization(metadata=_pipes_metadata(checkpoints.run_summary(metadata, out)))
     else:
-        training.train(spec, out, log=lambda line: print(f"[rank {rank}] {line}", flush=True))
+        training.train(recipe, out, sample_weights=weights, log=lambda line: print(f"[rank {rank}] {line}", flush=True))
 
 
 def train(run_file: Path, out: Path) -> None:
     import torch.distributed as dist
 
     die_with_parent()
-    spec = training.RunSpec.from_dict(json.loads(run_file.read_text()))
+    recipe, weights = checkpoints.read_run(run_file)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group(backend(spec))
+        dist.init_process_group(backend(recipe))
     rank = int(os.environ.get("RANK", "0"))
     try:
-        _run(spec, out, rank)
-    except (training.NonFiniteLossError, ValueError) as exc:  # the run's own error: a retry would meet it again
-        (out / training.FAILURE_FILE).write_text(json.dumps({"rank": rank, "message": str(exc)}))
+        _run(recipe, weights, out, rank)
+    except (NonFiniteLossError, ValueError) as exc:  # the run's own error: a retry would meet it again
+        (out / checkpoints.FAILURE_FILE).write_text(json.dumps({"rank": rank, "message": str(exc)}))
         raise
     finally:
         if distributed:

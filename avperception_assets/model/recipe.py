@@ -1,0 +1,93 @@
+"""A training run's recipe, in the one form it has in code, in `run.json` and in `metadata.json`.
+
+A `Recipe` is everything that decides what a run computes: the view it trains on, pinned to a
+version (and the val view its best epoch is chosen on), the profile (network, input size,
+optimiser, schedule: one of `detector.PROFILES` with overrides), the starting weights, the seed,
+and the record of how its per-frame sampling weights were made, when it draws frames by them.
+Its fields are the serialised keys: the Dagster config builds one, the training processes start
+from `as_dict()` in run.json, a checkpoint's metadata.json holds the same keys at its top level
+beside what the run measured, and `reproduce` reads it back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from avperception_assets.model.detector import WEIGHTS_NONE, Profile, get_profile
+from avperception_assets.model.loader import ViewRef
+
+# Keys that metadata.json files written before the recipe had one form (up to c618fc9) lack;
+# such a folder resumes when everything else it recorded is equal.
+NOT_RECORDED_BEFORE = ("val_filter",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run trains on, how, from which weights, with which seed and sampling."""
+
+    lancedb_uri: str  # where the views are; not part of what a resume compares (a data folder may move)
+    train_view: str
+    train_view_version: int
+    train_filter: str | None
+    val_view: str | None  # None: no best-epoch selection, best = last
+    val_view_version: int | None
+    val_filter: str | None
+    profile: Profile
+    weights_source: str  # 'coco', 'none' or a state_dict path
+    seed: int = 0
+    # How the sampling weights the run draws frames by were made (hard-example mining's record:
+    # scores table, version, model, weighting), kept for `reproduce` and for maintenance's pins;
+    # None: every frame alike. The trainer takes the weights themselves.
+    mining: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        # COCO weights keep the anchors their RPN learned.
+        object.__setattr__(self, "profile", self.profile.for_weights(self.weights_source))
+
+    @classmethod
+    def on(cls, train: ViewRef, val: ViewRef | None, profile: Profile, *, weights: str = WEIGHTS_NONE,
+           seed: int = 0, mining: Mapping[str, Any] | None = None) -> "Recipe":
+        """The recipe that trains `profile` on `train` (best epoch on `val`, in the same database)."""
+        if val is not None and val.uri != train.uri:
+            raise ValueError(f"the val view must be in the train view's database {train.uri}, not {val.uri}")
+        return cls(lancedb_uri=train.uri, train_view=train.name, train_view_version=train.version,
+                   train_filter=train.where, val_view=val.name if val else None,
+                   val_view_version=val.version if val else None, val_filter=val.where if val else None,
+                   profile=profile, weights_source=weights, seed=seed, mining=dict(mining) if mining else None)
+
+    @property
+    def train(self) -> ViewRef:
+        return ViewRef(self.lancedb_uri, self.train_view, self.train_view_version, self.train_filter)
+
+    @property
+    def val(self) -> ViewRef | None:
+        if not self.val_view:
+            return None
+        return ViewRef(self.lancedb_uri, self.val_view, self.val_view_version, self.val_filter)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The serialised recipe, JSON-shaped (so it equals what a file holds once read back)."""
+        return json.loads(json.dumps({**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                                      "profile": self.profile.as_dict()}))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, uri: str | None = None) -> "Recipe":
+        """The recipe in `data` (a run.json, or a metadata.json with what the run measured beside
+        it), its views read from `uri` when given instead of the recorded location."""
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in NOT_RECORDED_BEFORE}
+        values.update({name: data.get(name) for name in NOT_RECORDED_BEFORE}, profile=get_profile(**data["profile"]))
+        return cls(**{**values, "lancedb_uri": uri or values["lancedb_uri"]})
+
+    def recorded_in(self, saved: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint folder's metadata records this recipe, and so may be resumed.
+        The data location is left out: a moved data folder resumes."""
+        mine = {key: value for key, value in self.as_dict().items() if key != "lancedb_uri"}
+        recorded = {**{key: mine[key] for key in NOT_RECORDED_BEFORE}, **{k: saved[k] for k in mine if k in saved}}
+        return recorded == mine
