@@ -155,14 +155,6 @@ def test_production_code_never_imports_the_synthetic_generator():
     assert importers == set()
 
 
-def test_the_model_never_imports_discovery():
-    """The trainer takes sampling weights; hard-example mining (discovery) computes them."""
-    graph = import_graph()
-    climbing = {(m, t) for m, targets in graph.items() if m.startswith(f"{NAME}.model")
-                for t in targets if t.startswith(f"{NAME}.discovery")}
-    assert climbing == set()
-
-
 def test_the_code_location_loads_without_torch():
     probe = "import sys, avperception_assets.definitions; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
