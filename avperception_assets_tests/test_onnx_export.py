@@ -152,6 +152,7 @@ def test_the_asset_exports_the_modes_checkpoint(trained_rider, monkeypatch):
     assert recorded["source_checkpoint"]["weights"] == checkpoint["weights"]
 
 
+@pytest.mark.dagster_run
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert onnx_export.main([str(tmp_path / "nowhere")]) == 2
     assert "no metadata.json in" in capsys.readouterr().err
