@@ -217,7 +217,8 @@ class _ByModuleAndSharedFixture(LoadScopeScheduling):
     """Scopes of whole modules, or of the modules that share a session fixture, handed out in
     collection order. Not `--dist loadgroup` with marks: xdist 3.8 groups by renaming
     `item._nodeid`, which pytest 9.2 no longer reads (`Item.nodeid` comes from `_id`), so every
-    test became a scope of its own and the shared fixtures were built on both workers."""
+    test became a scope of its own and the shared fixtures were built on both workers
+    (pytest-xdist#1386). `_split_scope` is private: pyproject pins pytest-xdist for it."""
 
     def _split_scope(self, nodeid: str) -> str:
         return _scope(nodeid)
