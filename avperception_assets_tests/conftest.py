@@ -139,6 +139,7 @@ def pytest_collection_modifyitems(items):
 COMMAND_MARKERS = {"dagster": "dagster_run", "dagster-webserver": "dagster_run", "dagster-daemon": "dagster_run",
                    "ray": "ray", "torchrun": "training", "torch.distributed.run": "training"}
 _running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+_optimizer_guard: list = []  # the optimizer hook's handle, once registered
 
 
 def _require(marker: str, doing: str) -> None:
@@ -149,7 +150,9 @@ def _require(marker: str, doing: str) -> None:
 
 def _command_marker(args) -> str | None:
     """The tier marker of a command line: its program, or the module after `-m`."""
-    argv = args.split() if isinstance(args, str) else [os.fsdecode(a) for a in args]
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = os.fsdecode(args).split()
+    argv = [os.fsdecode(a) for a in args]
     module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
     return COMMAND_MARKERS.get(Path(argv[0]).name) or COMMAND_MARKERS.get(module) or \
         COMMAND_MARKERS.get((module or "").split(".")[0])
@@ -180,9 +183,6 @@ def _training_step(optimizer, *_) -> None:
         _require("training", "takes an optimizer step over a model")
 
 
-_optimizer_guard: list = []  # the hook's handle, once registered
-
-
 @pytest.fixture(scope="session", autouse=True)
 def tier_guard():
     start_ray, create_run, create_run_for_job = ray.init, dg.DagsterInstance.create_run, dg.DagsterInstance.create_run_for_job
@@ -202,7 +202,7 @@ def tier_guard():
 
     def guarded_popen_init(self, args, *rest, **kwargs):
         if marker := _command_marker(args):
-            _require(marker, f"runs `{args if isinstance(args, str) else ' '.join(map(os.fsdecode, args))}`")
+            _require(marker, f"runs `{args}`")
         popen_init(self, args, *rest, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
