@@ -17,7 +17,6 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-import ray
 from PIL import Image
 from xdist.scheduler import LoadScopeScheduling
 
@@ -185,20 +184,24 @@ def _training_step(optimizer, *_) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def tier_guard():
-    start_ray, create_run, create_run_for_job = ray.init, dg.DagsterInstance.create_run, dg.DagsterInstance.create_run_for_job
-    popen_init = subprocess.Popen.__init__
+    """Ray's start, a Dagster run executed in this process (`materialize` and every job's
+    `execute_in_process`) or launched, and the command lines of COMMAND_MARKERS, guarded."""
+    import ray  # here rather than at the top: after `patches.apply_at_startup` above
+
+    start_ray, popen_init = ray.init, subprocess.Popen.__init__
+    execute_in_process, launch_run = dg.JobDefinition.execute_in_process, dg.DagsterInstance.launch_run
 
     def guarded_ray_init(*args, **kwargs):
         _require("ray", "starts Ray")
         return start_ray(*args, **kwargs)
 
-    def guarded_create_run(self, *args, **kwargs):
-        _require("dagster_run", "starts a Dagster run")
-        return create_run(self, *args, **kwargs)
+    def guarded_execute_in_process(self, *args, **kwargs):
+        _require("dagster_run", "executes a Dagster run")
+        return execute_in_process(self, *args, **kwargs)
 
-    def guarded_create_run_for_job(self, *args, **kwargs):
-        _require("dagster_run", "starts a Dagster run")
-        return create_run_for_job(self, *args, **kwargs)
+    def guarded_launch_run(self, *args, **kwargs):
+        _require("dagster_run", "launches a Dagster run")
+        return launch_run(self, *args, **kwargs)
 
     def guarded_popen_init(self, args, *rest, **kwargs):
         if marker := _command_marker(args):
@@ -207,8 +210,8 @@ def tier_guard():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray, "init", guarded_ray_init)
-        patch.setattr(dg.DagsterInstance, "create_run", guarded_create_run)
-        patch.setattr(dg.DagsterInstance, "create_run_for_job", guarded_create_run_for_job)
+        patch.setattr(dg.JobDefinition, "execute_in_process", guarded_execute_in_process)
+        patch.setattr(dg.DagsterInstance, "launch_run", guarded_launch_run)
         patch.setattr(subprocess.Popen, "__init__", guarded_popen_init)
         yield
 
