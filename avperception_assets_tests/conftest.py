@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,24 +103,125 @@ def _scope(nodeid: str) -> str:
     return GROUP_OF_MODULE.get(_module(nodeid), _module(nodeid))
 
 
+# Test tiers (`make test-fast` deselects these markers; pyproject registers them). A test is
+# marked by the fixtures it uses, by `pytestmark` in its module, or by its own mark.
+MARKERS_OF_FIXTURE = {
+    "local_ray": ("ray",),  # and so curated_db, built on it
+    "trained_rider": ("dagster_run", "training"),
+    "trained": ("training",),  # test_training.py's tiny run
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # the markers must be on before `-m` deselects by them
 def pytest_collection_modifyitems(items):
-    """The Ray-cluster test first: its cluster's jobs run 2-4x slower while another Ray is up on
-    the same machine (see test_ray_cluster.py). Then the groups that share a session fixture, the
-    longest work, while the other worker takes the modules in file order. Pairing the heavy Ray
-    jobs with light tests measured faster than handing out the heaviest modules first (9 min 0 s
-    against 9 min 45 s, one run each)."""
+    """Tier markers from the fixtures a test uses. Then the Ray-cluster test first: its
+    cluster's jobs run 2-4x slower while another Ray is up on the same machine (see
+    test_ray_cluster.py). Then the groups that share a session fixture, the longest work, while
+    the other worker takes the modules in file order. Pairing the heavy Ray jobs with light
+    tests measured faster than handing out the heaviest modules first (9 min 0 s against
+    9 min 45 s, one run each)."""
     for item in items:
+        for fixture, markers in MARKERS_OF_FIXTURE.items():
+            if fixture in item.fixturenames:
+                for marker in markers:
+                    item.add_marker(marker)
         for fixture, modules in SHARED_SESSION_FIXTURES.items():
             if fixture in item.fixturenames and _module(item.nodeid) not in modules:
                 raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its module to SHARED_SESSION_FIXTURES")
     items.sort(key=lambda item: (_module(item.nodeid) != "test_ray_cluster", _module(item.nodeid) not in GROUP_OF_MODULE))
 
 
+# The guard that keeps the tiers honest: a test that starts Ray, a Dagster run, a dagster, ray
+# or torchrun process, or an optimizer step over a model, without the marker for it, fails
+# naming itself and the marker. It runs in every run, so `make test` checks the markers too.
+# (What a Python subprocess does inside itself is not seen: mark such tests by hand.)
+COMMAND_MARKERS = {"dagster": "dagster_run", "dagster-webserver": "dagster_run", "dagster-daemon": "dagster_run",
+                   "ray": "ray", "torchrun": "training", "torch.distributed.run": "training"}
+_running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
+_optimizer_guard: list = []  # the optimizer hook's handle, once registered
+
+
+def _require(marker: str, doing: str) -> None:
+    if _running and _running[-1].get_closest_marker(marker) is None:
+        pytest.fail(f"{_running[-1].nodeid} {doing} but is not marked `{marker}`, so `make test-fast` would "
+                    f"run it: mark it (pytestmark, @pytest.mark.{marker}, or MARKERS_OF_FIXTURE)", pytrace=False)
+
+
+def _command_marker(args) -> str | None:
+    """The tier marker of a command line: its program, or the module after `-m`."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = os.fsdecode(args).split()
+    argv = [os.fsdecode(a) for a in args]
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+    return COMMAND_MARKERS.get(Path(argv[0]).name) or COMMAND_MARKERS.get(module) or \
+        COMMAND_MARKERS.get((module or "").split(".")[0])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item):
+    _guard_optimizer_steps()
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+def _guard_optimizer_steps() -> None:
+    """Once torch is imported (by the modules that train, at collection): importing it here
+    would cost every run seconds."""
+    if "torch" in sys.modules and not _optimizer_guard:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _optimizer_guard.append(register_optimizer_step_pre_hook(_training_step))
+
+
+def _training_step(optimizer, *_) -> None:
+    """A step over a model's weights; one lone parameter (a learning-rate schedule's test) trains nothing."""
+    if sum(len(group["params"]) for group in optimizer.param_groups) > 1:
+        _require("training", "takes an optimizer step over a model")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tier_guard():
+    """Ray's start, a Dagster run executed in this process (`materialize` and every job's
+    `execute_in_process`) or launched, and the command lines of COMMAND_MARKERS, guarded."""
+    import ray  # here rather than at the top: after `patches.apply_at_startup` above
+
+    start_ray, popen_init = ray.init, subprocess.Popen.__init__
+    execute_in_process, launch_run = dg.JobDefinition.execute_in_process, dg.DagsterInstance.launch_run
+
+    def guarded_ray_init(*args, **kwargs):
+        _require("ray", "starts Ray")
+        return start_ray(*args, **kwargs)
+
+    def guarded_execute_in_process(self, *args, **kwargs):
+        _require("dagster_run", "executes a Dagster run")
+        return execute_in_process(self, *args, **kwargs)
+
+    def guarded_launch_run(self, *args, **kwargs):
+        _require("dagster_run", "launches a Dagster run")
+        return launch_run(self, *args, **kwargs)
+
+    def guarded_popen_init(self, args, *rest, **kwargs):
+        if marker := _command_marker(args):
+            _require(marker, f"runs `{args}`")
+        popen_init(self, args, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", guarded_ray_init)
+        patch.setattr(dg.JobDefinition, "execute_in_process", guarded_execute_in_process)
+        patch.setattr(dg.DagsterInstance, "launch_run", guarded_launch_run)
+        patch.setattr(subprocess.Popen, "__init__", guarded_popen_init)
+        yield
+
+
 class _ByModuleAndSharedFixture(LoadScopeScheduling):
     """Scopes of whole modules, or of the modules that share a session fixture, handed out in
     collection order. Not `--dist loadgroup` with marks: xdist 3.8 groups by renaming
     `item._nodeid`, which pytest 9.2 no longer reads (`Item.nodeid` comes from `_id`), so every
-    test became a scope of its own and the shared fixtures were built on both workers."""
+    test became a scope of its own and the shared fixtures were built on both workers
+    (pytest-xdist#1386). `_split_scope` is private: pyproject pins pytest-xdist for it."""
 
     def _split_scope(self, nodeid: str) -> str:
         return _scope(nodeid)

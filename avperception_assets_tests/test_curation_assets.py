@@ -14,6 +14,8 @@ from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import copy_curated_db
 
+pytestmark = pytest.mark.dagster_run
+
 NEW_ROWS = 3
 CONFIG = {"ops": {"curation_columns": {"config": {"person_area_source": "annotations", "concurrency": 1}}}}
 CURATION_COLUMNS = curation_assets.build_curation_columns(default_failure_modes())

@@ -28,6 +28,8 @@ from avperception_assets.failure_modes.registry import FailureMode
 
 from .conftest import TINY_TRAINING, build_frames_table
 
+pytestmark = pytest.mark.training  # torchrun ranks in subprocesses
+
 
 def _two_ranks(tmp_path: Path, **profile) -> tuple[Path, dict]:
     build_frames_table(tmp_path, [("ddp-a", 14, 6)])

@@ -123,6 +123,7 @@ def test_an_export_lands_again_as_the_same_frames(slice_db, tmp_path, fmt):
     assert set(pc.unique(table.to_lance().to_table(columns=["label_format"])["label_format"]).to_pylist()) == {fmt}
 
 
+@pytest.mark.dagster_run
 def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypatch):
     resources = {"lancedb": LanceDBResource(uri=slice_db.uri)}
     config = {"ops": {"export_slice": {"config": {"view": VIEW, "format": "yolo"}}}}

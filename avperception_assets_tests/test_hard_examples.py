@@ -132,6 +132,7 @@ def test_the_weighted_order_is_deterministic_train_only_and_leans_to_hard_frames
     assert hard_examples.hard_share(first, uri, mining) > hard_rows
 
 
+@pytest.mark.training
 def test_a_mined_run_records_its_sampling_and_reproduce_rebuilds_it(frames, tmp_path):
     conn, uri = frames
     view, mining = _mined(conn, uri, boost=4.0, neighbors=2)

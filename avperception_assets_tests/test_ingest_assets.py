@@ -5,6 +5,7 @@ import os
 import time
 
 import dagster as dg
+import pytest
 
 from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
@@ -34,6 +35,7 @@ def _materialize(data_dir, run_config=None):
         return result, checks
 
 
+@pytest.mark.dagster_run
 def test_raw_frames_materializes_pending_batches_with_metadata(data_dir):
     synthetic.write_batch(data_dir / "landing", "b1", 10, seed=1)
     synthetic.write_batch(data_dir / "landing", "b2", 6, seed=2)
@@ -52,6 +54,7 @@ def test_raw_frames_materializes_pending_batches_with_metadata(data_dir):
     assert materialization.metadata["rows_total"].value == 16
 
 
+@pytest.mark.dagster_run
 def test_raw_frames_reports_quarantine_counts_by_reason_and_refused_batches(data_dir):
     batch = synthetic.write_batch(data_dir / "landing", "b1", 5, seed=1)
     next(batch.rglob("*.jpg")).write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -71,6 +74,7 @@ def test_raw_frames_reports_quarantine_counts_by_reason_and_refused_batches(data
     assert any("b2" in message and "refused" in message for message in errors)
 
 
+@pytest.mark.dagster_run
 def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
     synthetic.write_batch(data_dir / "landing", "b1", 3, seed=1)
     _materialize(data_dir)
@@ -117,6 +121,7 @@ def test_sensor_requests_one_run_per_ready_batch_keyed_by_batch_id(data_dir):
         assert [r.run_key for r in _tick(data_dir, instance)] == ["a0-late", "b1", "b2"]
 
 
+@pytest.mark.dagster_run
 def test_sensor_skips_batches_already_ingested(data_dir):
     synthetic.write_batch(data_dir / "landing", "b1", 2, seed=1)
     _materialize(data_dir)
@@ -124,6 +129,7 @@ def test_sensor_skips_batches_already_ingested(data_dir):
         assert _tick(data_dir, instance) == []
 
 
+@pytest.mark.dagster_run
 def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, monkeypatch):
     """A frame damaged inside its image data (it passes ingestion) is reported by the checks of
     the run that added it, not by a later run's, whose checks decode only that run's frames;
@@ -157,6 +163,7 @@ def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, mo
         assert audits["no_duplicate_image_ids"]["passed"] and audits["boxes_inside_frames"]["passed"]
 
 
+@pytest.mark.dagster_run
 def test_a_hand_materialized_raw_frames_requests_what_follows_it(data_dir):
     """Declarative automation (`footage_automation_sensor` under the daemon): after raw_frames is
     materialized by hand, everything the footage sensor's run would have updated is requested,

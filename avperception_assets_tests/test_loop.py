@@ -20,6 +20,8 @@ from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import copy_curated_db, source_ids, view_ids
 
+pytestmark = [pytest.mark.ray, pytest.mark.dagster_run, pytest.mark.training]
+
 MODES = default_failure_modes()[:1]  # rider: each view refresh is a Geneva job; the choice among modes is test_sensors'.
 DEFS = dg.Definitions.merge(
     ingest_assets.defs, curation_assets.build_curation_defs(MODES), slice_assets.build_slice_defs(MODES),

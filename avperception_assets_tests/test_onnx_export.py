@@ -308,6 +308,7 @@ def test_the_asset_refuses_a_model_that_detects_too_little(blank):
     assert "only 0 detections above 0.05 compared, at least 20 needed" in failure.step_failure_data.error.message
 
 
+@pytest.mark.dagster_run
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert onnx_export.main([str(tmp_path / "nowhere")]) == 2
     assert "no metadata.json in" in capsys.readouterr().err

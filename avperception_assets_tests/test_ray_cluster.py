@@ -29,6 +29,8 @@ from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets_tests.conftest import free_ports, source_ids, view_ids
 
+pytestmark = [pytest.mark.ray, pytest.mark.dagster_run]
+
 BIN = Path(sys.executable).parent
 
 

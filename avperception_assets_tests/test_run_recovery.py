@@ -77,6 +77,7 @@ def _failure_message(instance, run_id: str) -> str:
     return record.event_log_entry.dagster_event.message
 
 
+@pytest.mark.dagster_run
 def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deployment):
     instance, env, data = deployment
     # Killed once: the daemon's sensor finds the dead run.
@@ -130,6 +131,8 @@ def _run_logging(instance, process: subprocess.Popen, text: str) -> str:
     raise AssertionError(f"no run logged {text!r}")
 
 
+@pytest.mark.ray
+@pytest.mark.dagster_run
 def test_a_run_killed_during_a_backfill_takes_its_ray_along_and_the_next_run_fills_the_column(deployment):
     instance, env, data = deployment
     process = _materialize(env, "raw_frames,dhash")

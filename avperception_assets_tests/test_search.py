@@ -247,6 +247,7 @@ def test_clip_from_a_local_folder_embeds_frames_and_text_and_enables_text_modes(
     assert mode.where == "dusk_cyclists_distance <= 0.5"
 
 
+@pytest.mark.dagster_run
 def test_frame_search_job_shows_results_and_contact_sheet(search_db, data_dir):
     from avperception_assets.defs.resources import LanceDBResource
     from avperception_assets.defs.search_jobs import frame_search

@@ -43,7 +43,10 @@ def frame_with(rectangles, height=192, width=320):
     return image
 
 
-@pytest.mark.parametrize("height,width,size,overlap", [(720, 1280, 448, 0.2), (192, 320, 96, 0.5), (180, 320, 128, 0.25)])
+GRIDS = [(720, 1280, 448, 0.2), (192, 320, 96, 0.5), (180, 320, 128, 0.25)]
+
+
+@pytest.mark.parametrize("height,width,size,overlap", GRIDS)
 def test_tiles_are_whole_overlap_and_cover_the_frame(height, width, size, overlap):
     grid = tiling.tile_grid(height, width, size, overlap)
     covered = torch.zeros(height, width, dtype=torch.int64)
@@ -55,6 +58,17 @@ def test_tiles_are_whole_overlap_and_cover_the_frame(height, width, size, overla
         starts = sorted({tile[axis] for tile in grid})
         assert all(b - a <= size * (1 - overlap) for a, b in zip(starts, starts[1:]))  # overlap ≥ asked
         assert starts[0] == 0 and starts[-1] + size == length
+
+
+@pytest.mark.parametrize("height,width,size,overlap", GRIDS)
+def test_an_object_no_larger_than_the_overlap_is_whole_in_some_tile(height, width, size, overlap):
+    """What merging relies on: at every position, an object whose sides are at most the overlap
+    lies whole inside some tile (tiles are a product of x and y offsets, so per side)."""
+    side = int(size * overlap)
+    for length, starts in ((width, tiling.tile_starts(width, size, overlap)),
+                           (height, tiling.tile_starts(height, size, overlap))):
+        assert all(any(start <= low and low + side <= start + size for start in starts)
+                   for low in range(length - side + 1))
 
 
 def test_a_frame_smaller_than_a_tile_is_one_tile():

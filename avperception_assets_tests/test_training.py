@@ -106,6 +106,7 @@ def _first_of_two_epochs(uri: str, out) -> Recipe:
     return recipe
 
 
+@pytest.mark.training
 def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
     recipe = _first_of_two_epochs(uri, tmp_path)
     interrupted = checkpoints.read_metadata(tmp_path)
@@ -190,12 +191,14 @@ def test_warm_up_spans_epochs_and_decay_follows_the_profile():
     assert _rates(cpu.for_finetune(), 4, [0, 5]) == pytest.approx([0.01, 0.01])  # fine-tunes: no warm-up
 
 
+@pytest.mark.training
 def test_a_run_whose_first_epoch_is_shorter_than_its_warm_up_reaches_the_full_rate(uri, tmp_path):
     metadata = training.train(recipe_for(uri, epochs=2, warmup_steps=3, lr=0.003), tmp_path, log=lambda _: None)
     # Two steps an epoch: epoch 1 ends at 2/3 of the rate, epoch 2 at the full rate.
     assert [e["lr"] for e in metadata["epochs"]] == pytest.approx([0.002, 0.003])
 
 
+@pytest.mark.training
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_path):
     recipe = _first_of_two_epochs(uri, tmp_path)
     # The weights went bad at the end of epoch 1: the next step's loss is not finite.

@@ -134,6 +134,7 @@ def test_a_mode_that_trains_on_tiles_gives_its_fine_tune_crops_of_the_tile_size_
     assert plain.train_crop is None and plain.epochs == plain.finetune_epochs
 
 
+@pytest.mark.dagster_run
 def test_checkpoint_without_base_detector_fails_clearly(data_dir: Path):
     conn, _ = build_frames_table(data_dir, [("assets-b", 4, 2)])
     _write_views(conn, conn.open_table(storage.FRAMES_TABLE).to_arrow())

@@ -15,6 +15,8 @@ from avperception_assets import synthetic
 from avperception_assets.definitions import defs
 from avperception_assets_tests.conftest import free_ports
 
+pytestmark = [pytest.mark.browser, pytest.mark.dagster_run]
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
