@@ -127,12 +127,13 @@ def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
 
 # metadata.json as c618fc9 wrote it for `recipe_for(uri, epochs=2)` stopped after epoch 1 (with
 # `config`, a second copy of the recipe, and no `val_filter`); its table's location is a placeholder.
-C618FC9_METADATA = Path(__file__).parent / "fixtures" / "c618fc9_metadata.json"
+OLD_METADATA = Path(__file__).parent / "fixtures" / "c618fc9_metadata.json"
 
 
+@pytest.mark.training
 def test_a_checkpoint_folder_written_by_c618fc9_loads_reproduces_and_resumes(uri, tmp_path):
     recipe = _first_of_two_epochs(uri, tmp_path)  # the .pt files, whose format has not changed
-    old = json.loads(C618FC9_METADATA.read_text().replace("@LANCEDB_URI@", uri))
+    old = json.loads(OLD_METADATA.read_text().replace("@LANCEDB_URI@", uri))
     assert old["train_view_version"] == recipe.train_view_version, "the fixture's table was built the same way"
     (tmp_path / checkpoints.METADATA_FILE).write_text(json.dumps(old))
 
