@@ -2,14 +2,15 @@
 
 import sys
 
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import Workspace
 
 
 def main() -> int:
-    path = settings.reports_dir() / "summary.md"
+    reports = Workspace.from_env().reports_dir
+    path = reports / "summary.md"
     if not path.is_file():
         print(f"no summary at {path}: materialize failure_mode_summary first", file=sys.stderr)
         return 1
     print(path.read_text())
-    print(f"reports: {settings.reports_dir()}")
+    print(f"reports: {reports}")
     return 0

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from typing import Any
 
 import pyarrow as pa
-
-from avperception_assets import workspace as settings
 
 FRAMES_TABLE = "bdd100k"
 EVAL_FRAMES_SUFFIX = "_eval_frames"  # `<mode>_eval_frames`: every val frame's matches, per report
@@ -76,11 +73,12 @@ def and_where(*filters: str | None) -> str | None:
     return " AND ".join(present) or None
 
 
-def connect(uri: str | None = None):
-    """Geneva connection (a LanceDB connection that can also run UDF backfills and views)."""
+def connect(uri: str, storage_options: dict[str, str] | None = None):
+    """Geneva connection (a LanceDB connection that can also run UDF backfills and views);
+    `storage_options` are LanceDB's, for an object store."""
     import geneva
 
-    return geneva.connect(uri or settings.lancedb_uri())
+    return geneva.connect(uri, storage_options=storage_options or None)
 
 
 def table_names(conn) -> set[str]:
@@ -109,10 +107,10 @@ def open_or_create(conn, name: str, schema: pa.Schema):
 _WORKER_SETUP = "avperception_assets.geneva_workarounds.setup_ray_worker"
 
 
-def ray_context(ray_address: str | None = None):
+def ray_context(ray_address: str | None = None, dashboard: bool = False):
     """Context manager for the Ray that Geneva backfills and view refreshes run on.
 
-    No address: a local Ray on this machine, with Ray's dashboard UI only if `AVP_RAY_DASHBOARD=1`.
+    No address: a local Ray on this machine, with Ray's dashboard UI only if `dashboard`.
     An address (`ray://host:10001`): the same jobs run on that cluster, which is how a deployment
     outgrows one machine. Its nodes run an image with this project installed, as the code
     location's is: Geneva 0.17 would otherwise zip the local code to an uploader that only its
@@ -131,7 +129,7 @@ def ray_context(ray_address: str | None = None):
     # and ten more processes; a run's Ray lives only as long as the run. (Ray 2.60 still starts
     # a dashboard head without it, minus the UI's module processes.)
     return ray_cluster(local=True, log_to_driver=False, ray_init_kwargs={
-        "include_dashboard": os.environ.get("AVP_RAY_DASHBOARD") == "1",
+        "include_dashboard": dashboard,
         "runtime_env": {"worker_process_setup_hook": _WORKER_SETUP}})
 
 
