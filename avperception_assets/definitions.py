@@ -1,11 +1,9 @@
 """The code location: every stage's assets, checks and sensors, merged."""
 
-import os
-
 import dagster as dg
 
 from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 defs = dg.Definitions.merge(
     ingest_assets.defs,
@@ -21,7 +19,7 @@ defs = dg.Definitions.merge(
     export_jobs.defs,
     run_recovery.defs,
     dg.Definitions(
-        resources={"lancedb": LanceDBResource(ray_address=os.environ.get("AVP_RAY_ADDRESS") or None)},
+        resources={"workspace": WorkspaceResource()},  # every field from the environment (`workspace.VARIABLES`)
         # One run = one process: Ray starts once per run and training holds the CPU/GPU alone.
         executor=dg.in_process_executor,
     ),

@@ -8,7 +8,7 @@ from avperception_assets.curation import columns as curation, checks as curation
 from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 # Ingestion checks structure only; curation quarantines what does not decode, so that one warns.
 WARN_ONLY = {"frames_decode"}
@@ -42,8 +42,8 @@ def _curation_audits(table) -> dict[str, tuple[bool, dict]]:
 
 
 @dg.op(description="Every raw_frames and curation check over every row of the frames table.")
-def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource) -> dict:
-    conn = lancedb.connect()
+def audit_frames_table(context: dg.OpExecutionContext, workspace: WorkspaceResource) -> dict:
+    conn = workspace.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
     table = conn.open_table(storage.FRAMES_TABLE)

@@ -10,10 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets.curation import maintenance
-from avperception_assets import workspace as settings
 from avperception_assets.defs.curation_assets import COLUMNS as CURATION_COLUMNS
 from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class MaintenanceConfig(dg.Config):
@@ -37,8 +36,9 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
           description="Compacts the small fragments of bdd100k, removes old versions of it and of the slice views that nothing is "
                       "pinned to (checkpoints, reports, the views' next refresh) and keeps the scalar indexes "
                       "of the columns view filters read current.")
-def table_maintenance(config: MaintenanceConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
-    stats = maintenance.maintain_all(lancedb.connect(), settings.checkpoints_dir(), settings.reports_dir(),
+def table_maintenance(config: MaintenanceConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
+    layout = workspace.layout
+    stats = maintenance.maintain_all(workspace.connect(), layout.checkpoints_dir, layout.reports_dir,
                                      older_than=timedelta(minutes=config.keep_minutes))
     if not stats:
         raise dg.Failure("table 'bdd100k' does not exist yet: materialize raw_frames first")

@@ -18,12 +18,12 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import BASE_CHECKPOINTS
 from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode, check_registry
 from avperception_assets.slices.views import view_name
 from avperception_assets.storage.tables import FRAMES_TABLE
 from avperception_assets.defs.names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 AUTO_WEIGHTS = "auto"
 # Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
@@ -44,11 +44,6 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     record.parent.mkdir(parents=True, exist_ok=True)
     training.write_json(versions, record)
     return versions
-
-
-def base_checkpoints_dir() -> Path:
-    """Where base_detector's checkpoints live (one folder per train-view version)."""
-    return settings.checkpoints_dir() / "base"
 
 
 class TrainingConfig(dg.Config):
@@ -92,10 +87,6 @@ class TrainingConfig(dg.Config):
         if self.weights != AUTO_WEIGHTS:
             return self.weights
         return WEIGHTS_COCO if coco_weights_path(architecture).is_file() else WEIGHTS_NONE
-
-
-def _uri(lancedb: LanceDBResource) -> str:
-    return lancedb.uri or settings.lancedb_uri()
 
 
 def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
@@ -147,7 +138,7 @@ def _train(context, spec, out: Path, config: TrainingConfig) -> dict:
                 "else Faster R-CNN trained on the whole train split of bdd100k (best by val mAP@0.5).",
 )
 def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
-                  lancedb: LanceDBResource) -> dg.MaterializeResult:
+                  workspace: WorkspaceResource) -> dg.MaterializeResult:
     from avperception_assets.model import loader, training
     from avperception_assets.model.detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
 
@@ -164,14 +155,13 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
             "profile": profile.name, "architecture": profile.architecture,
             "note": "COCO-pretrained weights are the base; nothing trained",
         })
-    uri = _uri(lancedb)
-    versions = _versions_this_run(context, base_checkpoints_dir(),
-                                  lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
+    uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
+    versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
     spec = training.RunSpec(
         train=train_view, val=loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"),
         profile=profile, weights=weights, seed=config.seed)
-    return dg.MaterializeResult(metadata=_train(context, spec, base_checkpoints_dir() / str(train_view.version), config))
+    return dg.MaterializeResult(metadata=_train(context, spec, folder / str(train_view.version), config))
 
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
@@ -208,7 +198,7 @@ class FineTuneConfig(TrainingConfig):
                                          "first, whose neighbours are up-weighted.")
 
 
-def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, spec):
+def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: WorkspaceResource, spec):
     """Score the train view's new frames with the base detector at the fine-tune's input size;
     the sampling the run records, and how many frames were scored."""
     from avperception_assets.discovery import hard_examples
@@ -216,7 +206,7 @@ def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDB
     profile = spec.profile
     model, info = base_model(context, profile.as_dict())
     key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
-    stats = hard_examples.score_view(lancedb.connect(), mode.name, spec.train, mode.classes, model, key,
+    stats = hard_examples.score_view(workspace.connect(), mode.name, spec.train, mode.classes, model, key,
                                      batch_size=profile.batch_size, log=context.log.info)
     context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with {key}")
     mining = hard_examples.Mining(stats.table, stats.version, key, config.mining_boost, config.mining_neighbors,
@@ -240,12 +230,12 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     f"`hard_example_mining: true` draws frames by how hard base_detector finds them.",
     )
     def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
-                    lancedb: LanceDBResource) -> dg.MaterializeResult:
+                    workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.model import loader, training
 
-        uri = _uri(lancedb)
+        uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(mode.name)
         try:
-            versions = _versions_this_run(context, settings.checkpoints_dir() / mode.name,
+            versions = _versions_this_run(context, folder,
                                           lambda: {n: loader.pin_view(uri, n).version for n in (train_name, val_name)})
             train_view, val_view = (loader.pin_view(uri, n, versions[n]) for n in (train_name, val_name))
         except ValueError as exc:
@@ -256,9 +246,9 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
                                 seed=config.seed)
         scored = {}
         if config.hard_example_mining:
-            mining, scored = _mining(context, config, mode, lancedb, spec)
+            mining, scored = _mining(context, config, mode, workspace, spec)
             spec = dataclasses.replace(spec, mining=mining)
-        out = settings.checkpoints_dir() / mode.name / str(train_view.version)
+        out = folder / str(train_view.version)
         return dg.MaterializeResult(metadata={**_train(context, spec, out, config), **scored,
                                               "failure_mode": mode.name})
 
