@@ -10,9 +10,10 @@ import pytest
 
 from avperception_assets.defs import (curation_assets, deployment_assets, evaluation_assets, ingest_assets,
                                       maintenance_assets, sensors, slice_assets, training_assets)
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.definitions import defs
 from avperception_assets.failure_modes.registry import FAILURE_MODES, FailureMode
+from avperception_assets.workspace import BASE_CHECKPOINTS, Workspace
 
 MODES = ("rider", "nighttime_person", "distant_person")
 COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
@@ -40,13 +41,13 @@ def _parents(definitions: dg.Definitions) -> dict[str, set[str]]:
             for key in graph.get_all_asset_keys()}
 
 
-def _with_modes(modes) -> dg.Definitions:
+def _with_modes(modes, workspace: Workspace | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
-        ingest_assets.defs, curation_assets.build_curation_defs(modes), slice_assets.build_slice_defs(modes),
+        ingest_assets.defs, curation_assets.build_curation_defs(modes, workspace), slice_assets.build_slice_defs(modes),
         training_assets.build_training_defs(modes), evaluation_assets.build_evaluation_defs(modes),
         deployment_assets.build_deployment_defs(modes),
-        sensors.build_sensor_defs(modes), maintenance_assets.defs,
-        dg.Definitions(resources={"lancedb": LanceDBResource()}),
+        sensors.build_sensor_defs(modes, workspace), maintenance_assets.defs,
+        dg.Definitions(resources={"workspace": WorkspaceResource()}),
     )
 
 
@@ -151,8 +152,26 @@ def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():
         _with_modes([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
 
 
-def test_embeddings_from_the_base_detector_depend_on_it(monkeypatch):
-    monkeypatch.setenv("AVP_EMBEDDING_MODEL", f"detector:{training_assets.base_checkpoints_dir()}/3/best.pt")
-    assert "base_detector" in _parents(_with_modes(FAILURE_MODES))["embedding"]
-    monkeypatch.setenv("AVP_EMBEDDING_MODEL", "detector:/elsewhere/best.pt")  # not an asset of this graph
-    assert _parents(_with_modes(FAILURE_MODES))["embedding"] == {"raw_frames"}
+def test_embeddings_from_the_base_detector_depend_on_it(tmp_path):
+    base = Workspace(data_location=str(tmp_path)).checkpoints_dir_for(BASE_CHECKPOINTS)
+    on_base = Workspace(data_location=str(tmp_path), embedding_model=f"detector:{base}/3/best.pt")
+    assert "base_detector" in _parents(_with_modes(FAILURE_MODES, on_base))["embedding"]
+    elsewhere = Workspace(data_location=str(tmp_path), embedding_model="detector:/elsewhere/best.pt")  # not an asset here
+    assert _parents(_with_modes(FAILURE_MODES, elsewhere))["embedding"] == {"raw_frames"}
+
+
+def test_sensors_start_in_the_workspace_default_status(tmp_path):
+    def statuses(workspace):
+        return {s.name: s.default_status for s in _with_modes(FAILURE_MODES, workspace).sensors}
+
+    assert set(statuses(Workspace(data_location=str(tmp_path))).values()) == {dg.DefaultSensorStatus.RUNNING}
+    stopped = statuses(Workspace(data_location=str(tmp_path), sensors_default_status="stopped"))
+    assert set(stopped) == {"new_footage_sensor", "slice_growth_sensor", "footage_automation_sensor"}
+    assert set(stopped.values()) == {dg.DefaultSensorStatus.STOPPED}
+
+
+def test_the_code_location_refuses_a_bad_setting_naming_its_variable():
+    env = {**os.environ, "AVP_RETRAIN_MIN_GROWTH": "a quarter"}
+    result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "AVP_RETRAIN_MIN_GROWTH='a quarter'" in result.stderr

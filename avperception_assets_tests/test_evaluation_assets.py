@@ -12,7 +12,7 @@ import pytest
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs import evaluation_assets
 from avperception_assets.defs.evaluation_assets import EvalReportConfig
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 from avperception_assets.failure_modes.registry import Tiling, get_mode
 from avperception_assets.evaluation.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON, TILED_PREDICTIONS_FILES
@@ -137,9 +137,8 @@ def test_summary_table_over_modes(materialized):
     assert summary["modes"]["rider"]["val_view"]["name"] == "bdd100k_rider_val"
 
 
-def test_report_without_a_checkpoint_fails_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path))
+def test_report_without_a_checkpoint_fails_clearly(tmp_path):
     with dg.instance_for_test() as instance:
         with pytest.raises(dg.Failure, match="rider_checkpoint has not been materialized"):
             dg.materialize([evaluation_assets.build_eval_report_asset(RIDER)], instance=instance,
-                           resources={"lancedb": LanceDBResource(uri=str(tmp_path / "lancedb"))})
+                           resources={"workspace": WorkspaceResource(data_location=str(tmp_path))})

@@ -19,7 +19,7 @@ from avperception_assets.storage import pixels, tables as storage
 from avperception_assets import synthetic
 from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.defs.export_jobs import slice_export
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.ingest.landing import READY_MARKER
 
 VIEW = "bdd100k_rider_val"
@@ -124,7 +124,7 @@ def test_an_export_lands_again_as_the_same_frames(slice_db, tmp_path, fmt):
 
 
 def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypatch):
-    resources = {"lancedb": LanceDBResource(uri=slice_db.uri)}
+    resources = {"workspace": WorkspaceResource(data_location=str(data_dir), lancedb_uri=slice_db.uri)}
     config = {"ops": {"export_slice": {"config": {"view": VIEW, "format": "yolo"}}}}
     result = slice_export.execute_in_process(run_config=config, resources=resources)
     output = result.output_for_node("export_slice")

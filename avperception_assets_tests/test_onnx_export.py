@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from avperception_assets.deployment import onnx as onnx_export
-from avperception_assets import workspace as settings
 from avperception_assets.model import training
 from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_onnx_model_asset
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.model.detections import predict
 from avperception_assets.evaluation.comparison import view_batches
 from avperception_assets.model.loader import model_inputs
@@ -135,10 +134,9 @@ def test_a_detection_without_a_twin_in_tolerance_fails_parity(candidate, failed)
         assert parity.detections == 2 and parity.max_box_diff_px <= 0.9 + 1e-5
 
 
-def test_the_asset_exports_the_modes_checkpoint(trained_rider, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+def test_the_asset_exports_the_modes_checkpoint(trained_rider):
     result = dg.materialize([build_onnx_model_asset(RIDER)], instance=trained_rider.instance,
-                            resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())},
+                            resources={"workspace": WorkspaceResource(data_location=str(trained_rider.root))},
                             run_config=dg.RunConfig(ops={"rider_onnx_model": OnnxExportConfig(frames=3)}))
     [event] = result.asset_materializations_for_node("rider_onnx_model")
     meta = {k: v.value for k, v in event.metadata.items()}
@@ -164,7 +162,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     missing = "rider_checkpoint has not been materialized"
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match=missing):
         dg.materialize([build_onnx_model_asset(RIDER)], instance=instance,
-                       resources={"lancedb": LanceDBResource(uri=str(tmp_path))})
+                       resources={"workspace": WorkspaceResource(data_location=str(tmp_path))})
 
 
 def test_the_export_box_coder_decodes_like_torchvisions_and_a_frame_without_proposals():

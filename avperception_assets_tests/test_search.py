@@ -238,17 +238,17 @@ def test_clip_from_a_local_folder_embeds_frames_and_text_and_enables_text_modes(
     other = f"clip:{_tiny_clip_folder(tmp_path / 'other', seed=1)}"  # same name, other weights
     with pytest.raises(search.SearchError, match="computed with clip:dir:tiny-clip@"):
         search.text(table, "a cyclist at night", model=other)
-    monkeypatch.setenv(embeddings.MODEL_ENV, spec)
+    monkeypatch.setenv("AVP_EMBEDDING_MODEL", spec)
     mode = FailureMode("dusk_cyclists", "", ("rider",), text_query="a cyclist at dusk", max_distance=0.5)
     assert mode.where == "dusk_cyclists_distance <= 0.5"
 
 
 def test_frame_search_job_shows_results_and_contact_sheet(search_db, data_dir):
-    from avperception_assets.defs.resources import LanceDBResource
+    from avperception_assets.defs.resources import WorkspaceResource
     from avperception_assets.defs.search_jobs import frame_search
 
     table = search_db.table
-    resources = {"lancedb": LanceDBResource(uri=table.uri.rsplit("/", 1)[0])}
+    resources = {"workspace": WorkspaceResource(data_location=str(data_dir), lancedb_uri=table.uri.rsplit("/", 1)[0])}
     config = {"ops": {"search_frames": {"config": {"kind": "describe", "query": "rider", "k": 5, "split": "val"}}}}
     result = frame_search.execute_in_process(run_config=config, resources=resources)
     output = result.output_for_node("search_frames")
