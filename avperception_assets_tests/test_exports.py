@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from avperception_assets.slices import exports
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import pixels, tables as storage
-from avperception_assets import synthetic
+from avperception_assets import exports as exports_command, synthetic
 from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.defs.export_jobs import slice_export
 from avperception_assets.defs.resources import WorkspaceResource
@@ -143,8 +143,9 @@ def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypat
                                         resources=resources)
 
     monkeypatch.setenv("AVP_LANCEDB_URI", slice_db.uri)
-    assert exports.main([VIEW, "--format", "coco", "--version", str(slice_db.view_version)]) == 0
+    assert exports_command.main([VIEW, "--format", "coco", "--version", str(slice_db.view_version)]) == 0
     printed = capsys.readouterr().out
     assert f"{VIEW}@v{slice_db.view_version}_coco" in printed
-    assert exports.main([VIEW, "--version", "999"]) == 2
+    assert (data_dir / "exports" / f"{VIEW}@v{slice_db.view_version}_coco" / "annotations").is_dir()
+    assert exports_command.main([VIEW, "--version", "999"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -97,11 +97,12 @@ ALLOWED: dict[str, set[str]] = {
     "synthetic": {"ingest", "formats", "workspace"},
     "defs": set(STAGES),
     "definitions": {"defs", "patches", "workspace"},
-    # Command-line entry points kept under their historical names: each wraps one stage.
-    "search": {"discovery"},
-    "exports": {"slices"},
+    # Command-line entry points kept under their historical names: each wraps one stage, and those
+    # that need the data location read the workspace (the environment) for it.
+    "search": {"discovery", "workspace"},
+    "exports": {"slices", "workspace"},
     "onnx_export": {"deployment"},
-    "summary": {"evaluation"},
+    "summary": {"evaluation", "workspace"},
     "training_worker": {"model"},
     "geneva_workarounds": {"patches"},
 }

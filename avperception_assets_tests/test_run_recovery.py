@@ -74,7 +74,7 @@ def _resources(data: Path, **settings) -> dict:
 def test_the_check_is_off_where_the_workspace_turns_it_off(tmp_path):
     with dg.instance_for_test() as instance, \
             dg.build_sensor_context(instance=instance, resources=_resources(tmp_path, dead_run_check=False)) as context:
-        assert "off" in dead_run_sensor(context).skip_message
+        assert "off" in dead_run_sensor.evaluate_tick(context).skip_message  # as the daemon evaluates it
 
 
 def _frames(data: Path) -> int:
@@ -94,7 +94,7 @@ def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deploym
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.STARTED  # what a kill leaves
     assert _frames(data) in (0, FRAMES)  # one commit per batch: all or nothing
     with dg.build_sensor_context(instance=instance, resources=_resources(data)) as context:
-        dead_run_sensor(context)
+        dead_run_sensor.evaluate_tick(context)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
     assert "is gone" in _failure_message(instance, dead)
     assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots
@@ -151,7 +151,7 @@ def test_a_run_killed_during_a_backfill_takes_its_ray_along_and_the_next_run_fil
     assert table.count_rows() == FRAMES and table.count_rows("dhash IS NOT NULL") < FRAMES  # killed mid-backfill
 
     with dg.build_sensor_context(instance=instance, resources=_resources(data)) as context:  # the daemon's sensor
-        dead_run_sensor(context)
+        dead_run_sensor.evaluate_tick(context)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
     assert "processes it had started killed" in _failure_message(instance, dead)
     assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots

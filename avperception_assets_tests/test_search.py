@@ -12,6 +12,7 @@ from PIL import Image
 
 from avperception_assets.curation import columns as curation, udfs as curation_udfs, maintenance
 from avperception_assets.model import detector
+from avperception_assets import search as search_command
 from avperception_assets.discovery import embeddings, search
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
@@ -123,12 +124,12 @@ def test_cli_prints_results_and_writes_a_contact_sheet(search_db, monkeypatch, c
     monkeypatch.setenv("AVP_LANCEDB_URI", table.uri.rsplit("/", 1)[0])
     query = _frames(table, ["image_id"])[3]["image_id"]
     sheet = tmp_path / "sheet.png"
-    assert search.main(["similar", query, "-k", "6", "--split", "val", "--sheet", str(sheet)]) == 0
+    assert search_command.main(["similar", query, "-k", "6", "--split", "val", "--sheet", str(sheet)]) == 0
     out = capsys.readouterr().out
     assert out.count("| val |") == 6 and query not in out.split("\n", 2)[2].split("contact sheet")[0]
     with Image.open(sheet) as image:
         assert image.size == (4 * search.THUMB_SIZE[0], 2 * (search.THUMB_SIZE[1] + 18) + 18)
-    assert search.main(["similar", "no-such-frame"]) == 2
+    assert search_command.main(["similar", "no-such-frame"]) == 2
     assert "no frame 'no-such-frame'" in capsys.readouterr().err
 
 

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 
 from avperception_assets.discovery import embeddings
-from avperception_assets.workspace import Workspace
 from avperception_assets.storage import tables as storage
 from avperception_assets.storage.pixels import IMAGE_BYTES, PixelReader
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN, nearest
@@ -165,7 +164,8 @@ def run(kind: str, query: str, *, uri: str, model: str = embeddings.COLOR_LAYOUT
     return search(table, query, k=k, where=where, split=split)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, *, uri: str, model: str = embeddings.COLOR_LAYOUT) -> int:
+    """The command line, searching the frames table at `uri` (text queries embedded by `model`)."""
     parser = argparse.ArgumentParser(prog="python -m avperception_assets.search", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     for kind, help_text, arg in (("similar", "frames that look like one frame", "image_id"),
@@ -180,13 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     query = getattr(args, "image_id", None) or args.query
     try:
-        workspace = Workspace.from_env()
-        results = run(args.kind, query, uri=workspace.lancedb_uri, model=workspace.embedding_model, k=args.k,
-                      where=args.where, split=args.split)
+        results = run(args.kind, query, uri=uri, model=model, k=args.k, where=args.where, split=args.split)
     except ValueError as exc:  # ours, and lance's for a bad --where
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(results_markdown(results))
     if args.sheet:
-        print(f"contact sheet: {contact_sheet(workspace.lancedb_uri, results, args.sheet, title=f'{args.kind}: {query}')}")
+        print(f"contact sheet: {contact_sheet(uri, results, args.sheet, title=f'{args.kind}: {query}')}")
     return 0
