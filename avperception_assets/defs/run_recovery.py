@@ -25,6 +25,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.events import DagsterEventType, JobFailureData, RunFailureReason
 
+
 def ray_processes_of(worker_pid: int) -> list[int]:
     """Live processes of the local Ray that the (dead) process `worker_pid` started. Ray names a
     session's directory after its driver's pid (`session_<date>_<pid>`) and every Ray process
