@@ -315,7 +315,7 @@ def write_batch(landing_dir: Path, batch_id: str, num_frames: int, *, seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from avperception_assets import workspace as settings
+    from avperception_assets.workspace import Workspace, variable_for
 
     parser = argparse.ArgumentParser(description="Write a synthetic BDD100K landing batch.")
     parser.add_argument("--batch-id", required=True)
@@ -323,10 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=LAYOUTS, default="det_20")
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--landing-dir", type=Path, default=None, help="default: $AVP_DATA_DIR/landing")
+    parser.add_argument("--landing-dir", type=Path, default=None, help=f"default: ${variable_for('data_location')}/landing")
     parser.add_argument("--if-empty", action="store_true", help="do nothing when the landing zone already holds a batch")
     args = parser.parse_args(argv)
-    landing = args.landing_dir or settings.landing_dir()
+    landing = args.landing_dir or Workspace.from_env().landing_dir
     if args.if_empty and landing.is_dir() and any(p.is_dir() for p in landing.iterdir()):
         print(f"landing zone {landing} already holds footage; not generating")
         return

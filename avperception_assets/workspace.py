@@ -1,30 +1,219 @@
-"""Where all state lives. One setting, `AVP_DATA_DIR`, relocates everything."""
+"""Where all state lives, and every setting of a deployment: the one module that reads `AVP_*`
+environment variables (`Workspace.from_env`; the table `VARIABLES` says what each one means).
+
+A data location holds everything, in this layout (a data folder made before this module keeps
+working as it is):
+
+    <data>/landing/<batch>/        new footage lands here (READY batches are ingested)
+    <data>/lancedb/                the frames table, its views and the result tables
+    <data>/checkpoints/<model>/    `base` (base_detector) and one folder per failure mode
+    <data>/reports/<mode>/         evaluation reports; reports/summary.md, reports/search/
+    <data>/exports/                COCO and YOLO exports of slice views
+    <data>/config/                 the user's own configuration files (failure_modes.toml)
+    <data>/dagster_home/           Dagster's instance storage, where `make` points DAGSTER_HOME
+
+The data location is a local folder today; it is kept as a string so that an object-store URI
+(`s3://bucket/prefix`) can take its place, and `Workspace.path` refuses to treat one as a folder.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-DEFAULT_DATA_DIR = "data"
-
-
-def data_dir() -> Path:
-    """Root of all state: landing zone, LanceDB, checkpoints, reports, Dagster storage."""
-    return Path(os.environ.get("AVP_DATA_DIR", DEFAULT_DATA_DIR)).expanduser().absolute()
+DEFAULT_DATA_LOCATION = "data"
+SENSOR_STATUSES = ("running", "stopped")
+BASE_CHECKPOINTS = "base"  # base_detector's folder under checkpoints/
 
 
-def landing_dir() -> Path:
-    return data_dir() / "landing"
+class WorkspaceError(ValueError):
+    """A setting that cannot be used as given (the message names the variable and what it expects)."""
 
 
-def lancedb_uri() -> str:
-    """LanceDB location; `AVP_LANCEDB_URI` may point at an object store (s3://, gs://, az://)."""
-    return os.environ.get("AVP_LANCEDB_URI") or str(data_dir() / "lancedb")
+def _is_uri(location: str) -> bool:
+    return "://" in location
 
 
-def checkpoints_dir() -> Path:
-    return data_dir() / "checkpoints"
+@dataclass(frozen=True)
+class Workspace:
+    """A deployment's settings and the layout of its data location (see the module docstring).
+
+    `lancedb_uri` None means `<data_location>/lancedb`; after construction it always holds the
+    URI. A local `data_location` is made absolute (relative to the working directory).
+    """
+
+    data_location: str = DEFAULT_DATA_LOCATION
+    lancedb_uri: str | None = None
+    storage_options: Mapping[str, str] = field(default_factory=dict)  # LanceDB's, for object stores
+    ray_address: str | None = None  # None: a local Ray per run
+    ray_dashboard: bool = False  # the local Ray's dashboard UI
+    embedding_model: str = "color_layout"  # `discovery.embeddings.resolve` spec
+    dead_run_check: bool = True
+    retrain_min_new_rows: int = 100
+    retrain_min_growth: float = 0.25
+    sensors_default_status: str = "running"
+
+    def __post_init__(self):
+        if not _is_uri(self.data_location):
+            object.__setattr__(self, "data_location", str(Path(self.data_location).expanduser().absolute()))
+        if self.lancedb_uri is None:
+            object.__setattr__(self, "lancedb_uri", self._under("lancedb"))
+        if self.sensors_default_status not in SENSOR_STATUSES:
+            raise WorkspaceError(f"sensors_default_status must be one of {SENSOR_STATUSES}, "
+                                 f"not {self.sensors_default_status!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Workspace:
+        """The workspace the `AVP_*` variables of `environ` describe; unset or empty ones keep their default."""
+        return cls(**env_settings(environ))
+
+    def _under(self, name: str) -> str:
+        if _is_uri(self.data_location):
+            return f"{self.data_location.rstrip('/')}/{name}"
+        return str(Path(self.data_location) / name)
+
+    @property
+    def path(self) -> Path:
+        """The data location as a local folder."""
+        if _is_uri(self.data_location):
+            raise WorkspaceError(f"the data location {self.data_location} is not a local folder")
+        return Path(self.data_location)
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.path / "landing"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoints_dir_for(self, model: str) -> Path:
+        """One model's checkpoints, a folder per train-view version: `base` or a failure mode's name."""
+        return self.checkpoints_dir / model
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.path / "reports"
+
+    def reports_dir_for(self, mode: str) -> Path:
+        """One failure mode's evaluation reports, a folder per val-view version."""
+        return self.reports_dir / mode
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path / "exports"
+
+    @property
+    def config_dir(self) -> Path:
+        """Where users put configuration files of their own (`failure_modes.toml`)."""
+        return self.path / "config"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.path / "dagster_home"
 
 
-def reports_dir() -> Path:
-    return data_dir() / "reports"
+# --- the environment ---------------------------------------------------------------------------
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise WorkspaceError(f"{name}={raw!r}: expected on or off (1/0, true/false, yes/no)")
+
+
+def _count(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise WorkspaceError(f"{name}={raw!r}: expected a whole number, 0 or more")
+    return value
+
+
+def _fraction(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise WorkspaceError(f"{name}={raw!r}: expected a number, 0 or more (0.25 is 25 %)")
+    return value
+
+
+def _sensor_status(name: str, raw: str) -> str:
+    if raw not in SENSOR_STATUSES:
+        raise WorkspaceError(f"{name}={raw!r}: expected {' or '.join(SENSOR_STATUSES)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: the `Workspace` field it sets, its default and meaning as the
+    README's configuration table shows them, and how its text is read."""
+
+    name: str
+    field: str
+    default: str
+    meaning: str
+    parse: Callable[[str, str], Any]
+
+
+VARIABLES = (
+    Variable("AVP_DATA_DIR", "data_location", "`data` (in the working directory)",
+             "Root of all state: landing zone, LanceDB, checkpoints, reports, exports, config.", _text),
+    Variable("AVP_LANCEDB_URI", "lancedb_uri", "`<data>/lancedb`",
+             "LanceDB location; may be an object store (`s3://`, `gs://`, `az://`).", _text),
+    Variable("AVP_RAY_ADDRESS", "ray_address", "none: a local Ray per run",
+             "Ray cluster that runs backfills and view refreshes (`ray://host:10001`).", _text),
+    Variable("AVP_RAY_DASHBOARD", "ray_dashboard", "`off`",
+             "`on`: the local Ray starts its dashboard UI (about 2.5 s more per start).", _flag),
+    Variable("AVP_EMBEDDING_MODEL", "embedding_model", "`color_layout`",
+             "Model of the `embedding` column and of search: `color_layout`, `clip:<model folder>`, "
+             "`clip:<architecture>:<weights>` or `detector:<state_dict>[:<profile>]`.", _text),
+    Variable("AVP_DEAD_RUN_CHECK", "dead_run_check", "`on`",
+             "Mark runs whose worker process died as failed and free their pool slots; `off` where runs "
+             "execute on other machines (Kubernetes, ECS, Docker run launchers).", _flag),
+    Variable("AVP_RETRAIN_MIN_NEW_ROWS", "retrain_min_new_rows", "`100`",
+             "A failure mode retrains when its train view grew by this many rows since its checkpoint (0: off).",
+             _count),
+    Variable("AVP_RETRAIN_MIN_GROWTH", "retrain_min_growth", "`0.25`",
+             "A failure mode also retrains when its train view grew by this fraction of the rows its checkpoint "
+             "saw (0: off).", _fraction),
+    Variable("AVP_SENSORS_DEFAULT_STATUS", "sensors_default_status", "`running`",
+             "`stopped`: the sensors start stopped (the UI without the loop); the UI can start them.",
+             _sensor_status),
+)
+
+
+def env_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """{Workspace field: value} for each variable set (and not empty) in `environ`."""
+    settings = {}
+    for variable in VARIABLES:
+        raw = environ.get(variable.name, "").strip()
+        if raw:
+            settings[variable.field] = variable.parse(variable.name, raw)
+    return settings
+
+
+def variable_for(field_name: str) -> str:
+    """The environment variable that sets a Workspace field (for messages and help texts)."""
+    return next(v.name for v in VARIABLES if v.field == field_name)
+
+
+def variables_markdown() -> str:
+    """The configuration table (variable, default, meaning) as markdown."""
+    rows = [f"| `{v.name}` | {v.default} | {v.meaning} |" for v in VARIABLES]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])

@@ -33,11 +33,12 @@ from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.curation import columns as curation
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import pixels, tables as storage
-from avperception_assets import workspace as settings, synthetic
+from avperception_assets import synthetic
 from avperception_assets.slices import views as slices
 from avperception_assets.defs import evaluation_assets, training_assets  # noqa: E402
-from avperception_assets.defs.resources import LanceDBResource  # noqa: E402
+from avperception_assets.defs.resources import WorkspaceResource  # noqa: E402
 from avperception_assets.failure_modes.registry import get_mode
+from avperception_assets.workspace import Workspace
 
 CURATED_SIZE = dict(width=640, height=360)
 RAY_WORKER_PORTS = range(10002, 20000)  # what a local Ray's workers bind (Ray's default range)
@@ -326,7 +327,7 @@ TINY_TILING = {"tile_size": 180, "tile_overlap": 0.25, "tile_whole_frame": False
 
 @dataclass
 class TrainedRider:
-    root: Path  # its AVP_DATA_DIR
+    root: Path  # its data location
     instance: dg.DagsterInstance
     result: dg.ExecuteInJobResult
     val_version: int
@@ -349,20 +350,19 @@ def trained_rider(tmp_path_factory):
     assets = [*training_assets.build_training_defs([RIDER]).assets, *evaluation_assets.build_evaluation_defs([RIDER]).assets]
     run_config = {"ops": {"base_detector": {"config": TINY_TRAINING}, "rider_checkpoint": {"config": TINY_FINETUNE},
                           "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 2, **TINY_TILING}}}}
+    workspace = Workspace(data_location=str(root))
     with dg.instance_for_test() as instance:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("AVP_DATA_DIR", str(root))
-            synthetic.write_batch(settings.landing_dir(), "b1", 16, seed=0, width=320, height=180, val_fraction=0.5)
-            conn = storage.connect(settings.lancedb_uri())
-            ingest.ingest_batches(conn, settings.landing_dir())
-            frames = conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(with_row_id=True)
-            frames = frames.drop_columns(["image_bytes"])
-            frames = frames.rename_columns([pixels.SOURCE_ROW_ID if n == "_rowid" else n for n in frames.column_names])
-            for split in ("train", "val"):
-                conn.create_table(slices.view_name(RIDER, split), frames.filter(pc.equal(frames["split"], split)),
-                                  storage_options=storage.STABLE_ROW_IDS)
-            result = dg.materialize(assets, instance=instance, run_config=run_config,
-                                    resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())})
+        synthetic.write_batch(workspace.landing_dir, "b1", 16, seed=0, width=320, height=180, val_fraction=0.5)
+        conn = storage.connect(workspace.lancedb_uri)
+        ingest.ingest_batches(conn, workspace.landing_dir)
+        frames = conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(with_row_id=True)
+        frames = frames.drop_columns(["image_bytes"])
+        frames = frames.rename_columns([pixels.SOURCE_ROW_ID if n == "_rowid" else n for n in frames.column_names])
+        for split in ("train", "val"):
+            conn.create_table(slices.view_name(RIDER, split), frames.filter(pc.equal(frames["split"], split)),
+                              storage_options=storage.STABLE_ROW_IDS)
+        result = dg.materialize(assets, instance=instance, run_config=run_config,
+                                resources={"workspace": WorkspaceResource(data_location=str(root))})
         yield TrainedRider(root, instance, result, conn.open_table(slices.view_name(RIDER, "val")).version)
 
 

@@ -9,7 +9,7 @@ from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.defs import curation_assets
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import copy_curated_db
@@ -25,7 +25,7 @@ CURATION_CHECKS = curation_assets.build_curation_checks(default_failure_modes())
 def _materialize(resource, instance, selection=None):
     return dg.materialize(
         [CURATION_COLUMNS, *CURATION_CHECKS],
-        selection=selection, resources={"lancedb": resource}, instance=instance, run_config=CONFIG)
+        selection=selection, resources={"workspace": resource}, instance=instance, run_config=CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def runs(tmp_path_factory, curated_db):
     """New footage lands on the curated table; a run of one of the columns. (A run of every column
     after new footage, with each check, is the end-to-end loop's: test_loop.py.)"""
     conn, landing = copy_curated_db(curated_db, tmp_path_factory.mktemp("curation_assets"))
-    resource = LanceDBResource(uri=str(landing.parent / "lancedb"))
+    resource = WorkspaceResource(data_location=str(landing.parent))
     synthetic.write_batch(landing, "b2", NEW_ROWS, seed=12, width=640, height=360)
     ingest.ingest_batches(conn, landing)
     table = conn.open_table(storage.FRAMES_TABLE)
@@ -57,9 +57,9 @@ def test_subset_backfills_only_the_new_rows_of_selected_columns(runs):
 
 
 def test_missing_table_is_a_clear_failure(tmp_path):
-    resource = LanceDBResource(uri=str(tmp_path / "empty"))
+    resource = WorkspaceResource(data_location=str(tmp_path / "empty"))
     with dg.instance_for_test() as instance:
-        result = dg.materialize([CURATION_COLUMNS], resources={"lancedb": resource},
+        result = dg.materialize([CURATION_COLUMNS], resources={"workspace": resource},
                                 instance=instance, run_config=CONFIG, raise_on_error=False)
     assert not result.success
     assert "materialize raw_frames first" in str(result.all_events)

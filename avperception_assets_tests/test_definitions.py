@@ -8,10 +8,10 @@ import sys
 import dagster as dg
 import pytest
 
-from avperception_assets.defs import training_assets
 from avperception_assets.defs.modes import location_modes
 from avperception_assets.definitions import build_definitions, defs
 from avperception_assets.failure_modes.registry import FailureMode, default_failure_modes
+from avperception_assets.workspace import BASE_CHECKPOINTS, Workspace
 
 MODES = ("rider", "nighttime_person", "distant_person")
 COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "person_bbox_area_pct", "dhash",
@@ -196,8 +196,28 @@ def test_a_bad_filter_fails_when_the_definitions_load_naming_the_mode():
         build_definitions([FailureMode("rider_typo", "has_ridr = true", ("rider",))])
 
 
-def test_embeddings_from_the_base_detector_depend_on_it(monkeypatch):
-    monkeypatch.setenv("AVP_EMBEDDING_MODEL", f"detector:{training_assets.base_checkpoints_dir()}/3/best.pt")
-    assert "base_detector" in _parents(build_definitions(default_failure_modes()))["embedding"]
-    monkeypatch.setenv("AVP_EMBEDDING_MODEL", "detector:/elsewhere/best.pt")  # not an asset of this graph
-    assert _parents(build_definitions(default_failure_modes()))["embedding"] == {"raw_frames"}
+def test_embeddings_from_the_base_detector_depend_on_it(tmp_path):
+    base = Workspace(data_location=str(tmp_path)).checkpoints_dir_for(BASE_CHECKPOINTS)
+    on_base = Workspace(data_location=str(tmp_path), embedding_model=f"detector:{base}/3/best.pt")
+    assert "base_detector" in _parents(build_definitions(default_failure_modes(), on_base))["embedding"]
+    elsewhere = Workspace(data_location=str(tmp_path), embedding_model="detector:/elsewhere/best.pt")  # not an asset here
+    assert _parents(build_definitions(default_failure_modes(), elsewhere))["embedding"] == {"raw_frames"}
+
+
+def test_sensors_start_in_the_workspace_default_status(tmp_path):
+    loop = {"new_footage_sensor", "slice_growth_sensor", "footage_automation_sensor"}
+
+    def statuses(workspace):
+        sensors = build_definitions(default_failure_modes(), workspace).sensors
+        return {s.default_status for s in sensors if s.name in loop}, {s.name for s in sensors}
+
+    assert statuses(Workspace(data_location=str(tmp_path)))[0] == {dg.DefaultSensorStatus.RUNNING}
+    stopped, names = statuses(Workspace(data_location=str(tmp_path), sensors_default_status="stopped"))
+    assert stopped == {dg.DefaultSensorStatus.STOPPED} and loop <= names
+
+
+def test_the_code_location_refuses_a_bad_setting_naming_its_variable():
+    env = {**os.environ, "AVP_RETRAIN_MIN_GROWTH": "a quarter"}
+    result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "AVP_RETRAIN_MIN_GROWTH='a quarter'" in result.stderr

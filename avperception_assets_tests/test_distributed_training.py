@@ -20,9 +20,9 @@ import pytest
 
 from avperception_assets.model import checkpoints, detector, loader, training
 from avperception_assets.model.recipe import Recipe
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import Workspace
 from avperception_assets.storage import tables as storage
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.defs.training_assets import TrainingConfig, build_training_defs
 from avperception_assets.failure_modes.registry import FailureMode
 
@@ -90,16 +90,16 @@ def _kill_after_first_epoch(out: Path, killed: list, then) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(trained_rider, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(trained_rider):
+    workspace = Workspace(data_location=str(trained_rider.root))
     mode = FailureMode("killed", "split = 'train'", ("pedestrian",), "every frame: a stand-in slice")
-    conn = storage.connect(settings.lancedb_uri())
+    conn = storage.connect(workspace.lancedb_uri)
     frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
     for split in ("train", "val"):
         conn.create_table(f"bdd100k_killed_{split}", frames.filter(pc.equal(frames["split"], split)),
                           storage_options=storage.STABLE_ROW_IDS)
-    train = loader.open_table(settings.lancedb_uri(), "bdd100k_killed_train")
-    out = settings.checkpoints_dir() / "killed" / str(train.version)
+    train = loader.open_table(workspace.lancedb_uri, "bdd100k_killed_train")
+    out = workspace.checkpoints_dir_for("killed") / str(train.version)
     killed: list[int] = []
 
     def grow():  # before the retry (5 s later) the view gains a version, as a refresh between attempts would
@@ -110,7 +110,7 @@ def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(train
     (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("killed_checkpoint")]
     config = TrainingConfig(**{**TINY_TRAINING, "epochs": 2})
     result = dg.materialize([checkpoint], instance=trained_rider.instance, run_config=dg.RunConfig(
-        ops={"killed_checkpoint": config}), resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())})
+        ops={"killed_checkpoint": config}), resources={"workspace": WorkspaceResource(data_location=workspace.data_location)})
     watcher.join()
     assert killed, "no training process was killed"
     assert result.success
@@ -119,32 +119,31 @@ def test_a_killed_training_process_fails_its_attempt_and_the_retry_resumes(train
     [materialization] = result.asset_materializations_for_node("killed_checkpoint")
     assert materialization.metadata["resumed_from_epoch"].value == 1  # epoch 1 was not trained again
     assert materialization.metadata["train_view_version"].value == train.version  # the first attempt's
-    assert loader.open_table(settings.lancedb_uri(), "bdd100k_killed_train").version > train.version
+    assert loader.open_table(workspace.lancedb_uri, "bdd100k_killed_train").version > train.version
     assert materialization.metadata["world_size"].value == 1
     logs = [e.user_message for e in trained_rider.instance.all_logs(result.run_id)]
     assert any("epoch 2/2 saved" in m for m in logs)  # the trainer's log lines, through Pipes
     assert len(checkpoints.read_metadata(out)["epochs"]) == 2
 
 
-def test_several_nodes_need_a_rendezvous_endpoint(trained_rider, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+def test_several_nodes_need_a_rendezvous_endpoint(trained_rider):
     (base,) = [a for a in build_training_defs([]).assets if a.key == dg.AssetKey("base_detector")]
     with pytest.raises(dg.Failure, match="rendezvous_endpoint"):
         dg.materialize([base], instance=trained_rider.instance, resources={
-            "lancedb": LanceDBResource(uri=settings.lancedb_uri())}, run_config=dg.RunConfig(
+            "workspace": WorkspaceResource(data_location=str(trained_rider.root))}, run_config=dg.RunConfig(
             ops={"base_detector": TrainingConfig(**TINY_TRAINING, nodes=2)}))
 
 
-def test_a_runs_own_error_fails_clearly_without_a_retry(trained_rider, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+def test_a_runs_own_error_fails_clearly_without_a_retry(trained_rider):
+    workspace = Workspace(data_location=str(trained_rider.root))
     mode = FailureMode("empty", "split = 'none'", ("pedestrian",), "no frame: an empty slice")
-    conn = storage.connect(settings.lancedb_uri())
+    conn = storage.connect(workspace.lancedb_uri)
     frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
     conn.create_table("bdd100k_empty_train", frames.slice(0, 0), storage_options=storage.STABLE_ROW_IDS)
     conn.create_table("bdd100k_empty_val", frames.slice(0, 2), storage_options=storage.STABLE_ROW_IDS)
     (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("empty_checkpoint")]
     result = dg.materialize([checkpoint], instance=trained_rider.instance, raise_on_error=False,
-                            resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())},
+                            resources={"workspace": WorkspaceResource(data_location=workspace.data_location)},
                             run_config=dg.RunConfig(ops={"empty_checkpoint": TrainingConfig(**TINY_TRAINING)}))
     assert not result.success
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]

@@ -9,10 +9,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from avperception_assets import summary as summary_command
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs import evaluation_assets
 from avperception_assets.defs.evaluation_assets import EvalReportConfig
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 from avperception_assets.failure_modes.registry import Tiling, get_mode
 from avperception_assets.evaluation.reports import GROUND_TRUTH_FILE, PREDICTIONS_FILES, REPORT_JSON, TILED_PREDICTIONS_FILES
@@ -137,9 +138,18 @@ def test_summary_table_over_modes(materialized):
 
 
 @pytest.mark.dagster_run
-def test_report_without_a_checkpoint_fails_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path))
+def test_report_without_a_checkpoint_fails_clearly(tmp_path):
     with dg.instance_for_test() as instance:
         with pytest.raises(dg.Failure, match="rider_checkpoint has not been materialized"):
             dg.materialize([evaluation_assets.build_eval_report_asset(RIDER)], instance=instance,
-                           resources={"lancedb": LanceDBResource(uri=str(tmp_path / "lancedb"))})
+                           resources={"workspace": WorkspaceResource(data_location=str(tmp_path))})
+
+
+def test_the_summary_command_prints_the_data_locations_summary(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path))
+    assert summary_command.main() == 1
+    assert f"no summary at {tmp_path / 'reports' / 'summary.md'}" in capsys.readouterr().err
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "summary.md").write_text("| rider | mAP@0.5 |")
+    assert summary_command.main() == 0
+    assert capsys.readouterr().out.splitlines() == ["| rider | mAP@0.5 |", f"reports: {tmp_path / 'reports'}"]

@@ -16,10 +16,10 @@ from pycocotools.coco import COCO
 from avperception_assets.slices import exports
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import pixels, tables as storage
-from avperception_assets import synthetic
+from avperception_assets import exports as exports_command, synthetic
 from avperception_assets.formats.taxonomy import CLASSES
 from avperception_assets.defs.export_jobs import slice_export
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.ingest.landing import READY_MARKER
 
 VIEW = "bdd100k_rider_val"
@@ -125,7 +125,7 @@ def test_an_export_lands_again_as_the_same_frames(slice_db, tmp_path, fmt):
 
 @pytest.mark.dagster_run
 def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypatch):
-    resources = {"lancedb": LanceDBResource(uri=slice_db.uri)}
+    resources = {"workspace": WorkspaceResource(data_location=str(data_dir), lancedb_uri=slice_db.uri)}
     config = {"ops": {"export_slice": {"config": {"view": VIEW, "format": "yolo"}}}}
     result = slice_export.execute_in_process(run_config=config, resources=resources)
     output = result.output_for_node("export_slice")
@@ -144,8 +144,9 @@ def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypat
                                         resources=resources)
 
     monkeypatch.setenv("AVP_LANCEDB_URI", slice_db.uri)
-    assert exports.main([VIEW, "--format", "coco", "--version", str(slice_db.view_version)]) == 0
+    assert exports_command.main([VIEW, "--format", "coco", "--version", str(slice_db.view_version)]) == 0
     printed = capsys.readouterr().out
     assert f"{VIEW}@v{slice_db.view_version}_coco" in printed
-    assert exports.main([VIEW, "--version", "999"]) == 2
+    assert (data_dir / "exports" / f"{VIEW}@v{slice_db.view_version}_coco" / "annotations").is_dir()
+    assert exports_command.main([VIEW, "--version", "999"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -11,9 +11,8 @@ from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.ingest.landing import READY_MARKER
-from avperception_assets.defs import audit_jobs, ingest_assets
-from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.defs.sensors import new_footage_sensor
+from avperception_assets.defs import audit_jobs, ingest_assets, sensors
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.failure_modes.registry import default_failure_modes
 
 from .conftest import damaged_inside
@@ -21,13 +20,14 @@ from .conftest import damaged_inside
 
 RAW_FRAMES_DEFS = [ingest_assets.raw_frames, ingest_assets.no_duplicate_image_ids,
                    ingest_assets.boxes_inside_frames, ingest_assets.frames_decode]
+NEW_FOOTAGE_SENSOR = next(s for s in sensors.build_sensor_defs(default_failure_modes()).sensors if s.name == "new_footage_sensor")
 
 
 def _materialize(data_dir, run_config=None):
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             RAW_FRAMES_DEFS,
-            resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+            resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
             instance=instance,
             run_config=run_config,
         )
@@ -62,7 +62,7 @@ def test_raw_frames_reports_quarantine_counts_by_reason_and_refused_batches(data
     (mixed / "data.yaml").write_text("names: [car]\n")  # BDD labels and a YOLO class file: ambiguous
     with dg.instance_for_test() as instance:
         result = dg.materialize(RAW_FRAMES_DEFS, instance=instance,
-                                resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+                                resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
                                 run_config={"ops": {"raw_frames": {"config": {"batch_ids": ["b1", "b2"]}}}})
         errors = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.ERROR]
     [materialization] = result.asset_materializations_for_node("raw_frames")
@@ -83,7 +83,7 @@ def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             RAW_FRAMES_DEFS, instance=instance, raise_on_error=False,
-            resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+            resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
             selection=dg.AssetSelection.checks_for_assets(ingest_assets.raw_frames),
         )
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -93,9 +93,9 @@ def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
 
 def _tick(data_dir, instance) -> list[dg.RunRequest]:
     with dg.build_sensor_context(
-        instance=instance, resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))},
+        instance=instance, resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
     ) as context:
-        result = new_footage_sensor(context)
+        result = NEW_FOOTAGE_SENSOR(context)
         return result if isinstance(result, list) else []
 
 
@@ -140,7 +140,7 @@ def test_checks_look_at_the_run_rows_and_the_audit_job_at_every_row(data_dir, mo
     decoded = []
     real = ingest_checks._decodes
     monkeypatch.setattr(ingest_checks, "_decodes", lambda data: decoded.append(1) or real(data))
-    resources = {"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))}
+    resources = {"workspace": WorkspaceResource(data_location=str(data_dir))}
     with dg.instance_for_test() as instance:
         first = dg.materialize(RAW_FRAMES_DEFS, resources=resources, instance=instance)
         checks = {c.check_name: c for c in first.get_asset_check_evaluations()}
@@ -176,7 +176,7 @@ def test_a_hand_materialized_raw_frames_requests_what_follows_it(data_dir):
         first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         assert first.total_requested == 0  # nothing to follow yet
         dg.materialize(RAW_FRAMES_DEFS, instance=instance,
-                       resources={"lancedb": LanceDBResource(uri=str(data_dir / "lancedb"))})
+                       resources={"workspace": WorkspaceResource(data_location=str(data_dir))})
         after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         requested = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()
                      if after.get_requested_partitions(key)}

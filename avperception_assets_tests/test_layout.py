@@ -98,11 +98,11 @@ ALLOWED: dict[str, set[str]] = {
     "defs": set(STAGES),
     "definitions": {"defs", "patches", "workspace"},
     # Command-line entry points kept under their historical names: each wraps one stage, after the
-    # patches its processes need.
-    "search": {"discovery", "patches"},
-    "exports": {"slices", "patches"},
+    # patches its processes need; those that need the data location read the workspace for it.
+    "search": {"discovery", "patches", "workspace"},
+    "exports": {"slices", "patches", "workspace"},
     "onnx_export": {"deployment", "patches"},
-    "summary": {"evaluation"},
+    "summary": {"evaluation", "workspace"},
     "training_worker": {"model", "patches"},
     "geneva_workarounds": {"patches"},
 }

@@ -8,15 +8,16 @@ import dagster as dg
 import pytest
 
 from avperception_assets.curation import columns as curation, maintenance
-from avperception_assets import workspace as settings, synthetic
+from avperception_assets import synthetic
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
 from avperception_assets.model import training
 from avperception_assets.defs import (curation_assets, evaluation_assets, ingest_assets, maintenance_assets, sensors,
                                       slice_assets, training_assets)
 from avperception_assets.defs.names import latest_metadata
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.failure_modes.registry import default_failure_modes
+from avperception_assets.workspace import Workspace
 
 from .conftest import copy_curated_db, source_ids, view_ids
 
@@ -27,7 +28,7 @@ DEFS = dg.Definitions.merge(
     ingest_assets.defs, curation_assets.build_curation_defs(MODES), slice_assets.build_slice_defs(MODES),
     training_assets.build_training_defs(MODES), evaluation_assets.build_evaluation_defs(MODES),
     sensors.build_sensor_defs(MODES), maintenance_assets.build_maintenance_defs(MODES),
-    dg.Definitions(resources={"lancedb": LanceDBResource()}),
+    dg.Definitions(resources={"workspace": WorkspaceResource()}),
 )
 FRAME_SIZE = dict(width=320, height=180)
 TINY_TRAINING = {"config": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "min_size": 96,
@@ -48,13 +49,13 @@ def _execute(instance, request: dg.RunRequest, selection: dg.AssetSelection | No
     if dg.AssetKey("table_maintenance") in keys:  # clean up every unpinned version
         ops["table_maintenance"] = {"config": {"keep_minutes": 0}}
     result = dg.materialize([*DEFS.assets, *DEFS.asset_checks], selection=selection, instance=instance,
-                            resources={"lancedb": LanceDBResource()}, run_config={"ops": ops}, tags=request.tags)
+                            resources={"workspace": WorkspaceResource()}, run_config={"ops": ops}, tags=request.tags)
     assert result.success
     return result
 
 
 def _tick(sensor, instance) -> list[dg.RunRequest]:
-    with dg.build_sensor_context(instance=instance, resources={"lancedb": LanceDBResource()}) as context:
+    with dg.build_sensor_context(instance=instance, resources={"workspace": WorkspaceResource()}) as context:
         result = sensor(context)
         return result if isinstance(result, list) else []
 
@@ -71,7 +72,8 @@ def loop(tmp_path_factory, local_ray, curated_db):
     state = {}
     with pytest.MonkeyPatch.context() as patch, dg.instance_for_test() as instance:
         root = tmp_path_factory.mktemp("loop")
-        patch.setenv("AVP_DATA_DIR", str(root))
+        patch.setenv("AVP_DATA_DIR", str(root))  # the resource's default, as in a deployment
+        workspace = Workspace(data_location=str(root))
         copy_curated_db(curated_db, root)
         footage_sensor = next(s for s in DEFS.sensors if s.name == "new_footage_sensor")
         growth_sensor = next(s for s in DEFS.sensors if s.name == "slice_growth_sensor")
@@ -89,7 +91,7 @@ def loop(tmp_path_factory, local_ray, curated_db):
 
         # Batch 2 lands: only its rows are backfilled and every view refreshes.
         automation = dg.evaluate_automation_conditions(defs=DEFS, instance=instance)
-        synthetic.write_batch(settings.landing_dir(), "batch-2", 40, seed=12, **FRAME_SIZE)
+        synthetic.write_batch(workspace.landing_dir, "batch-2", 40, seed=12, **FRAME_SIZE)
         [request] = _tick(footage_sensor, instance)
         state["footage_2_key"] = request.run_key
         state["footage_2"] = _execute(instance, request, sensors.FOOTAGE_SELECTION)
@@ -120,12 +122,12 @@ def loop(tmp_path_factory, local_ray, curated_db):
         state["reports"] = {m.name: _metadata(instance, f"{m.name}_eval_report") for m in MODES}
         # Re-running a view with nothing new is safe: no job, nothing appended.
         state["rerun"] = _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey(VIEWS[1])]))
-        state["conn"] = storage.connect(settings.lancedb_uri())
+        state["conn"] = storage.connect(workspace.lancedb_uri)
         state["frames_version_2"] = state["conn"].open_table(storage.FRAMES_TABLE).version
         # Maintenance again, alone: the indexes exist and take any new rows, none is rebuilt.
         _execute(instance, dg.RunRequest(asset_selection=[dg.AssetKey("table_maintenance")]))
         state["maintenance_3"] = _metadata(instance, "table_maintenance")
-        state["report_files"] = {m.name: [json.loads(p.read_text()) for p in (settings.reports_dir() / m.name).rglob(
+        state["report_files"] = {m.name: [json.loads(p.read_text()) for p in workspace.reports_dir_for(m.name).rglob(
             "report.json")] for m in MODES}
         yield state
 

@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 from avperception_assets.deployment import onnx as onnx_export
 from avperception_assets.model import checkpoints
 from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_onnx_model_asset
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.evaluation.comparison import view_batches
 from avperception_assets.model.loader import model_inputs
 
@@ -282,7 +282,7 @@ def _materialize_onnx_asset(checkpoint_dir: Path, **kwargs) -> dg.ExecuteInJobRe
         instance.report_runless_asset_event(dg.AssetMaterialization(
             "rider_checkpoint", metadata={"checkpoint_dir": str(checkpoint_dir)}))
         return dg.materialize([build_onnx_model_asset(RIDER)], instance=instance,
-                              resources={"lancedb": LanceDBResource(uri=uri)},
+                              resources={"workspace": WorkspaceResource(lancedb_uri=uri)},
                               run_config=dg.RunConfig(ops={"rider_onnx_model": OnnxExportConfig(frames=3)}), **kwargs)
 
 
@@ -321,7 +321,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     missing = "rider_checkpoint has not been materialized"
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match=missing):
         dg.materialize([build_onnx_model_asset(RIDER)], instance=instance,
-                       resources={"lancedb": LanceDBResource(uri=str(tmp_path))})
+                       resources={"workspace": WorkspaceResource(data_location=str(tmp_path))})
 
 
 def test_the_export_box_coder_decodes_like_torchvisions_and_a_frame_without_proposals():

@@ -23,11 +23,8 @@ def test_retrain_policy_thresholds(view_rows, trained_rows, expected):
     assert policy.should_retrain(view_rows, trained_rows) is expected
 
 
-def test_retrain_policy_criteria_can_be_disabled(monkeypatch):
-    monkeypatch.setenv("AVP_RETRAIN_MIN_NEW_ROWS", "0")
-    monkeypatch.setenv("AVP_RETRAIN_MIN_GROWTH", "0.5")
-    policy = RetrainPolicy.from_env()
-    assert policy == RetrainPolicy(min_new_rows=0, min_growth=0.5)
+def test_retrain_policy_criteria_can_be_disabled():
+    policy = RetrainPolicy(min_new_rows=0, min_growth=0.5)
     assert not policy.should_retrain(10_000 + 4_999, 10_000)
     assert policy.should_retrain(15_000, 10_000)
 

@@ -19,6 +19,7 @@ from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.defs.names import LANCEDB_WRITES_POOL
 from avperception_assets.cluster.processes import process_alive
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.defs.run_recovery import dead_run_sensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,16 @@ def _kill_while_holding_the_slot(instance, env) -> str:
     raise AssertionError("the run never claimed its pool slot")
 
 
+def _resources(data: Path, **settings) -> dict:
+    return {"workspace": WorkspaceResource(data_location=str(data), **settings)}
+
+
+def test_the_check_is_off_where_the_workspace_turns_it_off(tmp_path):
+    with dg.instance_for_test() as instance, \
+            dg.build_sensor_context(instance=instance, resources=_resources(tmp_path, dead_run_check=False)) as context:
+        assert "off" in dead_run_sensor.evaluate_tick(context).skip_message  # as the daemon evaluates it
+
+
 def _frames(data: Path) -> int:
     conn = storage.connect(str(data / "lancedb"))
     return conn.open_table(storage.FRAMES_TABLE).count_rows() if storage.table_exists(conn, storage.FRAMES_TABLE) else 0
@@ -84,8 +95,8 @@ def test_a_killed_run_is_failed_its_slot_freed_and_the_batch_lands_whole(deploym
     dead = _kill_while_holding_the_slot(instance, env)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.STARTED  # what a kill leaves
     assert _frames(data) in (0, FRAMES)  # one commit per batch: all or nothing
-    with dg.build_sensor_context(instance=instance) as context:
-        dead_run_sensor(context)
+    with dg.build_sensor_context(instance=instance, resources=_resources(data)) as context:
+        dead_run_sensor.evaluate_tick(context)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
     assert "is gone" in _failure_message(instance, dead)
     assert instance.get_run_by_id(dead).tags["dagster/failure_reason"] == "UNEXPECTED_TERMINATION"
@@ -144,8 +155,8 @@ def test_a_run_killed_during_a_backfill_takes_its_ray_along_and_the_next_run_fil
     table = storage.connect(str(data / "lancedb")).open_table(storage.FRAMES_TABLE)
     assert table.count_rows() == FRAMES and table.count_rows("dhash IS NOT NULL") < FRAMES  # killed mid-backfill
 
-    with dg.build_sensor_context(instance=instance) as context:  # the daemon's sensor
-        dead_run_sensor(context)
+    with dg.build_sensor_context(instance=instance, resources=_resources(data)) as context:  # the daemon's sensor
+        dead_run_sensor.evaluate_tick(context)
     assert instance.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
     assert "processes it had started killed" in _failure_message(instance, dead)
     assert not instance.event_log_storage.get_concurrency_info(LANCEDB_WRITES_POOL).claimed_slots

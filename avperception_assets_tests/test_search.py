@@ -12,10 +12,11 @@ from PIL import Image
 
 from avperception_assets.curation import columns as curation, udfs as curation_udfs, maintenance
 from avperception_assets.model import detector
+from avperception_assets import search as search_command
 from avperception_assets.discovery import embeddings, search
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
-from avperception_assets.failure_modes.registry import FailureMode, FailureModeError, get_mode, load_registry
+from avperception_assets.failure_modes.registry import FailureMode, FailureModeError, check_text_queries, get_mode, load_registry
 from avperception_assets_tests.conftest import append_rows, build_frames_table, near_duplicate_rows, source_ids, view_ids
 
 FRAMES = 120
@@ -127,12 +128,12 @@ def test_cli_prints_results_and_writes_a_contact_sheet(search_db, monkeypatch, c
     monkeypatch.setenv("AVP_LANCEDB_URI", table.uri.rsplit("/", 1)[0])
     query = _frames(table, ["image_id"])[3]["image_id"]
     sheet = tmp_path / "sheet.png"
-    assert search.main(["similar", query, "-k", "6", "--split", "val", "--sheet", str(sheet)]) == 0
+    assert search_command.main(["similar", query, "-k", "6", "--split", "val", "--sheet", str(sheet)]) == 0
     out = capsys.readouterr().out
     assert out.count("| val |") == 6 and query not in out.split("\n", 2)[2].split("contact sheet")[0]
     with Image.open(sheet) as image:
         assert image.size == (4 * search.THUMB_SIZE[0], 2 * (search.THUMB_SIZE[1] + 18) + 18)
-    assert search.main(["similar", "no-such-frame"]) == 2
+    assert search_command.main(["similar", "no-such-frame"]) == 2
     assert "no frame 'no-such-frame'" in capsys.readouterr().err
 
 
@@ -185,8 +186,9 @@ def test_modes_by_example_are_checked_when_defined():
     mode = FailureMode("looks_like", "weather = 'rainy'", ("rider",), exemplars=("a", "b"), max_distance=0.3)
     assert mode.distance_column == "looks_like_distance" and mode.curation_columns == ("looks_like_distance",)
     assert mode.where == "looks_like_distance <= 0.3 AND (weather = 'rainy')"
+    needs_clip = FailureMode("needs_clip", "", ("rider",), text_query="a cyclist at dusk", max_distance=0.3)
     with pytest.raises(FailureModeError, match="'needs_clip'.*CLIP"):
-        FailureMode("needs_clip", "", ("rider",), text_query="a cyclist at dusk", max_distance=0.3)
+        check_text_queries([needs_clip], "color_layout")
     with pytest.raises(FailureModeError, match="'far'.*max_distance"):
         FailureMode("far", "", ("rider",), exemplars=("a",), max_distance=3)
     with pytest.raises(FailureModeError, match="'both'"):
@@ -229,7 +231,7 @@ def _tiny_clip_folder(root, seed: int = 0) -> str:
     return str(folder)
 
 
-def test_clip_from_a_local_folder_embeds_frames_and_text_and_enables_text_modes(tmp_path, local_ray, monkeypatch):
+def test_clip_from_a_local_folder_embeds_frames_and_text_and_enables_text_modes(tmp_path, local_ray):
     spec = f"clip:{_tiny_clip_folder(tmp_path)}"
     model = embeddings.resolve(spec)
     assert model.has_text_tower and model.dim == 32 and model.label.startswith("clip:dir:tiny-clip@")
@@ -242,18 +244,18 @@ def test_clip_from_a_local_folder_embeds_frames_and_text_and_enables_text_modes(
     other = f"clip:{_tiny_clip_folder(tmp_path / 'other', seed=1)}"  # same name, other weights
     with pytest.raises(search.SearchError, match="computed with clip:dir:tiny-clip@"):
         search.text(table, "a cyclist at night", model=other)
-    monkeypatch.setenv(embeddings.MODEL_ENV, spec)
     mode = FailureMode("dusk_cyclists", "", ("rider",), text_query="a cyclist at dusk", max_distance=0.5)
+    check_text_queries([mode], spec)  # the workspace's CLIP has the text tower
     assert mode.where == "dusk_cyclists_distance <= 0.5"
 
 
 @pytest.mark.dagster_run
 def test_frame_search_job_shows_results_and_contact_sheet(search_db, data_dir):
-    from avperception_assets.defs.resources import LanceDBResource
+    from avperception_assets.defs.resources import WorkspaceResource
     from avperception_assets.defs.search_jobs import frame_search
 
     table = search_db.table
-    resources = {"lancedb": LanceDBResource(uri=table.uri.rsplit("/", 1)[0])}
+    resources = {"workspace": WorkspaceResource(data_location=str(data_dir), lancedb_uri=table.uri.rsplit("/", 1)[0])}
     config = {"ops": {"search_frames": {"config": {"kind": "describe", "query": "rider", "k": 5, "split": "val"}}}}
     result = frame_search.execute_in_process(run_config=config, resources=resources)
     output = result.output_for_node("search_frames")

@@ -12,9 +12,9 @@ import pytest
 from avperception_assets.model import checkpoints, detector, loader, training
 from avperception_assets.curation import maintenance
 from avperception_assets.discovery import hard_examples
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import Workspace
 from avperception_assets.storage import tables as storage
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.defs.training_assets import FineTuneConfig, TrainingConfig, build_training_defs
 from avperception_assets.failure_modes.registry import FailureMode, get_mode
 
@@ -53,15 +53,15 @@ def test_a_checkpoint_is_fine_tuned_from_the_base_and_pinned_to_its_view(trained
     assert on_disk["val_view"] == "bdd100k_rider_val" and on_disk["best_val_map_50"] == meta["best_val_map_50"]
 
 
-def test_a_newer_view_version_trains_a_fresh_checkpoint(trained_rider, tmp_path, monkeypatch):
+def test_a_newer_view_version_trains_a_fresh_checkpoint(trained_rider, tmp_path):
     """New rows reach a train view: a new version, a fresh run pinned to it, started from the
     same base detector (a mode of its own, so the shared rider checkpoint stays as it was)."""
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
-    conn = storage.connect(settings.lancedb_uri())
+    workspace = Workspace(data_location=str(trained_rider.root))
+    conn = storage.connect(workspace.lancedb_uri)
     frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
     _write_views(conn, frames)
     (checkpoint,) = [a for a in build_training_defs([MODE]).assets if a.key == dg.AssetKey("tiny_checkpoint")]
-    resources = {"lancedb": LanceDBResource(uri=settings.lancedb_uri())}
+    resources = {"workspace": WorkspaceResource(data_location=workspace.data_location)}
     config = dg.RunConfig(ops={"tiny_checkpoint": TrainingConfig(**TINY_TRAINING)})
     first = dg.materialize([checkpoint], resources=resources, instance=trained_rider.instance, run_config=config)
     meta = _metadata(first, "tiny_checkpoint")
@@ -75,17 +75,17 @@ def test_a_newer_view_version_trains_a_fresh_checkpoint(trained_rider, tmp_path,
     assert (Path(meta["checkpoint_dir"]) / "best.pt").is_file()  # the older checkpoint is kept
 
 
-def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_rider, monkeypatch):
+def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_rider):
     """Hard-example mining from the UI's run config: the base detector scores the train view
     (incremental scoring is `test_hard_examples`'), and the checkpoint records what reproduce
     needs and maintenance keeps."""
-    monkeypatch.setenv("AVP_DATA_DIR", str(trained_rider.root))
+    workspace = Workspace(data_location=str(trained_rider.root))
     mode = FailureMode("mined", "split = 'train'", ("pedestrian",), "every frame: a stand-in slice")
-    conn = storage.connect(settings.lancedb_uri())
+    conn = storage.connect(workspace.lancedb_uri)
     frames = conn.open_table(storage.FRAMES_TABLE).to_arrow()
     _write_views(conn, frames, mode.name)
     (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("mined_checkpoint")]
-    resources = {"lancedb": LanceDBResource(uri=settings.lancedb_uri())}
+    resources = {"workspace": WorkspaceResource(data_location=workspace.data_location)}
     config = dg.RunConfig(ops={"mined_checkpoint": FineTuneConfig(**TINY_TRAINING, hard_example_mining=True,
                                                                   mining_neighbors=0)})
     meta = _metadata(dg.materialize([checkpoint], resources=resources, instance=trained_rider.instance,
@@ -102,7 +102,7 @@ def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_ride
     # Maintenance keeps the score version the checkpoint drew by, which still rebuilds its weights.
     scores = conn.open_table("mined_difficulty")
     scores.add(scores.to_arrow().slice(0, 1))  # a later version, unpinned
-    pins = maintenance.pinned_versions(conn, settings.checkpoints_dir(), settings.reports_dir(), views=[])
+    pins = maintenance.pinned_versions(conn, workspace.checkpoints_dir, workspace.reports_dir, views=[])
     stats = maintenance.maintain(scores, scores.name, pins["mined_difficulty"], older_than=timedelta(0),
                                  compact_fragments=False)
     assert meta["mining"]["version"] in stats.pinned_versions
@@ -142,7 +142,7 @@ def test_checkpoint_without_base_detector_fails_clearly(data_dir: Path):
                            if a.key == dg.AssetKey("tiny_checkpoint")]
     with dg.instance_for_test() as instance, pytest.raises(dg.Failure, match="base_detector"):
         dg.materialize([checkpoint_asset], instance=instance,
-                       resources={"lancedb": LanceDBResource(uri=settings.lancedb_uri())},
+                       resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
                        run_config=dg.RunConfig(ops={"tiny_checkpoint": TrainingConfig(**TINY_TRAINING)}))
 
 

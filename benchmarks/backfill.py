@@ -33,6 +33,7 @@ from avperception_assets.curation import columns as curation
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
+from avperception_assets.workspace import Workspace
 from targets import target  # noqa: E402
 
 SIZE = dict(width=640, height=360)
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         tables[name] = (conn, conn.open_table(storage.FRAMES_TABLE))
 
     incremental: dict[str, list[float]] = {"small": [], "large": []}
-    with ray_context(os.environ.get("AVP_RAY_ADDRESS")):
+    workspace = Workspace.from_env()
+    with ray_context(workspace.ray_address, dashboard=workspace.ray_dashboard):
         for name, (_, table) in tables.items():
             seconds, stats = backfill(table, config)
             report_fill(f"{name}: initial fill of {table.count_rows()} rows", seconds, stats)

@@ -30,10 +30,10 @@ from avperception_assets.model import checkpoints, detector, loader, training
 from avperception_assets.model.recipe import Recipe
 from avperception_assets.evaluation import comparison as evaluation
 from avperception_assets.discovery import hard_examples
-from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.modes import location_modes
 from avperception_assets.slices.views import view_name
+from avperception_assets.workspace import Workspace
 from targets import target  # noqa: E402
 
 VARIANTS = ("plain", "mining")
@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the fine-tune's epochs (a quick look)")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None)
     args = parser.parse_args()
-    uri, weights = settings.lancedb_uri(), base_weights(settings.checkpoints_dir())
+    workspace = Workspace.from_env()
+    uri, weights = workspace.lancedb_uri, base_weights(workspace.checkpoints_dir)
     print(f"data: {uri}; base detector {weights}; seeds {args.seeds}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

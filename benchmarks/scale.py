@@ -212,27 +212,28 @@ def _footage_run(instance_ref, batch_id: str, data_dir: str) -> None:
     """The footage run a sensor requests for `batch_id` (in a spawned process)."""
     import dagster as dg
 
+    from avperception_assets.defs.resources import WorkspaceResource
     from avperception_assets.defs.sensors import FOOTAGE_SELECTION, footage_request
     from avperception_assets.definitions import defs
 
-    os.environ["AVP_DATA_DIR"] = data_dir
     request = footage_request(batch_id)
     run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         result = dg.materialize([*defs.assets, *defs.asset_checks], selection=FOOTAGE_SELECTION, instance=instance,
-                                resources=defs.resources, run_config=run_config, tags={**request.tags, "batch": batch_id})
+                                resources={"workspace": WorkspaceResource(data_location=data_dir)},
+                                run_config=run_config, tags={**request.tags, "batch": batch_id})
     if not result.success:
         raise SystemExit(f"footage run of {batch_id} failed")
 
 
-def footage_run(instance, batch_id: str) -> tuple[str, float, float]:
+def footage_run(instance, batch_id: str, data_dir: str) -> tuple[str, float, float]:
     """One footage run in a process of its own, as Dagster's run launcher gives every run: its
     memory and its Ray are its own and end with it. Returns (run id, start, end)."""
     import dagster as dg
 
     context = multiprocessing.get_context("spawn")
     started = time.time()
-    process = context.Process(target=_footage_run, args=(instance.get_ref(), batch_id, os.environ["AVP_DATA_DIR"]))
+    process = context.Process(target=_footage_run, args=(instance.get_ref(), batch_id, data_dir))
     process.start()
     process.join()
     if process.exitcode:
@@ -244,11 +245,11 @@ def footage_run(instance, batch_id: str) -> tuple[str, float, float]:
 def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     import dagster as dg
 
-    from avperception_assets import workspace as settings
     from avperception_assets.storage import tables as storage
+    from avperception_assets.workspace import Workspace
 
-    os.environ["AVP_DATA_DIR"] = str(root)
-    landing = settings.landing_dir()
+    workspace = Workspace(data_location=str(root))
+    landing = workspace.landing_dir
     print(f"\n== {frames} frames: building the table", flush=True)
     started = time.perf_counter()
     land_batch(landing, "base", frames, pool, seed=frames)
@@ -259,12 +260,12 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
     outside: list[tuple[float, float]] = []  # (process start → first step, last step → process exit)
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance, \
             TreeSampler() as sampler:
-        footage_run(instance, "base")
+        footage_run(instance, "base", workspace.data_location)
         print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
         for n in range(batches):
             batch_id = f"new-{n}"
             land_batch(landing, batch_id, new, pool, seed=frames + n + 1)
-            run_id, t0, t1 = footage_run(instance, batch_id)
+            run_id, t0, t1 = footage_run(instance, batch_id, workspace.data_location)
             whole.append(t1 - t0)
             cpu.append(sampler.cpu_s(t0, t1))
             spans: dict[str, list[tuple[float, float]]] = {}
@@ -283,7 +284,7 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool) -> dict:
             print(f"   +{new} ({batch_id}): {t1 - t0:.1f} s from READY to refreshed views, {cpu[-1]:.0f} s of CPU: "
                   f"run start {outside[-1][0]:.1f} s; {'; '.join(line)}; after the last step {outside[-1][1]:.1f} s",
                   flush=True)
-    uri = Path(settings.lancedb_uri())
+    uri = Path(workspace.lancedb_uri)
     table_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}.lance"))
     views_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}_"))
     print(f"   disk: table {table_disk / 2**20:.0f} MB, views {views_disk / 2**20:.1f} MB", flush=True)

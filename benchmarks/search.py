@@ -46,6 +46,7 @@ from avperception_assets.curation import udfs as curation_udfs
 from avperception_assets.discovery import embeddings
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
+from avperception_assets.workspace import Workspace
 from avperception_assets.curation.maintenance import FRAGMENT_ROWS
 from avperception_assets.discovery.vector_index import METRIC, VECTOR_COLUMN, ensure_vector_index, nearest
 from targets import target  # noqa: E402
@@ -153,7 +154,7 @@ def sample_frames(count: int, frames_from: Path | None) -> list[bytes]:
 
 def embedding_throughput(frames: list[bytes]) -> None:
     """Frames/s of the configured embedding model and of the dhash of the same frames, one process."""
-    model = embeddings.resolve()
+    model = embeddings.resolve(Workspace.from_env().embedding_model)
     embedder = embeddings.load(model)
     embedder.embed_images(frames[:2])  # load and warm
     started = time.perf_counter()

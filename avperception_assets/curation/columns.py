@@ -44,7 +44,7 @@ recomputes only the missing batches (checked by hand here: a job that failed aft
 rows recomputed 20 on rerun).
 
 Backfills run on the Ray the caller opened (`cluster.ray.ray_context`; in Dagster runs the
-`LanceDBResource` owns it): nothing here starts Ray. Nothing here knows about Dagster.
+`WorkspaceResource` owns it): nothing here starts Ray. Nothing here knows about Dagster.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class CurationConfig:
     person_area_source: 'auto' (COCO weights if in the torch hub cache, else annotations),
         'coco', 'annotations', or the path of a state_dict saved by this project.
     detector_profile: `detector.get_profile` name ('cpu' | 'gpu'); default by device.
-    embedding_model: `embeddings.resolve` spec (None: `AVP_EMBEDDING_MODEL`, else the offline
-        `color_layout`).
+    embedding_model: `embeddings.resolve` spec (in Dagster runs, the workspace's; default the
+        offline `color_layout`).
     recompute: columns to drop and recompute from scratch (needed to change a column's
         definition, e.g. the detector source, once it holds values), with the columns that
         read them.
@@ -129,7 +129,7 @@ class CurationConfig:
     score_threshold: float = 0.5
     detector_batch_size: int = 8
     dup_threshold: int = 6
-    embedding_model: str | None = None
+    embedding_model: str = embeddings.COLOR_LAYOUT
     embedding_batch_size: int = 16
     recompute: tuple[str, ...] = ()
     concurrency: int | None = None

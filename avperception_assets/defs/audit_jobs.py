@@ -7,7 +7,7 @@ import dagster as dg
 from avperception_assets.curation import columns as curation, checks as curation_checks
 from avperception_assets.ingest import checks as ingest_checks
 from avperception_assets.storage import tables as storage
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 # Ingestion checks structure only; curation quarantines what does not decode, so that one warns.
 WARN_ONLY = {"frames_decode"}
@@ -40,9 +40,9 @@ def _curation_audits(table, columns: tuple[str, ...]) -> dict[str, tuple[bool, d
     return {name: (o.passed or o.warn_only, o.metadata) for name, o in outcomes.items()}
 
 
-def audit_frames_table(context: dg.OpExecutionContext, lancedb: LanceDBResource, columns: tuple[str, ...]) -> dict:
+def audit_frames_table(context: dg.OpExecutionContext, workspace: WorkspaceResource, columns: tuple[str, ...]) -> dict:
     """Every raw_frames check, and every check of the curation `columns`, over the whole table."""
-    conn = lancedb.connect()
+    conn = workspace.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
     table = conn.open_table(storage.FRAMES_TABLE)
@@ -66,8 +66,8 @@ def build_frames_audit(modes) -> dg.JobDefinition:
 
     @dg.op(name="audit_frames_table",
            description="Every raw_frames and curation check over every row of the frames table.")
-    def audit_op(context: dg.OpExecutionContext, lancedb: LanceDBResource) -> dict:
-        return audit_frames_table(context, lancedb, columns)
+    def audit_op(context: dg.OpExecutionContext, workspace: WorkspaceResource) -> dict:
+        return audit_frames_table(context, workspace, columns)
 
     @dg.job(description="Whole-table audit of the frames table (a run's own checks look at its rows only).")
     def frames_audit():

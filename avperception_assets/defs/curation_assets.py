@@ -11,11 +11,10 @@ from pathlib import Path
 import dagster as dg
 
 from avperception_assets.curation import columns as curation, checks as curation_checks
-from avperception_assets.discovery import embeddings
 from avperception_assets.storage import tables as storage
+from avperception_assets.workspace import BASE_CHECKPOINTS, Workspace, variable_for
 from avperception_assets.defs.names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
-from avperception_assets.defs.resources import LanceDBResource
-from avperception_assets.defs.training_assets import base_checkpoints_dir
+from avperception_assets.defs.resources import WorkspaceResource
 
 DESCRIPTIONS = {
     "has_person": "Frame has at least one annotated pedestrian (any BDD name for a person).",
@@ -29,7 +28,7 @@ DESCRIPTIONS = {
     "scene_description": "The scene attributes and the count of each class ('night, rainy, city street; "
                          "2 pedestrians, 1 rider'), full-text indexed by table_maintenance.",
     "embedding": "Unit vector of the frame from its pixels alone (metadata `model` says which model and weights; "
-                 "AVP_EMBEDDING_MODEL), searched by `python -m avperception_assets.search`.",
+                 f"{variable_for('embedding_model')}), searched by `python -m avperception_assets.search`.",
     "uniqueness": "Cosine distance to the nearest earlier-ingested frame's embedding (capped at 1): high for "
                   "frames unlike anything seen before; old rows never change.",
 }
@@ -54,31 +53,31 @@ class CurationRunConfig(dg.Config):
     recompute: list[str] = []
     concurrency: int | None = None
 
-    def to_curation(self, modes) -> curation.CurationConfig:
+    def to_curation(self, embedding_model: str, modes) -> curation.CurationConfig:
         return curation.CurationConfig(
             person_area_source=self.person_area_source, detector_profile=self.detector_profile,
-            score_threshold=self.score_threshold, dup_threshold=self.dup_threshold,
+            score_threshold=self.score_threshold, dup_threshold=self.dup_threshold, embedding_model=embedding_model,
             recompute=tuple(self.recompute), concurrency=self.concurrency, modes=tuple(modes))
 
 
-def _embeds_with_base_detector() -> bool:
+def _embeds_with_base_detector(workspace: Workspace) -> bool:
     """The configured embedding model is the backbone of a base_detector checkpoint: the column
     then depends on that asset."""
-    kind, _, path = embeddings.configured_spec().partition(":")
+    kind, _, path = workspace.embedding_model.partition(":")
     weights = Path(path.partition(":")[0]).expanduser().resolve()
-    return kind == "detector" and weights.is_relative_to(base_checkpoints_dir().resolve())
+    return kind == "detector" and weights.is_relative_to(workspace.checkpoints_dir_for(BASE_CHECKPOINTS).resolve())
 
 
-def _spec(name: str, config: curation.CurationConfig) -> dg.AssetSpec:
+def _spec(name: str, config: curation.CurationConfig, workspace: Workspace) -> dg.AssetSpec:
     deps = [RAW_FRAMES, *(column_key(d) for d in config.deps.get(name, ()))]
-    if name == "embedding" and _embeds_with_base_detector():
+    if name == "embedding" and _embeds_with_base_detector(workspace):
         deps.append(BASE_DETECTOR)
     return dg.AssetSpec(column_key(name), group_name=CURATION, deps=deps, description=_description(name, config.modes),
                         kinds={"lancedb", "geneva"}, skippable=True, automation_condition=FOLLOWS_FOOTAGE)
 
 
-def open_frames(lancedb: LanceDBResource, conn=None):
-    conn = conn or lancedb.connect()
+def open_frames(workspace: WorkspaceResource, conn=None):
+    conn = conn or workspace.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
     return conn.open_table(storage.FRAMES_TABLE)
@@ -96,13 +95,14 @@ def _metadata(stats: curation.ColumnStats) -> dict:
     return meta
 
 
-def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, lancedb: LanceDBResource, modes):
+def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, workspace: WorkspaceResource, modes):
     """Backfill the selected curation columns where they are NULL (new rows only)."""
     selected = [key.path[-1] for key in context.selected_asset_keys]
-    conn = lancedb.connect()
-    table = open_frames(lancedb, conn)
-    lancedb.ensure_ray()
-    stats = curation.backfill_columns(table, selected, run_config.to_curation(modes), log=context.log.info)
+    conn = workspace.connect()
+    table = open_frames(workspace, conn)
+    workspace.ensure_ray()
+    stats = curation.backfill_columns(table, selected, run_config.to_curation(workspace.embedding_model, modes),
+                                      log=context.log.info)
     for name, column_stats in stats.items():
         if name not in selected:  # filled by a selected sibling's job; materialized when selected
             context.log.info(f"{name} was filled by the job of its UDF group; it is not selected in this run")
@@ -115,16 +115,18 @@ def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, 
         yield dg.MaterializeResult(asset_key=column_key(name), metadata=metadata)
 
 
-def build_curation_columns(modes) -> dg.AssetsDefinition:
-    """The curation columns of a registry: curation.COLUMNS and each by-example mode's distance."""
-    modes = tuple(modes)
+def build_curation_columns(modes, workspace: Workspace | None = None) -> dg.AssetsDefinition:
+    """The curation columns of a registry: curation.COLUMNS and each by-example mode's distance.
+    The embedding column depends on base_detector when the workspace (default: the environment's)
+    embeds with it."""
+    modes, workspace = tuple(modes), Workspace.from_env() if workspace is None else workspace
     config = curation.CurationConfig(modes=modes)
+    specs = [_spec(name, config, workspace) for name in config.columns]
 
-    @dg.multi_asset(specs=[_spec(name, config) for name in config.columns], can_subset=True, name="curation_columns",
-                    pool=LANCEDB_WRITES_POOL)
-    def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, lancedb: LanceDBResource):
+    @dg.multi_asset(specs=specs, can_subset=True, name="curation_columns", pool=LANCEDB_WRITES_POOL)
+    def curation_columns(context: dg.AssetExecutionContext, config: CurationRunConfig, workspace: WorkspaceResource):
         """Backfill the selected curation columns where they are NULL (new rows only)."""
-        yield from _backfill(context, config, lancedb, modes)
+        yield from _backfill(context, config, workspace, modes)
 
     return curation_columns
 
@@ -149,16 +151,16 @@ def _result(outcome: curation_checks.CheckOutcome, scope: str) -> dg.AssetCheckR
     return dg.AssetCheckResult(passed=outcome.passed, severity=severity, metadata={**metadata, "scope": scope})
 
 
-def _scoped(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource, column: str, check) -> dg.AssetCheckResult:
+def _scoped(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource, column: str, check) -> dg.AssetCheckResult:
     where, scope = latest_rows(context.instance, column)
-    return _result(check(open_frames(lancedb), where), scope)
+    return _result(check(open_frames(workspace), where), scope)
 
 
 def _coverage_check(column: str):
     @dg.asset_check(asset=column_key(column), name="full_coverage", blocking=True,
                     description="Every row the run filled has a value; NULLs with a recorded UDF error only warn.")
-    def _check(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _scoped(context, lancedb, column, lambda table, where: curation_checks.check_coverage(table, column, where))
+    def _check(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+        return _scoped(context, workspace, column, lambda table, where: curation_checks.check_coverage(table, column, where))
 
     return _check
 
@@ -166,8 +168,8 @@ def _coverage_check(column: str):
 def _consistency_check(column: str):
     @dg.asset_check(asset=column_key(column), name="consistent_with_annotations", blocking=True,
                     description="Values the run filled agree with the frame's annotations and scene attributes.")
-    def _check(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-        return _scoped(context, lancedb, column,
+    def _check(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+        return _scoped(context, workspace, column,
                        lambda table, where: curation_checks.check_annotation_consistency(table, column, where))
 
     return _check
@@ -175,27 +177,27 @@ def _consistency_check(column: str):
 
 @dg.asset_check(asset=column_key("person_bbox_area_pct"), name="value_range", blocking=True,
                 description="0 <= person_bbox_area_pct <= 100 on the rows the run filled.")
-def person_area_range(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped(context, lancedb, "person_bbox_area_pct", curation_checks.check_area_range)
+def person_area_range(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped(context, workspace, "person_bbox_area_pct", curation_checks.check_area_range)
 
 
 @dg.asset_check(asset=column_key("is_duplicate"), name="one_survivor_per_group", blocking=True,
                 description="Each near-duplicate group keeps exactly its earliest frame unflagged (the run's "
                 "rows against every earlier frame).")
-def duplicate_groups(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped(context, lancedb, "is_duplicate", curation_checks.check_duplicate_groups)
+def duplicate_groups(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped(context, workspace, "is_duplicate", curation_checks.check_duplicate_groups)
 
 
 @dg.asset_check(asset=column_key("embedding"), name="unit_vectors", blocking=True,
                 description="Every embedding the run filled has the model's dimension and unit norm.")
-def embedding_vectors(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped(context, lancedb, "embedding", curation_checks.check_unit_vectors)
+def embedding_vectors(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped(context, workspace, "embedding", curation_checks.check_unit_vectors)
 
 
 @dg.asset_check(asset=column_key("uniqueness"), name="value_range", blocking=True,
                 description="0 <= uniqueness <= its cap on the rows the run filled.")
-def uniqueness_range(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped(context, lancedb, "uniqueness", curation_checks.check_uniqueness_range)
+def uniqueness_range(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped(context, workspace, "uniqueness", curation_checks.check_uniqueness_range)
 
 
 def build_curation_checks(modes) -> list:
@@ -209,6 +211,6 @@ def build_curation_checks(modes) -> list:
     ]
 
 
-def build_curation_defs(modes) -> dg.Definitions:
+def build_curation_defs(modes, workspace: Workspace | None = None) -> dg.Definitions:
     """The curation assets and checks of a registry."""
-    return dg.Definitions(assets=[build_curation_columns(modes)], asset_checks=build_curation_checks(modes))
+    return dg.Definitions(assets=[build_curation_columns(modes, workspace)], asset_checks=build_curation_checks(modes))

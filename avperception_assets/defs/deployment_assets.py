@@ -10,10 +10,9 @@ the run fails with the figures. Torch, onnx and onnxruntime are imported inside 
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets import workspace as settings
 from avperception_assets.failure_modes.registry import FailureMode, check_registry
 from avperception_assets.defs.names import DEPLOYMENT, checkpoint_key, latest_checkpoint_dir, onnx_model_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class OnnxExportConfig(dg.Config):
@@ -33,12 +32,12 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     f"1 px, scores within 0.001 above 0.05) or the run fails.",
     )
     def _onnx_model(context: dg.AssetExecutionContext, config: OnnxExportConfig,
-                    lancedb: LanceDBResource) -> dg.MaterializeResult:
+                    workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.deployment import onnx as onnx_export
 
         folder = latest_checkpoint_dir(context.instance, mode)
         try:
-            result = onnx_export.export_checked(folder, frames=config.frames, uri=lancedb.uri or settings.lancedb_uri())
+            result = onnx_export.export_checked(folder, frames=config.frames, uri=workspace.layout.lancedb_uri)
         except (FileNotFoundError, ValueError) as exc:
             raise dg.Failure(f"{mode.name}: {exc}", allow_retries=False) from exc
         figures = onnx_export.parity_figures(result.parity)

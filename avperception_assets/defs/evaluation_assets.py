@@ -15,11 +15,10 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets import workspace as settings
 from avperception_assets.failure_modes.registry import FailureMode, Tiling, check_registry
 from avperception_assets.slices.views import view_name
 from avperception_assets.defs.names import BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_checkpoint_dir, latest_metadata, view_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.defs.training_assets import base_model
 
 
@@ -119,13 +118,13 @@ def _evaluate_tiled(uri: str, view: dict, models: dict, mode: FailureMode, spec:
     return result
 
 
-def _write_eval_frames(lancedb: LanceDBResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
+def _write_eval_frames(workspace: WorkspaceResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
     """Every frame's matches, both models, as `<mode>_eval_frames`; returns its name and version."""
     from avperception_assets.evaluation import frame_errors
     from avperception_assets.model.detections import coco_category_names
 
     rows = frame_errors.frame_rows(result.frame_errors, result.image_ids, result.class_ids, coco_category_names())
-    version = frame_errors.write_table(lancedb.connect(), mode.name, rows, {
+    version = frame_errors.write_table(workspace.connect(), mode.name, rows, {
         "val_view": view["name"], "val_view_version": view["version"], "checkpoint": finetuned_info["checkpoint"]})
     return {"table": frame_errors.table_name(mode.name), "version": version, "rows": rows.num_rows}
 
@@ -148,14 +147,14 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                        "the untiled figures (run config `tiling`, `tile_size`, `tile_overlap`)." if mode.tiling else ""),
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
-                lancedb: LanceDBResource) -> dg.MaterializeResult:
+                workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import comparison as evaluation, reports
 
         spec = config.resolve_tiling(mode)
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
         baseline, baseline_info = base_model(context, finetuned_metadata["profile"])
         models = {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned}
-        uri = lancedb.uri or settings.lancedb_uri()
+        uri = workspace.layout.lancedb_uri
         try:
             result, view = evaluation.evaluate_view(
                 uri, val_name, models, classes=mode.classes, batch_size=config.batch_size,
@@ -163,9 +162,9 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         except ValueError as exc:  # missing or empty val view
             raise dg.Failure(f"{mode.name}: {exc}") from exc
         tiled = _evaluate_tiled(uri, view, models, mode, spec, config.batch_size) if spec else None
-        eval_frames = _write_eval_frames(lancedb, mode, result, view, finetuned_info)
+        eval_frames = _write_eval_frames(workspace, mode, result, view, finetuned_info)
         report = reports.write_report(
-            settings.reports_dir() / mode.name / str(view["version"]), result, mode=mode.name, val_view=view,
+            workspace.layout.reports_dir_for(mode.name) / str(view["version"]), result, mode=mode.name, val_view=view,
             baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
             eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None)
         table = reports.rows_markdown(report.rows)
@@ -212,7 +211,7 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
         description="One table over every failure mode: metric, baseline, fine-tuned, Δ% "
                     "(also reports/summary.md and summary.json).",
     )
-    def _summary(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def _summary(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import reports
 
         written, missing = {}, []
@@ -226,7 +225,7 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
         if not written:
             raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}); "
                              "materialize the <mode>_eval_report assets first")
-        md_path, json_path, table = reports.write_summary(settings.reports_dir(), written)
+        md_path, json_path, table = reports.write_summary(workspace.layout.reports_dir, written)
         context.log.info(f"Failure modes: baseline vs fine-tuned\n{table}")
         return dg.MaterializeResult(metadata={
             "summary": dg.MetadataValue.md(table),

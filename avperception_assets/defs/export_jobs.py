@@ -8,8 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets.slices import exports
-from avperception_assets import workspace as settings
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class ExportFormat(Enum):
@@ -25,10 +24,11 @@ class SliceExportConfig(dg.Config):
 
 
 @dg.op(description="Write one view version as a COCO or YOLO data set; its metadata says where and what.")
-def export_slice(context: dg.OpExecutionContext, config: SliceExportConfig, lancedb: LanceDBResource) -> dict:
+def export_slice(context: dg.OpExecutionContext, config: SliceExportConfig, workspace: WorkspaceResource) -> dict:
     try:
-        export = exports.export_view(lancedb.uri or settings.lancedb_uri(), config.view, config.format.value,
-                                     exports.exports_dir(), config.version, log=context.log.info)
+        layout = workspace.layout
+        export = exports.export_view(layout.lancedb_uri, config.view, config.format.value, layout.exports_dir,
+                                     config.version, log=context.log.info)
     except (ValueError, LookupError) as exc:  # no such view or version, or its pixels are gone
         raise dg.Failure(str(exc)) from exc
     metadata = export.as_metadata()

@@ -6,10 +6,9 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets.ingest import frames as ingest, checks as ingest_checks
-from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.names import INGEST, LANCEDB_WRITES_POOL, RAW_FRAMES, latest_metadata
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class RawFramesConfig(dg.Config):
@@ -37,10 +36,10 @@ def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
     description="Dashcam frames (JPEG bytes + labels: BDD100K, YOLO, Pascal VOC or COCO) in the Lance table "
     "`bdd100k`; rejected inputs go to `quarantine` with their reason.",
 )
-def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
+def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
     started = time.perf_counter()
-    conn = lancedb.connect()
-    summaries = ingest.ingest_batches(conn, settings.landing_dir(), config.batch_ids or None,
+    conn = workspace.connect()
+    summaries = ingest.ingest_batches(conn, workspace.layout.landing_dir, config.batch_ids or None,
                                       val_fraction=config.val_fraction, log=context.log.info)
     table = storage.open_or_create(conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
     quarantined: dict[str, int] = {}
@@ -74,8 +73,8 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, lance
     )
 
 
-def _frames_table(lancedb: LanceDBResource):
-    return storage.open_or_create(lancedb.connect(), storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
+def _frames_table(workspace: WorkspaceResource):
+    return storage.open_or_create(workspace.connect(), storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
 
 
 def latest_rows(instance: dg.DagsterInstance) -> tuple[str | None, str]:
@@ -96,29 +95,29 @@ def _audit_result(bad: list[str], what: str, rows_checked: int, scope: str,
     )
 
 
-def _scoped_audit(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource, audit, what: str,
+def _scoped_audit(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource, audit, what: str,
                   severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
-    table = _frames_table(lancedb)
+    table = _frames_table(workspace)
     where, scope = latest_rows(context.instance)
     return _audit_result(audit(table, where), what, table.count_rows(where), scope, severity)
 
 
 @dg.asset_check(asset=raw_frames, blocking=True, description="No image_id of the new rows appears twice.")
-def no_duplicate_image_ids(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped_audit(context, lancedb, ingest_checks.duplicate_image_ids, "duplicate_ids")
+def no_duplicate_image_ids(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, workspace, ingest_checks.duplicate_image_ids, "duplicate_ids")
 
 
 @dg.asset_check(asset=raw_frames, blocking=True, description="Every box of the new rows lies inside its frame "
                 "and has an area.")
-def boxes_inside_frames(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped_audit(context, lancedb, ingest_checks.frames_with_boxes_outside, "frames_with_bad_boxes")
+def boxes_inside_frames(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, workspace, ingest_checks.frames_with_boxes_outside, "frames_with_bad_boxes")
 
 
 @dg.asset_check(asset=raw_frames, description="Every new frame decodes with the training decoder. Ingestion "
                 "checks container structure only; a frame damaged inside its image data is kept out of "
                 "every slice and quarantined by the curation stage, so a failure here warns.")
-def frames_decode(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource) -> dg.AssetCheckResult:
-    return _scoped_audit(context, lancedb, ingest_checks.undecodable_frames, "undecodable_frames",
+def frames_decode(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, workspace, ingest_checks.undecodable_frames, "undecodable_frames",
                          dg.AssetCheckSeverity.WARN)
 
 

@@ -10,9 +10,8 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets.curation import columns as curation, maintenance
-from avperception_assets import workspace as settings
 from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, MAINTENANCE, RAW_FRAMES, TABLE_MAINTENANCE, column_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class MaintenanceConfig(dg.Config):
@@ -31,8 +30,9 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
     return "\n".join(lines)
 
 
-def table_maintenance(config: MaintenanceConfig, lancedb: LanceDBResource) -> dg.MaterializeResult:
-    stats = maintenance.maintain_all(lancedb.connect(), settings.checkpoints_dir(), settings.reports_dir(),
+def table_maintenance(config: MaintenanceConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
+    layout = workspace.layout
+    stats = maintenance.maintain_all(workspace.connect(), layout.checkpoints_dir, layout.reports_dir,
                                      older_than=timedelta(minutes=config.keep_minutes))
     if not stats:
         raise dg.Failure("table 'bdd100k' does not exist yet: materialize raw_frames first")

@@ -2,16 +2,11 @@
 `config/failure_modes.toml`, read once when the definitions load (`definitions.py`) and passed
 to every builder that grows the graph per mode."""
 
-from pathlib import Path
-
-from avperception_assets import workspace as settings
 from avperception_assets.failure_modes.registry import FailureMode, load_registry
+from avperception_assets.workspace import Workspace
 
 
-def config_dir() -> Path:
-    """The data location's folder of user configuration (failure_modes.toml)."""
-    return settings.data_dir() / "config"
-
-
-def location_modes() -> tuple[FailureMode, ...]:
-    return load_registry(config_dir())
+def location_modes(workspace: Workspace | None = None) -> tuple[FailureMode, ...]:
+    """The registry of the workspace's data location (default: the environment's)."""
+    workspace = Workspace.from_env() if workspace is None else workspace
+    return load_registry(workspace.config_dir, workspace.embedding_model)

@@ -5,14 +5,13 @@ launcher (it has no worker health check), so we check ourselves: a STARTED run w
 process is gone is marked failed with the reason and its slots are freed. The local Ray
 the run had started outlives it, so it is killed with the run (`cluster.processes`).
 
-The check runs when any run starts (the `lancedb` resource, so the command line is covered
+The check runs when any run starts (the `workspace` resource, so the command line is covered
 without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
 machine (the default run launcher, `dagster asset materialize`); a deployment whose runs
 execute elsewhere (Kubernetes, ECS, Docker launchers) relies on run monitoring instead
-and sets `AVP_DEAD_RUN_CHECK=off`.
+and turns the workspace's `dead_run_check` off.
 """
 
-import os
 import time
 from datetime import datetime, timezone
 
@@ -20,8 +19,6 @@ import dagster as dg
 
 from avperception_assets.cluster.processes import kill_ray_of, process_alive
 from avperception_assets.patches import dagster as dagster_patches
-
-ENABLED = os.environ.get("AVP_DEAD_RUN_CHECK", "on") != "off"
 
 
 def _worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
@@ -37,8 +34,6 @@ def _worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | No
 def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = None) -> list[str]:
     """Mark every STARTED run whose worker process is gone as failed, free its pool slots;
     returns their run ids."""
-    if not ENABLED:
-        return []
     failed = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         worker = None if run.run_id == exclude_run_id else _worker(instance, run.run_id)
@@ -58,8 +53,6 @@ def kill_ray_of_failed_runs(instance: dg.DagsterInstance, within_s: float = 3600
     """Kill the local Ray left by runs that failed or were canceled in the last `within_s`
     seconds: under `dagster dev` the code server fails a killed run itself (so it is never
     STARTED here), but not what the run had started. Returns the pids killed."""
-    if not ENABLED:
-        return []
     ended = dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
                           updated_after=datetime.fromtimestamp(time.time() - within_s, timezone.utc))
     killed = []
@@ -71,9 +64,12 @@ def kill_ray_of_failed_runs(instance: dg.DagsterInstance, within_s: float = 3600
 
 
 @dg.sensor(name="dead_run_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           required_resource_keys={"workspace"},  # not a typed parameter: the resource's module imports this one
            description="Marks runs whose worker process died as failed, frees their pool slots and kills the "
                        "local Ray they left.")
 def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    if not context.resources.workspace.dead_run_check:
+        return dg.SkipReason("the workspace's dead-run check is off")
     failed, leftovers = fail_dead_runs(context.instance), kill_ray_of_failed_runs(context.instance)
     done = ([f"marked failed (worker gone): {failed}"] if failed else []) + (
         [f"killed {len(leftovers)} processes of the local Ray that ended runs left"] if leftovers else [])

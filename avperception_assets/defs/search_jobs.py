@@ -8,8 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from avperception_assets.discovery import search
-from avperception_assets import workspace as settings
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 
 class SearchKind(Enum):
@@ -35,16 +34,16 @@ class FrameSearchConfig(dg.Config):
 
 
 @dg.op(description="Run one frame search; its metadata shows the results and their contact sheet.")
-def search_frames(context: dg.OpExecutionContext, config: FrameSearchConfig, lancedb: LanceDBResource) -> dict:
+def search_frames(context: dg.OpExecutionContext, config: FrameSearchConfig, workspace: WorkspaceResource) -> dict:
     from avperception_assets.evaluation import reports
 
-    uri = lancedb.uri or settings.lancedb_uri()
+    layout = workspace.layout
     try:
-        results = search.run(config.kind.value, config.query, k=config.k, where=config.where,
-                             split=config.split.value if config.split else None, uri=uri)
+        results = search.run(config.kind.value, config.query, uri=layout.lancedb_uri, model=workspace.embedding_model,
+                             k=config.k, where=config.where, split=config.split.value if config.split else None)
     except ValueError as exc:  # a search that cannot run as asked, or lance's complaint about `where`
         raise dg.Failure(str(exc)) from exc
-    sheet = search.contact_sheet(uri, results, settings.reports_dir() / "search" / f"{context.run_id}.png",
+    sheet = search.contact_sheet(layout.lancedb_uri, results, layout.reports_dir / "search" / f"{context.run_id}.png",
                                  title=f"{config.kind.value}: {config.query}")
     context.add_output_metadata({
         "frames": results.num_rows,

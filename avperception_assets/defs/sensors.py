@@ -7,26 +7,21 @@ materialized some other way.
 Neither keeps a cursor: Dagster launches one run per run key, so a batch id (or a mode at a view
 version) requested again while its run is queued or done is skipped by the daemon."""
 
-import os
-
 import dagster as dg
 
 from avperception_assets.model import detector
 from avperception_assets.ingest import frames as ingest
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import Workspace, variable_for
 from avperception_assets.failure_modes.registry import check_registry
 from avperception_assets.model.retrain_policy import RetrainPolicy
 from avperception_assets.defs.ingest_assets import RawFramesConfig
 from avperception_assets.defs.names import BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key, eval_report_key, latest_metadata, view_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 # Ingestion and everything that refreshes with it; retraining is the growth sensor's call, and an
 # ONNX export a deliberate step of a deployment.
 FOOTAGE_SELECTION = (dg.AssetSelection.assets(RAW_FRAMES).downstream()
                      - dg.AssetSelection.groups(TRAINING, EVALUATION, DEPLOYMENT))
-# `stopped` serves the UI without the loop (a staging deployment); the UI can start them.
-DEFAULT_STATUS = (dg.DefaultSensorStatus.STOPPED if os.environ.get("AVP_SENSORS_DEFAULT_STATUS", "running") == "stopped"
-                  else dg.DefaultSensorStatus.RUNNING)
 
 
 def footage_request(batch_id: str) -> dg.RunRequest:
@@ -38,28 +33,29 @@ def footage_request(batch_id: str) -> dg.RunRequest:
     )
 
 
-@dg.sensor(
-    name="new_footage_sensor",
-    target=FOOTAGE_SELECTION,
-    default_status=DEFAULT_STATUS,
-    minimum_interval_seconds=30,
-    description="Requests one run per READY batch in the landing zone (run key = batch id): "
-                "ingestion, incremental backfill of the curation columns, refresh of every slice view.",
-)
-def new_footage_sensor(context: dg.SensorEvaluationContext, lancedb: LanceDBResource):
-    # Decided by batch id, not by modification time: a batch that lands late with an old mtime
-    # (`cp -p`, `rsync -a`) is still picked up.
-    batches = ingest.pending_batches(lancedb.connect(), settings.landing_dir())
-    if not batches:
-        return dg.SkipReason("no new READY batch in the landing zone")
-    return [footage_request(batch_id) for batch_id in batches]
+def _footage_sensors(default_status: dg.DefaultSensorStatus) -> list[dg.SensorDefinition]:
+    @dg.sensor(
+        name="new_footage_sensor",
+        target=FOOTAGE_SELECTION,
+        default_status=default_status,
+        minimum_interval_seconds=30,
+        description="Requests one run per READY batch in the landing zone (run key = batch id): "
+                    "ingestion, incremental backfill of the curation columns, refresh of every slice view.",
+    )
+    def new_footage_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource):
+        # Decided by batch id, not by modification time: a batch that lands late with an old mtime
+        # (`cp -p`, `rsync -a`) is still picked up.
+        batches = ingest.pending_batches(workspace.connect(), workspace.layout.landing_dir)
+        if not batches:
+            return dg.SkipReason("no new READY batch in the landing zone")
+        return [footage_request(batch_id) for batch_id in batches]
 
-
-footage_automation_sensor = dg.AutomationConditionSensorDefinition(
-    "footage_automation_sensor", target=FOOTAGE_SELECTION - dg.AssetSelection.assets(RAW_FRAMES),
-    default_status=DEFAULT_STATUS, minimum_interval_seconds=30,
-    description="Brings curation columns, maintenance and slice views up to date after raw_frames is "
-                "materialized outside the footage sensor's runs (by hand in the UI, for example).")
+    footage_automation_sensor = dg.AutomationConditionSensorDefinition(
+        "footage_automation_sensor", target=FOOTAGE_SELECTION - dg.AssetSelection.assets(RAW_FRAMES),
+        default_status=default_status, minimum_interval_seconds=30,
+        description="Brings curation columns, maintenance and slice views up to date after raw_frames is "
+                    "materialized outside the footage sensor's runs (by hand in the UI, for example).")
+    return [new_footage_sensor, footage_automation_sensor]
 
 
 def modes_due(instance: dg.DagsterInstance, modes, policy: RetrainPolicy) -> dict[str, int]:
@@ -105,19 +101,26 @@ def retrain_requests(instance: dg.DagsterInstance, modes, policy: RetrainPolicy)
     return [_retrain_request({mode: version}, with_base=False) for mode, version in due.items()]
 
 
-def build_sensor_defs(modes) -> dg.Definitions:
+def build_sensor_defs(modes, workspace: Workspace | None = None) -> dg.Definitions:
+    """The loop's sensors for a registry, in the workspace's default status (default: the
+    environment's; `stopped` serves the UI without the loop, and the UI can start them)."""
     modes = check_registry(modes)
+    workspace = Workspace.from_env() if workspace is None else workspace
+    default_status = (dg.DefaultSensorStatus.STOPPED if workspace.sensors_default_status == "stopped"
+                      else dg.DefaultSensorStatus.RUNNING)
 
     @dg.sensor(
         name="slice_growth_sensor",
         target=dg.AssetSelection.groups(TRAINING, EVALUATION),
-        default_status=DEFAULT_STATUS,
+        default_status=default_status,
         minimum_interval_seconds=60,
         description="Retrains and re-evaluates a failure mode when its train view grew by "
-                    "AVP_RETRAIN_MIN_NEW_ROWS rows or AVP_RETRAIN_MIN_GROWTH (fraction) since its checkpoint.",
+                    f"{variable_for('retrain_min_new_rows')} rows or {variable_for('retrain_min_growth')} "
+                    "(fraction) since its checkpoint (the workspace resource's retrain_min_new_rows and "
+                    "retrain_min_growth).",
     )
-    def slice_growth_sensor(context: dg.SensorEvaluationContext):
-        requests = retrain_requests(context.instance, modes, RetrainPolicy.from_env())
+    def slice_growth_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource):
+        requests = retrain_requests(context.instance, modes, workspace.retrain_policy())
         return requests or dg.SkipReason("no train view grew past the retrain policy")
 
-    return dg.Definitions(sensors=[new_footage_sensor, slice_growth_sensor, footage_automation_sensor])
+    return dg.Definitions(sensors=[*_footage_sensors(default_status), slice_growth_sensor])

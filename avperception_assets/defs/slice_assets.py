@@ -12,7 +12,7 @@ import dagster as dg
 from avperception_assets.slices import views as slices
 from avperception_assets.failure_modes.registry import CURATION_COLUMNS, FailureMode, check_registry
 from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 CHECK_NAME = "row_count_matches_source"
 
@@ -59,12 +59,12 @@ def build_slice_defs(modes) -> dg.Definitions:
 
     @dg.multi_asset(specs=[_spec(m, s) for m, s in views], can_subset=True, name="slice_views",
                     pool=LANCEDB_WRITES_POOL)
-    def slice_views(context: dg.AssetExecutionContext, lancedb: LanceDBResource):
+    def slice_views(context: dg.AssetExecutionContext, workspace: WorkspaceResource):
         """Refresh the selected slice views (only qualifying new rows are appended)."""
         selected = [by_key[key] for key in by_key if key in context.selected_asset_keys]
-        lancedb.ensure_ray()
+        workspace.ensure_ray()
         try:
-            stats = slices.refresh_views(lancedb.connect(), selected)
+            stats = slices.refresh_views(workspace.connect(), selected)
         except slices.SliceError as exc:
             raise dg.Failure(str(exc)) from exc
         for name, view_stats in stats.items():
@@ -79,8 +79,8 @@ def build_slice_defs(modes) -> dg.Definitions:
     ]
 
     @dg.multi_asset_check(specs=check_specs, can_subset=True, name="slice_view_checks")
-    def slice_view_checks(context: dg.AssetCheckExecutionContext, lancedb: LanceDBResource):
-        conn = lancedb.connect()
+    def slice_view_checks(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource):
+        conn = workspace.connect()
         for check_key in context.selected_asset_check_keys:
             mode, split = by_key[check_key.asset_key]
             outcome = slices.check_view(conn, mode, split)

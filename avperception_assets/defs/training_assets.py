@@ -18,12 +18,12 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets import workspace as settings
+from avperception_assets.workspace import BASE_CHECKPOINTS
 from avperception_assets.failure_modes.registry import FailureMode, check_registry
 from avperception_assets.slices.views import view_name
 from avperception_assets.storage.tables import FRAMES_TABLE
 from avperception_assets.defs.names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
-from avperception_assets.defs.resources import LanceDBResource
+from avperception_assets.defs.resources import WorkspaceResource
 
 AUTO_WEIGHTS = "auto"
 # Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
@@ -44,11 +44,6 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     record.parent.mkdir(parents=True, exist_ok=True)
     checkpoints.write_json(versions, record)
     return versions
-
-
-def base_checkpoints_dir() -> Path:
-    """Where base_detector's checkpoints live (one folder per train-view version)."""
-    return settings.checkpoints_dir() / "base"
 
 
 class TrainingConfig(dg.Config):
@@ -92,10 +87,6 @@ class TrainingConfig(dg.Config):
         if self.weights != AUTO_WEIGHTS:
             return self.weights
         return WEIGHTS_COCO if coco_weights_path(architecture).is_file() else WEIGHTS_NONE
-
-
-def _uri(lancedb: LanceDBResource) -> str:
-    return lancedb.uri or settings.lancedb_uri()
 
 
 def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
@@ -147,7 +138,7 @@ def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: d
                 "else Faster R-CNN trained on the whole train split of bdd100k (best by val mAP@0.5).",
 )
 def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
-                  lancedb: LanceDBResource) -> dg.MaterializeResult:
+                  workspace: WorkspaceResource) -> dg.MaterializeResult:
     from avperception_assets.model import loader
     from avperception_assets.model.detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
     from avperception_assets.model.recipe import Recipe
@@ -165,14 +156,12 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
             "profile": profile.name, "architecture": profile.architecture,
             "note": "COCO-pretrained weights are the base; nothing trained",
         })
-    uri = _uri(lancedb)
-    versions = _versions_this_run(context, base_checkpoints_dir(),
-                                  lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
+    uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
+    versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
     recipe = Recipe.on(train_view, loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"), profile,
                        weights=weights, seed=config.seed)
-    return dg.MaterializeResult(metadata=_train(context, recipe, base_checkpoints_dir() / str(train_view.version),
-                                                config))
+    return dg.MaterializeResult(metadata=_train(context, recipe, folder / str(train_view.version), config))
 
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
@@ -209,7 +198,7 @@ class FineTuneConfig(TrainingConfig):
                                          "first, whose neighbours are up-weighted.")
 
 
-def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDBResource, recipe):
+def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: WorkspaceResource, recipe):
     """Score the train view's new frames with the base detector at the fine-tune's input size;
     the recipe with mining's record, the frames' sampling weights, and how many were scored."""
     from avperception_assets.discovery import hard_examples
@@ -217,7 +206,7 @@ def _mining(context, config: FineTuneConfig, mode: FailureMode, lancedb: LanceDB
     profile = recipe.profile
     model, info = base_model(context, profile.as_dict())
     key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
-    stats = hard_examples.score_view(lancedb.connect(), mode.name, recipe.train, mode.classes, model, key,
+    stats = hard_examples.score_view(workspace.connect(), mode.name, recipe.train, mode.classes, model, key,
                                      batch_size=profile.batch_size, log=context.log.info)
     context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with {key}")
     mining = hard_examples.Mining(stats.table, stats.version, key, config.mining_boost, config.mining_neighbors,
@@ -242,13 +231,13 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     f"`hard_example_mining: true` draws frames by how hard base_detector finds them.",
     )
     def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
-                    lancedb: LanceDBResource) -> dg.MaterializeResult:
+                    workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.model import loader
         from avperception_assets.model.recipe import Recipe
 
-        uri = _uri(lancedb)
+        uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(mode.name)
         try:
-            versions = _versions_this_run(context, settings.checkpoints_dir() / mode.name,
+            versions = _versions_this_run(context, folder,
                                           lambda: {n: loader.pin_view(uri, n).version for n in (train_name, val_name)})
             train_view, val_view = (loader.pin_view(uri, n, versions[n]) for n in (train_name, val_name))
         except ValueError as exc:
@@ -258,8 +247,8 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         recipe = Recipe.on(train_view, val_view, profile, weights=base_weights(context), seed=config.seed)
         sample_weights, scored = None, {}
         if config.hard_example_mining:
-            recipe, sample_weights, scored = _mining(context, config, mode, lancedb, recipe)
-        out = settings.checkpoints_dir() / mode.name / str(train_view.version)
+            recipe, sample_weights, scored = _mining(context, config, mode, workspace, recipe)
+        out = folder / str(train_view.version)
         return dg.MaterializeResult(metadata={**_train(context, recipe, out, config, sample_weights), **scored,
                                               "failure_mode": mode.name})
 

@@ -1,7 +1,8 @@
 """Frame embeddings: the model behind the `embedding` curation column and similarity search.
 
 A frame is embedded from its pixels alone (never its labels or scene attributes), as a unit
-vector compared by cosine distance. Which model is deployment configuration, `AVP_EMBEDDING_MODEL`:
+vector compared by cosine distance. Which model is deployment configuration (the workspace's
+`embedding_model`), given here as a spec:
 
 - `color_layout` (the default; offline, no learned weights): an 8x8 YCbCr colour layout and
   a 4x4 grid of gradient-orientation histograms, 256 numbers. It finds frames that look alike
@@ -24,7 +25,6 @@ under another model refuses to extend the column unless it is recomputed, as for
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import numpy as np
 
 from avperception_assets.model import detector
 
-MODEL_ENV = "AVP_EMBEDDING_MODEL"
 COLOR_LAYOUT = "color_layout"
 COLOR_LAYOUT_DIM = 256
 FPN_CHANNELS = 256  # torchvision's FPN backbones: every level has 256 channels
@@ -58,14 +57,9 @@ class EmbeddingModel:
         return self.kind == "clip"
 
 
-def configured_spec() -> str:
-    return os.environ.get(MODEL_ENV, COLOR_LAYOUT)
-
-
-def resolve(spec: str | None = None) -> EmbeddingModel:
-    """The model `spec` names (default: `AVP_EMBEDDING_MODEL`, else `color_layout`); fails
-    clearly, naming what is missing, when its weights are not on this machine."""
-    spec = configured_spec() if spec is None else spec
+def resolve(spec: str = COLOR_LAYOUT) -> EmbeddingModel:
+    """The model `spec` names; fails clearly, naming what is missing, when its weights are not on
+    this machine."""
     kind, _, rest = spec.partition(":")
     if kind == COLOR_LAYOUT and not rest:
         return EmbeddingModel(COLOR_LAYOUT, "color_layout:v1 (offline default, no learned weights)", COLOR_LAYOUT_DIM)
@@ -243,7 +237,7 @@ class Embedder:
         """(len(texts), dim) unit vectors from CLIP's text tower; other models have none."""
         if not self.model.has_text_tower:
             raise EmbeddingError(f"text search needs a model with a text tower; {self.model.label} has none. "
-                                 f"Configure CLIP ({MODEL_ENV}=clip:<architecture>:<weights>) and recompute "
+                                 "Configure CLIP as the embedding model (clip:<architecture>:<weights>) and recompute "
                                  "the embedding column.")
         import torch
 

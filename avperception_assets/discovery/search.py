@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from avperception_assets.discovery import embeddings
-from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.storage.pixels import IMAGE_BYTES, PixelReader
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN, nearest
@@ -72,9 +72,10 @@ def similar(table, image_id: str, k: int = 12, where: str | None = None, split: 
 
 
 def text(table, query: str, k: int = 12, where: str | None = None, split: str | None = None,
-         model: str | None = None) -> pa.Table:
-    """The k frames nearest to `query` embedded by CLIP's text tower (the column's model must be
-    the configured CLIP model: a text vector is only comparable with its own image tower's)."""
+         model: str = embeddings.COLOR_LAYOUT) -> pa.Table:
+    """The k frames nearest to `query` embedded by CLIP's text tower (`model`, the configured
+    embedding model, must be the column's: a text vector is only comparable with its own image
+    tower's)."""
     _require_column(table, VECTOR_COLUMN, "the embedding curation column")
     configured = embeddings.resolve(model)
     recorded = (storage.column_params(table, VECTOR_COLUMN) or {}).get("model")
@@ -149,20 +150,22 @@ def results_markdown(results: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def run(kind: str, query: str, *, k: int = 12, where: str | None = None, split: str | None = None,
-        uri: str | None = None) -> pa.Table:
-    """One search of `kind` (similar | text | describe) on the frames table at `uri`."""
-    conn = storage.connect(uri or settings.lancedb_uri())
+def run(kind: str, query: str, *, uri: str, model: str = embeddings.COLOR_LAYOUT, k: int = 12,
+        where: str | None = None, split: str | None = None) -> pa.Table:
+    """One search of `kind` (similar | text | describe) on the frames table at `uri`; `model` is
+    the configured embedding model (text search embeds the query with it)."""
+    conn = storage.connect(uri)
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise SearchError(f"no {storage.FRAMES_TABLE!r} table yet: materialize raw_frames and the curation columns")
     if k < 1:
         raise SearchError(f"k must be at least 1, got {k}")
     table = conn.open_table(storage.FRAMES_TABLE)
-    search = {"similar": similar, "text": text, "describe": describe}[kind]
+    search = {"similar": similar, "text": partial(text, model=model), "describe": describe}[kind]
     return search(table, query, k=k, where=where, split=split)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, *, uri: str, model: str = embeddings.COLOR_LAYOUT) -> int:
+    """The command line, searching the frames table at `uri` (text queries embedded by `model`)."""
     parser = argparse.ArgumentParser(prog="python -m avperception_assets.search", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     for kind, help_text, arg in (("similar", "frames that look like one frame", "image_id"),
@@ -177,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     query = getattr(args, "image_id", None) or args.query
     try:
-        results = run(args.kind, query, k=args.k, where=args.where, split=args.split)
+        results = run(args.kind, query, uri=uri, model=model, k=args.k, where=args.where, split=args.split)
     except ValueError as exc:  # ours, and lance's for a bad --where
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(results_markdown(results))
     if args.sheet:
-        print(f"contact sheet: {contact_sheet(settings.lancedb_uri(), results, args.sheet, title=f'{args.kind}: {query}')}")
+        print(f"contact sheet: {contact_sheet(uri, results, args.sheet, title=f'{args.kind}: {query}')}")
     return 0

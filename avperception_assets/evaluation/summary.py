@@ -1,15 +1,15 @@
 """Print the failure-mode summary that `failure_mode_summary` wrote (the end of `make demo`)."""
 
 import sys
+from pathlib import Path
 
-from avperception_assets import workspace as settings
 
-
-def main() -> int:
-    path = settings.reports_dir() / "summary.md"
+def print_summary(reports_dir: Path) -> int:
+    """Print `<reports_dir>/summary.md`; 1 when it is not there yet."""
+    path = reports_dir / "summary.md"
     if not path.is_file():
         print(f"no summary at {path}: materialize failure_mode_summary first", file=sys.stderr)
         return 1
     print(path.read_text())
-    print(f"reports: {settings.reports_dir()}")
+    print(f"reports: {reports_dir}")
     return 0

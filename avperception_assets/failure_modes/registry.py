@@ -196,8 +196,6 @@ class FailureMode:
         if isinstance(self.max_distance, bool) or not isinstance(self.max_distance, (int, float)) \
                 or not 0 < self.max_distance <= 2:
             raise _field_error(self.name, "max_distance", f"must be a cosine distance in (0, 2], got {self.max_distance!r}")
-        if self.text_query is not None:
-            _require_text_tower(self.name)
 
     @property
     def train_crop(self) -> int | None:
@@ -209,16 +207,20 @@ class FailureMode:
         return tuple(c for c in self.columns if c in CURATION_COLUMNS or c == self.distance_column)
 
 
-def _require_text_tower(mode_name: str) -> None:
-    """A mode defined by a text query needs the configured embedding model to have a text tower."""
-    try:
-        model = embeddings.resolve()
-    except embeddings.EmbeddingError as exc:
-        raise _field_error(mode_name, "text_query", str(exc)) from exc
-    if not model.has_text_tower:
-        raise _field_error(
-            mode_name, "text_query", f"a text query needs CLIP; the configured embedding model is {model.label}. "
-            f"Set {embeddings.MODEL_ENV}=clip:<architecture>:<weights>, or give exemplars.")
+def check_text_queries(modes, embedding_model: str) -> None:
+    """Modes defined by a text query need an embedding model with a text tower (CLIP): checked
+    against the workspace's model when the registry loads, not when a mode is built."""
+    for mode in modes:
+        if mode.text_query is None:
+            continue
+        try:
+            model = embeddings.resolve(embedding_model)
+        except embeddings.EmbeddingError as exc:
+            raise _field_error(mode.name, "text_query", str(exc)) from exc
+        if not model.has_text_tower:
+            raise _field_error(
+                mode.name, "text_query", f"a text query needs CLIP; the configured embedding model is {model.label}. "
+                "Configure clip:<architecture>:<weights> as the embedding model, or give exemplars.")
 
 
 def check_registry(modes) -> tuple[FailureMode, ...]:
@@ -329,16 +331,19 @@ def _build(source, name: str, table: dict) -> FailureMode:
         raise FailureModeError(f"{source}: {exc}") from None
 
 
-def load_registry(config_dir: Path | None) -> tuple[FailureMode, ...]:
+def load_registry(config_dir: Path | None, embedding_model: str = embeddings.COLOR_LAYOUT) -> tuple[FailureMode, ...]:
     """The shipped modes, with `<config_dir>/failure_modes.toml` (when there is one) merged over
     them: its modes replace the defaults of the same name, in their place, and add the others
-    after them. Every mode is checked (see the module's docstring)."""
+    after them. Every mode is checked (see the module's docstring), text queries against
+    `embedding_model`."""
     defaults = resources.files(__package__).joinpath(DEFAULTS_FILE)
     sources = {name: (defaults, table) for name, table in _mode_tables(defaults).items()}
     user_file = None if config_dir is None else Path(config_dir) / REGISTRY_FILE
     if user_file is not None and user_file.is_file():
         sources.update({name: (user_file, table) for name, table in _mode_tables(user_file).items()})
-    return check_registry(_build(source, name, table) for name, (source, table) in sources.items())
+    modes = check_registry(_build(source, name, table) for name, (source, table) in sources.items())
+    check_text_queries(modes, embedding_model)
+    return modes
 
 
 @lru_cache(maxsize=1)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class RetrainPolicy:
     """A mode retrains when its train view grew by `min_new_rows` rows or by `min_growth` (a
-    fraction of the rows its checkpoint saw), whichever comes first; 0 disables a criterion."""
+    fraction of the rows its checkpoint saw), whichever comes first; 0 disables a criterion.
+    (The deployment's thresholds are the workspace's `retrain_min_new_rows` and `retrain_min_growth`.)"""
 
-    min_new_rows: int = 100
-    min_growth: float = 0.25
-
-    @classmethod
-    def from_env(cls) -> "RetrainPolicy":
-        return cls(int(os.environ.get("AVP_RETRAIN_MIN_NEW_ROWS", cls.min_new_rows)),
-                   float(os.environ.get("AVP_RETRAIN_MIN_GROWTH", cls.min_growth)))
+    min_new_rows: int
+    min_growth: float
 
     def should_retrain(self, view_rows: int, trained_rows: int | None) -> bool:
         if trained_rows is None:  # never trained

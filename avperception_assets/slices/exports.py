@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from avperception_assets.model import loader
-from avperception_assets import workspace as settings
 from avperception_assets.storage import tables as storage
 from avperception_assets.formats import coco, yolo
 from avperception_assets.formats.taxonomy import CLASSES
@@ -122,21 +121,17 @@ def export_view(uri: str, view_name: str, fmt: str, out_dir: Path, version: int 
     return Export(target, fmt, view.name, view.version, source_table, source_version, frames, boxes, splits)
 
 
-def exports_dir() -> Path:
-    return settings.data_dir() / "exports"
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, *, uri: str, exports_dir: Path) -> int:
+    """The command line, exporting from the LanceDB at `uri` to `exports_dir` unless `--out` is given."""
     parser = argparse.ArgumentParser(prog="python -m avperception_assets.exports",
                                      description="Export a slice view at a pinned version as COCO JSON or a YOLO folder.")
     parser.add_argument("view", help="the view (or table) to export, e.g. bdd100k_rider_val")
     parser.add_argument("--format", choices=FORMATS, default=COCO)
     parser.add_argument("--version", type=int, help="the view version (default: the latest)")
-    parser.add_argument("--out", type=Path, default=None, help="parent folder (default: $AVP_DATA_DIR/exports)")
+    parser.add_argument("--out", type=Path, default=None, help=f"parent folder (default: {exports_dir})")
     args = parser.parse_args(argv)
     try:
-        export = export_view(settings.lancedb_uri(), args.view, args.format, args.out or exports_dir(), args.version,
-                             log=print)
+        export = export_view(uri, args.view, args.format, args.out or exports_dir, args.version, log=print)
     except (ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from avperception_assets.storage import tables as storage
 from avperception_assets.cluster.ray import require_ray
 from avperception_assets.patches.geneva import release_job_tracker
 from avperception_assets.failure_modes.registry import FailureMode

@@ -8,8 +8,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from avperception_assets import workspace as settings
-
 FRAMES_TABLE = "bdd100k"
 EVAL_FRAMES_SUFFIX = "_eval_frames"  # `<mode>_eval_frames`: every val frame's matches, per report
 DIFFICULTY_SUFFIX = "_difficulty"  # `<mode>_difficulty`: each train frame's difficulty, per starting model
@@ -75,11 +73,12 @@ def and_where(*filters: str | None) -> str | None:
     return " AND ".join(present) or None
 
 
-def connect(uri: str | None = None):
-    """Geneva connection (a LanceDB connection that can also run UDF backfills and views)."""
+def connect(uri: str, storage_options: dict[str, str] | None = None):
+    """Geneva connection (a LanceDB connection that can also run UDF backfills and views);
+    `storage_options` are LanceDB's, for an object store."""
     import geneva
 
-    return geneva.connect(uri or settings.lancedb_uri())
+    return geneva.connect(uri, storage_options=storage_options or None)
 
 
 def table_names(conn) -> set[str]:
