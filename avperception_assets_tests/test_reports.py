@@ -202,8 +202,9 @@ def test_interval_plot_labels_its_axes_and_draws_the_zero_line(written_report):
     figure = reports.draw_intervals(data["intervals"], data["verdict"], "rider")
     top, bottom = figure.axes[0], figure.axes[3]  # AP@0.5: the models, then the delta
     assert top.get_xlabel() == "AP@0.5 (mode classes)" and bottom.get_xlabel() == "Δ AP@0.5 (points)"
-    assert [t.get_text() for t in top.get_legend().get_texts()] == ["baseline", "fine-tuned"]
-    assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["no difference", "fine-tuned − baseline"]
+    assert [t.get_text() for t in top.get_yticklabels()] == ["baseline", "fine-tuned"]
+    assert [[t.get_text() for t in legend.get_texts()] for legend in figure.legends] == [
+        ["baseline", "fine-tuned"], ["no difference", "fine-tuned − baseline"]]
     [zero] = [line for line in bottom.get_lines() if line.get_linestyle() == "--"]
     assert list(zero.get_xdata()) == [0, 0]
     assert data["verdict"] in figure.get_suptitle()

@@ -319,8 +319,8 @@ def draw_pr_curves(metrics: Mapping[str, Mapping]):
 
 
 def _interval_bar(axes, row: int, entry: Mapping, color: str, label: str) -> None:
-    if entry["point"] is None:
-        return
+    if entry["point"] is None or entry["low"] is None:
+        return  # nothing measured (no object of the mode's classes)
     spread = [[entry["point"] - entry["low"]], [entry["high"] - entry["point"]]]
     axes.errorbar(entry["point"], row, xerr=spread, fmt="o", color=color, capsize=4, label=label)
 
@@ -329,21 +329,22 @@ def draw_intervals(intervals: Mapping, verdict: str, mode: str):
     """The intervals as a plot: per metric, each model's figure (top) and fine-tuned − baseline
     in points against the 0 line (bottom), each a point with its 95% interval. Returns a Figure."""
     models = [name for name in intervals if name != DELTA]
-    figure = _figure(4.2 * len(bootstrap.METRICS), 1.6 + 0.45 * (len(models) + 2))
+    figure = _figure(3.6 * len(bootstrap.METRICS) + 2.2, 1.6 + 0.45 * (len(models) + 2))
     grid = figure.subplots(2, len(bootstrap.METRICS), squeeze=False, height_ratios=[len(models) + 1, 2])
     for column, (key, label) in enumerate(bootstrap.METRICS.items()):
         top, bottom = grid[0, column], grid[1, column]
         for row, name in enumerate(models):
             _interval_bar(top, row, intervals[name][key], INTERVAL_COLORS[name], INTERVAL_TITLES[name])
         top.set(xlim=(0, 1), ylim=(len(models) - 0.5, -0.5), xlabel=f"{label} (mode classes)",
-                yticks=range(len(models)), yticklabels=[INTERVAL_TITLES[name] for name in models])
+                yticks=range(len(models)), yticklabels=[INTERVAL_TITLES[name] for name in models] if not column else [])
         top.grid(axis="x", alpha=0.3)
-        top.legend(loc="best", fontsize="small")
         bottom.axvline(0, color="gray", linestyle="--", label="no difference")
         _interval_bar(bottom, 0, intervals[DELTA][key], INTERVAL_COLORS[DELTA], "fine-tuned − baseline")
         bottom.set(xlabel=f"Δ {label} (points)", yticks=[])
         bottom.grid(axis="x", alpha=0.3)
-        bottom.legend(loc="best", fontsize="small")
+    # One legend per row, beside the plots (each metric shows the same entries)
+    for axes, place in ((grid[0, 0], "outside right upper"), (grid[1, 0], "outside right lower")):
+        figure.legend(*axes.get_legend_handles_labels(), loc=place, fontsize="small")
     entry = intervals[DELTA][bootstrap.VERDICT_METRIC]
     figure.suptitle(f"{mode}: {entry['confidence']:.0%} bootstrap intervals over {entry['frames']} frames "
                     f"({entry['objects']} objects), verdict: {verdict}")
