@@ -8,9 +8,8 @@ detections in descending score order each take the unmatched ground-truth box of
 if that IoU is at least the threshold; a detection that finds no such box but overlaps a crowd
 box enough (intersection over its own area) is ignored, neither true nor false positive, and
 crowd boxes are never objects to find (nor, as in COCOeval, boxes of negative width or height).
-Every detection counts, as in the metric; `CONFIDENT`
-separates the errors a user sees on a panel (a false positive scoring above it, a true positive
-below it) from the low-score tail.
+Every detection counts, as in the metric; `CONFIDENT` separates the errors a user sees on a
+panel (a false positive scoring above it, a true positive below it) from the low-score tail.
 
 Nothing here runs a model or knows about Dagster.
 """
@@ -22,9 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from torch import Tensor
-
 from pycocotools import mask as mask_utils
+from torch import Tensor
 
 from avperception_assets.formats.coco import xywh
 from avperception_assets.model.detections import COCO_IOU_THRESHOLDS as IOU_THRESHOLDS

@@ -178,6 +178,7 @@ def intervals_markdown(intervals: Mapping) -> str:
 
 
 def intervals_description(intervals: Mapping) -> str:
+    """How the intervals were made and how the verdict reads them, in one paragraph."""
     entry = intervals[DELTA][bootstrap.VERDICT_METRIC]
     return (f"{entry['confidence']:.0%} percentile bootstrap intervals over the {entry['frames']} frames "
             f"({entry['objects']} objects of the mode's classes): {entry['resamples']:,} resamples of the frames, "
