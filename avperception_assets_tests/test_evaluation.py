@@ -7,7 +7,7 @@ import torch
 
 from avperception_assets.formats import taxonomy as bdd100k
 from avperception_assets.model import detector, tiling
-from avperception_assets.evaluation import comparison as evaluation, reports
+from avperception_assets.evaluation import bootstrap, comparison as evaluation, frame_errors, reports
 from avperception_assets.ingest import frames as ingest
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
@@ -91,3 +91,54 @@ def test_a_tiled_detector_is_evaluated_like_any_model(frames_uri):
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 320).all() and (boxes[:, 3] <= 180).all()
     assert result.metrics[FINETUNED]["mode"]["map_50"] is not None
     assert sum(images_seen) == 2 * (6 + 1)  # each frame's 6 tiles and the frame itself
+
+
+def test_intervals_come_from_the_stored_matches_of_a_real_evaluation(frames_uri, tmp_path):
+    """A real detector (untiled and tiled) against detections replayed from the frames' own boxes,
+    over the real table: the matches stored in `<mode>_eval_frames` give the report's intervals,
+    whose points are COCOeval's on the report's files, and the replayed model is better."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from .test_reports import Replay, _jittered
+
+    version = storage.connect(frames_uri).open_table(storage.FRAMES_TABLE).version
+    frames = list(evaluation.view_batches(frames_uri, storage.FRAMES_TABLE, version, batch_size=3))
+    close = _jittered([target for _, targets, _ in frames for target in targets], seed=0)
+    real = _tiny_model(1, 0.0, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+    classes = sorted({name for name, coco_id in bdd100k.COCO_IDS.items()
+                      if any(coco_id in target["labels"] for _, targets, _ in frames for target in targets)})
+    untiled = evaluation.evaluate({BASELINE: real, FINETUNED: Replay(close)}, frames, classes=classes,
+                                  panel_count=0, worst_count=0)
+    tiled = evaluation.evaluate({BASELINE: tiling.tiled(real, 128, 0.25), FINETUNED: Replay(close)}, frames,
+                                classes=classes, panel_count=0, worst_count=0)
+    conn = storage.connect(str(tmp_path / "db"))
+    written = frame_errors.write_table(conn, "frames", evaluation.frame_rows(untiled, tiled), {})
+    stored = frame_errors.read_table(conn, "frames", written)
+    assert stored.num_rows == 4 * 6
+    report = reports.write_report(tmp_path / "report", untiled, mode="frames", val_view={}, baseline={},
+                                  finetuned={}, tiled=tiled, tiling={"tile_size": 128, "overlap": 0.25,
+                                                                     "whole_frame": True}, frames=stored)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(report.out_dir / reports.GROUND_TRUTH_FILE))
+    files = {**reports.PREDICTIONS_FILES, **{evaluation.tiled_name(m): f for m, f in reports.TILED_PREDICTIONS_FILES.items()}}
+    assert set(report.data["intervals"]) == {*files, reports.DELTA}
+    for name, filename in files.items():
+        detections = json.loads((report.out_dir / filename).read_text())
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval = COCOeval(gt, gt.loadRes(detections), "bbox")
+            coco_eval.params.catIds = untiled.class_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        recall = coco_eval.eval["recall"][0, :, 0, -1]
+        intervals = report.data["intervals"][name]
+        assert [intervals[key]["point"] for key in ("map", "map_50", "recall_50")] == pytest.approx(
+            [coco_eval.stats[0], coco_eval.stats[1], recall[recall > -1].mean()], abs=1e-12)
+        assert intervals["map_50"]["frames"] == 6 and intervals["map_50"]["resamples"] == bootstrap.RESAMPLES
+    assert report.data["intervals"][FINETUNED]["map_50"]["point"] > 0.3
+    assert report.data["intervals"][reports.DELTA]["map_50"]["low"] > 0 and report.data["verdict"] == bootstrap.BETTER

@@ -57,10 +57,13 @@ def test_report_is_written_with_data_and_model_versions(materialized):
 def test_metadata_shows_the_table_and_the_panels(materialized):
     root, result, _ = materialized
     meta = _metadata(result, "rider_eval_report")
-    assert meta["report"].startswith("| metric | baseline | fine-tuned | Δ% |")
+    assert meta["report"].startswith("| metric | baseline | fine-tuned | Δ (points) |")
     assert meta["report"].splitlines()[2].startswith("| mAP@0.5 (mode classes) |")
     assert "AP@0.5 person (rider)" in meta["report"] and "mAP@0.5 (all classes)" in meta["report"]
     assert meta["pr_curves"].count("data:image/png;base64,") == 1
+    assert meta["intervals_plot"].count("data:image/png;base64,") == 1
+    assert meta["intervals"].startswith(f"**Verdict: {meta['verdict']}**")
+    assert "| fine-tuned − baseline (points) |" in meta["intervals"] and "1,000 resamples" in meta["intervals"]
     assert "mAP@[.5:.95] small (mode classes)" in meta["by_object_size"]
     assert meta["panels"].count("data:image/png;base64,") >= 1
     panels = list((Path(meta["report_dir"]) / "panels").glob("*.png"))
@@ -75,7 +78,57 @@ def test_metadata_figures_are_the_report_figures(materialized):
         for key in ("map_50", "map", "mar_100"):
             assert meta[f"mode_{key}_{model}"] == pytest.approx(data["metrics"][model]["mode"][key])
             assert meta[f"all_classes_{key}_{model}"] == pytest.approx(data["metrics"][model][key])
-    assert meta["mode_map_50_delta_pct"] == data["rows"][0]["delta_pct"]
+    assert meta["mode_map_50_delta_points"] == data["rows"][0]["delta_points"]
+    assert not any("pct" in key for key in meta)
+    assert meta["verdict"] == data["verdict"]
+    for name in (BASELINE, FINETUNED, "delta"):
+        for key in ("map_50", "map", "recall_50"):
+            for end in ("low", "high"):
+                assert meta[f"ci_{name}_{key}_{end}"] == pytest.approx(data["intervals"][name][key][end])
+
+
+def test_report_intervals_come_from_the_stored_matches(materialized, trained_rider):
+    """The report's points are COCOeval's on its own files, for both models untiled and tiled,
+    computed from `rider_eval_frames` as stored; the verdict reads the paired interval."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from avperception_assets.evaluation import bootstrap, frame_errors
+    from avperception_assets.model.detections import mode_class_ids
+
+    _, result, _ = materialized
+    meta = _metadata(result, "rider_eval_report")
+    out = Path(meta["report_dir"])
+    data = json.loads((out / REPORT_JSON).read_text())
+    stored = frame_errors.read_table(storage.connect(str(trained_rider.root / "lancedb")), "rider",
+                                     meta["eval_frames_version"])
+    class_ids = list(mode_class_ids(RIDER.classes))
+    matches = bootstrap.matches_from_rows(stored, class_ids)
+    files = {**PREDICTIONS_FILES, **{f"{model}_tiled": name for model, name in TILED_PREDICTIONS_FILES.items()}}
+    assert list(data["intervals"]) == [BASELINE, FINETUNED, "baseline_tiled", "finetuned_tiled", "delta"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / GROUND_TRUTH_FILE))
+    for name, filename in files.items():
+        detections = json.loads((out / filename).read_text())
+        points = [data["intervals"][name][key]["point"] for key in ("map", "map_50", "recall_50")]
+        if not detections:  # COCO.loadRes refuses an empty list: nothing found scores 0
+            assert points == [0.0, 0.0, 0.0]
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval = COCOeval(gt, gt.loadRes(detections), "bbox")
+            coco_eval.params.catIds = class_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        recall = coco_eval.eval["recall"][0, :, 0, -1]
+        assert points == pytest.approx([coco_eval.stats[0], coco_eval.stats[1], recall[recall > -1].mean()], abs=1e-12)
+        assert matches[name].frames == data["num_images"]
+    delta = data["intervals"]["delta"]["map_50"]
+    assert (delta["resamples"], delta["seed"], delta["frames"]) == (1000, 0, data["num_images"])
+    assert data["verdict"] == bootstrap.verdict(delta)
 
 
 def test_report_shows_both_models_untiled_and_tiled(materialized):
@@ -114,13 +167,14 @@ def test_every_val_frame_is_kept_with_its_matches(materialized, trained_rider):
     meta = _metadata(result, "rider_eval_report")
     data = json.loads((Path(meta["report_dir"]) / REPORT_JSON).read_text())
     assert data["eval_frames"] == {"table": "rider_eval_frames", "version": meta["eval_frames_version"],
-                                   "rows": 2 * data["num_images"]}
+                                   "rows": 4 * data["num_images"]}  # both models, untiled and tiled
     table = storage.connect(str(trained_rider.root / "lancedb")).open_table("rider_eval_frames")
     rows = table.to_arrow().to_pylist()
-    assert {r["model"] for r in rows} == {"baseline", FINETUNED}
+    assert {r["model"] for r in rows} == {"baseline", FINETUNED, "baseline_tiled", "finetuned_tiled"}
     assert sum(r["gt"] for r in rows if r["model"] == FINETUNED) == data["num_objects"]
     assert all(r["tp"] + r["misses"] == r["gt"] and r["tp"] + r["fp"] == sum(
-        b["source"] == "prediction" for b in r["boxes"]) for r in rows)
+        b["source"] == "prediction" and b["outcome"] != "ignored" for b in r["boxes"]) for r in rows)
+    assert all(len(b["matched"]) == len(b["ignored"]) == 10 for r in rows for b in r["boxes"])
     assert "{val view version}" in evaluation_assets.build_eval_report_asset(RIDER).descriptions_by_key[
         dg.AssetKey("rider_eval_report")]  # not an HTML tag the UI would swallow
 
@@ -130,8 +184,13 @@ def test_summary_table_over_modes(materialized):
     meta = _metadata(result, "failure_mode_summary")
     assert meta["modes"] == ["rider"] and meta["modes_without_report"] == []
     lines = meta["summary"].splitlines()
-    assert lines[0] == "| failure mode | metric | baseline | fine-tuned | Δ% |"
-    assert lines[2].startswith("| rider | mAP@0.5 (mode classes) |")
+    assert lines[0] == ("| failure mode | frames | objects | baseline AP@0.5 | fine-tuned AP@0.5 "
+                        "| Δ AP@0.5 (points) | verdict |")
+    report = _metadata(result, "rider_eval_report")
+    assert lines[2].startswith("| rider | ") and lines[2].endswith(f"| {report['verdict']} |")
+    assert meta["verdicts"] == {"rider": report["verdict"]}
+    assert lines[3] == "" and lines[4] == "| failure mode | metric | baseline | fine-tuned | Δ (points) |"
+    assert lines[6].startswith("| rider | mAP@0.5 (mode classes) |")
     assert meta["summary"] in (root / "reports" / "summary.md").read_text()
     summary = json.loads((root / "reports" / "summary.json").read_text())
     assert summary["modes"]["rider"]["val_view"]["name"] == "bdd100k_rider_val"

@@ -13,19 +13,17 @@ from PIL import Image
 
 from avperception_assets.formats import taxonomy as bdd100k
 from avperception_assets.model import detections
-from avperception_assets.evaluation import comparison as evaluation, reports
+from avperception_assets.evaluation import bootstrap, comparison as evaluation, reports
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
 
 from .test_detections import CAR, PERSON, TARGETS, pred, target
 
 
-def test_delta_pct():
-    assert reports.delta_pct(0.2, 0.3) == pytest.approx(50.0)
-    assert reports.delta_pct(0.4, 0.3) == pytest.approx(-25.0)
-    assert reports.delta_pct(0.0, 0.3) is None
-    assert reports.delta_pct(0.0004, 0.3) is None  # shows as 0.000: no meaningful ratio
-    assert reports.delta_pct(0.0005, 0.001) == pytest.approx(100.0)
-    assert reports.delta_pct(None, 0.3) is None
+def test_delta_points():
+    assert reports.delta_points(0.2, 0.3) == pytest.approx(10.0)
+    assert reports.delta_points(0.4, 0.3) == pytest.approx(-10.0)
+    assert reports.delta_points(0.0, 0.3) == pytest.approx(30.0)  # a baseline at 0 is no special case
+    assert reports.delta_points(None, 0.3) is None
 
 
 def _jittered(targets, seed):
@@ -159,10 +157,57 @@ def test_report_files_carry_figures_and_versions(written_report):
     assert data["rows"][-3]["baseline"] == data["metrics"][BASELINE]["map_50"]
     assert [row["metric"] for row in data["size_rows"]][:3] == [
         "mAP@[.5:.95] small (mode classes)", "mAP@[.5:.95] medium (mode classes)", "mAP@[.5:.95] large (mode classes)"]
-    assert first["delta_pct"] == pytest.approx((first["finetuned"] - first["baseline"]) / first["baseline"] * 100)
+    assert first["delta_points"] == pytest.approx((first["finetuned"] - first["baseline"]) * 100)
+    assert data["delta_points"][first["metric"]] == first["delta_points"] and "delta_pct" not in data
     markdown = (out / reports.REPORT_MD).read_text()
     assert "bdd100k_rider_val" in markdown and f"{first['baseline']:.3f}" in markdown
+    assert f"| {first['metric']} | {first['baseline']:.3f} | {first['finetuned']:.3f} | " \
+           f"{first['delta_points']:+.1f} |" in markdown and "%" not in rows_of(markdown)
     assert markdown == written_report.markdown
+
+
+def rows_of(markdown: str) -> str:
+    """The metric tables' lines of a report.md."""
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("| ") and "(points)" not in line)
+
+
+def test_report_carries_intervals_and_a_verdict(written_report, hand_built_evaluation):
+    data = json.loads((written_report.out_dir / reports.REPORT_JSON).read_text())
+    intervals = data["intervals"]
+    assert list(intervals) == [BASELINE, FINETUNED, reports.DELTA]
+    for name in (BASELINE, FINETUNED):
+        for key in ("map_50", "map", "recall_50"):
+            entry = intervals[name][key]
+            assert entry["point"] == pytest.approx(data["metrics"][name]["mode"][key], abs=1e-6)
+            assert entry["low"] < entry["point"] < entry["high"]
+            assert (entry["resamples"], entry["seed"], entry["confidence"]) == (1000, 0, 0.95)
+            assert entry["frames"] == 24
+            assert entry["objects"] == sum(int((t["labels"] == c).sum()) for t in hand_built_evaluation.targets
+                                           for c in hand_built_evaluation.class_ids)
+    delta = intervals[reports.DELTA]["map_50"]
+    assert delta["point"] == pytest.approx(data["rows"][0]["delta_points"], abs=1e-4)
+    assert delta["low"] < delta["point"] < delta["high"]
+    assert data["verdict"] == bootstrap.verdict(delta) and data["verdict"] in (
+        bootstrap.BETTER, bootstrap.WORSE, bootstrap.NO_DIFFERENCE)
+    markdown = written_report.markdown
+    assert f"**Verdict: {data['verdict']}**" in markdown and reports.intervals_markdown(intervals) in markdown
+    assert f"{delta['point']:+.1f} [{delta['low']:+.1f}, {delta['high']:+.1f}]" in markdown
+    assert f"![intervals]({reports.INTERVALS_FILE})" in markdown
+    with Image.open(written_report.out_dir / reports.INTERVALS_FILE) as png:
+        assert png.format == "PNG"
+
+
+def test_interval_plot_labels_its_axes_and_draws_the_zero_line(written_report):
+    data = written_report.data
+    figure = reports.draw_intervals(data["intervals"], data["verdict"], "rider")
+    top, bottom = figure.axes[0], figure.axes[3]  # AP@0.5: the models, then the delta
+    assert top.get_xlabel() == "AP@0.5 (mode classes)" and bottom.get_xlabel() == "Δ AP@0.5 (points)"
+    assert [t.get_text() for t in top.get_yticklabels()] == ["baseline", "fine-tuned"]
+    assert [[t.get_text() for t in legend.get_texts()] for legend in figure.legends] == [
+        ["baseline", "fine-tuned"], ["no difference", "fine-tuned − baseline"]]
+    [zero] = [line for line in bottom.get_lines() if line.get_linestyle() == "--"]
+    assert list(zero.get_xdata()) == [0, 0]
+    assert data["verdict"] in figure.get_suptitle()
 
 
 def test_panels_are_png_files(written_report):
@@ -227,12 +272,23 @@ def test_summary_over_modes(written_report, tmp_path):
     by_mode = {"rider": written_report.data, "nighttime_person": written_report.data}
     md_path, json_path, markdown = reports.write_summary(tmp_path, by_mode)
     lines = markdown.splitlines()
-    assert lines[0] == "| failure mode | metric | baseline | fine-tuned | Δ% |"
-    assert len(lines) == 2 + 2 * len(written_report.rows)
-    assert lines[2].startswith("| rider | mAP@0.5 (mode classes) |")
+    assert lines[0] == ("| failure mode | frames | objects | baseline AP@0.5 | fine-tuned AP@0.5 "
+                        "| Δ AP@0.5 (points) | verdict |")
+    delta = written_report.data["intervals"][reports.DELTA]["map_50"]
+    assert lines[2] == (f"| rider | 24 | {delta['objects']} | "
+                        f"{reports._fmt_interval(written_report.data['intervals'][BASELINE]['map_50'], False)} | "
+                        f"{reports._fmt_interval(written_report.data['intervals'][FINETUNED]['map_50'], False)} | "
+                        f"{reports._fmt_interval(delta, True)} | {written_report.data['verdict']} |")
+    assert lines[3].startswith("| nighttime_person | 24 |") and lines[4] == ""
+    assert lines[5] == "| failure mode | metric | baseline | fine-tuned | Δ (points) |"
+    assert len(lines) == 7 + 2 * len(written_report.rows)
+    assert lines[7].startswith("| rider | mAP@0.5 (mode classes) |")
+    assert "%" not in markdown
     assert markdown in md_path.read_text()
     summary = json.loads(json_path.read_text())
     assert summary["modes"]["rider"]["val_view"]["version"] == 7
+    assert summary["modes"]["rider"]["verdict"] == written_report.data["verdict"]
+    assert summary["modes"]["rider"]["intervals"] == written_report.data["intervals"]
     assert len(summary["rows"]) == 2 * len(written_report.rows)
 
 
@@ -277,6 +333,17 @@ def test_frame_matches_equal_pycocotools_at_iou_half(written_report, hand_built_
         assert compared > 30
 
 
+def test_pr_curves_label_their_axes_and_name_each_model(written_report):
+    figure = reports.draw_pr_curves(written_report.data["metrics"])
+    assert [axes.get_title() for axes in figure.axes] == ["person (rider) at IoU 0.5", "car (car) at IoU 0.5"]
+    for axes in figure.axes:
+        assert (axes.get_xlabel(), axes.get_ylabel()) == ("recall", "precision")
+        labels = [t.get_text() for t in axes.get_legend().get_texts()]
+        assert [label.split(" (")[0] for label in labels] == ["baseline", "fine-tuned"]
+    person = written_report.data["metrics"][FINETUNED]["per_class"]["person"]
+    assert f"fine-tuned (AP@0.5 {person['ap_50']:.3f})" in [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+
+
 def test_frame_counts_add_up(hand_built_evaluation):
     for model, frames in hand_built_evaluation.frame_errors.items():
         for frame, truth, prediction in zip(frames, hand_built_evaluation.targets,
@@ -302,7 +369,7 @@ def test_worst_frames_are_the_finetuned_models_highest_error_scores(hand_built_e
 def test_report_shows_sizes_confusion_curves_and_worst_frames(written_report):
     out, data = written_report.out_dir, written_report.data
     with Image.open(out / reports.PR_CURVES_FILE) as png:
-        assert png.format == "PNG" and png.size == (2 * 320, 240)  # one plot per mode class
+        assert png.format == "PNG" and png.size == (2 * 420, 360)  # one plot per mode class
     confusion = data["confusion"][FINETUNED]
     assert confusion["classes"][-1] == "background" and "person" in confusion["classes"]
     matrix = np.array(confusion["matrix"])

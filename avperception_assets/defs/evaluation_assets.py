@@ -63,16 +63,20 @@ def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
 
 def _figures(report) -> dict:
     """Headline numbers as Dagster metadata (plottable across materializations): `mode_*` over
-    the mode's classes, `all_classes_*` over every class of the val view."""
+    the mode's classes, `all_classes_*` over every class of the val view, deltas in points, and
+    `ci_<model or delta>_<metric>_low/high`, the bounds of the 95% intervals over the mode's classes."""
     from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
-    from avperception_assets.evaluation.reports import SCOPES, delta_pct, scoped
+    from avperception_assets.evaluation.reports import SCOPES, delta_points, scoped
 
     figures = {}
     for scope in SCOPES:
         for key in ("map_50", "map", "mar_100"):
             base, tuned = (scoped(report.data["metrics"][model], scope)[key] for model in (BASELINE, FINETUNED))
             figures.update({f"{scope}_{key}_baseline": base, f"{scope}_{key}_finetuned": tuned,
-                            f"{scope}_{key}_delta_pct": delta_pct(base, tuned)})
+                            f"{scope}_{key}_delta_points": delta_points(base, tuned)})
+    for name, intervals in report.data["intervals"].items():
+        for key, entry in intervals.items():
+            figures.update({f"ci_{name}_{key}_low": entry["low"], f"ci_{name}_{key}_high": entry["high"]})
     return {k: dg.MetadataValue.null() if v is None else dg.MetadataValue.float(v) for k, v in figures.items()}
 
 
@@ -118,15 +122,19 @@ def _evaluate_tiled(uri: str, view: dict, models: dict, mode: FailureMode, spec:
     return result
 
 
-def _write_eval_frames(workspace: WorkspaceResource, mode: FailureMode, result, view: dict, finetuned_info: dict) -> dict:
-    """Every frame's matches, both models, as `<mode>_eval_frames`; returns its name and version."""
-    from avperception_assets.evaluation import frame_errors
-    from avperception_assets.model.detections import coco_category_names
+def _write_eval_frames(workspace: WorkspaceResource, mode: FailureMode, result, tiled, view: dict,
+                       finetuned_info: dict):
+    """Every frame's matches, both models (and both on tiles, with `tiled`), as
+    `<mode>_eval_frames`; returns its name and version, and its rows as stored (the intervals'
+    source)."""
+    from avperception_assets.evaluation import comparison as evaluation, frame_errors
 
-    rows = frame_errors.frame_rows(result.frame_errors, result.image_ids, result.class_ids, coco_category_names())
-    version = frame_errors.write_table(workspace.connect(), mode.name, rows, {
+    conn = workspace.connect()
+    rows = evaluation.frame_rows(result, tiled)
+    version = frame_errors.write_table(conn, mode.name, rows, {
         "val_view": view["name"], "val_view_version": view["version"], "checkpoint": finetuned_info["checkpoint"]})
-    return {"table": frame_errors.table_name(mode.name), "version": version, "rows": rows.num_rows}
+    return ({"table": frame_errors.table_name(mode.name), "version": version, "rows": rows.num_rows},
+            frame_errors.read_table(conn, mode.name, version))
 
 
 def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -139,7 +147,8 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         kinds={"pytorch"},
         metadata={"failure_mode": mode.name, "val_view": val_name, "classes": list(mode.classes)},
         description=f"Baseline vs fine-tuned on {val_name}: COCO mAP@0.5, mAP@[.5:.95] and mAR@100 over "
-                    f"{', '.join(mode.classes)} (the headline; all-class figures secondary), by object size, "
+                    f"{', '.join(mode.classes)} (the headline; all-class figures secondary) with 95% bootstrap "
+                    f"intervals, the paired difference in points and a verdict, by object size, "
                     f"precision-recall curves, the confusion between classes and the worst frames, with "
                     f"COCO JSON and panels under `reports/{mode.name}/{{val view version}}/`; every frame's "
                     f"matches in the `{mode.name}_eval_frames` table."
@@ -162,13 +171,14 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         except ValueError as exc:  # missing or empty val view
             raise dg.Failure(f"{mode.name}: {exc}") from exc
         tiled = _evaluate_tiled(uri, view, models, mode, spec, config.batch_size) if spec else None
-        eval_frames = _write_eval_frames(workspace, mode, result, view, finetuned_info)
+        eval_frames, stored = _write_eval_frames(workspace, mode, result, tiled, view, finetuned_info)
         report = reports.write_report(
             workspace.layout.reports_dir_for(mode.name) / str(view["version"]), result, mode=mode.name, val_view=view,
             baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
-            eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None)
+            eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None, frames=stored)
         table = reports.rows_markdown(report.rows)
-        context.log.info(f"{mode.name} on {val_name}@{view['version']}:\n{table}")
+        intervals = reports.intervals_markdown(report.data["intervals"])
+        context.log.info(f"{mode.name} on {val_name}@{view['version']}: {report.data['verdict']}\n{intervals}\n\n{table}")
         tiling_metadata = _tiling_metadata(report)
         if tiling_metadata:
             context.log.info(f"{mode.name}, untiled and tiled ({reports.tiling_description(report.data['tiling']['spec'])})"
@@ -176,6 +186,10 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(table),
+                "verdict": report.data["verdict"],
+                "intervals": dg.MetadataValue.md(f"**Verdict: {report.data['verdict']}**\n\n{intervals}\n\n"
+                                                 + reports.intervals_description(report.data["intervals"])),
+                "intervals_plot": dg.MetadataValue.md(reports.png_markdown(report.out_dir / reports.INTERVALS_FILE)),
                 "panels": dg.MetadataValue.md(reports.panels_markdown(report.panels)),
                 "by_object_size": dg.MetadataValue.md(reports.rows_markdown(report.data["size_rows"])),
                 "worst_frames": dg.MetadataValue.md(reports.worst_frames_markdown(report.data) + "\n\n"
@@ -208,8 +222,8 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
         key=FAILURE_MODE_SUMMARY,
         group_name=EVALUATION,
         deps=[eval_report_key(m) for m in modes],
-        description="One table over every failure mode: metric, baseline, fine-tuned, Δ% "
-                    "(also reports/summary.md and summary.json).",
+        description="Every failure mode's verdict with its 95% intervals, then one table over every mode: "
+                    "metric, baseline, fine-tuned, Δ in points (also reports/summary.md and summary.json).",
     )
     def _summary(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import reports
@@ -229,6 +243,7 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
         context.log.info(f"Failure modes: baseline vs fine-tuned\n{table}")
         return dg.MaterializeResult(metadata={
             "summary": dg.MetadataValue.md(table),
+            "verdicts": dg.MetadataValue.json({mode: data["verdict"] for mode, data in written.items()}),
             "modes": dg.MetadataValue.json(sorted(written)),
             "modes_without_report": dg.MetadataValue.json(missing),
             "summary_md": dg.MetadataValue.path(str(md_path)),

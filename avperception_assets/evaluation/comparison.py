@@ -13,12 +13,14 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import torch
 from torch import Tensor
 
 from avperception_assets.model import loader
 from avperception_assets.storage import tables as storage
 from avperception_assets.model.detections import coco_category_names, compute_metrics, mode_class_ids, predict
+from avperception_assets.evaluation import frame_errors
 from avperception_assets.evaluation.frame_errors import FrameErrors, match_frame
 from avperception_assets.storage.pixels import PixelReader
 
@@ -28,6 +30,11 @@ Batch = tuple[Sequence[Tensor], Sequence[Mapping[str, Tensor]], Sequence[str]]
 
 BASELINE = "baseline"
 FINETUNED = "finetuned"
+
+
+def tiled_name(model: str) -> str:
+    """A model's name in `<mode>_eval_frames` and in the intervals when it ran on tiles."""
+    return f"{model}_tiled"
 
 
 @dataclass
@@ -67,11 +74,15 @@ def _to_uint8(image: Tensor) -> Tensor:
 
 
 def _check_target(target: Mapping[str, Tensor], image_id: str) -> dict[str, Tensor]:
-    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
-    labels = torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)
-    if len(boxes) != len(labels):
-        raise ValueError(f"frame {image_id}: {len(boxes)} boxes but {len(labels)} labels")
-    return {"boxes": boxes, "labels": labels}
+    """The frame's boxes and labels, and its crowd flags (`iscrowd`, as COCO's) where it has them."""
+    checked = {"boxes": torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
+               "labels": torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)}
+    if "iscrowd" in target:
+        checked["iscrowd"] = torch.as_tensor(target["iscrowd"], dtype=torch.int64).reshape(-1)
+    if len({len(value) for value in checked.values()}) > 1:
+        raise ValueError(f"frame {image_id}: " + ", ".join(f"{len(v)} {k}" for k, v in checked.items())
+                         + ": one of each per object")
+    return checked
 
 
 class _WorstFrames:
@@ -172,3 +183,14 @@ def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module
     val_view = {"name": view.name, "version": view.version, "uri": uri,
                 "source_table": source_table, "source_table_version": source_version}
     return result, val_view
+
+
+def frame_rows(evaluation: Evaluation, tiled: Evaluation | None = None) -> pa.Table:
+    """The `<mode>_eval_frames` rows of an evaluation: each model's matches on every frame, and
+    with `tiled` (the same frames evaluated on tiles) each tiled model's, as `tiled_name(model)`."""
+    errors = dict(evaluation.frame_errors)
+    if tiled is not None:
+        if tiled.image_ids != evaluation.image_ids:
+            raise ValueError("the tiled evaluation must cover the same frames, in the same order")
+        errors.update({tiled_name(model): frames for model, frames in tiled.frame_errors.items()})
+    return frame_errors.frame_rows(errors, evaluation.image_ids, evaluation.class_ids, coco_category_names())

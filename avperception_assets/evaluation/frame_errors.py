@@ -1,12 +1,15 @@
-"""Where a detector fails, frame by frame and box by box: COCO matching at IoU 0.5, the counts it
-gives per frame and class, the confusion between classes, and the `<mode>_eval_frames` table
-that keeps them next to each report so users can query and filter them like the frames.
+"""Where a detector fails, frame by frame and box by box: COCO matching at COCO's ten IoU
+thresholds, the counts it gives per frame and class at IoU 0.5, the confusion between classes,
+and the `<mode>_eval_frames` table that keeps them next to each report so users can query and
+filter them like the frames (and `bootstrap` can score resampled frames without a model).
 
-The matching is COCOeval's (`evaluateImg` at one IoU threshold, area "all", 100 detections):
-per frame and class, detections in descending score order each take the unmatched ground-truth
-box of highest IoU, if that IoU is at least the threshold. Every detection counts, as in the
-metric; `CONFIDENT` separates the errors a user sees on a panel (a false positive scoring
-above it, a true positive below it) from the low-score tail.
+The matching is COCOeval's (`evaluateImg`, area "all", 100 detections): per frame and class,
+detections in descending score order each take the unmatched ground-truth box of highest IoU,
+if that IoU is at least the threshold; a detection that finds no such box but overlaps a crowd
+box enough (intersection over its own area) is ignored, neither true nor false positive, and
+crowd boxes are never objects to find (nor, as in COCOeval, boxes of negative width or height).
+Every detection counts, as in the metric; `CONFIDENT` separates the errors a user sees on a
+panel (a false positive scoring above it, a true positive below it) from the low-score tail.
 
 Nothing here runs a model or knows about Dagster.
 """
@@ -18,18 +21,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from avperception_assets.formats.coco import xywh
+from avperception_assets.model.detections import COCO_IOU_THRESHOLDS as IOU_THRESHOLDS
 from avperception_assets.storage.tables import EVAL_FRAMES_SUFFIX
 
-IOU_THRESHOLD = 0.5
+IOU_THRESHOLD = 0.5  # the per-frame errors' threshold: IOU_THRESHOLDS[0]
 MAX_DETECTIONS = 100  # per frame and class, COCO's largest maxDets
 CONFIDENT = 0.5  # a false positive at or above this score is confident; a true positive below it weak
 BACKGROUND = "background"
 
 GROUND_TRUTH, PREDICTION = "ground_truth", "prediction"
-TP, FP, MISS, FOUND = "tp", "fp", "miss", "found"  # a prediction is tp/fp; a ground-truth box found/miss
+# A prediction is tp/fp, or ignored (it matched only a crowd box, or is unmatched with a negative
+# area); a ground-truth box found/miss, or ignored (a crowd box, or one of negative area)
+TP, FP, MISS, FOUND, IGNORED = "tp", "fp", "miss", "found", "ignored"
 
 
 @dataclass
@@ -79,67 +86,114 @@ def _iou(a: Tensor, b: Tensor) -> np.ndarray:
     return box_iou(a.double(), b.double()).numpy()
 
 
-def _match_class(scores: Tensor, boxes: Tensor, gt_boxes: Tensor, threshold: float) -> tuple[list[int], list[float], list[int]]:
-    """COCOeval's greedy matching for one frame and class: the kept detection indices in score
-    order, for each its matched ground-truth index (-1: none) and that IoU."""
-    order = np.argsort(-scores.numpy(), kind="mergesort")[:MAX_DETECTIONS].tolist()  # COCO's stable order
-    ious = _iou(boxes[order].reshape(-1, 4), gt_boxes)
-    taken = [False] * len(gt_boxes)
-    matches, match_ious = [], []
-    for d in range(len(order)):
-        best, best_iou = -1, min(threshold, 1 - 1e-10)
-        for g in range(len(gt_boxes)):
-            if taken[g] or ious[d, g] < best_iou:
-                continue
-            best, best_iou = g, ious[d, g]
-        if best >= 0:
-            taken[best] = True
-        matches.append(best)
-        match_ious.append(float(best_iou) if best >= 0 else None)
-    return order, match_ious, matches
+@dataclass
+class ClassMatches:
+    """COCOeval.evaluateImg for one frame and class at every threshold of IOU_THRESHOLDS (rows)."""
+
+    order: np.ndarray  # (D,) the kept detections, highest score first (COCO's stable order)
+    dt_match: np.ndarray  # (T, D) the ground-truth box each matched, -1: none
+    dt_ignored: np.ndarray  # (T, D) neither a true nor a false positive (it matched an ignored box)
+    gt_match: np.ndarray  # (T, G) the detection (position in `order`) that found it, -1: none (crowd boxes)
+    gt_ignored: np.ndarray  # (G,) not an object to find: a crowd box (or one of negative area)
+    ious: np.ndarray  # (D, G) COCO's IoU (intersection over the detection's area for a crowd box)
+
+
+def _last_best(values: np.ndarray) -> np.ndarray:
+    """Per row, the column of the highest value (of equals, the last, as COCOeval's `<` keeps
+    it); -1 where every value is negative (nothing eligible)."""
+    if values.shape[1] == 0:
+        return np.full(len(values), -1)
+    last = values.shape[1] - 1 - np.argmax(values[:, ::-1], axis=1)
+    return np.where(values.max(axis=1) >= 0, last, -1)
+
+
+def _outside_area(boxes: np.ndarray) -> np.ndarray:
+    """Boxes whose area lies outside COCO's "all" range, [0, 1e5²]: only a box of negative width
+    or height; COCOeval ignores such ground truth, and such detections when unmatched."""
+    area = boxes[:, 2] * boxes[:, 3]
+    return (area < 0) | (area > 1e10)
+
+
+def coco_match(scores: np.ndarray, boxes: np.ndarray, gt_boxes: np.ndarray, crowd: np.ndarray) -> ClassMatches:
+    """COCOeval's greedy matching of one frame and class, at all ten thresholds at once.
+
+    `boxes` and `gt_boxes` are COCO [x, y, width, height] rows (as the report's JSON files hold
+    them, so the IoU is pycocotools' own), `crowd` flags crowd ground truth. COCOeval visits
+    the ignored ground truth last and stops there once a regular box matched: a detection takes
+    the best free regular box, or else the best ignored one (a crowd box stays free).
+    """
+    order = np.argsort(-scores, kind="mergesort")[:MAX_DETECTIONS]
+    thresholds, count = len(IOU_THRESHOLDS), len(gt_boxes)
+    dt_match, dt_ignored = np.full((thresholds, len(order)), -1), np.zeros((thresholds, len(order)), bool)
+    gt_match, gt_ignored = np.full((thresholds, count), -1), crowd | _outside_area(gt_boxes)
+    ious = np.zeros((len(order), count))
+    if len(order) and count:
+        ious = np.asarray(mask_utils.iou(boxes[order], gt_boxes, crowd.astype(np.uint8)))
+    floor = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+    rows = np.arange(thresholds)
+    for d in range(len(order) if count else 0):
+        eligible, free = ious[d] >= floor, gt_match < 0  # (T, G)
+        regular = _last_best(np.where(eligible & free & ~gt_ignored, ious[d], -1.0))
+        ignored = _last_best(np.where(eligible & (free | crowd) & gt_ignored, ious[d], -1.0))
+        match = np.where(regular >= 0, regular, ignored)
+        dt_match[:, d] = match
+        dt_ignored[:, d] = (regular < 0) & (ignored >= 0)
+        taken = (match >= 0) & ~crowd[match]  # (match -1 reads the last flag: masked by match >= 0)
+        gt_match[rows[taken], match[taken]] = d
+    dt_ignored |= (dt_match < 0) & _outside_area(boxes[order])
+    return ClassMatches(order, dt_match, dt_ignored, gt_match, gt_ignored, ious)
 
 
 def _box(source: str, coco_id: int, box: Sequence[float], score: float | None, outcome: str,
-         iou: float | None, match: int, names: Sequence[str]) -> dict:
+         iou: float | None, match: int, matched: Sequence[bool], ignored: Sequence[bool], names: Sequence[str]) -> dict:
     x1, y1, x2, y2 = (float(v) for v in box)
     return {"source": source, "coco_id": coco_id, "name": names[coco_id], "score": score,
-            "x1": x1, "y1": y1, "x2": x2, "y2": y2, "outcome": outcome, "iou": iou, "match": match}
+            "x1": x1, "y1": y1, "x2": x2, "y2": y2, "outcome": outcome, "iou": iou, "match": match,
+            "matched": [bool(v) for v in matched], "ignored": [bool(v) for v in ignored]}
 
 
-def match_frame(prediction: Mapping[str, Tensor], target: Mapping[str, Tensor], names: Sequence[str], *,
-                threshold: float = IOU_THRESHOLD) -> FrameErrors:
-    """Every box of one frame with its outcome, and the counts per class. `match` of a box is the
-    index, in this frame's `boxes`, of the box it matched (-1: none)."""
-    pred_boxes, scores = prediction["boxes"].reshape(-1, 4).float(), prediction["scores"].reshape(-1).float()
-    pred_labels, gt_boxes = prediction["labels"].reshape(-1), target["boxes"].reshape(-1, 4).float()
-    gt_labels = target["labels"].reshape(-1)
+def _outcome(matched: bool, ignored: bool, hit: str, miss: str) -> str:
+    return IGNORED if ignored else hit if matched else miss
+
+
+def match_frame(prediction: Mapping[str, Tensor], target: Mapping[str, Tensor], names: Sequence[str]) -> FrameErrors:
+    """Every box of one frame with its outcome at IoU 0.5 and whether it matched (and was
+    ignored) at each of IOU_THRESHOLDS, and the counts per class at IoU 0.5. `match` of a box is
+    the index, in this frame's `boxes`, of the box it matched at IoU 0.5 (-1: none; a crowd box
+    records none, as many detections may match it). A target's optional `iscrowd` flags crowd boxes."""
+    pred_boxes = prediction["boxes"].reshape(-1, 4).float().numpy()
+    scores, pred_labels = prediction["scores"].reshape(-1).float().numpy(), prediction["labels"].reshape(-1).numpy()
+    gt_boxes, gt_labels = target["boxes"].reshape(-1, 4).float().numpy(), target["labels"].reshape(-1).numpy()
+    crowd = np.asarray(target.get("iscrowd", np.zeros(len(gt_labels))), dtype=bool).reshape(-1)
     per_class: dict[int, ClassCounts] = {}
     gt_rows, pred_rows = [], []
     for coco_id in sorted({int(c) for c in gt_labels} | {int(c) for c in pred_labels}):
-        gt_index = torch.nonzero(gt_labels == coco_id).flatten().tolist()
-        pred_index = torch.nonzero(pred_labels == coco_id).flatten().tolist()
-        order, ious, matches = _match_class(scores[pred_index], pred_boxes[pred_index], gt_boxes[gt_index], threshold)
-        counts = per_class[coco_id] = ClassCounts(gt=len(gt_index))
-        found = {g: (len(pred_rows) + d, ious[d]) for d, g in enumerate(matches) if g >= 0}
-        gt_start = len(gt_rows)
-        for d, (k, g) in enumerate(zip(order, matches)):
-            score = float(scores[pred_index[k]])
-            hit = g >= 0
+        gt_index, pred_index = np.flatnonzero(gt_labels == coco_id), np.flatnonzero(pred_labels == coco_id)
+        found = coco_match(scores[pred_index], np.array(xywh(pred_boxes[pred_index])).reshape(-1, 4),
+                           np.array(xywh(gt_boxes[gt_index])).reshape(-1, 4), crowd[gt_index])
+        counts = per_class[coco_id] = ClassCounts(gt=int((~found.gt_ignored).sum()))
+        gt_start, pred_start = len(gt_rows), len(pred_rows)
+        for d, k in enumerate(found.order):
+            g, ignored, score = int(found.dt_match[0, d]), bool(found.dt_ignored[0, d]), float(scores[pred_index[k]])
+            hit, miss = g >= 0 and not ignored, g < 0 and not ignored
             counts.tp += hit
-            counts.fp += not hit
-            counts.confident_fp += not hit and score >= CONFIDENT
+            counts.fp += miss
+            counts.confident_fp += miss and score >= CONFIDENT
             counts.weak_tp += hit and score < CONFIDENT
-            pred_rows.append((coco_id, pred_boxes[pred_index[k]].tolist(), score, TP if hit else FP, ious[d],
-                              gt_start + g if hit else -1))
+            pred_rows.append((coco_id, pred_boxes[pred_index[k]].tolist(), score,
+                              _outcome(g >= 0, ignored, TP, FP), float(found.ious[d, g]) if g >= 0 else None,
+                              gt_start + g if g >= 0 else -1, found.dt_match[:, d] >= 0, found.dt_ignored[:, d]))
         for g, i in enumerate(gt_index):
-            row, iou = found.get(g, (-1, None))
-            counts.misses += row < 0
-            gt_rows.append((coco_id, gt_boxes[i].tolist(), None, FOUND if row >= 0 else MISS, iou, row))
+            d, ignored = int(found.gt_match[0, g]), bool(found.gt_ignored[g])
+            counts.misses += d < 0 and not ignored
+            gt_rows.append((coco_id, gt_boxes[i].tolist(), None, _outcome(d >= 0, ignored, FOUND, MISS),
+                            float(found.ious[d, g]) if d >= 0 else None, pred_start + d if d >= 0 else -1,
+                            found.gt_match[:, g] >= 0, [ignored] * len(IOU_THRESHOLDS)))
     # Ground truth first, then predictions: a prediction's `match` points into the first part,
     # a ground-truth box's into the second.
-    boxes = [_box(GROUND_TRUTH, c, b, s, o, iou, m + len(gt_rows) if m >= 0 else -1, names)
-             for c, b, s, o, iou, m in gt_rows]
-    boxes += [_box(PREDICTION, c, b, s, o, iou, m, names) for c, b, s, o, iou, m in pred_rows]
+    boxes = [_box(GROUND_TRUTH, c, b, s, o, iou, m + len(gt_rows) if m >= 0 else -1, *flags, names)
+             for c, b, s, o, iou, m, *flags in gt_rows]
+    boxes += [_box(PREDICTION, c, b, s, o, iou, m, *flags, names) for c, b, s, o, iou, m, *flags in pred_rows]
     return FrameErrors(per_class, boxes)
 
 
@@ -189,7 +243,11 @@ BOX = pa.struct([
     pa.field("source", pa.string()), pa.field("coco_id", pa.int32()), pa.field("name", pa.string()),
     pa.field("score", pa.float32()), pa.field("x1", pa.float32()), pa.field("y1", pa.float32()),
     pa.field("x2", pa.float32()), pa.field("y2", pa.float32()), pa.field("outcome", pa.string()),
-    pa.field("iou", pa.float32()), pa.field("match", pa.int32())])
+    pa.field("iou", pa.float32()), pa.field("match", pa.int32()),
+    # At each of IOU_THRESHOLDS: matched (a prediction: to any box; a ground-truth box: found),
+    # and ignored (neither a true nor a false positive; a ground-truth box not to be found)
+    pa.field("matched", pa.list_(pa.bool_(), len(IOU_THRESHOLDS))),
+    pa.field("ignored", pa.list_(pa.bool_(), len(IOU_THRESHOLDS)))])
 SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
     pa.field("frame_index", pa.int32()),  # the frame's position in the evaluation (its COCO image id)
@@ -229,3 +287,10 @@ def write_table(conn, mode: str, rows: pa.Table, metadata: Mapping[str, str]) ->
     rows = rows.replace_schema_metadata({k.encode(): str(v).encode() for k, v in metadata.items()})
     table = conn.create_table(table_name(mode), rows, mode="overwrite")
     return table.version
+
+
+def read_table(conn, mode: str, version: int) -> pa.Table:
+    """The rows of `<mode>_eval_frames` at `version` (the frames of the report that wrote it)."""
+    table = conn.open_table(table_name(mode))
+    table.checkout(version)
+    return table.to_arrow()

@@ -1,6 +1,7 @@
-"""Writing evaluations down: COCO JSON, PNG panels, report.json / report.md, and the summary
-over every failure mode. Every figure comes from an `evaluation.Evaluation`; nothing here
-runs a model."""
+"""Writing evaluations down: COCO JSON, PNG panels, matplotlib plots (precision-recall curves,
+bootstrap intervals), report.json / report.md, and the summary over every failure mode. Every
+figure comes from an `evaluation.Evaluation` and its stored frame matches; nothing here runs a
+model. matplotlib is imported by the drawing functions only."""
 
 from __future__ import annotations
 
@@ -13,15 +14,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from torch import Tensor
 
-from avperception_assets.evaluation import frame_errors
+from avperception_assets.evaluation import bootstrap, frame_errors
+from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame, frame_rows, tiled_name
 from avperception_assets.formats import coco
 from avperception_assets.model.detections import METRIC_BACKEND, SIZES, coco_category_names
-from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame
 
 MODEL_TITLES = {BASELINE: "baseline", FINETUNED: "fine-tuned"}
 COLORS = {"ground truth": "green", BASELINE: "red", FINETUNED: "blue"}
+DELTA = "delta"  # the intervals' paired difference, fine-tuned − baseline
+# Everything the intervals cover, in the order tables and plots show it
+INTERVAL_TITLES = {BASELINE: "baseline", FINETUNED: "fine-tuned", tiled_name(BASELINE): "baseline tiled",
+                   tiled_name(FINETUNED): "fine-tuned tiled", DELTA: "fine-tuned − baseline (points)"}
+INTERVAL_COLORS = {**COLORS, tiled_name(BASELINE): "salmon", tiled_name(FINETUNED): "cornflowerblue", DELTA: "black"}
 
 GROUND_TRUTH_FILE = "ground_truth_coco.json"
 PREDICTIONS_FILES = {BASELINE: "baseline_predictions_coco.json",
@@ -32,19 +39,15 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PANELS_DIR = "panels"
 PR_CURVES_FILE = "pr_curves.png"
+INTERVALS_FILE = "intervals.png"
 
 
-# Metrics are shown to 3 decimals: a baseline that shows as 0.000 gives no meaningful ratio
-# (a baseline mAP of about 0.00001 made "+430973.6%" in the demo's summary).
-DELTA_MIN_BASELINE = 0.0005
-
-
-def delta_pct(baseline: float | None, finetuned: float | None) -> float | None:
-    """Relative change of fine-tuned over baseline in percent; None when undefined (a baseline
-    under `DELTA_MIN_BASELINE`, that is 0.000 as the tables show it)."""
-    if baseline is None or finetuned is None or baseline < DELTA_MIN_BASELINE:
+def delta_points(baseline: float | None, finetuned: float | None) -> float | None:
+    """Fine-tuned − baseline in points (a difference of APs x 100); None when either is undefined.
+    Not a ratio: on a baseline near 0 a ratio is huge and means nothing."""
+    if baseline is None or finetuned is None:
         return None
-    return (finetuned - baseline) / baseline * 100.0
+    return (finetuned - baseline) * bootstrap.POINTS
 
 
 SUMMARY_FIGURES = (("mAP@0.5", "map_50"), ("mAP@[.5:.95]", "map"), ("recall (mAR@100)", "mar_100"))
@@ -66,12 +69,12 @@ def _scope_rows(baseline: Mapping, finetuned: Mapping, scope: str, figures) -> l
 
 def _with_delta(table: list[dict]) -> list[dict]:
     for row in table:
-        row["delta_pct"] = delta_pct(row["baseline"], row["finetuned"])
+        row["delta_points"] = delta_points(row["baseline"], row["finetuned"])
     return table
 
 
 def metric_rows(baseline: Mapping, finetuned: Mapping) -> list[dict]:
-    """The report's table: one row per figure with baseline, fine-tuned and Δ%. The headline
+    """The report's table: one row per figure with baseline, fine-tuned and Δ in points. The headline
     comes first, over the mode's own classes; then each of those classes; then, secondary, the
     figures over every class in the val view."""
     table = _scope_rows(baseline, finetuned, "mode", SUMMARY_FIGURES)
@@ -136,16 +139,52 @@ def _fmt(value: float | None) -> str:
 
 
 def _fmt_delta(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1f}%"
+    return "n/a" if value is None else f"{value:+.1f}"
 
 
 def rows_markdown(rows: Sequence[Mapping]) -> str:
-    """A markdown table of metric rows: metric, baseline, fine-tuned, Δ%."""
-    lines = ["| metric | baseline | fine-tuned | Δ% |", "|---|---:|---:|---:|"]
+    """A markdown table of metric rows: metric, baseline, fine-tuned, Δ in points."""
+    lines = ["| metric | baseline | fine-tuned | Δ (points) |", "|---|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['metric']} | {_fmt(row['baseline'])} | "
-                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_pct'])} |")
+                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_points'])} |")
     return "\n".join(lines)
+
+
+# --- intervals -------------------------------------------------------------------------------
+
+def report_intervals(frames: pa.Table, class_ids: Sequence[int]) -> dict:
+    """The bootstrap intervals of every model in `frames` (the `<mode>_eval_frames` rows) over
+    the mode's classes, and of fine-tuned − baseline on the same resamples, in INTERVAL_TITLES order."""
+    found = bootstrap.intervals(bootstrap.matches_from_rows(frames, class_ids), {DELTA: (BASELINE, FINETUNED)})
+    return {name: found[name] for name in INTERVAL_TITLES if name in found}
+
+
+def _fmt_interval(entry: Mapping, delta: bool) -> str:
+    fmt = _fmt_delta if delta else _fmt
+    if entry["point"] is None:
+        return "n/a"
+    return f"{fmt(entry['point'])} [{fmt(entry['low'])}, {fmt(entry['high'])}]"
+
+
+def intervals_markdown(intervals: Mapping) -> str:
+    """A markdown table: each model's figures and the delta, each with its 95% interval."""
+    lines = ["| | " + " | ".join(f"{label} (mode classes)" for label in bootstrap.METRICS.values()) + " |",
+             "|---|" + "---:|" * len(bootstrap.METRICS)]
+    lines += [f"| {INTERVAL_TITLES[name]} | " + " | ".join(_fmt_interval(figures[key], name == DELTA)
+                                                           for key in bootstrap.METRICS) + " |"
+              for name, figures in intervals.items()]
+    return "\n".join(lines)
+
+
+def intervals_description(intervals: Mapping) -> str:
+    """How the intervals were made and how the verdict reads them, in one paragraph."""
+    entry = intervals[DELTA][bootstrap.VERDICT_METRIC]
+    return (f"{entry['confidence']:.0%} percentile bootstrap intervals over the {entry['frames']} frames "
+            f"({entry['objects']} objects of the mode's classes): {entry['resamples']:,} resamples of the frames, "
+            f"seed {entry['seed']}, scored from the stored matches; the delta is paired (the same resamples). "
+            f"The verdict reads the delta of AP@0.5: better when its interval lies above 0, worse below, "
+            f"otherwise no detectable difference.")
 
 
 # --- COCO JSON -----------------------------------------------------------------------------
@@ -166,7 +205,8 @@ def coco_ground_truth(evaluation: Evaluation) -> coco.Dataset:
     dataset = coco.Dataset({"description": "AV Perception Assets val view ground truth"},
                            {c: names[c] for c in sorted(used)}, first_image_id=0)
     for frame_id, (height, width), target in zip(evaluation.image_ids, evaluation.sizes, evaluation.targets):
-        dataset.add_image(frame_id, width, height, target["labels"].tolist(), _corners(target["boxes"]))
+        dataset.add_image(frame_id, width, height, target["labels"].tolist(), _corners(target["boxes"]),
+                          target["iscrowd"].tolist() if "iscrowd" in target else None)
     return dataset
 
 
@@ -248,32 +288,68 @@ def write_panels(out_dir: Path, evaluation: Evaluation, *, frames: Sequence[Pane
     return paths
 
 
-def draw_pr_curves(metrics: Mapping[str, Mapping], *, size: tuple[int, int] = (320, 240)):
-    """Precision against recall at IoU 0.5 for each of the mode's classes, baseline (red) and
-    fine-tuned (blue), one plot per class side by side. Returns a PIL image."""
-    from PIL import Image, ImageDraw
+def _figure(width: float, height: float):
+    """An empty matplotlib figure on the Agg canvas (no pyplot, no display; imported here so that
+    the code location loads without matplotlib)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def draw_pr_curves(metrics: Mapping[str, Mapping]):
+    """Precision against recall at IoU 0.5 for each of the mode's classes, baseline (red) and
+    fine-tuned (blue), one plot per class side by side. Returns a matplotlib Figure."""
     classes = list(metrics[BASELINE]["per_class"])
-    width, height = size
-    margin = 28
-    image = Image.new("RGB", (width * len(classes), height), "white")
-    pen = ImageDraw.Draw(image)
-    for i, name in enumerate(classes):
-        left, right, top, bottom = i * width + margin, (i + 1) * width - 8, 22, height - margin
-        pen.rectangle((left, top, right, bottom), outline="gray")
-        pen.text((left, bottom + 4), "0", fill="black")
-        pen.text((right - 30, bottom + 4), "recall 1", fill="black")
-        pen.text((i * width + 4, top - 4), "1", fill="black")
-        title = [f"{name} AP@0.5"]
+    figure = _figure(4.2 * len(classes), 3.6)
+    recall = np.linspace(0, 1, 101)  # COCO's recall points
+    for axes, name in zip(figure.subplots(1, len(classes), squeeze=False)[0], classes):
         for model in (BASELINE, FINETUNED):
             figures = metrics[model]["per_class"][name]
-            title.append(f"{MODEL_TITLES[model]} {_fmt(figures['ap_50'])}")
-            points = [(left + (right - left) * r / 100, bottom - (bottom - top) * p)
-                      for r, p in enumerate(figures["pr_50"] or []) if p is not None]
-            if len(points) > 1:
-                pen.line(points, fill=COLORS[model], width=2)
-        pen.text((left, 4), " · ".join(title), fill="black")
-    return image
+            precision = [np.nan if p is None else p for p in figures["pr_50"] or [None] * len(recall)]
+            axes.plot(recall, precision, color=COLORS[model], linewidth=1.5,
+                      label=f"{MODEL_TITLES[model]} (AP@0.5 {_fmt(figures['ap_50'])})")
+        covers = "+".join(metrics[BASELINE]["per_class"][name]["bdd_classes"])
+        axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+                 title=f"{name} ({covers}) at IoU 0.5")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="lower left", fontsize="small")
+    return figure
+
+
+def _interval_bar(axes, row: int, entry: Mapping, color: str, label: str) -> None:
+    if entry["point"] is None or entry["low"] is None:
+        return  # nothing measured (no object of the mode's classes)
+    spread = [[entry["point"] - entry["low"]], [entry["high"] - entry["point"]]]
+    axes.errorbar(entry["point"], row, xerr=spread, fmt="o", color=color, capsize=4, label=label)
+
+
+def draw_intervals(intervals: Mapping, verdict: str, mode: str):
+    """The intervals as a plot: per metric, each model's figure (top) and fine-tuned − baseline
+    in points against the 0 line (bottom), each a point with its 95% interval. Returns a Figure."""
+    models = [name for name in intervals if name != DELTA]
+    figure = _figure(3.6 * len(bootstrap.METRICS) + 2.2, 1.6 + 0.45 * (len(models) + 2))
+    grid = figure.subplots(2, len(bootstrap.METRICS), squeeze=False, height_ratios=[len(models) + 1, 2])
+    for column, (key, label) in enumerate(bootstrap.METRICS.items()):
+        top, bottom = grid[0, column], grid[1, column]
+        for row, name in enumerate(models):
+            _interval_bar(top, row, intervals[name][key], INTERVAL_COLORS[name], INTERVAL_TITLES[name])
+        top.set(xlim=(0, 1), ylim=(len(models) - 0.5, -0.5), xlabel=f"{label} (mode classes)",
+                yticks=range(len(models)), yticklabels=[INTERVAL_TITLES[name] for name in models] if not column else [])
+        top.grid(axis="x", alpha=0.3)
+        bottom.axvline(0, color="gray", linestyle="--", label="no difference")
+        _interval_bar(bottom, 0, intervals[DELTA][key], INTERVAL_COLORS[DELTA], "fine-tuned − baseline")
+        bottom.set(xlabel=f"Δ {label} (points)", yticks=[])
+        bottom.grid(axis="x", alpha=0.3)
+    # One legend per row, beside the plots (each metric shows the same entries)
+    for axes, place in ((grid[0, 0], "outside right upper"), (grid[1, 0], "outside right lower")):
+        figure.legend(*axes.get_legend_handles_labels(), loc=place, fontsize="small")
+    entry = intervals[DELTA][bootstrap.VERDICT_METRIC]
+    figure.suptitle(f"{mode}: {entry['confidence']:.0%} bootstrap intervals over {entry['frames']} frames "
+                    f"({entry['objects']} objects), verdict: {verdict}")
+    return figure
 
 
 def confusion_markdown(confusion: Mapping) -> str:
@@ -343,7 +419,7 @@ def _write_pictures(out_dir: Path, evaluation: Evaluation, score_threshold: floa
     panels = write_panels(panel_dir, evaluation, score_threshold=score_threshold)
     worst = write_panels(panel_dir, evaluation, frames=evaluation.worst_frames, prefix="worst",
                          score_threshold=score_threshold)
-    draw_pr_curves(evaluation.metrics).save(out_dir / PR_CURVES_FILE, format="PNG", optimize=True)
+    draw_pr_curves(evaluation.metrics).savefig(out_dir / PR_CURVES_FILE, format="png")
     return panels, worst
 
 
@@ -352,8 +428,6 @@ def _tiling_data(out_dir: Path, evaluation: Evaluation, tiled: Evaluation | None
     without a tiled evaluation (stale tiled files are removed)."""
     if (tiled is None) != (tiling is None):
         raise ValueError("a tiled evaluation comes with its tiling, and a tiling with its evaluation")
-    if tiled is not None and tiled.image_ids != evaluation.image_ids:
-        raise ValueError("the tiled evaluation must cover the same frames, in the same order")
     for name, filename in TILED_PREDICTIONS_FILES.items():
         path = out_dir / filename
         if tiled is None:
@@ -370,25 +444,30 @@ def _tiling_data(out_dir: Path, evaluation: Evaluation, tiled: Evaluation | None
 
 def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: Mapping, baseline: Mapping, finetuned: Mapping,
                  score_threshold: float = 0.5, eval_frames: Mapping | None = None, tiled: Evaluation | None = None,
-                 tiling: Mapping | None = None) -> Report:
-    """Write COCO JSON (ground truth + both models), panels, the precision-recall curves,
-    report.json and report.md.
+                 tiling: Mapping | None = None, frames: pa.Table | None = None) -> Report:
+    """Write COCO JSON (ground truth + both models), panels, the precision-recall curves, the
+    bootstrap intervals and their plot, report.json and report.md.
 
     `val_view` names the view and version evaluated on; `baseline`/`finetuned` describe the
     models (checkpoint path and its metadata, or the weights source); `eval_frames` names the
-    `<mode>_eval_frames` table and version holding this evaluation's frames. `tiled`, the same
-    frames evaluated with tiled inference as `tiling` describes it (tile_size, overlap,
-    whole_frame), adds a table of both models untiled and tiled. Rewrites the folder's files,
-    so re-running for the same view version is safe.
+    `<mode>_eval_frames` table and version holding this evaluation's frames, and `frames` are
+    its rows as stored, from which the intervals are computed (default: the rows this
+    evaluation makes, `comparison.frame_rows`). `tiled`, the same frames evaluated with tiled
+    inference as `tiling` describes it (tile_size, overlap, whole_frame), adds a table of both
+    models untiled and tiled. Rewrites the folder's files, so re-running for the same view
+    version is safe.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"ground_truth": GROUND_TRUTH_FILE, **{f"{k}_predictions": v for k, v in PREDICTIONS_FILES.items()}}
+    intervals = report_intervals(frame_rows(evaluation, tiled) if frames is None else frames, evaluation.class_ids)
+    verdict = bootstrap.verdict(intervals[DELTA][bootstrap.VERDICT_METRIC])
     coco_ground_truth(evaluation).write(out_dir / GROUND_TRUTH_FILE)
     for name, filename in PREDICTIONS_FILES.items():
         (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
     tiling_data = _tiling_data(out_dir, evaluation, tiled, tiling)
     panels, worst = _write_pictures(out_dir, evaluation, score_threshold)
+    draw_intervals(intervals, verdict, mode).savefig(out_dir / INTERVALS_FILE, format="png")
     rows = metric_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED])
     names = coco_category_names()
     data = _json_safe({
@@ -404,7 +483,9 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
         "metrics": evaluation.metrics,
         "seconds_per_frame": {model: evaluation.seconds_per_frame(model) for model in (BASELINE, FINETUNED)},
         "tiling": tiling_data,
-        "delta_pct": {row["metric"]: row["delta_pct"] for row in rows},
+        "intervals": intervals,
+        "verdict": verdict,
+        "delta_points": {row["metric"]: row["delta_points"] for row in rows},
         "rows": rows,
         "size_rows": size_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED]),
         "confusion": {model: frame_errors.confusion(evaluation.predictions[model], evaluation.targets, names,
@@ -413,9 +494,17 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
         "protocol": {"metric": "torchmetrics.detection.MeanAveragePrecision", "backend": METRIC_BACKEND,
                      "iou_type": "bbox", "label_space": "COCO category ids (bdd100k.COCO_IDS)",
                      "headline": "over the mode's classes; all-class figures are secondary",
-                     "frame_matching": f"COCO greedy matching at IoU {frame_errors.IOU_THRESHOLD}",
+                     "frame_matching": "COCO greedy matching at IoU 0.50:0.05:0.95 (errors and panels at "
+                                       f"IoU {frame_errors.IOU_THRESHOLD})",
+                     "intervals": "percentile bootstrap over frames from the stored matches, paired delta; "
+                                  "models' figures as fractions, the delta in points (AP x 100)",
+                     "verdict": f"from the delta's interval of {bootstrap.VERDICT_METRIC} (mode classes): "
+                                f"{bootstrap.BETTER} above 0, {bootstrap.WORSE} below 0, "
+                                f"otherwise {bootstrap.NO_DIFFERENCE}",
+                     "delta": "fine-tuned − baseline in points (AP x 100)",
                      "panel_score_threshold": score_threshold},
-        "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels], "pr_curves": PR_CURVES_FILE},
+        "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels], "pr_curves": PR_CURVES_FILE,
+                  "intervals": INTERVALS_FILE},
     })
     (out_dir / REPORT_JSON).write_text(json.dumps(data, indent=2))
     markdown = report_markdown(data)
@@ -454,10 +543,18 @@ def report_markdown(data: Mapping) -> str:
         f"{data['num_objects']} objects. Classes that matter: {', '.join(data['classes'])}; the headline "
         f"figures are over those classes only.",
         "",
+        f"**Verdict: {data['verdict']}** (fine-tuned against baseline, AP@0.5 over the mode's classes).",
+        "",
+        intervals_markdown(data["intervals"]),
+        "",
+        intervals_description(data["intervals"]),
+        "",
+        f"![intervals]({data['files']['intervals']})",
+        "",
         rows_markdown(data["rows"]),
         "",
-        "Δ% = (fine-tuned − baseline) / baseline; n/a where the baseline shows as 0.000 or there is "
-        "nothing to measure. COCO protocol (torchmetrics `MeanAveragePrecision`, pycocotools); "
+        "Δ = fine-tuned − baseline in points (AP x 100); n/a where there is nothing to measure. "
+        "COCO protocol (torchmetrics `MeanAveragePrecision`, pycocotools); "
         "a prediction of a class absent from a frame is a false positive. Per-class AP is per "
         "COCO class: `person` scores BDD pedestrians and riders alike (both are COCO person); "
         "the parentheses name the mode's classes it stands for.",
@@ -494,12 +591,30 @@ def summary_rows(reports: Mapping[str, Mapping]) -> list[dict]:
     return [{"mode": mode, **row} for mode, data in reports.items() for row in data["rows"]]
 
 
+def verdicts_markdown(reports: Mapping[str, Mapping]) -> str:
+    """One line per failure mode: its frames and objects, both models' AP@0.5 over the mode's
+    classes and the paired delta in points, each with its 95% interval, and the verdict."""
+    key = bootstrap.VERDICT_METRIC
+    label = bootstrap.METRICS[key]
+    lines = [f"| failure mode | frames | objects | baseline {label} | fine-tuned {label} | Δ {label} (points) | verdict |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for mode, data in reports.items():
+        intervals = data["intervals"]
+        delta = intervals[DELTA][key]
+        lines.append(f"| {mode} | {delta['frames']} | {delta['objects']} | {_fmt_interval(intervals[BASELINE][key], False)} "
+                     f"| {_fmt_interval(intervals[FINETUNED][key], False)} | {_fmt_interval(delta, True)} "
+                     f"| {data['verdict']} |")
+    return "\n".join(lines)
+
+
 def summary_markdown(reports: Mapping[str, Mapping]) -> str:
-    """One table over every failure mode: metric, baseline, fine-tuned, Δ%."""
-    lines = ["| failure mode | metric | baseline | fine-tuned | Δ% |", "|---|---|---:|---:|---:|"]
+    """The verdicts with their intervals, then one table over every failure mode: metric,
+    baseline, fine-tuned, Δ in points."""
+    lines = [verdicts_markdown(reports), "",
+             "| failure mode | metric | baseline | fine-tuned | Δ (points) |", "|---|---|---:|---:|---:|"]
     for row in summary_rows(reports):
         lines.append(f"| {row['mode']} | {row['metric']} | {_fmt(row['baseline'])} | "
-                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_pct'])} |")
+                     f"{_fmt(row['finetuned'])} | {_fmt_delta(row['delta_points'])} |")
     return "\n".join(lines)
 
 
@@ -510,8 +625,8 @@ def write_summary(out_dir: Path, reports: Mapping[str, Mapping]) -> tuple[Path, 
     markdown = summary_markdown(reports)
     md_path, json_path = out_dir / "summary.md", out_dir / "summary.json"
     md_path.write_text("# Failure modes: baseline vs fine-tuned\n\n" + markdown + "\n")
-    sources = {mode: {"val_view": data["val_view"], "models": data["models"],
-                      "report_dir": data["report_dir"]} for mode, data in reports.items()}
+    sources = {mode: {"val_view": data["val_view"], "models": data["models"], "report_dir": data["report_dir"],
+                      "verdict": data["verdict"], "intervals": data["intervals"]} for mode, data in reports.items()}
     json_path.write_text(json.dumps(_json_safe({
         "generated_at": datetime.now(timezone.utc).isoformat(),
         "rows": summary_rows(reports), "modes": sources}), indent=2))

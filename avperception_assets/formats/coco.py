@@ -124,14 +124,16 @@ class Dataset:
         self.annotations: list[dict] = []
 
     def add_image(self, file_name: str, width: int, height: int, category_ids: Sequence[int], boxes,
-                  **extra) -> int:
-        """Add an image (its `extra` keys kept in its entry) and its corner boxes; returns its id."""
+                  crowd: Sequence[bool] | None = None, **extra) -> int:
+        """Add an image (its `extra` keys kept in its entry) and its corner boxes, crowd regions
+        where `crowd` flags them; returns its id."""
         image_id = self.first_image_id + len(self.images)
         self.images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, **extra})
-        for category_id, bbox in zip(category_ids, xywh(boxes)):
+        crowd = [False] * len(category_ids) if crowd is None else crowd
+        for category_id, bbox, is_crowd in zip(category_ids, xywh(boxes), crowd):
             self.annotations.append({"id": next(self.annotation_ids), "image_id": image_id,
                                      "category_id": int(category_id), "bbox": bbox, "area": bbox[2] * bbox[3],
-                                     "iscrowd": 0})
+                                     "iscrowd": int(is_crowd)})
         return image_id
 
     def as_json(self) -> dict:

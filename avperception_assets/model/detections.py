@@ -23,6 +23,11 @@ from avperception_assets.model.loader import model_inputs
 
 METRIC_BACKEND = "pycocotools"
 SIZES = ("small", "medium", "large")  # COCO's area ranges, in the order of its precision array
+# COCOeval's IoU thresholds and recall points (`Params.iouThrs`, `recThrs`), computed as it does.
+# torchmetrics' defaults are these rounded to float32, which moves a precision-recall point that
+# lands exactly on a recall point (0.3 of 10 objects), so its figures could differ from COCOeval's.
+COCO_IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
+COCO_RECALL_POINTS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
 
 
 def coco_category_names() -> list[str]:
@@ -68,7 +73,8 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
     from torchmetrics.detection import MeanAveragePrecision
 
     metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, extended_summary=True,
-                                  backend=METRIC_BACKEND)
+                                  backend=METRIC_BACKEND, iou_thresholds=COCO_IOU_THRESHOLDS.tolist(),
+                                  rec_thresholds=COCO_RECALL_POINTS.tolist())
     metric.warn_on_many_detections = False
     metric.update([dict(p) for p in predictions], [dict(t) for t in targets])
     result = metric.compute()
