@@ -35,7 +35,7 @@ def _two_ranks(tmp_path: Path, **profile) -> tuple[Path, dict]:
     build_frames_table(tmp_path, [("ddp-a", 14, 6)])
     uri = str(tmp_path / "lancedb")
     view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
-    recipe = Recipe.on(view, None, detector.get_profile(
+    recipe = Recipe.on(view, detector.get_profile(
         "cpu", **{"batch_size": 2, "min_size": 96, "max_size": 160, "epochs": 1, "warmup_steps": 0,
                   "max_steps_per_epoch": None, **profile}), seed=4)
     out = tmp_path / "ckpt"
