@@ -67,9 +67,10 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     train_view, profile, process = recipe.train, recipe.profile, Process.current()
     rows = loader.count_rows(train_view)
     if rows == 0:
+        held_out = (f" outside its {recipe.selection_pct}% selection share (a lower selection_pct holds out fewer)"
+                    if recipe.selection_pct else "")
         raise ValueError(f"{train_view.name}@{train_view.version} has no training rows"
-                         f"{f' matching {train_view.where!r}' if train_view.where else ''}"
-                         f"{f' outside its {recipe.selection_pct}% selection share' if recipe.selection_pct else ''}")
+                         f"{f' matching {train_view.where!r}' if train_view.where else ''}{held_out}")
     selection_rows = loader.count_rows(recipe.selection) if recipe.selection else 0
     selection = recipe.selection if selection_rows else None
     if recipe.selection_pct and not selection_rows:
