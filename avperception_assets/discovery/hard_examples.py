@@ -11,10 +11,10 @@ A frame's weight is 1 + `boost` × its difficulty. With `neighbors`, the hardest
 view's own embeddings: each of their `neighbors` nearest train frames gains half the query's
 boost. Val frames and the train view's selection share (`loader.ViewRef.share`: the frames
 held out to choose the best epoch) never feed training: they are neither scored nor queried nor
-returned. The
-trainer takes the weights (`training.train(..., sample_weights=...)`) with `Mining.as_dict()`
-as the recipe's record of them; the checkpoint folder keeps both, so `reproduce` rebuilds each
-epoch's draws, and maintenance keeps the scores table at its recorded version.
+returned. The trainer takes the weights (`training.train(..., sample_weights=...)`) with
+`Mining.as_dict()` as the recipe's record of them; the checkpoint folder keeps both, so
+`reproduce` rebuilds each epoch's draws, and maintenance keeps the scores table at its recorded
+version.
 
 CLI, for a mined checkpoint folder written up to c618fc9 (it kept only the record):
 `python -m avperception_assets.discovery.hard_examples weights <checkpoint dir>` rebuilds its

@@ -16,10 +16,10 @@ A run trains on `view@version` and writes, under `<root>/<run name>/<version>/`:
 
 A killed run leaves every file whole (each is written to a temporary name, then renamed). The
 same recipe resumes from its last saved epoch; any other recipe in the folder starts over.
-Folders written before runs held a selection share trained on every row of their view and
-chose the best epoch on a val view (`val_view`, recorded then); they load and reproduce, and a
-recipe of today starts over in them. Those up to c618fc9 also hold a `config` copy of the
-recipe and no `sample_weights.json`.
+A folder written before runs held frames out (no `selection_pct`) records a run that trained
+on every row of its view and chose its best epoch on a val view (`val_view`); it loads and
+reproduces, and today's recipes start over in it. Those up to c618fc9 also hold a `config` copy
+of the recipe and no `sample_weights.json`.
 """
 
 from __future__ import annotations
