@@ -35,7 +35,7 @@ def _two_ranks(tmp_path: Path, **profile) -> tuple[Path, dict]:
     build_frames_table(tmp_path, [("ddp-a", 14, 6)])
     uri = str(tmp_path / "lancedb")
     view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
-    recipe = Recipe.on(view, None, detector.get_profile(
+    recipe = Recipe.on(view, detector.get_profile(
         "cpu", **{"batch_size": 2, "min_size": 96, "max_size": 160, "epochs": 1, "warmup_steps": 0,
                   "max_steps_per_epoch": None, **profile}), seed=4)
     out = tmp_path / "ckpt"
@@ -53,6 +53,7 @@ def test_two_gloo_ranks_cover_the_epoch_once_and_write_one_checkpoint(tmp_path):
     assert metadata["world_size"] == 2 and metadata["status"] == "complete"
     [epoch] = metadata["epochs"]
     assert epoch["images"] == metadata["train_rows"]  # every position trained on, by one rank or the other
+    assert metadata["selection_rows"] > 0 and epoch["val_map_50"] is not None  # scored by the leader alone
     whole = training.reproduce_order(out)
     ranks = [training.reproduce_order(out, rank=r) for r in (0, 1)]
     assert ranks[0] == whole[0::2] and ranks[1] == whole[1::2]  # each position to exactly one rank

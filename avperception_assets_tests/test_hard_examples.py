@@ -138,15 +138,17 @@ def test_a_mined_run_records_its_sampling_and_reproduce_rebuilds_it(frames, tmp_
     view, mining = _mined(conn, uri, boost=4.0, neighbors=2)
     profile = detector.get_profile("cpu", batch_size=2, max_steps_per_epoch=1, min_size=96, max_size=160, epochs=2,
                                    warmup_steps=0)
-    recipe = Recipe.on(view, None, profile, seed=5, mining=mining.as_dict())
-    weights, out = hard_examples.frame_weights(view, mining), tmp_path / "ckpt"
+    recipe = Recipe.on(view, profile, seed=5, mining=mining.as_dict())
+    weights, out = hard_examples.frame_weights(recipe.train, mining), tmp_path / "ckpt"
+    held_out = loader.image_ids(recipe.selection)
+    assert held_out and not set(held_out) & set(weights)  # the selection share is never weighted nor drawn
     metadata = training.train(recipe, out, sample_weights=weights, log=lambda _: None)
     assert metadata["mining"] == mining.as_dict() and checkpoints.read_sample_weights(out) == weights
     for epoch in (0, 1):
-        seen = [i for batch in training.epoch_loader(view, profile, 5, epoch, weights=weights)
+        seen = [i for batch in training.epoch_loader(recipe.train, profile, 5, epoch, weights=weights)
                 for i in batch.image_ids]
         assert training.reproduce_order(out, epoch=epoch) == seen
-    plain = Recipe.on(view, None, profile, seed=5)
+    plain = Recipe.on(view, profile, seed=5)
     assert not plain.recorded_in(metadata)  # a mined run never resumes a plain one, nor the reverse
 
     # A mined folder of c618fc9 kept only the record: reproduce says how to rebuild the weights, which does it.

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from avperception_assets.model import loader
+from avperception_assets.model import loader, selection
 from avperception_assets.storage import tables as storage
 from avperception_assets.formats.taxonomy import COCO_IDS
 from avperception_assets.storage.decoding import decode
@@ -112,6 +114,29 @@ def test_filter_selects_rows(frames_uri):
     val_ids = sorted(r["image_id"] for r in table if r["split"] == "val")
     ids = [i for b in loader.make_loader(view, batch_size=4, seed=1) for i in b.image_ids]
     assert sorted(ids) == val_ids and loader.count_rows(view) == len(val_ids)
+
+
+def test_a_share_splits_a_view_by_clip_else_image_id(frames_uri, tmp_path):
+    """A view's training rows and its selection share are one each of every row, read without
+    a view of their own; frames of one clip go together, a frame without a clip by its image id."""
+    frames = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow()
+    clips = ["clip-a"] * 5 + ["clip-c"] * 5 + [None] * (frames.num_rows - 10)
+    db = storage.connect(str(tmp_path))
+    db.create_table("clips", frames.append_column(selection.CLIP_ID, pa.array(clips, pa.string())))
+    base = loader.pin_view(str(tmp_path), "clips", where="split = 'train'")
+    picked, trained = (dataclasses.replace(base, share=selection.Share(50, held_out=side)) for side in (True, False))
+    ids = {side: [i for b in loader.make_loader(view, batch_size=4, seed=2) for i in b.image_ids]
+           for side, view in ((True, picked), (False, trained))}
+    train_rows = frames.filter(pc.equal(frames["split"], "train")).to_pylist()
+    assert sorted(ids[True] + ids[False]) == sorted(r["image_id"] for r in train_rows)
+    assert (loader.count_rows(picked), loader.count_rows(trained)) == (len(ids[True]), len(ids[False]))
+    assert ids[True] and ids[False]
+    for n, row in enumerate(frames.to_pylist()):
+        if row["split"] != "train":
+            continue
+        key = clips[n] or row["image_id"]
+        assert (row["image_id"] in ids[True]) == (selection.bucket(key) < 50)
+    assert loader.image_ids(picked) == [i for i in loader.image_ids(base) if i in set(ids[True])]
 
 
 def test_degenerate_boxes_dropped_negatives_kept_signs_mapped(frames_uri, tmp_path):

@@ -1,5 +1,5 @@
 """ONNX export of a checkpoint, checked with onnxruntime against PyTorch on the session's tiny
-trained rider (see conftest): the real val view, pinned, and real exported files."""
+trained rider (see conftest): its real views, pinned, and real exported files."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ from avperception_assets.defs.deployment_assets import OnnxExportConfig, build_o
 from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.evaluation.comparison import view_batches
 from avperception_assets.model.loader import model_inputs
+from avperception_assets.slices.views import view_name
 
 from .conftest import RIDER
 
 PERSON, CAR = 1, 3
-FRAMES = 6  # of the rider val view's 7
+FRAMES = 6  # of the rider val view's 7 (and of the train view's 9, which parity checks on)
 # The decisive copy's classifier. Flat regions of the synthetic frames give boxes of different
 # shapes the very same RoI features, hence exactly the same scores for every class; with this
 # seed some such overlapping pairs are among the kept detections, so breaking ties the other way
@@ -38,17 +39,24 @@ def _rider_checkpoint(trained_rider) -> Path:
     return Path(trained_rider.metadata("rider_checkpoint")["checkpoint_dir"])
 
 
-def _copy_with_classifier(source: Path, out: Path, *, weight_scale: float, favoured_bias: float) -> Path:
-    """The checkpoint with batch-norm statistics taken from its val frames and a classifier of seeded
+def _val_frames(trained_rider, count: int = 8) -> list:
+    """The first `count` frames of the rider val view, as pinned by the session."""
+    uri = checkpoints.read_metadata(_rider_checkpoint(trained_rider))["lancedb_uri"]
+    images, _, _ = next(view_batches(uri, view_name(RIDER, "val"), trained_rider.val_version, batch_size=count))
+    return images
+
+
+def _copy_with_classifier(trained_rider, out: Path, *, weight_scale: float, favoured_bias: float) -> Path:
+    """The rider checkpoint with batch-norm statistics taken from val frames and a classifier of seeded
     random weights times `weight_scale`, biased by `favoured_bias` towards person and car: a 2-step
     random-init model's features fade to ~1e-8 through the backbone, so every frame would get the
     same detections, all scoring about 1/91 (below 0.05). A classifier of zeros scores every class
     exactly 1/91 on any machine: a model that detects nothing."""
+    source = _rider_checkpoint(trained_rider)
     out.mkdir()
     shutil.copy(source / checkpoints.METADATA_FILE, out)
-    meta, model = checkpoints.read_metadata(source), checkpoints.load_checkpoint(source).eval()
-    images, _, _ = next(view_batches(meta["lancedb_uri"], meta["val_view"], meta["val_view_version"]))
-    batch, _ = model.transform(model_inputs(images, "cpu"))
+    model = checkpoints.load_checkpoint(source).eval()
+    batch, _ = model.transform(model_inputs(_val_frames(trained_rider), "cpu"))
     for layer in model.backbone.modules():
         if isinstance(layer, torch.nn.BatchNorm2d):  # one pass in train mode: the stats of that pass
             layer.reset_running_stats()
@@ -68,7 +76,7 @@ def _copy_with_classifier(source: Path, out: Path, *, weight_scale: float, favou
 @pytest.fixture(scope="module")
 def decisive(trained_rider, tmp_path_factory):
     """A confident copy exported through the command line; its folder and what the command printed."""
-    folder = _copy_with_classifier(_rider_checkpoint(trained_rider), tmp_path_factory.mktemp("onnx") / "decisive",
+    folder = _copy_with_classifier(trained_rider, tmp_path_factory.mktemp("onnx") / "decisive",
                                    weight_scale=0.3, favoured_bias=2.0)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -79,11 +87,11 @@ def decisive(trained_rider, tmp_path_factory):
 @pytest.fixture(scope="module")
 def blank(trained_rider, tmp_path_factory):
     """A copy that detects nothing: every class scores 1/91 on every box."""
-    return _copy_with_classifier(_rider_checkpoint(trained_rider), tmp_path_factory.mktemp("onnx") / "blank",
+    return _copy_with_classifier(trained_rider, tmp_path_factory.mktemp("onnx") / "blank",
                                  weight_scale=0.0, favoured_bias=0.0)
 
 
-def test_onnxruntime_matches_pytorch_on_val_frames(decisive):
+def test_onnxruntime_matches_pytorch_on_the_checkpoints_frames(decisive):
     folder, printed = decisive
     parity = onnx_export.check_parity(folder, folder / onnx_export.ONNX_FILE, frames=FRAMES)
     assert parity.passed and parity.frames == FRAMES
@@ -96,7 +104,7 @@ def test_onnxruntime_matches_pytorch_on_val_frames(decisive):
 
 def test_the_exported_model_takes_any_frame_size(decisive):
     folder, _ = decisive
-    image = torch.rand(3, 150, 100, generator=torch.Generator().manual_seed(1))  # portrait, unlike the val frames
+    image = torch.rand(3, 150, 100, generator=torch.Generator().manual_seed(1))  # portrait, unlike the view's frames
     [candidate] = onnx_export.onnx_detections(folder / onnx_export.ONNX_FILE, [image])
     parity = onnx_export.compare(onnx_export.pytorch_reference(checkpoints.load_checkpoint(folder), [image]), [candidate])
     assert not parity.mismatches and parity.detections > 0
@@ -109,7 +117,7 @@ def test_the_model_records_its_data_version_class_map_and_source(decisive):
     meta = checkpoints.read_metadata(folder)
     assert recorded["data_version"]["train_view"] == "bdd100k_rider_train"
     assert recorded["data_version"]["train_view_version"] == meta["train_view_version"]
-    assert recorded["data_version"]["val_view_version"] == meta["val_view_version"]
+    assert recorded["data_version"]["selection_pct"] == meta["selection_pct"]
     assert recorded["data_version"]["source_table_version"] == meta["source_table_version"]
     assert recorded["class_map"]["1"] == {"coco": "person", "det_20": ["pedestrian", "rider"]}
     assert recorded["class_map"]["13"] == {"coco": "stop sign", "det_20": ["traffic sign"]}
@@ -146,10 +154,9 @@ def _nms_breaking_ties_the_other_way(scored: dict, nms_thresh: float, cap: int) 
 def test_ties_broken_the_other_way_keep_parity(decisive):
     """What another machine's NMS may keep of boxes that score exactly the same (the issue-33
     failure: two boxes 6.56 px apart with the same score, one kept by PyTorch, the other by
-    onnxruntime), on the real val frames."""
+    onnxruntime), on the real frames parity checks."""
     folder, _ = decisive
-    meta = checkpoints.read_metadata(folder)
-    images = model_inputs(onnx_export._val_frames(meta, None, FRAMES), "cpu")
+    images = model_inputs(onnx_export._first_frames(checkpoints.read_metadata(folder), None, FRAMES), "cpu")
     reference = onnx_export.pytorch_reference(checkpoints.load_checkpoint(folder), images)
     other_way = [_nms_breaking_ties_the_other_way(scored, reference.nms_thresh, reference.cap)
                  for scored in reference.scored]

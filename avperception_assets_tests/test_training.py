@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avperception_assets.model import checkpoints, detector, engine, loader, training
+from avperception_assets.model import checkpoints, detector, engine, loader, selection, training
 from avperception_assets.model.recipe import Recipe
 from avperception_assets.storage import tables as storage
 
@@ -31,9 +31,8 @@ def uri(tmp_path_factory) -> str:
 
 def recipe_for(uri: str, **profile_overrides) -> Recipe:
     view = loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'")
-    val = loader.ViewRef(uri, storage.FRAMES_TABLE, view.version, "split = 'val'")
     profile = detector.get_profile("cpu", **{**TINY, **profile_overrides})
-    return Recipe.on(view, val, profile, weights="none", seed=3)
+    return Recipe.on(view, profile, weights="none", seed=3)  # holds out 2 of the 7 train frames
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +61,10 @@ def test_two_step_run_writes_a_loadable_checkpoint(trained, uri):
     assert epoch["steps"] == 2 and epoch["images"] == 4 and epoch["loss"] > 0
     assert on_disk["best_epoch"] == 1 and on_disk["best_val_map_50"] is not None
     assert any("step 2/2" in line and "img/s" in line for line in lines)
+    # The train split, less the frames held out to choose the best epoch, and how they were chosen.
+    train_split = loader.count_rows(loader.pin_view(uri, storage.FRAMES_TABLE, where="split = 'train'"))
+    assert (on_disk["train_rows"], on_disk["selection_rows"]) == (train_split - 2, 2)
+    assert on_disk["selection_pct"] == selection.DEFAULT_PCT and on_disk["selection_rule"] == selection.RULE
 
     model = checkpoints.load_checkpoint(out)
     saved = torch.load(out / "best.pt", weights_only=True)
@@ -125,13 +128,14 @@ def test_resume_continues_from_the_saved_epoch(uri, tmp_path):
     assert other["resumed_from_epoch"] is None and len(other["epochs"]) == 1
 
 
-# metadata.json as c618fc9 wrote it for `recipe_for(uri, epochs=2)` stopped after epoch 1 (with
-# `config`, a second copy of the recipe, and no `val_filter`); its table's location is a placeholder.
+# metadata.json as c618fc9 wrote it for a two-epoch run on every train frame, best epoch on the
+# val split, stopped after epoch 1 (with `config`, a second copy of the recipe); its table's
+# location is a placeholder.
 OLD_METADATA = Path(__file__).parent / "fixtures" / "c618fc9_metadata.json"
 
 
 @pytest.mark.training
-def test_a_checkpoint_folder_written_by_c618fc9_loads_reproduces_and_resumes(uri, tmp_path):
+def test_a_checkpoint_folder_from_before_selection_shares_loads_reproduces_and_is_not_resumed(uri, tmp_path):
     recipe = _first_of_two_epochs(uri, tmp_path)  # the .pt files, whose format has not changed
     old = json.loads(OLD_METADATA.read_text().replace("@LANCEDB_URI@", uri))
     assert old["train_view_version"] == recipe.train_view_version, "the fixture's table was built the same way"
@@ -142,13 +146,24 @@ def test_a_checkpoint_folder_written_by_c618fc9_loads_reproduces_and_resumes(uri
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(tmp_path),
                           "--epoch", "1"], capture_output=True, text=True, check=True)
-    epoch_2 = training.epoch_loader(recipe.train, recipe.profile, recipe.seed, 1)
+    every_train_frame = recipe.replace(selection_pct=None).train  # what the run trained on
+    epoch_2 = training.epoch_loader(every_train_frame, recipe.profile, recipe.seed, 1)
     assert cli.stdout.splitlines()[1:] == [i for batch in epoch_2 for i in batch.image_ids]
+    assert training.selection_frames(tmp_path) == []
 
-    resumed = training.train(recipe, tmp_path, log=lambda _: None)
-    assert resumed["resumed_from_epoch"] == 1 and [e["epoch"] for e in resumed["epochs"]] == [1, 2]
-    assert resumed["epochs"][0] == old["epochs"][0]
+    # Today's recipe holds frames out: another recipe, so it starts over in the folder.
+    again = training.train(recipe, tmp_path, log=lambda _: None)
+    assert again["resumed_from_epoch"] is None and [e["epoch"] for e in again["epochs"]] == [1, 2]
     assert "config" not in checkpoints.read_metadata(tmp_path)  # rewritten in the one form
+
+
+def test_the_selection_share_is_part_of_the_recipe(trained, uri):
+    """A folder resumes (or is reused) only by a run holding out the same share."""
+    out, _, _ = trained
+    saved = checkpoints.read_metadata(out)
+    assert recipe_for(uri).recorded_in(saved)
+    assert not recipe_for(uri).replace(selection_pct=selection.DEFAULT_PCT + 20).recorded_in(saved)
+    assert not recipe_for(uri).replace(selection_pct=0).recorded_in(saved)
 
 
 def test_the_engine_steps_what_a_run_steps(trained, uri):
@@ -166,8 +181,8 @@ def test_the_engine_steps_what_a_run_steps(trained, uri):
     assert lines[-1].startswith("epoch 1 step 2/2: loss")
     saved = torch.load(out / checkpoints.LAST_FILE, weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
-    val = loader.make_loader(recipe.val, batch_size=2)
-    assert engine.evaluate(model, val) == metadata["epochs"][0]["val_map_50"]
+    selection_share = loader.make_loader(recipe.selection, batch_size=2)
+    assert engine.evaluate(model, selection_share) == metadata["epochs"][0]["val_map_50"]
     assert engine.evaluate(model, []) is None
 
 
@@ -237,12 +252,24 @@ def test_reproduce_time_travels_to_the_recorded_version(trained, uri, tmp_path):
                          capture_output=True, text=True, check=True)
     assert cli.stdout.splitlines()[1:] == order
 
+    # The held-out frames: rebuilt from the record, disjoint from the training order, and every
+    # one of them on the same side in a run on the grown table (a frame's role never changes).
+    held_out = training.selection_frames(out)
+    assert len(held_out) == metadata["selection_rows"] > 0 and not set(held_out) & set(order)
+    cli = subprocess.run([sys.executable, "-m", "avperception_assets.model.training", "reproduce", str(out),
+                          "--selection"], capture_output=True, text=True, check=True)
+    assert cli.stdout.splitlines()[1:] == held_out
+    grown = Recipe.on(latest, recipe.profile, selection_pct=recipe.selection_pct)
+    grown_held_out, grown_trained = loader.image_ids(grown.selection), loader.image_ids(grown.train)
+    assert set(held_out) <= set(grown_held_out) and set(order) <= set(grown_trained)
+    assert len(grown_held_out) + len(grown_trained) == loader.count_rows(latest)
+
 
 def test_empty_training_view_is_a_clear_error(uri, tmp_path):
     recipe = recipe_for(uri)
     empty = loader.ViewRef(uri, storage.FRAMES_TABLE, recipe.train_view_version, "split = 'nowhere'")
     with pytest.raises(ValueError, match="no training rows"):
-        training.train(Recipe.on(empty, None, recipe.profile), tmp_path)
+        training.train(Recipe.on(empty, recipe.profile), tmp_path)
 
 
 def test_missing_coco_weights_name_the_expected_file(monkeypatch, tmp_path):
@@ -264,7 +291,7 @@ def test_anchor_sizes_are_recorded_and_rebuilt(trained):
         detector.build_detector(detector.get_profile("cpu", anchor_sizes=(16, 32)))
     # A run from COCO weights keeps the anchors those weights' RPN learned, and records that.
     view = loader.ViewRef(uri="unused", name=storage.FRAMES_TABLE, version=1)
-    coco_run = Recipe.on(view, None, detector.get_profile("cpu"), weights=detector.WEIGHTS_COCO)
+    coco_run = Recipe.on(view, detector.get_profile("cpu"), weights=detector.WEIGHTS_COCO)
     assert coco_run.profile.anchor_sizes is None and coco_run.as_dict()["profile"]["anchor_sizes"] is None
 
 

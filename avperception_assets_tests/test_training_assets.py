@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
-from avperception_assets.model import checkpoints, detector, loader, training
+from avperception_assets.model import checkpoints, detector, loader, selection, training
 from avperception_assets.curation import maintenance
 from avperception_assets.discovery import hard_examples
 from avperception_assets.workspace import Workspace
@@ -38,6 +39,9 @@ def test_base_detector_trains_on_the_train_split_of_bdd100k(trained_rider):
     assert base["weights"] == str(trained_rider.root / "checkpoints" / "base" / str(frames_version) / "best.pt")
     assert base["train_filter"] == "split = 'train'" and base["weights_source"] == "none"
     assert base["dagster/row_count"] == conn.open_table(storage.FRAMES_TABLE).count_rows("split = 'train'")
+    # Of the train split, the selection share chose its best epoch and the rest trained it.
+    assert base["train_rows"] + base["selection_rows"] == base["dagster/row_count"] and base["selection_rows"] > 0
+    assert base["selection_pct"] == selection.DEFAULT_PCT and base["selection_rule"] == selection.RULE
 
 
 def test_a_checkpoint_is_fine_tuned_from_the_base_and_pinned_to_its_view(trained_rider):
@@ -50,7 +54,31 @@ def test_a_checkpoint_is_fine_tuned_from_the_base_and_pinned_to_its_view(trained
     assert meta["hyper_parameters"]["lr"] == 0.01  # the cpu profile's fine-tune rate
     assert meta["checkpoint_dir"] == str(out) and (out / "best.pt").is_file()
     on_disk = checkpoints.read_metadata(out)
-    assert on_disk["val_view"] == "bdd100k_rider_val" and on_disk["best_val_map_50"] == meta["best_val_map_50"]
+    assert on_disk["selection_rows"] == meta["selection_rows"] > 0 and "val_view" not in on_disk
+    assert on_disk["best_val_map_50"] == meta["best_val_map_50"]
+
+
+def _trained_and_held_out(folder: Path) -> tuple[set[str], set[str]]:
+    """A checkpoint's frames as its folder records them: every frame of every epoch's training
+    order, and the frames that chose its best epoch."""
+    epochs = len(checkpoints.read_metadata(folder)["epochs"])
+    trained = {i for epoch in range(epochs) for i in training.reproduce_order(folder, epoch=epoch)}
+    return trained, set(training.selection_frames(folder))
+
+
+def test_no_frame_a_report_scores_trained_or_selected_its_models(trained_rider):
+    """The report's frames (its eval_frames table at the version report.json records), the frames
+    each of its models trained on and those that chose their best epoch: pairwise disjoint."""
+    report = json.loads(Path(trained_rider.metadata("rider_eval_report")["report_json"]).read_text())
+    frames_table = report["eval_frames"]
+    scored = loader.open_table(str(trained_rider.root / "lancedb"), frames_table["table"], frames_table["version"])
+    scored = set(scored.to_arrow()["image_id"].to_pylist())
+    assert len(scored) == report["num_images"] > 0
+    for asset in ("base_detector", "rider_checkpoint"):
+        trained, held_out = _trained_and_held_out(Path(trained_rider.metadata(asset)["checkpoint_dir"]))
+        assert trained and held_out, asset
+        assert not trained & held_out and not trained & scored and not held_out & scored, asset
+        assert len(held_out) == trained_rider.metadata(asset)["selection_rows"]
 
 
 def test_a_newer_view_version_trains_a_fresh_checkpoint(trained_rider, tmp_path):
@@ -93,11 +121,12 @@ def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_ride
     base = Path(trained_rider.metadata("base_detector")["weights"])
     assert meta["mining"]["table"] == "mined_difficulty"
     assert meta["mining"]["model"].startswith(detector.weights_digest(base) + "@")
-    assert (meta["frames_scored"], meta["frames_already_scored"]) == (meta["dagster/row_count"], 0)
+    assert (meta["frames_scored"], meta["frames_already_scored"]) == (meta["train_rows"], 0)  # not the held out
     folder = Path(meta["checkpoint_dir"])
     order = training.reproduce_order(folder)
     train_ids = set(frames.filter(pc.equal(frames["split"], "train"))["image_id"].to_pylist())
-    assert len(order) == len(train_ids) and set(order) <= train_ids
+    assert len(order) == meta["train_rows"] and set(order) <= train_ids
+    assert not set(order) & set(training.selection_frames(folder))
 
     # Maintenance keeps the score version the checkpoint drew by, which still rebuilds its weights.
     scores = conn.open_table("mined_difficulty")

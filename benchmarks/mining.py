@@ -71,7 +71,7 @@ def run_mode(uri: str, weights: str, mode, seeds: list[int], out: Path, override
     for seed in seeds:
         for variant in VARIANTS:
             record, sample_weights = sampling[variant]
-            recipe = Recipe.on(train, None, profile, weights=weights, seed=seed, mining=record)
+            recipe = Recipe.on(train, profile, selection_pct=0, weights=weights, seed=seed, mining=record)  # last epoch
             started = time.perf_counter()
             metadata = training.train(recipe, out / mode.name / variant / str(seed), sample_weights=sample_weights,
                                       log=lambda _: None)

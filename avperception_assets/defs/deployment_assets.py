@@ -3,7 +3,7 @@
 Each exports the mode's latest checkpoint (best epoch) to `model.onnx` in its checkpoint folder
 (`onnx_export`: the whole detector, post-processing included, with the data version and class
 map in the file's metadata) and checks onnxruntime against PyTorch on the first frames of the
-checkpoint's val view at its pinned version. A model that misses parity is not put in place and
+checkpoint's train view at its pinned version. A model that misses parity is not put in place and
 the run fails with the figures. Torch, onnx and onnxruntime are imported inside the asset bodies only.
 """
 
@@ -16,7 +16,8 @@ from avperception_assets.defs.resources import WorkspaceResource
 
 
 class OnnxExportConfig(dg.Config):
-    frames: int = Field(8, ge=1, description="Val frames on which onnxruntime must match PyTorch.")
+    frames: int = Field(8, ge=1, description="Frames (the checkpoint's train view's first) on which "
+                       "onnxruntime must match PyTorch.")
 
 
 def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -28,7 +29,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
         metadata={"failure_mode": mode.name},
         description=f"{checkpoint_key(mode).to_user_string()}'s best model as ONNX (whole detector, "
                     f"post-processing included) in its checkpoint folder, with the data version and class map "
-                    f"in its metadata; onnxruntime matches PyTorch on val frames (same labels, boxes within "
+                    f"in its metadata; onnxruntime matches PyTorch on its train frames (same labels, boxes within "
                     f"1 px, scores within 0.001 above 0.05) or the run fails.",
     )
     def _onnx_model(context: dg.AssetExecutionContext, config: OnnxExportConfig,
@@ -60,8 +61,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 "train_view": data["train_view"],
                 "train_view_version": data["train_view_version"],
                 "source_table_version": data["source_table_version"],
-                "val_view": data["val_view"],
-                "val_view_version": data["val_view_version"],
+                "selection_pct": data["selection_pct"],
                 "checkpoint": dg.MetadataValue.path(source["weights"]),
                 "input_size": dg.MetadataValue.json(result.metadata["input_size"]),
                 "class_map": dg.MetadataValue.json(result.metadata["class_map"]),

@@ -1,13 +1,15 @@
 """Training as Dagster assets (group `training`): `base_detector` and one `<mode>_checkpoint` per mode.
 
 `base_detector` is the generic starting point: COCO weights when they are available (recorded,
-not retrained), otherwise a detector trained on the whole train split of `bdd100k`. Each
-`<mode>_checkpoint` fine-tunes it on `bdd100k_<mode>_train` at the view's current version,
-keeps the best epoch by mAP@0.5 on `bdd100k_<mode>_val`, and saves under
-`checkpoints/<mode>/<view version>/`. Runs go through the `training` concurrency pool.
-The run config builds the recipe (`model.recipe.Recipe`: profile, weights, seed, schedule
-overrides); with hard-example mining, the assets score the train view and hand the trainer the
-frames' sampling weights with mining's record. Torch is imported inside the asset bodies only.
+not retrained), otherwise a detector trained on the train split of `bdd100k`. Each
+`<mode>_checkpoint` fine-tunes it on `bdd100k_<mode>_train` at the view's current version and
+saves under `checkpoints/<mode>/<view version>/`. Both keep the epoch that scores the best
+mAP@0.5 on their train frames' selection share (`selection_pct`, held out from training by a
+hash of each frame's id), never on the val split the reports score. Runs go through the
+`training` concurrency pool. The run config builds the recipe (`model.recipe.Recipe`: profile,
+weights, seed, selection share, schedule overrides); with hard-example mining, the assets score
+the frames trained on and hand the trainer their sampling weights with mining's record. Torch is
+imported inside the asset bodies only.
 """
 
 import json
@@ -20,6 +22,7 @@ from pydantic import Field
 
 from avperception_assets.workspace import BASE_CHECKPOINTS
 from avperception_assets.failure_modes.registry import FailureMode, check_registry
+from avperception_assets.model.selection import DEFAULT_PCT as DEFAULT_SELECTION_PCT
 from avperception_assets.slices.views import view_name
 from avperception_assets.storage.tables import FRAMES_TABLE
 from avperception_assets.defs.names import BASE_DETECTOR, RAW_FRAMES, TRAINING, TRAINING_POOL, checkpoint_key, latest_metadata, view_key
@@ -53,6 +56,9 @@ class TrainingConfig(dg.Config):
     weights: str = Field(AUTO_WEIGHTS, description="base_detector's starting weights: 'coco' (torch hub "
                          "cache), 'none', or a state_dict file; 'auto': coco when cached, else none.")
     seed: int = Field(0, description="Seeds the data order (LanceDB shuffle per epoch) and augmentation.")
+    selection_pct: int = Field(DEFAULT_SELECTION_PCT, ge=0, lt=100, description="Percent of the train frames "
+                               "held out from training to choose the best epoch (by a hash of each frame's clip "
+                               "or image id: a frame keeps its role as footage is added); 0: none, best = last.")
     epochs: Optional[int] = Field(None, description="Override the profile's (fine-tune) epochs.")
     batch_size: Optional[int] = None
     lr: Optional[float] = Field(None, description="Override the profile's (fine-tune) learning rate.")
@@ -135,7 +141,8 @@ def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: d
     retry_policy=TRAINING_RETRIES,
     kinds={"pytorch"},
     description="The generic detector every fine-tune starts from: COCO weights when cached, "
-                "else Faster R-CNN trained on the whole train split of bdd100k (best by val mAP@0.5).",
+                "else Faster R-CNN trained on the train split of bdd100k (best by mAP@0.5 on the "
+                "split's selection share, held out from training).",
 )
 def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
                   workspace: WorkspaceResource) -> dg.MaterializeResult:
@@ -159,8 +166,7 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
     uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
     versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
-    recipe = Recipe.on(train_view, loader.ViewRef(uri, FRAMES_TABLE, train_view.version, "split = 'val'"), profile,
-                       weights=weights, seed=config.seed)
+    recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed)
     return dg.MaterializeResult(metadata=_train(context, recipe, folder / str(train_view.version), config))
 
 
@@ -199,7 +205,7 @@ class FineTuneConfig(TrainingConfig):
 
 
 def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: WorkspaceResource, recipe):
-    """Score the train view's new frames with the base detector at the fine-tune's input size;
+    """Score the new frames it trains on with the base detector at the fine-tune's input size;
     the recipe with mining's record, the frames' sampling weights, and how many were scored."""
     from avperception_assets.discovery import hard_examples
 
@@ -216,18 +222,19 @@ def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: Works
 
 
 def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
-    train_name, val_name = view_name(mode, "train"), view_name(mode, "val")
+    train_name = view_name(mode, "train")
 
     @dg.asset(
         key=checkpoint_key(mode),
         group_name=TRAINING,
-        deps=[view_key(mode, "train"), view_key(mode, "val"), BASE_DETECTOR],
+        deps=[view_key(mode, "train"), BASE_DETECTOR],
         pool=TRAINING_POOL,
         retry_policy=TRAINING_RETRIES,
         kinds={"pytorch"},
-        metadata={"failure_mode": mode.name, "train_view": train_name, "val_view": val_name},
+        metadata={"failure_mode": mode.name, "train_view": train_name},
         description=f"Faster R-CNN fine-tuned from base_detector on {train_name}, pinned to the view "
-                    f"version it saw; best epoch by mAP@0.5 on {val_name}. Run config "
+                    f"version it saw; best epoch by mAP@0.5 on the view's selection share (held out "
+                    f"from training; the report scores the val view). Run config "
                     f"`hard_example_mining: true` draws frames by how hard base_detector finds them.",
     )
     def _checkpoint(context: dg.AssetExecutionContext, config: FineTuneConfig,
@@ -238,13 +245,14 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(mode.name)
         try:
             versions = _versions_this_run(context, folder,
-                                          lambda: {n: loader.pin_view(uri, n).version for n in (train_name, val_name)})
-            train_view, val_view = (loader.pin_view(uri, n, versions[n]) for n in (train_name, val_name))
+                                          lambda: {train_name: loader.pin_view(uri, train_name).version})
+            train_view = loader.pin_view(uri, train_name, versions[train_name])
         except ValueError as exc:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
         profile = config.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
                                          finetune_epochs=mode.finetune_epochs)
-        recipe = Recipe.on(train_view, val_view, profile, weights=base_weights(context), seed=config.seed)
+        recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=base_weights(context),
+                           seed=config.seed)
         sample_weights, scored = None, {}
         if config.hard_example_mining:
             recipe, sample_weights, scored = _mining(context, config, mode, workspace, recipe)

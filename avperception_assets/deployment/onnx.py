@@ -1,4 +1,4 @@
-"""ONNX export of a checkpoint's best model, checked with onnxruntime against PyTorch on val frames.
+"""ONNX export of a checkpoint's best model, checked with onnxruntime against PyTorch on its frames.
 
 Plain Python (no Dagster). What is exported is the whole detector, as `model([image])` runs it:
 resize and normalisation, backbone and FPN, the RPN with its anchor decoding and NMS, the RoI
@@ -8,7 +8,7 @@ H and W. Outputs `boxes` (N, 4: x1, y1, x2, y2 px of the input), `labels` (N, CO
 `scores` (N). The file's `metadata_props` hold the data version it was trained on, the class map,
 the input size and the source checkpoint (`model_metadata`; JSON values).
 
-Parity, on the first frames of the checkpoint's val view (at its pinned version): PyTorch's
+Parity, on the first frames of the checkpoint's train view (at its pinned version): PyTorch's
 detections and onnxruntime's (CPU) are paired one to one, each with a twin of the same label, every
 box coordinate within 1 px and the score within 0.001 (the pairing with the most twins, then the
 closest: detections whose scores tie are interchangeable, in whichever order either side lists
@@ -83,7 +83,7 @@ DEFAULT_FRAMES = 8
 
 @dataclass(frozen=True)
 class Parity:
-    """onnxruntime against PyTorch on `frames` val frames."""
+    """onnxruntime against PyTorch on `frames` frames."""
 
     frames: int
     detections: int  # PyTorch detections above SCORE_CUT paired with an ONNX twin: what was compared
@@ -154,7 +154,7 @@ def model_metadata(checkpoint_dir: Path) -> dict:
     meta, weights = _checkpoint(checkpoint_dir)
     return {
         "data_version": {key: meta.get(key) for key in (
-            "lancedb_uri", "train_view", "train_view_version", "train_filter", "val_view", "val_view_version",
+            "lancedb_uri", "train_view", "train_view_version", "train_filter", "selection_pct",
             "source_table", "source_table_version")},
         "class_map": class_map(),
         "input_size": {"min_size": meta["profile"]["min_size"], "max_size": meta["profile"]["max_size"]},
@@ -187,21 +187,21 @@ class _ExportBoxCoder(BoxCoder):
 
 
 def _trace_input(model, checkpoint_dir: Path, uri: str | None) -> torch.Tensor:
-    """The val frame (of the first few) the model detects most on: the trace keeps only the
+    """The frame (of the first few) the model detects most on: the trace keeps only the
     branches its input takes, and torchvision's `BoxCoder.decode` shapes its boxes per class only
     when there are proposals. Traced on a random-noise frame, or on a frame with no proposal, the
     export of a 192 px model failed on every real frame in onnxruntime (`Reshape
     '/roi_heads/Reshape_2'`, input {150,363} to {-1,4})."""
     meta, _ = _checkpoint(checkpoint_dir)
-    images = model_inputs(_val_frames(meta, uri, DEFAULT_FRAMES), "cpu")
+    images = model_inputs(_first_frames(meta, uri, DEFAULT_FRAMES), "cpu")
     counts = [len(d["boxes"]) for d in predict(model, images)]
     return images[counts.index(max(counts))]
 
 
 def export(checkpoint_dir: Path, out: Path | None = None, uri: str | None = None) -> Path:
     """Write the best model of `checkpoint_dir` as ONNX to `out` (default `<checkpoint_dir>/model.onnx`),
-    atomically: a reader never sees a half-written file. The trace runs on the first frame of the
-    checkpoint's val view (LanceDB at `uri`, default the recorded one)."""
+    atomically: a reader never sees a half-written file. The trace runs on one of the first frames
+    of the checkpoint's train view (LanceDB at `uri`, default the recorded one)."""
     out = Path(out) if out else Path(checkpoint_dir) / ONNX_FILE
     metadata = model_metadata(checkpoint_dir)
     model = checkpoints.load_checkpoint(checkpoint_dir).eval()
@@ -222,12 +222,11 @@ def export(checkpoint_dir: Path, out: Path | None = None, uri: str | None = None
     return out
 
 
-def _val_frames(meta: dict, uri: str | None, frames: int):
-    """The first `frames` frames of the checkpoint's val view at its pinned version."""
-    if not meta.get("val_view"):
-        raise ValueError("the checkpoint records no val view to check parity on")
+def _first_frames(meta: dict, uri: str | None, frames: int):
+    """The first `frames` frames of the checkpoint's train view at its pinned version (any frames
+    do: parity compares two runtimes of one model)."""
     images = []
-    for batch_images, _, _ in view_batches(uri or meta["lancedb_uri"], meta["val_view"], meta["val_view_version"],
+    for batch_images, _, _ in view_batches(uri or meta["lancedb_uri"], meta["train_view"], meta["train_view_version"],
                                            batch_size=min(frames, 8)):
         images.extend(batch_images[:frames - len(images)])
         if len(images) == frames:
@@ -358,13 +357,13 @@ def onnx_detections(onnx_path: Path, images: list[torch.Tensor]) -> list[dict]:
 def check_parity(checkpoint_dir: Path, onnx_path: Path, *, frames: int = DEFAULT_FRAMES,
                  uri: str | None = None) -> Parity:
     """Run the best model of `checkpoint_dir` in PyTorch and `onnx_path` in onnxruntime (CPU) on the
-    first `frames` frames of the checkpoint's val view (LanceDB at `uri`, default the recorded one)."""
+    first `frames` frames of the checkpoint's train view (LanceDB at `uri`, default the recorded one)."""
     if frames < 1:
         raise ValueError(f"frames must be at least 1, not {frames}")
     meta, _ = _checkpoint(checkpoint_dir)
-    images = model_inputs(_val_frames(meta, uri, frames), "cpu")
+    images = model_inputs(_first_frames(meta, uri, frames), "cpu")
     if not images:
-        raise ValueError(f"{meta['val_view']}@{meta['val_view_version']} has no frames to check parity on")
+        raise ValueError(f"{meta['train_view']}@{meta['train_view_version']} has no frames to check parity on")
     return compare(pytorch_reference(checkpoints.load_checkpoint(checkpoint_dir), images), onnx_detections(onnx_path, images))
 
 
@@ -398,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avperception_assets.onnx_export",
                                      description="Export a checkpoint's best model to ONNX and check parity.")
     parser.add_argument("checkpoint_dir", type=Path)
-    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="val frames to check (default 8)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames to check (default 8)")
     parser.add_argument("--out", type=Path, default=None, help="ONNX file (default CHECKPOINT_DIR/model.onnx)")
     parser.add_argument("--uri", default=None, help="LanceDB location (default: the recorded one)")
     args = parser.parse_args(argv)

@@ -9,10 +9,12 @@ size), so new footage scores only its new frames and another starting model resc
 A frame's weight is 1 + `boost` × its difficulty. With `neighbors`, the hardest train frames
 (`query_fraction` of those with any difficulty) become similarity queries over the train
 view's own embeddings: each of their `neighbors` nearest train frames gains half the query's
-boost. Val frames never feed training: they are neither scored nor queried nor returned. The
-trainer takes the weights (`training.train(..., sample_weights=...)`) with `Mining.as_dict()`
-as the recipe's record of them; the checkpoint folder keeps both, so `reproduce` rebuilds each
-epoch's draws, and maintenance keeps the scores table at its recorded version.
+boost. Val frames and the train view's selection share (`loader.ViewRef.share`: the frames
+held out to choose the best epoch) never feed training: they are neither scored nor queried nor
+returned. The trainer takes the weights (`training.train(..., sample_weights=...)`) with
+`Mining.as_dict()` as the recipe's record of them; the checkpoint folder keeps both, so
+`reproduce` rebuilds each epoch's draws, and maintenance keeps the scores table at its recorded
+version.
 
 CLI, for a mined checkpoint folder written up to c618fc9 (it kept only the record):
 `python -m avperception_assets.discovery.hard_examples weights <checkpoint dir>` rebuilds its
@@ -67,14 +69,9 @@ class ScoreStats:
     already_scored: int  # frames of the view that had a score under this model
 
 
-def _view_ids(view: loader.ViewRef) -> list[str]:
-    table = loader.open_table(view.uri, view.name, view.version)
-    return table.to_lance().to_table(columns=["image_id"], filter=view.where)["image_id"].to_pylist()
-
-
 def _unscored(table, view: loader.ViewRef, key: str) -> tuple[list[str], int]:
     """The view's frames without a score under `key`, and how many have one."""
-    ids = _view_ids(view)
+    ids = loader.image_ids(view)
     done = set(table.to_lance().to_table(columns=["image_id"], filter=f"model = '{key}'")["image_id"].to_pylist())
     todo = [i for i in ids if i not in done]
     return todo, len(ids) - len(todo)
@@ -151,7 +148,7 @@ def _neighbors(view: loader.ViewRef, image_ids: list[str], queries: list[int], k
 
 def frame_weights(view: loader.ViewRef, mining: Mining) -> dict[str, float]:
     """The sampling weight of every frame of `view`, by image id."""
-    image_ids, scores = _view_ids(view), difficulties(view.uri, mining)
+    image_ids, scores = loader.image_ids(view), difficulties(view.uri, mining)
     missing = [i for i in image_ids if i not in scores]
     if missing:
         raise ValueError(f"{len(missing)} frames of {view.name}@{view.version} have no difficulty under "

@@ -2,20 +2,24 @@
 
 A run trains on `view@version` and writes, under `<root>/<run name>/<version>/`:
 
-- `last.pt` / `best.pt`: model state_dicts (the latest epoch; the best by val mAP@0.5),
+- `last.pt` / `best.pt`: model state_dicts (the latest epoch; the best by mAP@0.5 on the
+  selection share, the view's frames held out from training),
 - `train_state.pt`: optimiser, LR schedule, grad scaler and epoch (`engine.TrainState`), for resuming,
 - `metadata.json`: the recipe (`Recipe.as_dict()`, its keys at the top level) and what the run
-  found: data rows, source table version, code version, device, per-epoch loss and val mAP@0.5,
-  the best epoch (rewritten after every epoch),
+  found: rows trained on and held out (with the rule that split them), source table version,
+  code version, device, per-epoch loss and mAP@0.5 on the selection share (`val_map_50`), the
+  best epoch (rewritten after every epoch),
 - `run.json`: the recipe the training processes were started with,
 - `sample_weights.json`: the per-frame sampling weights (by image id), when the run drew frames by them,
 - `failure.json`: why the training processes stopped, when retrying cannot help,
-- `tensorboard/`: event files (loss, images/s, LR, val mAP@0.5).
+- `tensorboard/`: event files (loss, images/s, LR, selection mAP@0.5).
 
 A killed run leaves every file whole (each is written to a temporary name, then renamed). The
 same recipe resumes from its last saved epoch; any other recipe in the folder starts over.
-Folders written before the recipe had one form (up to c618fc9) also hold a `config` copy of
-the recipe and no `val_filter` or `sample_weights.json`; they load, resume and reproduce.
+A folder written before runs held frames out (no `selection_pct`) records a run that trained
+on every row of its view and chose its best epoch on a val view (`val_view`); it loads and
+reproduces, and today's recipes start over in it. Those up to c618fc9 also hold a `config` copy
+of the recipe and no `sample_weights.json`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from avperception_assets.model.detector import (WEIGHTS_COCO, build_detector, coco_weights_path, get_profile, load_weights,
                                                 set_input_size, weights_digest)
 from avperception_assets.model.recipe import Recipe
+from avperception_assets.model.selection import RULE as SELECTION_RULE
 
 METADATA_FILE = "metadata.json"
 LAST_FILE = "last.pt"
@@ -106,11 +111,14 @@ def code_version() -> str:
             return "unknown"
 
 
-def new_metadata(recipe: Recipe, *, train_rows: int, source: tuple[str, int], device, amp: bool,
-                 world_size: int) -> dict:
-    """A fresh run's metadata.json: its recipe and what it runs on, before any epoch."""
+def new_metadata(recipe: Recipe, *, train_rows: int, selection_rows: int, source: tuple[str, int], device,
+                 amp: bool, world_size: int) -> dict:
+    """A fresh run's metadata.json: its recipe and what it runs on, before any epoch: the rows it
+    trains on, and how many rows were held out to choose its best epoch by which rule (so that
+    `training.selection_frames` rebuilds them)."""
     source_table, source_version = source
-    return {**recipe.as_dict(), "status": "training", "train_rows": train_rows, "source_table": source_table,
+    return {**recipe.as_dict(), "status": "training", "train_rows": train_rows, "selection_rows": selection_rows,
+            "selection_rule": SELECTION_RULE, "source_table": source_table,
             "source_table_version": source_version, "code_version": code_version(), "device": str(device),
             "amp": amp, "world_size": world_size, "epochs": [], "best_epoch": None, "best_val_map_50": None,
             "resumed_from_epoch": None}
@@ -149,14 +157,18 @@ def save_epoch(out: Path, state, metadata: dict, record: dict) -> None:
 
 
 def run_summary(metadata: dict, out: Path) -> dict:
-    """A run's metadata.json facts, flat: what its asset materialization shows."""
+    """A run's metadata.json facts, flat: what its asset materialization shows. Its row count is
+    the view's rows at the pinned version, trained on or held out: what the retrain policy
+    compares the view's growth with."""
     epochs = metadata["epochs"]
     return {
         "checkpoint_dir": str(out), "weights": str(out / BEST_FILE),
         "train_view": metadata["train_view"], "train_view_version": metadata["train_view_version"],
-        "train_filter": metadata["train_filter"] or "", "val_view": metadata["val_view"] or "",
-        "val_view_version": metadata["val_view_version"], "source_table": metadata["source_table"],
-        "source_table_version": metadata["source_table_version"], "dagster/row_count": metadata["train_rows"],
+        "train_filter": metadata["train_filter"] or "", "source_table": metadata["source_table"],
+        "source_table_version": metadata["source_table_version"],
+        "dagster/row_count": metadata["train_rows"] + metadata["selection_rows"],
+        "train_rows": metadata["train_rows"], "selection_rows": metadata["selection_rows"],
+        "selection_pct": metadata["selection_pct"], "selection_rule": metadata["selection_rule"],
         "profile": metadata["profile"]["name"], "hyper_parameters": metadata["profile"],
         "weights_source": metadata["weights_source"], "seed": metadata["seed"],
         "code_version": metadata["code_version"], "device": metadata["device"],

@@ -72,9 +72,11 @@ def compute_metrics(predictions: Sequence[Mapping[str, Tensor]],
     """
     from torchmetrics.detection import MeanAveragePrecision
 
+    # Of these predictions alone: in a distributed run the leader scores by itself while the
+    # other ranks wait, and torchmetrics would otherwise gather every rank's state.
     metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, extended_summary=True,
                                   backend=METRIC_BACKEND, iou_thresholds=COCO_IOU_THRESHOLDS.tolist(),
-                                  rec_thresholds=COCO_RECALL_POINTS.tolist())
+                                  rec_thresholds=COCO_RECALL_POINTS.tolist(), sync_on_compute=False)
     metric.warn_on_many_detections = False
     metric.update([dict(p) for p in predictions], [dict(t) for t in targets])
     result = metric.compute()

@@ -11,7 +11,9 @@ over PCIe.
 The permutation is pinned to one table version (its permutation table records `base_version`),
 and its order is a seeded shuffle of the view's row ids at that version, so the same (view,
 version, seed, epoch) always yields the same rows in the same order; that is what
-`training.reproduce_order` relies on.
+`training.reproduce_order` relies on. A `ViewRef` with a `share` reads one side of the view's
+rows split by the selection rule (`selection`): the frames a run trains on, or those held out
+to choose its best epoch. The split happens where the row ids are read, so a batch costs the same.
 
 Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
 "person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
@@ -32,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from avperception_assets.formats.taxonomy import COCO_IDS
+from avperception_assets.model.selection import CLIP_ID, KEY_COLUMNS, Share
 from avperception_assets.storage.decoding import decode, on_frame_threads
 from avperception_assets.storage.pixels import PixelReader
 
@@ -46,6 +49,7 @@ class ViewRef:
     name: str
     version: int
     where: str | None = None  # optional SQL filter, e.g. "split = 'train'" on the frames table
+    share: Share | None = None  # one side of the rows split by the selection rule; None: every row
 
 
 def open_table(uri: str, name: str, version: int | None = None):
@@ -66,7 +70,25 @@ def pin_view(uri: str, name: str, version: int | None = None, where: str | None 
 
 
 def count_rows(view: ViewRef) -> int:
-    return open_table(view.uri, view.name, view.version).count_rows(view.where)
+    if view.share is None:
+        return open_table(view.uri, view.name, view.version).count_rows(view.where)
+    return view_rows(view).num_rows
+
+
+def view_rows(view: ViewRef, with_row_id: bool = False) -> pa.Table:
+    """The image ids (and row ids) of the view's rows at its version: those its filter keeps,
+    on its side of the selection rule when it has a `share`."""
+    table = open_table(view.uri, view.name, view.version).to_lance()
+    columns = [c for c in KEY_COLUMNS if c in table.schema.names] if view.share else ["image_id"]
+    rows = table.to_table(columns=columns, filter=view.where, with_row_id=with_row_id)
+    if view.share is None:
+        return rows
+    clips = rows[CLIP_ID].to_pylist() if CLIP_ID in rows.column_names else None
+    return rows.filter(pa.array(view.share.keeps(rows["image_id"].to_pylist(), clips)))
+
+
+def image_ids(view: ViewRef) -> list[str]:
+    return view_rows(view)["image_id"].to_pylist()
 
 
 def _reopen(uri: str, version: int, name: str):
@@ -79,16 +101,15 @@ _ORDER_SCHEMA = pa.schema([pa.field("row_id", pa.uint64()), pa.field("split_id",
 
 
 def row_order(view: ViewRef, seed: int | None = None, weights: Mapping[str, float] | None = None) -> pa.Table:
-    """Row ids of `view` at its version: in stored order, shuffled by `seed`, or, with `weights`
-    (by image id), as many draws with replacement as rows, each row in proportion to its weight
-    (hard-example mining), from a generator seeded by `seed`.
+    """Row ids of `view` at its version (`view_rows`): in stored order, shuffled by `seed`, or,
+    with `weights` (by image id), as many draws with replacement as rows, each row in proportion
+    to its weight (hard-example mining), from a generator seeded by `seed`.
 
     Built here rather than with `lancedb.permutation.permutation_builder`, which panics on
     Geneva materialized views in lancedb 0.39 ("target schema is not superset of current
     schema"). `base_version` in the schema pins every read to the view's version.
     """
-    table = open_table(view.uri, view.name, view.version)
-    rows = table.to_lance().to_table(columns=["image_id"], filter=view.where, with_row_id=True)
+    rows = view_rows(view, with_row_id=True)
     row_ids = rows["_rowid"].to_numpy()
     if weights is not None:
         w = np.array([weights[i] for i in rows["image_id"].to_pylist()], dtype=np.float64)

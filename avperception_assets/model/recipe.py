@@ -1,12 +1,13 @@
 """A training run's recipe, in the one form it has in code, in `run.json` and in `metadata.json`.
 
 A `Recipe` is everything that decides what a run computes: the view it trains on, pinned to a
-version (and the val view its best epoch is chosen on), the profile (network, input size,
-optimiser, schedule: one of `detector.PROFILES` with overrides), the starting weights, the seed,
-and the record of how its per-frame sampling weights were made, when it draws frames by them.
-Its fields are the serialised keys: the Dagster config builds one, the training processes start
-from `as_dict()` in run.json, a checkpoint's metadata.json holds the same keys at its top level
-beside what the run measured, and `reproduce` reads it back from there.
+version, the share of that view's frames held out to choose its best epoch (`selection`), the
+profile (network, input size, optimiser, schedule: one of `detector.PROFILES` with overrides),
+the starting weights, the seed, and the record of how its per-frame sampling weights were
+made, when it draws frames by them. Its fields are the serialised keys: the Dagster config
+builds one, the training processes start from `as_dict()` in run.json, a checkpoint's
+metadata.json holds the same keys at its top level beside what the run measured, and
+`reproduce` reads it back from there.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 from avperception_assets.model.detector import WEIGHTS_NONE, Profile, get_profile
 from avperception_assets.model.loader import ViewRef
+from avperception_assets.model.selection import DEFAULT_PCT, Share, check_pct
 
-# Keys that metadata.json files written before the recipe had one form (up to c618fc9) lack;
-# such a folder resumes when everything else it recorded is equal.
-NOT_RECORDED_BEFORE = ("val_filter",)
+# Keys that metadata.json files written before they existed lack, with what such a run did:
+# it trained on every row of its view (and chose its best epoch on a separate val view).
+NOT_RECORDED_BEFORE = {"selection_pct": None}
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,9 @@ class Recipe:
     train_view: str
     train_view_version: int
     train_filter: str | None
-    val_view: str | None  # None: no best-epoch selection, best = last
-    val_view_version: int | None
-    val_filter: str | None
+    # The percentage of the view's frames held out from training to choose the best epoch
+    # (`selection.RULE`); 0: none held out, best = last; None: recorded before shares existed.
+    selection_pct: int | None
     profile: Profile
     weights_source: str  # 'coco', 'none' or a state_dict path
     seed: int = 0
@@ -45,29 +47,32 @@ class Recipe:
     mining: dict[str, Any] | None = None
 
     def __post_init__(self):
+        check_pct(self.selection_pct)
         # COCO weights keep the anchors their RPN learned.
         object.__setattr__(self, "profile", self.profile.for_weights(self.weights_source))
 
     @classmethod
-    def on(cls, train: ViewRef, val: ViewRef | None, profile: Profile, *, weights: str = WEIGHTS_NONE,
+    def on(cls, train: ViewRef, profile: Profile, *, selection_pct: int = DEFAULT_PCT, weights: str = WEIGHTS_NONE,
            seed: int = 0, mining: Mapping[str, Any] | None = None) -> "Recipe":
-        """The recipe that trains `profile` on `train` (best epoch on `val`, in the same database)."""
-        if val is not None and val.uri != train.uri:
-            raise ValueError(f"the val view must be in the train view's database {train.uri}, not {val.uri}")
+        """The recipe that trains `profile` on the rows of `train` outside its selection share of
+        `selection_pct` percent, and keeps the epoch that share scores best."""
         return cls(lancedb_uri=train.uri, train_view=train.name, train_view_version=train.version,
-                   train_filter=train.where, val_view=val.name if val else None,
-                   val_view_version=val.version if val else None, val_filter=val.where if val else None,
-                   profile=profile, weights_source=weights, seed=seed, mining=dict(mining) if mining else None)
+                   train_filter=train.where, selection_pct=selection_pct, profile=profile, weights_source=weights,
+                   seed=seed, mining=dict(mining) if mining else None)
 
     @property
     def train(self) -> ViewRef:
-        return ViewRef(self.lancedb_uri, self.train_view, self.train_view_version, self.train_filter)
+        """The frames the run trains on: the view's rows outside the selection share."""
+        share = Share(self.selection_pct, held_out=False) if self.selection_pct else None
+        return ViewRef(self.lancedb_uri, self.train_view, self.train_view_version, self.train_filter, share)
 
     @property
-    def val(self) -> ViewRef | None:
-        if not self.val_view:
+    def selection(self) -> ViewRef | None:
+        """The frames held out to choose the best epoch; None when none are."""
+        if not self.selection_pct:
             return None
-        return ViewRef(self.lancedb_uri, self.val_view, self.val_view_version, self.val_filter)
+        return ViewRef(self.lancedb_uri, self.train_view, self.train_view_version, self.train_filter,
+                       Share(self.selection_pct, held_out=True))
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -82,12 +87,13 @@ class Recipe:
         """The recipe in `data` (a run.json, or a metadata.json with what the run measured beside
         it), its views read from `uri` when given instead of the recorded location."""
         values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in NOT_RECORDED_BEFORE}
-        values.update({name: data.get(name) for name in NOT_RECORDED_BEFORE}, profile=get_profile(**data["profile"]))
+        values.update({name: data.get(name, before) for name, before in NOT_RECORDED_BEFORE.items()},
+                      profile=get_profile(**data["profile"]))
         return cls(**{**values, "lancedb_uri": uri or values["lancedb_uri"]})
 
     def recorded_in(self, saved: Mapping[str, Any]) -> bool:
         """Whether a checkpoint folder's metadata records this recipe, and so may be resumed.
         The data location is left out: a moved data folder resumes."""
         mine = {key: value for key, value in self.as_dict().items() if key != "lancedb_uri"}
-        recorded = {**{key: mine[key] for key in NOT_RECORDED_BEFORE}, **{k: saved[k] for k in mine if k in saved}}
+        recorded = {**NOT_RECORDED_BEFORE, **{k: saved[k] for k in mine if k in saved}}
         return recorded == mine

@@ -2,16 +2,18 @@
 and the reproduction of its data order.
 
 Plain Python (no Dagster). `train(recipe, out)` trains `recipe` (`recipe.Recipe`) with the
-engine (`engine.train_one_epoch`, `engine.evaluate` on the val view after each epoch) into the
-folder `out` (`checkpoints`): the same recipe resumes from its last saved epoch, a finished one
-is reused, and a newer view version gets a new folder and starts fresh from the starting weights.
+engine (`engine.train_one_epoch`, then `engine.evaluate` on the view's selection share, frames
+held out from training, after each epoch) into the folder `out` (`checkpoints`): the same
+recipe resumes from its last saved epoch, a finished one is reused, and a newer view version
+gets a new folder and starts fresh from the starting weights.
 
 Every epoch's order is a LanceDB shuffle seeded by seed + epoch or, with per-frame sampling
 weights (e.g. from hard-example mining), a draw in proportion to them seeded the same way; the
 folder keeps the weights, so `reproduce` rebuilds the exact order from it.
 
 CLI: `python -m avperception_assets.model.training reproduce <checkpoint dir> [--epoch N]` prints the
-image ids of that epoch in training order, read from the time-travelled view.
+image ids of that epoch in training order, read from the time-travelled view; with `--selection`,
+the frames held out to choose its best epoch.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
           log: Log = print) -> dict:
     """Train (or resume, or reuse a finished run of) `recipe` in folder `out`; returns the metadata.
 
-    `sample_weights` (image id -> weight, every train frame): each epoch draws as many frames as
-    the view has, with replacement, in proportion to them; `recipe.mining` records how they were
-    made. In a torch.distributed job every process calls it: each trains on its own positions of
-    the epoch's order (`engine.Process`), gradients are averaged by DDP, and only the leader
-    validates and writes; the others wait for it at the end of each epoch."""
+    The run trains on the view's rows outside its selection share and keeps as best.pt the epoch
+    that share scores best (`recipe.Recipe.selection`). `sample_weights` (image id -> weight,
+    every frame trained on): each epoch draws as many frames as it trains on, with replacement,
+    in proportion to them; `recipe.mining` records how they were made. In a torch.distributed job
+    every process calls it: each trains on its own positions of the epoch's order
+    (`engine.Process`), gradients are averaged by DDP, and only the leader scores the selection
+    share and writes; the others wait for it at the end of each epoch."""
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -63,8 +67,15 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     train_view, profile, process = recipe.train, recipe.profile, Process.current()
     rows = loader.count_rows(train_view)
     if rows == 0:
+        held_out = (f" outside its {recipe.selection_pct}% selection share (a lower selection_pct holds out fewer)"
+                    if recipe.selection_pct else "")
         raise ValueError(f"{train_view.name}@{train_view.version} has no training rows"
-                         f"{f' matching {train_view.where!r}' if train_view.where else ''}")
+                         f"{f' matching {train_view.where!r}' if train_view.where else ''}{held_out}")
+    selection_rows = loader.count_rows(recipe.selection) if recipe.selection else 0
+    selection = recipe.selection if selection_rows else None
+    if recipe.selection_pct and not selection_rows:
+        log(f"{train_view.name}@{train_view.version}: its {recipe.selection_pct}% selection share holds no frame; "
+            f"best = last epoch")
     out.mkdir(parents=True, exist_ok=True)
     saved = checkpoints.resume_point(out, recipe)
     if saved and saved["status"] == "complete":
@@ -77,8 +88,9 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     # The schedule counts the longest shard's steps.
     state = TrainState.create(model, profile, device, steps_per_epoch(-(-rows // process.world), profile), process)
     metadata = checkpoints.new_metadata(
-        recipe, train_rows=rows, device=device, amp=state.amp, world_size=process.world,
-        source=storage.source_table_version(train_view.uri, train_view.name, train_view.version))
+        recipe, train_rows=rows, selection_rows=selection_rows, device=device, amp=state.amp,
+        world_size=process.world, source=storage.source_table_version(train_view.uri, train_view.name,
+                                                                      train_view.version))
     if saved:
         checkpoints.resume(out, saved, state, metadata)
         log(f"resuming {train_view.name}@{train_view.version} from saved epoch {state.epoch}")
@@ -92,7 +104,7 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
                                    weights=sample_weights, shard=(process.rank, process.world))
             record = train_one_epoch(state, batches, log=log, writer=writer)
             if process.leader:
-                _end_epoch(state, recipe, out, metadata, record, writer, log)
+                _end_epoch(state, selection, out, metadata, record, writer, log)
             process.barrier()
     finally:
         if writer is not None:
@@ -103,16 +115,16 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     return metadata
 
 
-def _end_epoch(state: TrainState, recipe: Recipe, out: Path, metadata: dict, record: dict, writer, log: Log) -> None:
-    """The leader's end of an epoch: validate, then save the checkpoint files."""
-    val = recipe.val
-    record["val_map_50"] = evaluate(state.model, loader.make_loader(val, batch_size=recipe.profile.batch_size)) \
-        if val else None
+def _end_epoch(state: TrainState, selection: loader.ViewRef | None, out: Path, metadata: dict, record: dict,
+               writer, log: Log) -> None:
+    """The leader's end of an epoch: score the selection share (if any), then save the checkpoint files."""
+    record["val_map_50"] = evaluate(state.model, loader.make_loader(selection, batch_size=state.profile.batch_size)) \
+        if selection else None
     checkpoints.save_epoch(out, state, metadata, record)
     if record["val_map_50"] is not None:
-        writer.add_scalar("val/map_50", record["val_map_50"], record["epoch"])
-    log(f"epoch {record['epoch']}/{recipe.profile.epochs} saved: loss {record['loss']:.4f}, "
-        f"{record['images_per_s']:.2f} img/s, val mAP@0.5 {record['val_map_50']}")
+        writer.add_scalar("selection/map_50", record["val_map_50"], record["epoch"])
+    log(f"epoch {record['epoch']}/{state.profile.epochs} saved: loss {record['loss']:.4f}, "
+        f"{record['images_per_s']:.2f} img/s, selection mAP@0.5 {record['val_map_50']}")
 
 
 def reproduce_order(checkpoint_dir: Path, *, epoch: int = 0, uri: str | None = None,
@@ -133,6 +145,13 @@ def reproduce_order(checkpoint_dir: Path, *, epoch: int = 0, uri: str | None = N
     return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
 
 
+def selection_frames(checkpoint_dir: Path, *, uri: str | None = None) -> list[str]:
+    """The image ids held out to choose the checkpoint's best epoch, read from the time-travelled
+    view by its recorded rule and share (none for a run that held none out)."""
+    recipe = Recipe.from_dict(checkpoints.read_metadata(checkpoint_dir), uri=uri)
+    return loader.image_ids(recipe.selection) if recipe.selection else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m avperception_assets.model.training")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,8 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     reproduce.add_argument("--epoch", type=int, default=0, help="0-based epoch (default 0)")
     reproduce.add_argument("--uri", default=None, help="LanceDB location (default: the recorded one)")
     reproduce.add_argument("--rank", type=int, default=None, help="one process's positions of a distributed run")
+    reproduce.add_argument("--selection", action="store_true",
+                           help="print the frames held out to choose the best epoch instead")
     args = parser.parse_args(argv)
     metadata = checkpoints.read_metadata(args.checkpoint_dir)
+    if args.selection:
+        held_out = selection_frames(args.checkpoint_dir, uri=args.uri)
+        print(f"# {metadata['train_view']}@{metadata['train_view_version']} selection share "
+              f"({metadata.get('selection_pct')}%): {len(held_out)} rows")
+        print("\n".join(held_out))
+        return
     order = reproduce_order(args.checkpoint_dir, epoch=args.epoch, uri=args.uri, rank=args.rank)
     of_rank = "" if args.rank is None else f" rank {args.rank} of {metadata.get('world_size', 1)}"
     print(f"# {metadata['train_view']}@{metadata['train_view_version']} seed {metadata['seed']} "
