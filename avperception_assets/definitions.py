@@ -24,6 +24,7 @@ def build_definitions(modes, workspace: Workspace | None = None) -> dg.Definitio
         maintenance_assets.build_maintenance_defs(modes),
         training_assets.build_training_defs(modes),
         evaluation_assets.build_evaluation_defs(modes),
+        evaluation_assets.build_base_report_defs(modes),
         deployment_assets.build_deployment_defs(modes),
         sensors.build_sensor_defs(modes, workspace),
         audit_jobs.build_audit_defs(modes),

@@ -6,8 +6,10 @@ working as it is):
 
     <data>/landing/<batch>/        new footage lands here (READY batches are ingested)
     <data>/lancedb/                the frames table, its views and the result tables
-    <data>/checkpoints/<model>/    `base` (base_detector) and one folder per failure mode
-    <data>/reports/<mode>/         evaluation reports; reports/summary.md, reports/search/
+    <data>/checkpoints/<model>/    `base` (base_detector), `base_long` (`make base`'s long base,
+                                   which base_detector reuses) and one folder per failure mode
+    <data>/reports/<mode>/         evaluation reports; reports/base/ (base_detector_report),
+                                   reports/summary.md, reports/search/
     <data>/exports/                COCO and YOLO exports of slice views
     <data>/config/                 the user's own configuration files (failure_modes.toml)
     <data>/dagster_home/           Dagster's instance storage, where `make` points DAGSTER_HOME
@@ -28,6 +30,8 @@ from typing import Any
 DEFAULT_DATA_LOCATION = "data"
 SENSOR_STATUSES = ("running", "stopped")
 BASE_CHECKPOINTS = "base"  # base_detector's folder under checkpoints/
+BASE_LONG_CHECKPOINTS = "base_long"  # the long base `make base` trains, under checkpoints/
+BASE_REPORTS = "base"  # base_detector_report's folder under reports/ (and its `base_eval_frames` table)
 
 
 class WorkspaceError(ValueError):

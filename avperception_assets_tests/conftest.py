@@ -110,6 +110,7 @@ MARKERS_OF_FIXTURE = {
     "local_ray": ("ray",),  # and so curated_db, built on it
     "trained_rider": ("dagster_run", "training"),
     "trained": ("training",),  # test_training.py's tiny run
+    "base_run": ("dagster_run", "training"),  # test_base_report.py's runs
 }
 
 

@@ -179,6 +179,63 @@ def test_the_interval_narrows_as_frames_are_added():
     assert (np.array(widths[1]) < np.array(widths[0])).all() and (np.array(widths[2]) < np.array(widths[1])).all()
 
 
+def _matches(targets, predictions) -> bootstrap.Matches:
+    return bootstrap.matches_from_rows(_frame_rows(targets, {FINETUNED: predictions}), CLASS_IDS)[FINETUNED]
+
+
+def test_disjoint_frame_sets_that_differ_by_construction_differ_beyond_the_interval():
+    off_targets, on_targets = _random_targets(50, seed=61), _random_targets(40, seed=62)
+    sets = {"off": _matches(off_targets, _exact(off_targets)), "on": _matches(on_targets, _jittered(on_targets, seed=63))}
+    found = bootstrap.independent_intervals(sets, {"off_minus_on": ("on", "off")})
+    difference = found["off_minus_on"]["map_50"]
+    assert found["off"]["map_50"]["point"] == 1.0 and found["on"]["map_50"]["point"] < 0.9
+    assert difference["point"] == pytest.approx(100 * (1.0 - found["on"]["map_50"]["point"]))
+    assert difference["low"] > 0 and bootstrap.verdict(difference) == bootstrap.BETTER
+    assert difference["frames"] == {"on": 40, "off": 50} and found["on"]["map_50"]["frames"] == 40
+
+
+def test_disjoint_frame_sets_of_one_distribution_get_an_interval_containing_0():
+    targets = _random_targets(100, seed=71)
+    predictions = _jittered(targets, seed=72)
+    sets = {"a": _matches(targets[:50], predictions[:50]), "b": _matches(targets[50:], predictions[50:])}
+    found = bootstrap.independent_intervals(sets, {"b_minus_a": ("a", "b")})
+    for key in bootstrap.METRICS:
+        difference = found["b_minus_a"][key]
+        assert difference["low"] < 0 < difference["high"]
+    assert bootstrap.verdict(found["b_minus_a"]["map_50"]) == bootstrap.NO_DIFFERENCE
+
+
+def test_disjoint_sets_are_resampled_independently_not_paired():
+    """The same frames as two sets: paired resamples would cancel to [0, 0]; independent ones
+    spread around 0, and each set keeps the interval it gets alone."""
+    targets = _random_targets(40, seed=81)
+    same = _matches(targets, _jittered(targets, seed=82))
+    found = bootstrap.independent_intervals({"a": same, "b": same}, {"b_minus_a": ("a", "b")})
+    paired = bootstrap.intervals({"a": same, "b": same}, {"b_minus_a": ("a", "b")})
+    for key in bootstrap.METRICS:
+        assert paired["b_minus_a"][key]["low"] == paired["b_minus_a"][key]["high"] == 0.0
+        assert found["b_minus_a"][key]["point"] == 0.0
+        assert found["b_minus_a"][key]["low"] < 0 < found["b_minus_a"][key]["high"]
+    assert found["a"] != found["b"]  # two streams
+    alone = bootstrap.independent_intervals({"a": same}, {})
+    assert alone["a"] == found["a"]
+
+
+def test_the_rows_of_some_frames_are_their_own_evaluations_rows():
+    targets = _random_targets(30, seed=91)
+    models = {BASELINE: _jittered(targets, seed=92), FINETUNED: _jittered(targets, seed=93)}
+    rows = _frame_rows(targets, models)
+    picked = [i for i in range(30) if i % 3]
+    subset = bootstrap.rows_of_frames(rows, [f"frame-{i}" for i in picked])
+    direct = _frame_rows([targets[i] for i in picked], {m: [p[i] for i in picked] for m, p in models.items()})
+    assert subset.num_rows == 2 * len(picked)
+    everywhere = np.ones((1, len(picked)), dtype=np.int64)
+    found, expected = (bootstrap.matches_from_rows(r, CLASS_IDS) for r in (subset, direct))
+    for model in models:
+        assert (found[model].gt == expected[model].gt).all()
+        assert bootstrap.score(found[model], everywhere) == bootstrap.score(expected[model], everywhere)
+
+
 def test_a_resample_scores_as_cocoeval_scores_the_frames_it_draws():
     """Weights stand for copies: a resample's figures are COCOeval's on a data set holding each
     frame as often as the resample draws it."""

@@ -46,7 +46,7 @@ def _view_filter(definitions: dg.Definitions, view: str) -> str:
 def test_definitions_load_with_the_names_users_see():
     dg.Definitions.validate_loadable(defs)
     expected = {"raw_frames": "ingest", "base_detector": "training", "failure_mode_summary": "evaluation",
-                "table_maintenance": "maintenance"}
+                "base_detector_report": "evaluation", "table_maintenance": "maintenance"}
     expected |= {column: "curation" for column in COLUMNS}
     for mode in MODES:
         expected |= {f"bdd100k_{mode}_train": "slices", f"bdd100k_{mode}_val": "slices",
@@ -59,7 +59,9 @@ def test_definitions_load_with_the_names_users_see():
 
 def test_every_asset_depends_on_exactly_what_it_reads():
     expected = {"raw_frames": set(), "base_detector": {"raw_frames"},
-                "failure_mode_summary": {f"{mode}_eval_report" for mode in MODES}}
+                "failure_mode_summary": {f"{mode}_eval_report" for mode in MODES} | {"base_detector_report"},
+                # the base outside every slice and inside each: the val views' frames
+                "base_detector_report": {"base_detector", *(f"bdd100k_{mode}_val" for mode in MODES)}}
     expected |= {column: {"raw_frames"} for column in COLUMNS}
     expected["is_duplicate"] = {"raw_frames", "dhash"}
     expected["uniqueness"] = {"raw_frames", "embedding"}
@@ -119,6 +121,7 @@ def test_a_registry_entry_adds_its_views_checkpoint_and_report():
     assert parents["bdd100k_crowded_night_val"] == {"raw_frames", "num_persons", "dhash", "table_maintenance"}
     assert parents["crowded_night_checkpoint"] == {"bdd100k_crowded_night_train", "base_detector"}
     assert "crowded_night_eval_report" in parents["failure_mode_summary"]
+    assert "bdd100k_crowded_night_val" in parents["base_detector_report"]  # its slice leaves the base's "outside"
 
 
 def test_a_mode_defined_by_example_adds_its_distance_column():

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from avperception_assets.failure_modes.registry import (FailureMode, FailureModeError, Tiling, default_failure_modes,
-                                                        load_registry)
+from avperception_assets.failure_modes.registry import (RESERVED_NAMES, FailureMode, FailureModeError, Tiling,
+                                                        default_failure_modes, load_registry)
+from avperception_assets.workspace import BASE_CHECKPOINTS, BASE_LONG_CHECKPOINTS, BASE_REPORTS
 
 RIDER_TABLE = '''
 [modes.night_rider]
@@ -41,6 +42,12 @@ def test_the_shipped_modes_are_the_platforms_three():
         "Frames whose largest pedestrian is small, i.e. far away.", min_input_size=448,
         tiling=Tiling(448, overlap=0.2, whole_frame=True, train_on_tiles=True), finetune_epochs=20)
     assert distant.train_crop == 448
+
+
+def test_a_mode_may_not_take_the_base_detectors_folders_or_table(tmp_path):
+    assert {BASE_CHECKPOINTS, BASE_LONG_CHECKPOINTS, BASE_REPORTS} <= RESERVED_NAMES
+    message = _error(tmp_path, '[modes.base]\nfilter = "has_rider = true"\nclasses = ["rider"]\n')
+    assert "failure mode 'base': the name is the base detector's own" in message
 
 
 def test_without_a_users_file_the_shipped_modes_load(tmp_path):

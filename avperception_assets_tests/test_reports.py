@@ -276,9 +276,9 @@ def test_summary_over_modes(written_report, tmp_path):
                         "| Δ AP@0.5 (points) | verdict |")
     delta = written_report.data["intervals"][reports.DELTA]["map_50"]
     assert lines[2] == (f"| rider | 24 | {delta['objects']} | "
-                        f"{reports._fmt_interval(written_report.data['intervals'][BASELINE]['map_50'], False)} | "
-                        f"{reports._fmt_interval(written_report.data['intervals'][FINETUNED]['map_50'], False)} | "
-                        f"{reports._fmt_interval(delta, True)} | {written_report.data['verdict']} |")
+                        f"{bootstrap.interval_text(written_report.data['intervals'][BASELINE]['map_50'])} | "
+                        f"{bootstrap.interval_text(written_report.data['intervals'][FINETUNED]['map_50'])} | "
+                        f"{bootstrap.interval_text(delta, points=True)} | {written_report.data['verdict']} |")
     assert lines[3].startswith("| nighttime_person | 24 |") and lines[4] == ""
     assert lines[5] == "| failure mode | metric | baseline | fine-tuned | Δ (points) |"
     assert len(lines) == 7 + 2 * len(written_report.rows)

@@ -33,7 +33,7 @@ from avperception_assets.discovery import hard_examples
 from avperception_assets.storage import tables as storage
 from avperception_assets.defs.modes import location_modes
 from avperception_assets.slices.views import view_name
-from avperception_assets.workspace import Workspace
+from avperception_assets.workspace import BASE_CHECKPOINTS, BASE_LONG_CHECKPOINTS, Workspace
 from targets import target  # noqa: E402
 
 VARIANTS = ("plain", "mining")
@@ -41,12 +41,14 @@ FIGURES = (("AP@0.5", "map_50"), ("recall", "mar_100"))
 
 
 def base_weights(root: Path) -> str:
-    """The newest base_detector checkpoint (what the assets fine-tune from)."""
-    folders = sorted((p for p in (root / "base").glob("*") if (p / checkpoints.BEST_FILE).is_file()),
+    """The base the assets fine-tune from: the long base `make base` cached when there is one
+    (base_detector reuses it), else the newest base_detector checkpoint."""
+    cached = checkpoints.latest_complete(root / BASE_LONG_CHECKPOINTS, detector.get_profile("cpu").architecture)
+    folders = sorted((p for p in (root / BASE_CHECKPOINTS).glob("*") if (p / checkpoints.BEST_FILE).is_file()),
                      key=lambda p: int(p.name))
-    if not folders:
-        raise SystemExit(f"no base_detector checkpoint under {root / 'base'}: run `make demo` first")
-    return str(folders[-1] / checkpoints.BEST_FILE)
+    if cached is None and not folders:
+        raise SystemExit(f"no base_detector checkpoint under {root}: run `make base` or `make demo` first")
+    return str((cached or folders[-1]) / checkpoints.BEST_FILE)
 
 
 def own_class_figures(uri: str, mode, model, profile) -> dict:

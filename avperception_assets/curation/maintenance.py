@@ -119,6 +119,7 @@ def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Itera
         report = json.loads(path.read_text())
         _record_pins(pins, report.get("val_view", {}), [("name", "version"), ("source_table", "source_table_version")])
         _record_pins(pins, report.get("eval_frames", {}), [("table", "version")])
+        _record_pins(pins, report.get("frames_table", {}), [("name", "version")])  # base_detector_report's
     for name in views:
         reflected = reflected_version(conn.open_table(name))
         if reflected is not None:

@@ -1,11 +1,14 @@
-"""Evaluation as Dagster assets (group `evaluation`): `<mode>_eval_report` per mode, `failure_mode_summary`.
+"""Evaluation as Dagster assets (group `evaluation`): `<mode>_eval_report` per mode,
+`base_detector_report`, `failure_mode_summary`.
 
 Each report evaluates the baseline (`base_detector`: COCO weights or the detector trained on
 all of bdd100k) and the mode's latest fine-tuned checkpoint on the latest version of the
 mode's val view, writes COCO JSON, report.json/report.md and PNG panels under
 `reports/<mode>/<val view version>/`, and shows the table and panels in the asset's metadata.
-The summary gathers the latest report of every mode into one table. Torch is imported inside
-the asset bodies only.
+`base_detector_report` scores the base detector as deployed on the val frames outside every
+slice and inside each (`evaluation.base_report`), under `reports/base/<frames version>/`. The
+summary gathers the latest report of every mode into one table, with the base detector's
+figures. Torch is imported inside the asset bodies only.
 """
 
 import dataclasses
@@ -17,9 +20,10 @@ from pydantic import Field
 
 from avperception_assets.failure_modes.registry import FailureMode, Tiling, check_registry
 from avperception_assets.slices.views import view_name
-from avperception_assets.defs.names import BASE_DETECTOR, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_checkpoint_dir, latest_metadata, view_key
+from avperception_assets.defs.names import BASE_DETECTOR, BASE_DETECTOR_REPORT, EVALUATION, FAILURE_MODE_SUMMARY, checkpoint_key, eval_report_key, latest_checkpoint_dir, latest_metadata, view_key
 from avperception_assets.defs.resources import WorkspaceResource
-from avperception_assets.defs.training_assets import base_model
+from avperception_assets.defs.training_assets import base_model, deployed_base_model
+from avperception_assets.workspace import BASE_REPORTS
 
 
 class EvalReportConfig(dg.Config):
@@ -217,35 +221,111 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
     return _report
 
 
+class BaseReportConfig(dg.Config):
+    batch_size: int = Field(8, description="Frames per inference batch.")
+
+
+def build_base_report_asset(modes) -> dg.AssetsDefinition:
+    val_views = {mode.name: view_name(mode, "val") for mode in modes}
+
+    @dg.asset(
+        key=BASE_DETECTOR_REPORT,
+        group_name=EVALUATION,
+        deps=[BASE_DETECTOR, *(view_key(m, "val") for m in modes)],
+        kinds={"pytorch"},
+        description="The base detector as deployed (its own input size) on the val frames of bdd100k outside "
+                    "every slice and inside each mode's val view: all-class AP@0.5 outside with 95% bootstrap "
+                    "intervals and the objects per class, and per mode the interval of AP off the slices − AP "
+                    "on the slice over its classes (all classes off the slices where its classes occur only in "
+                    "the slice) with the verdict whether the slice is measurably worse; report.json/report.md "
+                    f"under `reports/{BASE_REPORTS}/{{frames version}}/`, every frame's matches in "
+                    f"`{BASE_REPORTS}_eval_frames`.",
+    )
+    def _base_report(context: dg.AssetExecutionContext, config: BaseReportConfig,
+                     workspace: WorkspaceResource) -> dg.MaterializeResult:
+        from avperception_assets.evaluation import base_report, comparison, frame_errors
+
+        model, info = deployed_base_model(context)
+        uri, conn = workspace.layout.lancedb_uri, workspace.connect()
+        try:
+            sets = base_report.frame_sets(uri, val_views)
+            result = base_report.evaluate(uri, sets, model, batch_size=config.batch_size)
+            version = frame_errors.write_table(conn, BASE_REPORTS, comparison.frame_rows(result), {
+                "frames_table_version": sets.frames_version, "weights": info["weights"]})
+            stored = frame_errors.read_table(conn, BASE_REPORTS, version)
+            figures = base_report.measure(stored, sets, {mode.name: mode.classes for mode in modes})
+        except ValueError as exc:  # missing views, views out of step, no frame outside the slices
+            raise dg.Failure(f"base_detector_report: {exc}") from exc
+        eval_frames = {"table": frame_errors.table_name(BASE_REPORTS), "version": version}
+        out_dir = workspace.layout.reports_dir_for(BASE_REPORTS) / str(sets.frames_version)
+        data = base_report.write_report(out_dir, figures, sets=sets, model=info, eval_frames=eval_frames,
+                                        num_images=len(result.image_ids))
+        outside, modes_table = base_report.outside_markdown(data), base_report.modes_markdown(data)
+        context.log.info(f"base detector outside every slice:\n{outside}\n\n{modes_table}")
+        figures_metadata = {k: dg.MetadataValue.null() if v is None else v
+                            for k, v in base_report.metadata_figures(data).items()}
+        return dg.MaterializeResult(
+            metadata={
+                "outside": dg.MetadataValue.md(outside),
+                "modes": dg.MetadataValue.md(modes_table),
+                "objects_per_class": dg.MetadataValue.json(data["outside"]["objects_per_class"]),
+                "verdicts": dg.MetadataValue.json({m: f["verdict"] for m, f in data["modes"].items()}),
+                **figures_metadata,
+                "frames_table_version": sets.frames_version,
+                "eval_frames_table": eval_frames["table"],
+                "eval_frames_version": version,
+                "dagster/row_count": data["num_images"],
+                "weights": info["weights"],
+                "reused_long_base": info["reused_long_base"],
+                "report_dir": dg.MetadataValue.path(str(out_dir)),
+                "report_json": dg.MetadataValue.path(str(out_dir / base_report.REPORT_JSON)),
+            },
+            data_version=dg.DataVersion(f"bdd100k@{sets.frames_version}:{info['weights']}"),
+        )
+
+    return _base_report
+
+
+def _latest_report(context: dg.AssetExecutionContext, key: dg.AssetKey) -> dict | None:
+    """The report.json the latest materialization of `key` wrote; None when there is none."""
+    from avperception_assets.evaluation import reports
+
+    recorded = latest_metadata(context.instance, key)
+    path = Path(recorded["report_json"]) if recorded and "report_json" in recorded else None
+    return reports.read_report(path) if path is not None and path.is_file() else None
+
+
 def build_summary_asset(modes) -> dg.AssetsDefinition:
     @dg.asset(
         key=FAILURE_MODE_SUMMARY,
         group_name=EVALUATION,
-        deps=[eval_report_key(m) for m in modes],
+        deps=[*(eval_report_key(m) for m in modes), BASE_DETECTOR_REPORT],
         description="Every failure mode's verdict with its 95% intervals, then one table over every mode: "
-                    "metric, baseline, fine-tuned, Δ in points (also reports/summary.md and summary.json).",
+                    "metric, baseline, fine-tuned, Δ in points, then the base detector outside and inside "
+                    "the slices (also reports/summary.md and summary.json).",
     )
     def _summary(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import reports
 
         written, missing = {}, []
         for mode in modes:
-            recorded = latest_metadata(context.instance, eval_report_key(mode))
-            path = Path(recorded["report_json"]) if recorded and "report_json" in recorded else None
-            if path is None or not path.is_file():
+            data = _latest_report(context, eval_report_key(mode))
+            if data is None:
                 missing.append(mode.name)
-                continue
-            written[mode.name] = reports.read_report(path)
-        if not written:
-            raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}); "
-                             "materialize the <mode>_eval_report assets first")
-        md_path, json_path, table = reports.write_summary(workspace.layout.reports_dir, written)
+            else:
+                written[mode.name] = data
+        base = _latest_report(context, BASE_DETECTOR_REPORT)
+        if not written and base is None:
+            raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}) nor for the "
+                             "base detector; materialize the <mode>_eval_report assets or base_detector_report first")
+        md_path, json_path, table = reports.write_summary(workspace.layout.reports_dir, written, base)
         context.log.info(f"Failure modes: baseline vs fine-tuned\n{table}")
         return dg.MaterializeResult(metadata={
             "summary": dg.MetadataValue.md(table),
             "verdicts": dg.MetadataValue.json({mode: data["verdict"] for mode, data in written.items()}),
             "modes": dg.MetadataValue.json(sorted(written)),
             "modes_without_report": dg.MetadataValue.json(missing),
+            "base_detector_report": base is not None,
             "summary_md": dg.MetadataValue.path(str(md_path)),
             "summary_json": dg.MetadataValue.path(str(json_path)),
         })
@@ -257,3 +337,8 @@ def build_evaluation_defs(modes) -> dg.Definitions:
     """One eval report per failure mode of the registry `modes`, plus the summary."""
     modes = check_registry(modes)
     return dg.Definitions(assets=[*(build_eval_report_asset(m) for m in modes), build_summary_asset(modes)])
+
+
+def build_base_report_defs(modes) -> dg.Definitions:
+    """base_detector_report over the val views of the registry `modes`."""
+    return dg.Definitions(assets=[build_base_report_asset(check_registry(modes))])

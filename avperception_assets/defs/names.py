@@ -30,6 +30,7 @@ FOLLOWS_FOOTAGE = dg.AutomationCondition.eager()
 
 RAW_FRAMES = dg.AssetKey("raw_frames")
 BASE_DETECTOR = dg.AssetKey("base_detector")
+BASE_DETECTOR_REPORT = dg.AssetKey("base_detector_report")
 FAILURE_MODE_SUMMARY = dg.AssetKey("failure_mode_summary")
 TABLE_MAINTENANCE = dg.AssetKey("table_maintenance")
 

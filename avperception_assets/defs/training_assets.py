@@ -1,7 +1,9 @@
 """Training as Dagster assets (group `training`): `base_detector` and one `<mode>_checkpoint` per mode.
 
 `base_detector` is the generic starting point: COCO weights when they are available (recorded,
-not retrained), otherwise a detector trained on the train split of `bdd100k`. Each
+not retrained), else the long base `make base` cached under `checkpoints/base_long/` when there
+is one (the `cpu_long` profile; reused, not retrained), otherwise a detector trained on the
+train split of `bdd100k`. Each
 `<mode>_checkpoint` fine-tunes it on `bdd100k_<mode>_train` at the view's current version and
 saves under `checkpoints/<mode>/<view version>/`. Both keep the epoch that scores the best
 mAP@0.5 on their train frames' selection share (`selection_pct`, held out from training by a
@@ -20,7 +22,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from avperception_assets.workspace import BASE_CHECKPOINTS
+from avperception_assets.workspace import BASE_CHECKPOINTS, BASE_LONG_CHECKPOINTS
 from avperception_assets.failure_modes.registry import FailureMode, check_registry
 from avperception_assets.model.selection import DEFAULT_PCT as DEFAULT_SELECTION_PCT
 from avperception_assets.slices.views import view_name
@@ -95,6 +97,14 @@ class TrainingConfig(dg.Config):
         return WEIGHTS_COCO if coco_weights_path(architecture).is_file() else WEIGHTS_NONE
 
 
+class BaseDetectorConfig(TrainingConfig):
+    """base_detector's run config: the training recipe, and whether to reuse the cached long base."""
+
+    reuse_long_base: bool = Field(True, description="Reuse the long base `make base` trained (profile cpu_long, "
+                                  "under checkpoints/base_long/) instead of training from scratch, when one "
+                                  "of this profile's architecture completed there.")
+
+
 def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
     """One node: a standalone rendezvous on a free port. Several: this run's node is rank 0 of a
     c10d rendezvous at `rendezvous_endpoint` (the other nodes start the same worker, see README)."""
@@ -141,13 +151,15 @@ def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: d
     retry_policy=TRAINING_RETRIES,
     kinds={"pytorch"},
     description="The generic detector every fine-tune starts from: COCO weights when cached, "
-                "else Faster R-CNN trained on the train split of bdd100k (best by mAP@0.5 on the "
-                "split's selection share, held out from training).",
+                "else the long base `make base` cached (checkpoints/base_long/), else Faster R-CNN "
+                "trained on the train split of bdd100k (best by mAP@0.5 on the split's selection "
+                "share, held out from training). Run config profile `cpu_long` trains the long base.",
 )
-def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
+def base_detector(context: dg.AssetExecutionContext, config: BaseDetectorConfig,
                   workspace: WorkspaceResource) -> dg.MaterializeResult:
-    from avperception_assets.model import loader
-    from avperception_assets.model.detector import WEIGHTS_COCO, check_weights_source, coco_weights_path
+    from avperception_assets.model import checkpoints, loader
+    from avperception_assets.model.detector import (LONG_BASE_PROFILE, WEIGHTS_COCO, WEIGHTS_NONE, check_weights_source,
+                                                    coco_weights_path)
     from avperception_assets.model.recipe import Recipe
 
     profile = config.resolve_profile(finetune=False)
@@ -160,14 +172,24 @@ def base_detector(context: dg.AssetExecutionContext, config: TrainingConfig,
         path = coco_weights_path(profile.architecture)
         return dg.MaterializeResult(metadata={
             "weights": WEIGHTS_COCO, "weights_file": dg.MetadataValue.path(str(path)),
-            "profile": profile.name, "architecture": profile.architecture,
+            "profile": profile.name, "architecture": profile.architecture, "hyper_parameters": profile.as_dict(),
             "note": "COCO-pretrained weights are the base; nothing trained",
         })
-    uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
+    long_base = workspace.layout.checkpoints_dir_for(BASE_LONG_CHECKPOINTS)
+    training_long_base = profile.name == LONG_BASE_PROFILE
+    cached = checkpoints.latest_complete(long_base, profile.architecture)
+    if cached is not None and config.reuse_long_base and weights == WEIGHTS_NONE and not training_long_base:
+        context.log.info(f"reusing the long base in {cached} (make base); nothing trained")
+        return dg.MaterializeResult(metadata={
+            **checkpoints.run_summary(checkpoints.read_metadata(cached), cached), "reused_long_base": True,
+            "note": f"the long base `make base` cached in {cached} is the base; nothing trained"})
+    uri = workspace.layout.lancedb_uri
+    folder = long_base if training_long_base else workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
     versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
     recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed)
-    return dg.MaterializeResult(metadata=_train(context, recipe, folder / str(train_view.version), config))
+    return dg.MaterializeResult(metadata={**_train(context, recipe, folder / str(train_view.version), config),
+                                          "reused_long_base": False})
 
 
 def base_weights(context: dg.AssetExecutionContext) -> str:
@@ -180,6 +202,21 @@ def base_weights(context: dg.AssetExecutionContext) -> str:
         raise dg.Failure(f"base_detector weights {weights} are gone; rematerialize base_detector",
                          allow_retries=False)
     return weights
+
+
+def deployed_base_model(context: dg.AssetExecutionContext):
+    """The base detector as a user deploys it, at its own profile's input size, and what a
+    report records about it (`base_model`)."""
+    from avperception_assets.model.detector import get_profile
+
+    recorded = latest_metadata(context.instance, BASE_DETECTOR)
+    if recorded is None:
+        raise dg.Failure("base_detector has not been materialized; materialize it first", allow_retries=False)
+    # A COCO base recorded before its hyper-parameters were: its profile's defaults.
+    profile = recorded.get("hyper_parameters") or get_profile(recorded["profile"]).as_dict()
+    model, info = base_model(context, profile)
+    return model, {**info, "input_size": [profile["min_size"], profile["max_size"]],
+                   "reused_long_base": recorded.get("reused_long_base", False)}
 
 
 def base_model(context: dg.AssetExecutionContext, profile: dict):

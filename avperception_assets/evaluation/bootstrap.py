@@ -9,6 +9,10 @@ The figures are COCOeval's: per class and IoU threshold, precision at the 101 re
 (interpolated from the right, maxDets 100) averaged into AP; recall is the last recall point;
 a class without ground truth in a resample is left out of the mean over classes. A frame drawn
 k times counts as k frames, as its k copies would in COCOeval.
+
+Two models on the same frames are compared on the same resamples (paired, `intervals`); two
+sets of frames that share none (a model outside and inside a slice) are resampled each on its
+own (`independent_intervals`).
 """
 
 from __future__ import annotations
@@ -100,6 +104,17 @@ def _detections(rows: pa.Table, class_ids: list[int]) -> list[ClassDetections]:
     return detections
 
 
+def rows_of_frames(rows: pa.Table, image_ids: Iterable[str]) -> pa.Table:
+    """The stored rows of the frames `image_ids` (every model's), numbered from 0 in their
+    stored order: the rows an evaluation of those frames alone would have stored."""
+    kept = rows.filter(pc.is_in(rows["image_id"], value_set=pa.array(list(image_ids), pa.string())))
+    kept = kept.sort_by([("model", "ascending"), ("frame_index", "ascending")])
+    models = kept["model"].to_numpy(zero_copy_only=False)
+    starts = np.searchsorted(models, models, side="left")  # the first row of each row's model
+    renumbered = pa.array(np.arange(kept.num_rows) - starts, pa.int32())
+    return kept.set_column(kept.schema.get_field_index("frame_index"), "frame_index", renumbered)
+
+
 def matches_from_rows(rows: pa.Table, class_ids: Iterable[int]) -> dict[str, Matches]:
     """Each model's matches from `<mode>_eval_frames` rows (one per model and frame)."""
     class_ids = list(class_ids)
@@ -117,7 +132,7 @@ def matches_from_rows(rows: pa.Table, class_ids: Iterable[int]) -> dict[str, Mat
 
 # --- scoring weighted frames -------------------------------------------------------------
 
-def resample_weights(frames: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+def resample_weights(frames: int, resamples: int = RESAMPLES, seed: int | np.random.SeedSequence = SEED) -> np.ndarray:
     """(resamples, frames) counts: how often each resample draws each frame."""
     if frames < 1:
         raise ValueError("a bootstrap needs at least one frame")
@@ -194,8 +209,8 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _interval(point: float, samples: np.ndarray, *, confidence: float, resamples: int, seed: int, frames: int,
-              objects: int) -> dict:
+def _interval(point: float, samples: np.ndarray, *, confidence: float, resamples: int, seed: int,
+              frames: int | dict[str, int], objects: int | dict[str, int]) -> dict:
     defined = samples[np.isfinite(samples)]
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(defined, [tail, 100 - tail]) if len(defined) else (np.nan, np.nan)
@@ -224,6 +239,40 @@ def intervals(matches: Mapping[str, Matches], pairs: Mapping[str, tuple[str, str
         result[name] = {key: _interval(POINTS * (points[b][key][0] - points[a][key][0]),
                                        POINTS * (samples[b][key] - samples[a][key]), **common) for key in METRICS}
     return result
+
+
+def independent_intervals(sets: Mapping[str, Matches], differences: Mapping[str, tuple[str, str]], *,
+                          resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE) -> dict:
+    """{name: {metric: interval}} for each of `sets`, frame sets that share no frame (a model
+    outside a slice and inside it), and for each difference `name: (a, b)`, b − a in points.
+    Each set is resampled on its own, from its own stream of `seed` (the n-th set of `sets`
+    draws the n-th, whatever sets follow it), so a difference pairs independent resamples: with
+    no frame in both sets there is nothing to pair. A set's interval is as `intervals` gives it; a difference's `frames` and
+    `objects` are each set's, by name."""
+    common = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    points, samples, result = {}, {}, {}
+    for (name, matches), stream in zip(sets.items(), np.random.SeedSequence(seed).spawn(len(sets))):
+        points[name] = score(matches, np.ones((1, matches.frames), dtype=np.int64))
+        samples[name] = score(matches, resample_weights(matches.frames, resamples, stream))
+        result[name] = {key: _interval(points[name][key][0], samples[name][key], frames=matches.frames,
+                                       objects=matches.objects, **common) for key in METRICS}
+    for name, (a, b) in differences.items():
+        counts = {"frames": {a: sets[a].frames, b: sets[b].frames}, "objects": {a: sets[a].objects, b: sets[b].objects}}
+        result[name] = {key: _interval(POINTS * (points[b][key][0] - points[a][key][0]),
+                                       POINTS * (samples[b][key] - samples[a][key]), **counts, **common)
+                        for key in METRICS}
+    return result
+
+
+def interval_text(entry: Mapping, points: bool = False) -> str:
+    """An interval as `point [low, high]`: a fraction to 3 places, or a difference in points
+    (signed, 1 place); n/a when nothing was measured."""
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.1f}" if points else f"{value:.3f}"
+
+    if entry["point"] is None:
+        return "n/a"
+    return f"{fmt(entry['point'])} [{fmt(entry['low'])}, {fmt(entry['high'])}]"
 
 
 def verdict(difference: Mapping) -> str:

@@ -154,15 +154,17 @@ def evaluate(models: Mapping[str, torch.nn.Module], batches: Iterable[Batch], *,
                       seconds)
 
 
-def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8) -> Iterator[Batch]:
-    """Every frame of `name@version` once, in stored order, decoded by the loader's collate.
+def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8, where: str | None = None) -> Iterator[Batch]:
+    """Every frame of `name@version` (those `where` keeps, when given) once, in stored order,
+    decoded by the loader's collate.
 
     A sequential Lance scan: evaluation needs no shuffle, and a scan also reads Geneva
     materialized views, on which LanceDB's permutation builder (lancedb 0.39) panics.
     """
     table = loader.open_table(uri, name, version)
     pixels, collate = PixelReader.of(uri, table), loader.DecodeCollate()
-    for record_batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), batch_size=batch_size):
+    for record_batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), filter=where,
+                                                    batch_size=batch_size):
         if record_batch.num_rows:
             yield collate(pixels.attach(record_batch))
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from torch import Tensor
 
-from avperception_assets.evaluation import bootstrap, frame_errors
+from avperception_assets.evaluation import base_report, bootstrap, frame_errors
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame, frame_rows, tiled_name
 from avperception_assets.formats import coco
 from avperception_assets.model.detections import METRIC_BACKEND, SIZES, coco_category_names
@@ -160,18 +160,11 @@ def report_intervals(frames: pa.Table, class_ids: Sequence[int]) -> dict:
     return {name: found[name] for name in INTERVAL_TITLES if name in found}
 
 
-def _fmt_interval(entry: Mapping, delta: bool) -> str:
-    fmt = _fmt_delta if delta else _fmt
-    if entry["point"] is None:
-        return "n/a"
-    return f"{fmt(entry['point'])} [{fmt(entry['low'])}, {fmt(entry['high'])}]"
-
-
 def intervals_markdown(intervals: Mapping) -> str:
     """A markdown table: each model's figures and the delta, each with its 95% interval."""
     lines = ["| | " + " | ".join(f"{label} (mode classes)" for label in bootstrap.METRICS.values()) + " |",
              "|---|" + "---:|" * len(bootstrap.METRICS)]
-    lines += [f"| {INTERVAL_TITLES[name]} | " + " | ".join(_fmt_interval(figures[key], name == DELTA)
+    lines += [f"| {INTERVAL_TITLES[name]} | " + " | ".join(bootstrap.interval_text(figures[key], name == DELTA)
                                                            for key in bootstrap.METRICS) + " |"
               for name, figures in intervals.items()]
     return "\n".join(lines)
@@ -601,8 +594,8 @@ def verdicts_markdown(reports: Mapping[str, Mapping]) -> str:
     for mode, data in reports.items():
         intervals = data["intervals"]
         delta = intervals[DELTA][key]
-        lines.append(f"| {mode} | {delta['frames']} | {delta['objects']} | {_fmt_interval(intervals[BASELINE][key], False)} "
-                     f"| {_fmt_interval(intervals[FINETUNED][key], False)} | {_fmt_interval(delta, True)} "
+        lines.append(f"| {mode} | {delta['frames']} | {delta['objects']} | {bootstrap.interval_text(intervals[BASELINE][key])} "
+                     f"| {bootstrap.interval_text(intervals[FINETUNED][key])} | {bootstrap.interval_text(delta, True)} "
                      f"| {data['verdict']} |")
     return "\n".join(lines)
 
@@ -618,18 +611,21 @@ def summary_markdown(reports: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(out_dir: Path, reports: Mapping[str, Mapping]) -> tuple[Path, Path, str]:
-    """Write summary.md and summary.json (rows plus each mode's data/model versions)."""
+def write_summary(out_dir: Path, reports: Mapping[str, Mapping], base: Mapping | None = None) -> tuple[Path, Path, str]:
+    """Write summary.md and summary.json (rows plus each mode's data/model versions) and, with
+    `base` (base_detector_report's report.json), the base detector outside and inside the slices."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = summary_markdown(reports)
+    parts = ([summary_markdown(reports)] if reports else []) + ([base_report.summary_markdown(base)] if base else [])
+    markdown = "\n\n".join(parts)
     md_path, json_path = out_dir / "summary.md", out_dir / "summary.json"
     md_path.write_text("# Failure modes: baseline vs fine-tuned\n\n" + markdown + "\n")
     sources = {mode: {"val_view": data["val_view"], "models": data["models"], "report_dir": data["report_dir"],
                       "verdict": data["verdict"], "intervals": data["intervals"]} for mode, data in reports.items()}
+    base_figures = base and {key: base[key] for key in ("frames_table", "report_dir", "outside", "modes")}
     json_path.write_text(json.dumps(_json_safe({
         "generated_at": datetime.now(timezone.utc).isoformat(),
-        "rows": summary_rows(reports), "modes": sources}), indent=2))
+        "rows": summary_rows(reports), "modes": sources, "base_detector": base_figures}), indent=2))
     return md_path, json_path, markdown
 
 

@@ -47,6 +47,9 @@ CURATION_COLUMNS = tuple(f.name for f in CURATION_FIELDS)
 
 DISTANCE_SUFFIX = "_distance"  # column of a mode defined by example: `<name>_distance`
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # becomes part of table and asset names
+# The base detector's own folders under checkpoints/ and reports/ and its `base_eval_frames`
+# table: a mode of that name would write over them.
+RESERVED_NAMES = frozenset({"base", "base_long"})
 
 
 class FailureModeError(ValueError):
@@ -161,6 +164,9 @@ class FailureMode:
             raise FailureModeError(
                 f"failure mode {self.name!r}: the name must be lower-case letters, digits and '_', at most 48, "
                 "starting with a letter (it becomes a table and asset name)")
+        if self.name in RESERVED_NAMES:
+            raise FailureModeError(f"failure mode {self.name!r}: the name is the base detector's own "
+                                   f"(reserved: {', '.join(sorted(RESERVED_NAMES))})")
         self._check_settings()
         schema = FILTER_SCHEMA
         where = self.filter

@@ -43,6 +43,7 @@ TENSORBOARD_DIR = "tensorboard"
 RUN_FILE = "run.json"
 SAMPLE_WEIGHTS_FILE = "sample_weights.json"
 FAILURE_FILE = "failure.json"
+COMPLETE = "complete"  # metadata.json's status once the run's last epoch is saved
 
 
 def save_torch(obj, path: Path) -> None:
@@ -180,6 +181,18 @@ def run_summary(metadata: dict, out: Path) -> dict:
         "images_per_s": round(epochs[-1]["images_per_s"], 2) if epochs else None,
         "train_seconds": round(sum(e["seconds"] for e in epochs), 1),
     }
+
+
+def latest_complete(root: Path, architecture: str) -> Path | None:
+    """The run folder under `root` (one per train-view version) of the highest version whose
+    run of `architecture` completed; None when there is none."""
+    complete = []
+    for folder in Path(root).glob("*"):
+        if folder.name.isdigit() and (folder / BEST_FILE).is_file() and (folder / METADATA_FILE).is_file():
+            metadata = read_metadata(folder)
+            if metadata["status"] == COMPLETE and metadata["profile"]["architecture"] == architecture:
+                complete.append((int(folder.name), folder))
+    return max(complete)[1] if complete else None
 
 
 def load_checkpoint(checkpoint_dir: Path, which: str = BEST_FILE):

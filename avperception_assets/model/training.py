@@ -78,7 +78,7 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
             f"best = last epoch")
     out.mkdir(parents=True, exist_ok=True)
     saved = checkpoints.resume_point(out, recipe)
-    if saved and saved["status"] == "complete":
+    if saved and saved["status"] == checkpoints.COMPLETE:
         log(f"{out} already holds this run (complete); nothing to train")
         return saved
 
@@ -109,7 +109,7 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     finally:
         if writer is not None:
             writer.close()
-    metadata["status"] = "complete"
+    metadata["status"] = checkpoints.COMPLETE
     if process.leader:
         checkpoints.write_json(metadata, out / checkpoints.METADATA_FILE)
     return metadata
