@@ -1,0 +1,3 @@
+"""Tracking: BDD100K MOT 2020 (`box_track_20`) label files (`labels`) and the box_track metrics
+as BDD100K's toolkit reports them (`metrics`); `python -m avperception_assets.tracking evaluate`
+prints them."""
