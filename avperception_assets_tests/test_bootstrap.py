@@ -183,6 +183,41 @@ def _matches(targets, predictions) -> bootstrap.Matches:
     return bootstrap.matches_from_rows(_frame_rows(targets, {FINETUNED: predictions}), CLASS_IDS)[FINETUNED]
 
 
+def _seeds(targets, first_seed, count=3):
+    """A group of models as several training seeds would give: jittered each its own way."""
+    return [_matches(targets, _jittered(targets, seed=first_seed + k)) for k in range(count)]
+
+
+def test_a_group_better_by_construction_is_better_on_the_mean_over_seeds():
+    targets = _random_targets(40, seed=101)
+    poor, exact = _seeds(targets, 102), [_matches(targets, _exact(targets, score)) for score in (0.9, 0.8, 0.7)]
+    found = bootstrap.group_intervals({"plain": poor, "mined": exact}, {"delta": ("plain", "mined")})
+    members = [bootstrap.intervals({"m": m}, {})["m"]["map_50"]["point"] for m in poor]
+    assert found["plain"]["map_50"]["point"] == pytest.approx(np.mean(members))
+    assert found["mined"]["map_50"]["point"] == 1.0
+    delta = found["delta"]["map_50"]
+    assert delta["point"] == pytest.approx(100 * (1.0 - np.mean(members))) and delta["low"] > 0
+    assert bootstrap.verdict(delta) == bootstrap.BETTER
+
+
+def test_identical_groups_get_an_interval_containing_0_and_a_group_of_one_is_a_model():
+    targets = _random_targets(40, seed=111)
+    same = _seeds(targets, 112)
+    found = bootstrap.group_intervals({"a": same, "b": list(reversed(same))}, {"delta": ("a", "b")})
+    for key in bootstrap.METRICS:
+        assert found["delta"][key]["low"] <= 0 <= found["delta"][key]["high"]
+        assert found["a"][key]["low"] < found["a"][key]["point"] < found["a"][key]["high"]
+    assert bootstrap.verdict(found["delta"]["map_50"]) == bootstrap.NO_DIFFERENCE
+    alone = bootstrap.group_intervals({"a": same[:1], "b": same[1:2]}, {"delta": ("a", "b")})
+    assert alone == bootstrap.intervals({"a": same[0], "b": same[1]}, {"delta": ("a", "b")})
+
+
+def test_groups_must_cover_the_same_frames():
+    targets = _random_targets(40, seed=121)
+    with pytest.raises(ValueError, match="different frames"):
+        bootstrap.group_intervals({"a": _seeds(targets, 122), "b": _seeds(targets[:30], 123)}, {})
+
+
 def test_disjoint_frame_sets_that_differ_by_construction_differ_beyond_the_interval():
     off_targets, on_targets = _random_targets(50, seed=61), _random_targets(40, seed=62)
     sets = {"off": _matches(off_targets, _exact(off_targets)), "on": _matches(on_targets, _jittered(on_targets, seed=63))}

@@ -34,6 +34,7 @@ AUTO_WEIGHTS = "auto"
 # Training processes that died (SIGKILL, OOM, a lost node) are retried in the same run, which
 # resumes from the last saved epoch; the run's own errors are raised with allow_retries=False.
 TRAINING_RETRIES = dg.RetryPolicy(max_retries=2, delay=5)
+BASE_TRAIN_WHERE = "split = 'train'"  # the rows of bdd100k base_detector trains on
 
 
 def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> dict[str, int]:
@@ -88,6 +89,12 @@ class TrainingConfig(dg.Config):
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
             "max_steps_per_epoch": self.max_steps_per_epoch, "min_size": self.min_size,
             "max_size": self.max_size, "num_workers": self.num_workers}.items() if v is not None})
+
+    def mode_profile(self, mode: FailureMode):
+        """The profile of `mode`'s fine-tune: its input size, crops and epochs, then this config's
+        overrides (what `<mode>_checkpoint` trains with)."""
+        return self.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
+                                    finetune_epochs=mode.finetune_epochs)
 
     def resolve_weights(self, architecture: str) -> str:
         from avperception_assets.model.detector import WEIGHTS_COCO, WEIGHTS_NONE, coco_weights_path
@@ -186,7 +193,7 @@ def base_detector(context: dg.AssetExecutionContext, config: BaseDetectorConfig,
     uri = workspace.layout.lancedb_uri
     folder = long_base if training_long_base else workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
     versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
-    train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where="split = 'train'")
+    train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where=BASE_TRAIN_WHERE)
     recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed)
     return dg.MaterializeResult(metadata={**_train(context, recipe, folder / str(train_view.version), config),
                                           "reused_long_base": False})
@@ -240,22 +247,30 @@ class FineTuneConfig(TrainingConfig):
     mining_query_fraction: float = Field(0.1, description="The share of frames with any difficulty, hardest "
                                          "first, whose neighbours are up-weighted.")
 
+    def mine(self, conn, mode: FailureMode, recipe, model, digest: str, log=None):
+        """Hard-example mining with this config's weighting: score the frames `recipe` trains on
+        that have no score yet with the base `model` (weights `digest`) at the recipe's input
+        size; the recipe with mining's record, the frames' sampling weights, and the scoring's
+        `hard_examples.ScoreStats`."""
+        from avperception_assets.discovery import hard_examples
+
+        profile = recipe.profile
+        key = hard_examples.model_key(digest, profile.min_size, profile.max_size)
+        stats = hard_examples.score_view(conn, mode.name, recipe.train, mode.classes, model, key,
+                                         batch_size=profile.batch_size, log=log)
+        mining = hard_examples.Mining(stats.table, stats.version, key, self.mining_boost, self.mining_neighbors,
+                                      self.mining_query_fraction)
+        return recipe.replace(mining=mining.as_dict()), hard_examples.frame_weights(recipe.train, mining), stats
+
 
 def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: WorkspaceResource, recipe):
-    """Score the new frames it trains on with the base detector at the fine-tune's input size;
-    the recipe with mining's record, the frames' sampling weights, and how many were scored."""
-    from avperception_assets.discovery import hard_examples
-
-    profile = recipe.profile
-    model, info = base_model(context, profile.as_dict())
-    key = hard_examples.model_key(info["digest"], profile.min_size, profile.max_size)
-    stats = hard_examples.score_view(workspace.connect(), mode.name, recipe.train, mode.classes, model, key,
-                                     batch_size=profile.batch_size, log=context.log.info)
-    context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with {key}")
-    mining = hard_examples.Mining(stats.table, stats.version, key, config.mining_boost, config.mining_neighbors,
-                                  config.mining_query_fraction)
-    return (recipe.replace(mining=mining.as_dict()), hard_examples.frame_weights(recipe.train, mining),
-            {"frames_scored": stats.scored, "frames_already_scored": stats.already_scored})
+    """Mine with the base detector (`FineTuneConfig.mine`); the recipe with mining's record, the
+    frames' sampling weights, and how many were scored."""
+    model, info = base_model(context, recipe.profile.as_dict())
+    recipe, weights, stats = config.mine(workspace.connect(), mode, recipe, model, info["digest"], log=context.log.info)
+    context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with "
+                     f"{stats.model}")
+    return recipe, weights, {"frames_scored": stats.scored, "frames_already_scored": stats.already_scored}
 
 
 def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
@@ -286,8 +301,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             train_view = loader.pin_view(uri, train_name, versions[train_name])
         except ValueError as exc:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
-        profile = config.resolve_profile(finetune=True, min_input_size=mode.min_input_size, train_crop=mode.train_crop,
-                                         finetune_epochs=mode.finetune_epochs)
+        profile = config.mode_profile(mode)
         recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=base_weights(context),
                            seed=config.seed)
         sample_weights, scored = None, {}

@@ -10,14 +10,15 @@ The figures are COCOeval's: per class and IoU threshold, precision at the 101 re
 a class without ground truth in a resample is left out of the mean over classes. A frame drawn
 k times counts as k frames, as its k copies would in COCOeval.
 
-Two models on the same frames are compared on the same resamples (paired, `intervals`); two
+Two models on the same frames are compared on the same resamples (paired, `intervals`), and
+so are two groups of models, by their means (several training seeds, `group_intervals`); two
 sets of frames that share none (a model outside and inside a slice) are resampled each on its
 own (`independent_intervals`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,17 +225,33 @@ def intervals(matches: Mapping[str, Matches], pairs: Mapping[str, tuple[str, str
     difference b − a in points on the same resamples. An interval holds the full-sample figure
     (`point`), the percentile bounds (`low`, `high`, None when no resample has an object),
     `confidence`, `resamples`, `seed`, `frames` and the models' `objects` of the mode's classes."""
-    shapes = {(m.frames, m.objects) for m in matches.values()}
+    return group_intervals({model: [m] for model, m in matches.items()}, pairs, resamples=resamples, seed=seed,
+                           confidence=confidence)
+
+
+def group_intervals(groups: Mapping[str, Sequence[Matches]], pairs: Mapping[str, tuple[str, str]], *,
+                    resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE) -> dict:
+    """As `intervals`, for groups of models on the same frames (one model per training seed): a
+    group's figure, on the full sample as on each resample, is the mean of its models' figures,
+    so a pair's difference b − a is that of the two groups' means over seeds, paired on the same
+    frame resamples. The interval is over frames, for these seeds: their own spread is not in it."""
+    models = [m for group in groups.values() for m in group]
+    shapes = {(m.frames, m.objects) for m in models}
     if len(shapes) != 1:
         raise ValueError(f"the models' matches cover different frames or objects: {sorted(shapes)}")
     [(frames, objects)] = shapes
     weights = resample_weights(frames, resamples, seed)
     everywhere = np.ones((1, frames), dtype=np.int64)
-    points = {model: score(m, everywhere) for model, m in matches.items()}
-    samples = {model: score(m, weights) for model, m in matches.items()}
+
+    def mean_score(group: Sequence[Matches], weighting: np.ndarray) -> dict[str, np.ndarray]:
+        scores = [score(m, weighting) for m in group]
+        return {key: np.mean([s[key] for s in scores], axis=0) for key in METRICS}
+
+    points = {name: mean_score(group, everywhere) for name, group in groups.items()}
+    samples = {name: mean_score(group, weights) for name, group in groups.items()}
     common = {"confidence": confidence, "resamples": resamples, "seed": seed, "frames": frames, "objects": objects}
-    result = {model: {key: _interval(points[model][key][0], samples[model][key], **common) for key in METRICS}
-              for model in matches}
+    result = {name: {key: _interval(points[name][key][0], samples[name][key], **common) for key in METRICS}
+              for name in groups}
     for name, (a, b) in pairs.items():
         result[name] = {key: _interval(POINTS * (points[b][key][0] - points[a][key][0]),
                                        POINTS * (samples[b][key] - samples[a][key]), **common) for key in METRICS}
