@@ -7,7 +7,7 @@ export AVP_DATA_DIR ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(AVP_DATA_DIR)/dagster_home
 # Geneva's per-fragment progress bars would flood the Dagster logs; assets log their own progress.
 export TQDM_DISABLE ?= 1
-DEMO_FRAMES ?= 600
+DEMO_FRAMES ?= 1000
 HOST ?= 127.0.0.1
 PORT ?= 3000
 

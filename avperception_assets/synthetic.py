@@ -166,30 +166,63 @@ def _clip(box, width, height):
     return tuple(round(v, 2) for v in clipped), clipped != [x1, y1, x2, y2]
 
 
-def _plan_objects(rng, width, height, horizon, timeofday):
-    """Which objects a frame holds: persons in about half, riders and night the minority."""
-    planned = []  # (category, box, extra)
-    for _ in range(int(rng.choice([0, 1, 1, 2, 3], p=[0.2, 0.3, 0.2, 0.2, 0.1]))):
-        kind = _pick(rng, (("car", 0.75), ("truck", 0.15), ("bus", 0.1)))
+# Objects per frame. Street scenes are crowded (BDD100K's images average about 18 boxes), and a
+# report needs hundreds of each failure mode's objects from a few hundred frames, so the modes'
+# objects come in groups: a frame holds a crowd of distant pedestrians only (the distant_person
+# slice), a few riders riding together, or a mix of near and far pedestrians. Sizes keep their
+# depth distributions: the failure modes stay small, dark and (in frames) rare.
+VEHICLES_PER_FRAME = ((1, 0.1), (2, 0.15), (3, 0.2), (4, 0.2), (5, 0.15), (6, 0.1), (7, 0.05), (8, 0.05))
+VEHICLE_KINDS = (("car", 0.57), ("truck", 0.28), ("bus", 0.15))
+PERSON_SCENES = (("none", 0.2), ("distant crowd", 0.18), ("mixed", 0.62))
+DISTANT_CROWD = (6, 15)  # pedestrians, inclusive-exclusive as numpy's integers
+MIXED_PEDESTRIANS = (4, 13)
+RIDER_FRAME_SHARE = 0.2
+RIDERS_PER_FRAME = (2, 8)
+SIGNALS_PER_FRAME = ((0, 0.25), (1, 0.35), (2, 0.25), (3, 0.1), (4, 0.05))  # traffic lights, and signs alike
+
+
+def _count(rng, options) -> int:
+    return int(_pick(rng, [(str(n), p) for n, p in options]))
+
+
+def _pedestrian_boxes(rng, width, height, horizon) -> list[list[float]]:
+    scene = _pick(rng, PERSON_SCENES)
+    if scene == "none":
+        return []
+    if scene == "distant crowd":
+        return [_ground_box(rng, width, height, horizon, 2.6, rng.uniform(0.02, 0.12))
+                for _ in range(int(rng.integers(*DISTANT_CROWD)))]
+    boxes = []
+    for _ in range(int(rng.integers(*MIXED_PEDESTRIANS))):
+        depth = rng.uniform(0.02, 0.12) if rng.random() < 0.4 else rng.uniform(0.3, 0.95)
+        boxes.append(_ground_box(rng, width, height, horizon, 2.6, depth))
+    return boxes
+
+
+def _rider_pair(rng, width, height, horizon) -> list[tuple]:
+    motor = rng.random() < 0.4
+    cycle = _ground_box(rng, width, height, horizon, 0.75, rng.uniform(0.25, 0.9))
+    cw, ch = cycle[2] - cycle[0], cycle[3] - cycle[1]
+    rider = [cycle[0] + cw * 0.25, cycle[1] - ch * 1.1, cycle[2] - cw * 0.25, cycle[1] + ch * 0.45]
+    return [("motorcycle" if motor else "bicycle", cycle, None), ("rider", rider, None)]
+
+
+def _plan_objects(rng, width, height, horizon):
+    """Which objects a frame holds: (category, box, extra) in drawing order to be sorted."""
+    planned = []
+    for _ in range(_count(rng, VEHICLES_PER_FRAME)):
+        kind = _pick(rng, VEHICLE_KINDS)
         aspect = {"car": 0.6, "truck": 0.75, "bus": 0.55}[kind]
         planned.append((kind, _ground_box(rng, width, height, horizon, aspect, rng.uniform(0.15, 0.9)), None))
-    if rng.random() < 0.5:
-        for _ in range(int(rng.integers(1, 4))):
-            distant = rng.random() < 0.4
-            depth = rng.uniform(0.02, 0.12) if distant else rng.uniform(0.3, 0.95)
-            planned.append(("pedestrian", _ground_box(rng, width, height, horizon, 2.6, depth), None))
-    if rng.random() < 0.2:
-        motor = rng.random() < 0.4
-        cycle = _ground_box(rng, width, height, horizon, 0.75, rng.uniform(0.25, 0.9))
-        cw, ch = cycle[2] - cycle[0], cycle[3] - cycle[1]
-        rider = [cycle[0] + cw * 0.25, cycle[1] - ch * 1.1, cycle[2] - cw * 0.25, cycle[1] + ch * 0.45]
-        planned.append(("motorcycle" if motor else "bicycle", cycle, None))
-        planned.append(("rider", rider, None))
-    if rng.random() < 0.35:
+    planned += [("pedestrian", box, None) for box in _pedestrian_boxes(rng, width, height, horizon)]
+    if rng.random() < RIDER_FRAME_SHARE:
+        for _ in range(int(rng.integers(*RIDERS_PER_FRAME))):
+            planned += _rider_pair(rng, width, height, horizon)
+    for _ in range(_count(rng, SIGNALS_PER_FRAME)):
         x = float(rng.uniform(0, width - 30))
         planned.append(("traffic light", [x, horizon * 0.2, x + 24, horizon * 0.2 + 64],
                         _pick(rng, (("red", 1), ("green", 1), ("yellow", 0.3)))))
-    if rng.random() < 0.3:
+    for _ in range(_count(rng, SIGNALS_PER_FRAME)):
         x = float(rng.uniform(0, width - 50))
         planned.append(("traffic sign", [x, horizon * 0.45, x + 44, horizon * 0.45 + 44], None))
     return planned
@@ -202,7 +235,7 @@ def render_frame(rng: np.random.Generator, width: int, height: int, timeofday: s
     draw = ImageDraw.Draw(canvas)
     night = timeofday == "night"
     light = 0.55 if night else 1.0  # objects lit by headlights and street lamps
-    planned = _plan_objects(rng, width, height, horizon, timeofday)
+    planned = _plan_objects(rng, width, height, horizon)
     # Far objects first so nearer ones paint over them (and occlude them).
     planned.sort(key=lambda p: (p[0] != "traffic light" and p[0] != "traffic sign", p[1][3]))
     objects: list[SynthObject] = []
