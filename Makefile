@@ -8,6 +8,9 @@ export DAGSTER_HOME ?= $(AVP_DATA_DIR)/dagster_home
 # Geneva's per-fragment progress bars would flood the Dagster logs; assets log their own progress.
 export TQDM_DISABLE ?= 1
 DEMO_FRAMES ?= 1000
+# Footage clips (BDD100K MOT layout) in the same batch: each lands whole in train or val.
+DEMO_CLIPS ?= 4
+DEMO_CLIP_FRAMES ?= 15
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
@@ -25,9 +28,10 @@ instance:
 	mkdir -p "$(DAGSTER_HOME)"
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 
-# The main job: synthetic footage if the landing zone is empty, then every asset.
+# The main job: synthetic footage (detection frames and clips) if the landing zone is empty, then every asset.
 demo: install instance
-	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) --if-empty
+	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) \
+	  --clips $(DEMO_CLIPS) --frames-per-clip $(DEMO_CLIP_FRAMES) --if-empty
 	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select '*'
 	$(BIN)/python -m avperception_assets.summary
 
@@ -35,7 +39,8 @@ demo: install instance
 # footage, cached in $(AVP_DATA_DIR)/checkpoints/base_long/: base_detector reuses it from then on
 # (make demo, the benchmarks) instead of training its short base.
 base: install instance
-	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) --if-empty
+	$(BIN)/python -m avperception_assets.synthetic --batch-id demo-0001 --frames $(DEMO_FRAMES) \
+	  --clips $(DEMO_CLIPS) --frames-per-clip $(DEMO_CLIP_FRAMES) --if-empty
 	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select raw_frames,base_detector \
 	  --config-json '{"ops": {"base_detector": {"config": {"profile": "cpu_long"}}}}'
 

@@ -5,15 +5,22 @@ upright figures, riders on bicycles/motorcycles, cars, trucks, buses, traffic li
 signs), night frames are dark with lit objects, distant pedestrians are small and near the
 horizon. Each frame also gets a random low-frequency brightness field so that distinct frames
 never look alike to a perceptual hash. Output is deterministic for (batch id, seed).
+
+Footage clips (`write_clip_batch`, or `--clips` on the command line) are BDD100K MOT 2020
+(`box_track_20`) videos: one background per clip, tracks that move across it and keep their ids
+from frame to frame (and when they leave the view and come back), some clips with a crowd region
+or an `other vehicle` (ignore regions). Clips have no rain or snow drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,9 +328,24 @@ def write_batch(landing_dir: Path, batch_id: str, num_frames: int, *, seed: int 
     """Write a READY landing batch of `num_frames` frames; returns the batch folder."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    with _new_batch(landing_dir, batch_id) as batch_dir:
+        _write_detection_frames(batch_dir, batch_id, num_frames, seed, layout, val_fraction, width, height)
+    return batch_dir
+
+
+@contextlib.contextmanager
+def _new_batch(landing_dir: Path, batch_id: str) -> Iterator[Path]:
+    """A batch folder that must not exist yet, marked READY once everything is written."""
     batch_dir = Path(landing_dir) / batch_id
     if batch_dir.exists():
         raise FileExistsError(f"landing batch {batch_dir} already exists; pick another batch id")
+    yield batch_dir
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    (batch_dir / READY_MARKER).write_text("")  # written last: the batch is complete
+
+
+def _write_detection_frames(batch_dir: Path, batch_id: str, num_frames: int, seed: int, layout: str,
+                            val_fraction: float, width: int, height: int) -> None:
     frames: dict[str, list[SynthFrame]] = {"train": [], "val": []}
     for index in range(num_frames):
         frame, jpeg = synth_frame(batch_id, seed, index, val_fraction, width, height)
@@ -343,16 +365,184 @@ def write_batch(landing_dir: Path, batch_id: str, num_frames: int, *, seed: int 
             path = batch_dir / "labels" / file_name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(records))
-    (batch_dir / READY_MARKER).write_text("")  # written last: the batch is complete
+
+
+# Footage clips (BDD100K MOT, box_track_20): tracks that move and persist across a clip's frames.
+# A clip's kinds of track, by weight; a cyclist is a bicycle or motorcycle with its rider, two tracks.
+CLIP_TRACK_KINDS = (("car", 0.4), ("pedestrian", 0.3), ("cyclist", 0.12), ("truck", 0.1), ("bus", 0.08))
+CLIP_SPEEDS = {"car": 0.02, "truck": 0.015, "bus": 0.012, "cyclist": 0.008, "pedestrian": 0.004}  # frame widths a frame
+CLIP_ASPECTS = {"car": 0.6, "truck": 0.75, "bus": 0.55, "pedestrian": 2.6, "cyclist": 0.75}
+CROWD_SHARE, OTHER_VEHICLE_SHARE = 0.2, 0.15  # clips with a crowd region, with an `other vehicle`
+
+
+@dataclass
+class SynthTrack:
+    """One object of a clip: its box at frame 0 and how it moves (px a frame, a growth factor a
+    frame as it nears the camera)."""
+
+    track_id: str
+    category: str  # det_20 name, or `other vehicle`
+    box: tuple[float, float, float, float]
+    dx: float
+    growth: float
+    color: tuple[int, int, int]
+    crowd: bool = False  # a group of pedestrians labelled as one crowd box
+
+    def box_at(self, frame_index: int, horizon: int) -> list[float]:
+        """The box at `frame_index`: moved sideways and scaled about its foot, whose height above
+        the horizon scales alike (perspective)."""
+        x1, y1, x2, y2 = self.box
+        scale = self.growth ** frame_index
+        bottom = horizon + (y2 - horizon) * scale
+        w, h = (x2 - x1) * scale, (y2 - y1) * scale
+        cx = (x1 + x2) / 2 + self.dx * frame_index
+        return [cx - w / 2, bottom - h, cx + w / 2, bottom]
+
+
+@dataclass
+class SynthClip:
+    video_name: str
+    split: str
+    timeofday: str
+    weather: str
+    scene: str
+    horizon: int
+    tracks: list[SynthTrack]
+
+
+def video_name(batch_id: str, seed: int, clip: int) -> str:
+    """BDD-style video name, unique across batches (the batch id is part of the digest)."""
+    digest = hashlib.sha1(f"clip/{batch_id}/{seed}/{clip}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:16]}"
+
+
+def _clip_rng(batch_id: str, seed: int, clip: int) -> np.random.Generator:
+    return np.random.default_rng([seed, clip, zlib.crc32(f"clip/{batch_id}".encode())])
+
+
+def _plan_tracks(rng: np.random.Generator, width: int, height: int, horizon: int) -> list[SynthTrack]:
+    """Two to six tracks, sometimes a crowd region and an `other vehicle` (ignore regions)."""
+    tracks: list[SynthTrack] = []
+
+    def add(category: str, box, dx: float, growth: float, crowd: bool = False) -> None:
+        color = tuple(int(c) for c in rng.integers(40, 255, 3))
+        tracks.append(SynthTrack(str(len(tracks) + 1), category, tuple(box), dx, growth, color, crowd))
+
+    for _ in range(int(rng.integers(2, 7))):
+        kind = _pick(rng, CLIP_TRACK_KINDS)
+        box = _ground_box(rng, width, height, horizon, CLIP_ASPECTS[kind], rng.uniform(0.1, 0.8))
+        dx = float(rng.choice([-1, 1]) * rng.uniform(0.5, 1.0) * CLIP_SPEEDS[kind] * width)
+        growth = float(rng.uniform(0.99, 1.02))
+        if kind == "cyclist":
+            cw, ch = box[2] - box[0], box[3] - box[1]
+            rider = [box[0] + cw * 0.25, box[1] - ch * 1.1, box[2] - cw * 0.25, box[1] + ch * 0.45]
+            add("motorcycle" if rng.random() < 0.4 else "bicycle", box, dx, growth)
+            add("rider", rider, dx, growth)
+        else:
+            add(kind, box, dx, growth)
+    if rng.random() < CROWD_SHARE:
+        add("pedestrian", _ground_box(rng, width, height, horizon, 1.2, rng.uniform(0.1, 0.3)),
+            float(rng.uniform(-1, 1)), 1.0, crowd=True)
+    if rng.random() < OTHER_VEHICLE_SHARE:
+        add("other vehicle", _ground_box(rng, width, height, horizon, 0.75, rng.uniform(0.2, 0.6)),
+            float(rng.uniform(-0.01, 0.01) * width), 1.0)
+    return tracks
+
+
+def plan_clip(batch_id: str, seed: int, clip: int, val_fraction: float, width: int, height: int) -> SynthClip:
+    rng = _clip_rng(batch_id, seed, clip)
+    timeofday, weather, scene = _pick(rng, TIMES_OF_DAY), _pick(rng, WEATHERS), _pick(rng, SCENES)
+    horizon = int(height * rng.uniform(0.38, 0.55))
+    return SynthClip(video_name(batch_id, seed, clip), "val" if rng.random() < val_fraction else "train",
+                     timeofday, weather, scene, horizon, _plan_tracks(rng, width, height, horizon))
+
+
+def _draw_track(draw, track: SynthTrack, box, light: float, night: bool) -> None:
+    if track.crowd:  # three figures side by side fill the region
+        x1, y1, x2, y2 = box
+        step = (x2 - x1) / 3
+        for k in range(3):
+            _draw_person(draw, [x1 + k * step, y1 + (k % 2) * 0.08 * (y2 - y1), x1 + (k + 1) * step, y2], track.color, light)
+    elif track.category in ("pedestrian", "rider"):
+        _draw_person(draw, box, track.color, light)
+    elif track.category in ("bicycle", "motorcycle"):
+        _draw_cycle(draw, box, track.category == "motorcycle", light)
+    else:  # car, truck, bus; an `other vehicle` looks like a truck
+        _draw_vehicle(draw, box, track.category if track.category in ("car", "bus") else "truck", track.color, light, night)
+
+
+def render_clip_frame(clip: SynthClip, background: Image.Image, frame_index: int) -> tuple[Image.Image, list[dict]]:
+    """One frame of `clip` on its background, and its box_track_20 labels (tracks in view only)."""
+    canvas = background.copy()
+    width, height = canvas.size
+    draw = ImageDraw.Draw(canvas)
+    night = clip.timeofday == "night"
+    light = 0.55 if night else 1.0
+    placed = sorted(((t, t.box_at(frame_index, clip.horizon)) for t in clip.tracks), key=lambda p: p[1][3])
+    labels = []
+    for position, (track, box) in enumerate(placed):  # far first: nearer ones paint over them
+        clipped, truncated = _clip(box, width, height)
+        if clipped[2] - clipped[0] < 4 or clipped[3] - clipped[1] < 4:
+            continue  # out of view in this frame; its id comes back with it
+        _draw_track(draw, track, box, light, night)
+        occluded = any(o[0] < box[2] and o[2] > box[0] and o[1] < box[3] and o[3] > box[1] for _, o in placed[position + 1:])
+        x1, y1, x2, y2 = clipped
+        labels.append({"id": track.track_id, "category": track.category,
+                       "attributes": {"occluded": occluded, "truncated": truncated, "crowd": track.crowd},
+                       "box2d": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}})
+    return canvas, labels
+
+
+def clip_frame_name(video: str, frame_index: int) -> str:
+    """BDD100K's track frame name: the video's name and the frame's number, counting from 1."""
+    return f"{video}-{frame_index + 1:07d}.jpg"
+
+
+def write_clip_batch(landing_dir: Path, batch_id: str, clips: int, frames_per_clip: int, *, seed: int = 0,
+                     split_folders: bool = True, val_fraction: float = 0.2, width: int = 1280,
+                     height: int = 720) -> Path:
+    """Write a READY landing batch of `clips` footage clips of `frames_per_clip` frames each, in
+    BDD100K's MOT layout (with or without `<split>` folders); returns the batch folder."""
+    with _new_batch(landing_dir, batch_id) as batch_dir:
+        _write_clips(batch_dir, batch_id, clips, frames_per_clip, seed, split_folders, val_fraction, width, height)
     return batch_dir
+
+
+def _write_clips(batch_dir: Path, batch_id: str, clips: int, frames_per_clip: int, seed: int, split_folders: bool,
+                 val_fraction: float, width: int, height: int) -> None:
+    """`labels/box_track_20/[<split>/]<video>.json` and `images/track/[<split>/]<video>/<name>`."""
+    for number in range(clips):
+        clip = plan_clip(batch_id, seed, number, val_fraction, width, height)
+        rng = _clip_rng(batch_id, seed, number)
+        background = _background(rng, width, height, clip.horizon, clip.timeofday, clip.weather, clip.scene)
+        split = [clip.split] if split_folders else []
+        image_dir = batch_dir.joinpath("images", "track", *split, clip.video_name)
+        image_dir.mkdir(parents=True, exist_ok=True)
+        frames = []
+        for index in range(frames_per_clip):
+            image, labels = render_clip_frame(clip, background, index)
+            name = clip_frame_name(clip.video_name, index)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=88)
+            (image_dir / name).write_bytes(buffer.getvalue())
+            frames.append({"name": name, "videoName": clip.video_name, "frameIndex": index, "labels": labels,
+                           "attributes": {"weather": clip.weather, "scene": clip.scene, "timeofday": clip.timeofday}})
+        label_path = batch_dir.joinpath("labels", "box_track_20", *split, f"{clip.video_name}.json")
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.write_text(json.dumps(frames))
 
 
 def main(argv: list[str] | None = None) -> None:
     from avperception_assets.workspace import Workspace, variable_for
 
-    parser = argparse.ArgumentParser(description="Write a synthetic BDD100K landing batch.")
+    parser = argparse.ArgumentParser(description="Write a synthetic BDD100K landing batch: detection frames "
+                                     "(images/100k) and, with --clips, footage clips in the MOT layout (images/track).")
     parser.add_argument("--batch-id", required=True)
-    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--frames", type=int, default=200, help="detection frames")
+    parser.add_argument("--clips", type=int, default=0, help="footage clips (box_track_20) in the same batch")
+    parser.add_argument("--frames-per-clip", type=int, default=20)
+    parser.add_argument("--no-split-folders", action="store_true",
+                        help="clips without <split> folders: ingest splits them by a hash of the clip id")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=LAYOUTS, default="det_20")
     parser.add_argument("--val-fraction", type=float, default=0.2)
@@ -363,9 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.if_empty and landing.is_dir() and any(p.is_dir() for p in landing.iterdir()):
         print(f"landing zone {landing} already holds footage; not generating")
         return
-    path = write_batch(landing, args.batch_id, args.frames,
-                       seed=args.seed, layout=args.layout, val_fraction=args.val_fraction)
-    print(f"wrote {args.frames} frames to {path}")
+    with _new_batch(landing, args.batch_id) as path:
+        _write_detection_frames(path, args.batch_id, args.frames, args.seed, args.layout, args.val_fraction, 1280, 720)
+        _write_clips(path, args.batch_id, args.clips, args.frames_per_clip, args.seed, not args.no_split_folders,
+                     args.val_fraction, 1280, 720)
+    print(f"wrote {args.frames} frames and {args.clips} clips of {args.frames_per_clip} frames to {path}")
 
 
 if __name__ == "__main__":

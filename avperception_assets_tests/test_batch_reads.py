@@ -1,5 +1,5 @@
 """What a batch's in-process stages read does not grow with the table: ingestion (its lookups),
-the three `raw_frames` checks scoped to the batch, and maintenance. Bytes read are counted by
+the four `raw_frames` checks scoped to the batch, and maintenance. Bytes read are counted by
 the kernel (`rchar` of /proc/self/io: every read the process makes, Lance's I/O threads
 included) in a fresh process without Ray, for the same new batch landing on an empty table and
 on one holding 300 earlier frames. (Curation backfills and view refreshes run in Geneva's Ray
@@ -50,6 +50,7 @@ def _stage_reads(root: Path, old_frames: int) -> dict[str, int]:
     table, where = conn.open_table(storage.FRAMES_TABLE), storage.rows_since(summary.first_ingest_seq)
     for name, check in (("duplicate_ids", ingest_checks.duplicate_image_ids),
                         ("boxes_inside", ingest_checks.frames_with_boxes_outside),
+                        ("clips_split", ingest_checks.clips_in_two_splits),
                         ("frames_decode", ingest_checks.undecodable_frames)):
         started = _rchar()
         assert check(table, where) == []
@@ -79,7 +80,7 @@ def test_a_batch_reads_the_same_bytes_whatever_the_table_holds():
     empty, old = results["empty"], results["old"]
     per_old_frame = old["old_frame_bytes"] / OLD_FRAMES
     assert per_old_frame > 10_000  # real JPEGs: reading the earlier frames would show
-    for stage in ("ingestion", "duplicate_ids", "boxes_inside", "frames_decode", "maintenance"):
+    for stage in ("ingestion", "duplicate_ids", "boxes_inside", "clips_split", "frames_decode", "maintenance"):
         extra_frames = (old[stage] - empty[stage]) / per_old_frame
         assert extra_frames < 10, f"{stage} read {old[stage] - empty[stage]} bytes more with {OLD_FRAMES} earlier frames"
     assert empty["frames_decode"] > NEW_FRAMES * per_old_frame / 2  # it did read the new frames' bytes

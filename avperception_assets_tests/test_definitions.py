@@ -80,7 +80,8 @@ def test_every_asset_depends_on_exactly_what_it_reads():
 def test_checks_guard_every_stage_and_block_what_follows():
     graph = _graph(defs)
     checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
-    expected = {("raw_frames", name) for name in ("no_duplicate_image_ids", "boxes_inside_frames", "frames_decode")}
+    expected = {("raw_frames", name) for name in ("no_duplicate_image_ids", "boxes_inside_frames", "clips_in_one_split",
+                                                  "frames_decode")}
     expected |= {(column, "full_coverage") for column in COLUMNS}
     expected |= {(column, "consistent_with_annotations")
                  for column in ("has_person", "has_rider", "num_persons", "scene_description")}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from avperception_assets.formats import taxonomy as bdd100k
-from avperception_assets.ingest import image_checks, frames as ingest
+from avperception_assets.ingest import clips, image_checks, frames as ingest
 from avperception_assets.storage import tables as storage
 from avperception_assets import synthetic
 from avperception_assets.ingest.landing import READY_MARKER, ready_batches
@@ -242,8 +242,8 @@ def test_batch_ids_cannot_escape_the_landing_zone(tmp_path, batch_id):
 
 def test_split_is_deterministic_when_labels_do_not_name_one():
     ids = [f"frame-{i}" for i in range(2000)]
-    first = [ingest.assign_split(i) for i in ids]
-    assert first == [ingest.assign_split(i) for i in ids]
+    first = [clips.assign_split(i) for i in ids]
+    assert first == [clips.assign_split(i) for i in ids]
     assert 0.15 < first.count("val") / len(ids) < 0.25
 
 

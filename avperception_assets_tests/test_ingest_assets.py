@@ -5,6 +5,7 @@ import os
 import time
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
 from avperception_assets.ingest import checks as ingest_checks
@@ -19,7 +20,7 @@ from .conftest import damaged_inside
 
 
 RAW_FRAMES_DEFS = [ingest_assets.raw_frames, ingest_assets.no_duplicate_image_ids,
-                   ingest_assets.boxes_inside_frames, ingest_assets.frames_decode]
+                   ingest_assets.boxes_inside_frames, ingest_assets.clips_in_one_split, ingest_assets.frames_decode]
 NEW_FOOTAGE_SENSOR = next(s for s in sensors.build_sensor_defs(default_failure_modes()).sensors if s.name == "new_footage_sensor")
 
 
@@ -45,7 +46,7 @@ def test_raw_frames_materializes_pending_batches_with_metadata(data_dir):
     metadata = materialization.metadata
     assert metadata["ingested"].value == 16 and metadata["rows_total"].value == 16
     assert metadata["quarantined"].value == 0
-    assert set(checks) == {"no_duplicate_image_ids", "boxes_inside_frames", "frames_decode"}
+    assert set(checks) == {"no_duplicate_image_ids", "boxes_inside_frames", "clips_in_one_split", "frames_decode"}
     assert all(c.passed for c in checks.values())
 
     again, _ = _materialize(data_dir)  # nothing pending: safe to re-run
@@ -89,6 +90,36 @@ def test_duplicate_check_fails_on_a_table_with_a_repeated_id(data_dir):
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["no_duplicate_image_ids"].passed
     assert checks["boxes_inside_frames"].passed
+
+
+@pytest.mark.dagster_run
+def test_a_clip_planted_in_two_splits_fails_the_blocking_check_and_stops_what_follows(data_dir):
+    """A run whose rows would put one clip in two splits stops at raw_frames: its blocking check
+    fails, and the asset downstream of raw_frames is not materialized."""
+    synthetic.write_clip_batch(data_dir / "landing", "clips", 2, 3, seed=1, width=320, height=180)
+    result, checks = _materialize(data_dir)
+    assert checks["clips_in_one_split"].passed
+    table = storage.connect(str(data_dir / "lancedb")).open_table(storage.FRAMES_TABLE)
+    row = table.to_lance().to_table(filter="clip_frame_index = 0").slice(0, 1)
+    clip, split = row["clip_id"][0].as_py(), row["split"][0].as_py()
+    for name, value in (("image_id", "planted"), ("split", "val" if split == "train" else "train")):
+        row = row.set_column(row.schema.get_field_index(name), name, pa.array([value]))
+    table.add(row)  # a write that bypassed ingestion
+
+    @dg.asset(deps=[ingest_assets.raw_frames])
+    def downstream() -> None:
+        pass
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [*RAW_FRAMES_DEFS, downstream], instance=instance, raise_on_error=False,
+            resources={"workspace": WorkspaceResource(data_location=str(data_dir))},
+            selection=dg.AssetSelection.checks_for_assets(ingest_assets.raw_frames) | dg.AssetSelection.assets(downstream),
+        )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["clips_in_one_split"].passed
+    assert checks["clips_in_one_split"].metadata["examples"].value == [clip]
+    assert not result.asset_materializations_for_node("downstream")
 
 
 def _tick(data_dir, instance) -> list[dg.RunRequest]:

@@ -122,7 +122,8 @@ def test_a_share_splits_a_view_by_clip_else_image_id(frames_uri, tmp_path):
     frames = loader.open_table(frames_uri, storage.FRAMES_TABLE).to_arrow()
     clips = ["clip-a"] * 5 + ["clip-c"] * 5 + [None] * (frames.num_rows - 10)
     db = storage.connect(str(tmp_path))
-    db.create_table("clips", frames.append_column(selection.CLIP_ID, pa.array(clips, pa.string())))
+    column = frames.schema.get_field_index(selection.CLIP_ID)  # each ingested frame its own clip: replaced
+    db.create_table("clips", frames.set_column(column, selection.CLIP_ID, pa.array(clips, pa.string())))
     base = loader.pin_view(str(tmp_path), "clips", where="split = 'train'")
     picked, trained = (dataclasses.replace(base, share=selection.Share(50, held_out=side)) for side in (True, False))
     ids = {side: [i for b in loader.make_loader(view, batch_size=4, seed=2) for i in b.image_ids]

@@ -168,6 +168,23 @@ def test_a_view_that_holds_image_bytes_is_recreated_without_them(table, first):
     assert view_ids(view) == source_ids(conn, slices.view_filter(legacy, "val"))
 
 
+def test_a_view_from_before_the_clip_columns_is_recreated_with_them(table, first):
+    """A view created before the frames table had clips selects the columns of then: held-out
+    frames would be chosen without clips and crowd regions scored as objects."""
+    conn, _ = table
+    legacy = FailureMode("preclips", "has_rider = true", RIDER.classes)
+    source, name = conn.open_table(storage.FRAMES_TABLE), slices.view_name(legacy, "val")
+    old_columns = {k: v for k, v in slices._view_select(source.schema).items()
+                   if k not in ("clip_id", "clip_frame_index", "ann_track_ids", "ann_crowd")}
+    conn.create_materialized_view(name, source.search().select(old_columns).where(slices.view_filter(legacy, "val")))
+    stats = refresh(conn, legacy, "val")
+    assert stats.recreated and "clip_id, clip_frame_index, ann_track_ids, ann_crowd" in stats.recreate_reason
+    view = slices.open_view(conn, name)
+    assert {"clip_id", "ann_crowd"} <= set(view.schema.names)
+    assert view_ids(view) == source_ids(conn, slices.view_filter(legacy, "val"))
+    assert not refresh(conn, legacy, "val").recreated  # current now: kept
+
+
 def test_rows_not_yet_curated_do_not_qualify_and_a_current_view_runs_no_job(table, first):
     conn, landing = table
     synthetic.write_batch(landing, "b2", 12, seed=2, width=320, height=180)  # val rows among them

@@ -62,6 +62,7 @@ COLUMN_INDEXES = {
     "split": "BITMAP", "timeofday": "BITMAP", "weather": "BITMAP", "scene": "BITMAP", "batch_id": "BITMAP",
     "has_person": "BITMAP", "has_rider": "BITMAP", "is_duplicate": "BITMAP",
     "num_persons": "BTREE", "person_bbox_area_pct": "BTREE", "ingest_seq": "BTREE", "image_id": "BTREE",
+    "clip_id": "BTREE",  # ingest and the split check look up the new rows' clips
     "ann_categories": "LABEL_LIST", "scene_description": "FTS",
 }
 

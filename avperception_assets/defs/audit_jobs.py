@@ -16,6 +16,7 @@ WARN_ONLY = {"frames_decode"}
 def _ingest_audits(table) -> dict[str, tuple[bool, dict]]:
     audits = {"no_duplicate_image_ids": ingest_checks.duplicate_image_ids,
               "boxes_inside_frames": ingest_checks.frames_with_boxes_outside,
+              "clips_in_one_split": ingest_checks.clips_in_two_splits,
               "frames_decode": ingest_checks.undecodable_frames}
     results = {}
     for name, audit in audits.items():

@@ -16,7 +16,8 @@ class RawFramesConfig(dg.Config):
         default_factory=list,
         description="Landing batches to ingest; empty means every READY batch not ingested yet.",
     )
-    val_fraction: float = Field(0.2, description="Share of frames put in val when the labels name no split.")
+    val_fraction: float = Field(0.2, description="Share of new clips (and of frames without a clip) put in val "
+                                "when no folder names their split; a clip already in the table keeps its split.")
 
 
 def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
@@ -33,8 +34,8 @@ def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
     group_name=INGEST,
     kinds={"lancedb"},
     pool=LANCEDB_WRITES_POOL,
-    description="Dashcam frames (JPEG bytes + labels: BDD100K, YOLO, Pascal VOC or COCO) in the Lance table "
-    "`bdd100k`; rejected inputs go to `quarantine` with their reason.",
+    description="Dashcam frames (JPEG bytes + labels: BDD100K detection or MOT clips, YOLO, Pascal VOC or COCO) "
+    "in the Lance table `bdd100k`, each clip in one split; rejected inputs go to `quarantine` with their reason.",
 )
 def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
     started = time.perf_counter()
@@ -64,6 +65,7 @@ def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, works
             "refused": len(refused),
             **({"refused_batches": dg.MetadataValue.json(refused)} if refused else {}),
             "objects_ignored": sum(sum(s.objects_ignored.values()) for s in summaries),
+            "clips": len(set().union(*(s.clips for s in summaries))),  # footage clips the new frames are of
             "rows_total": table.count_rows(),
             "table_version": table.version,
             "table_uri": dg.MetadataValue.path(str(table.uri)),
@@ -113,6 +115,13 @@ def boxes_inside_frames(context: dg.AssetCheckExecutionContext, workspace: Works
     return _scoped_audit(context, workspace, ingest_checks.frames_with_boxes_outside, "frames_with_bad_boxes")
 
 
+@dg.asset_check(asset=raw_frames, blocking=True, description="Every clip of the new rows is in one split, with "
+                "its frames already in the table: a clip split between train and val would put near-copies of "
+                "its frames on both sides. Only the new rows' clips are read.")
+def clips_in_one_split(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped_audit(context, workspace, ingest_checks.clips_in_two_splits, "clips_in_two_splits")
+
+
 @dg.asset_check(asset=raw_frames, description="Every new frame decodes with the training decoder. Ingestion "
                 "checks container structure only; a frame damaged inside its image data is kept out of "
                 "every slice and quarantined by the curation stage, so a failure here warns.")
@@ -121,4 +130,5 @@ def frames_decode(context: dg.AssetCheckExecutionContext, workspace: WorkspaceRe
                          dg.AssetCheckSeverity.WARN)
 
 
-defs = dg.Definitions(assets=[raw_frames], asset_checks=[no_duplicate_image_ids, boxes_inside_frames, frames_decode])
+defs = dg.Definitions(assets=[raw_frames], asset_checks=[no_duplicate_image_ids, boxes_inside_frames, clips_in_one_split,
+                                                          frames_decode])

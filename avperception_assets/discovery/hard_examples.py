@@ -82,7 +82,7 @@ def _batches(view: loader.ViewRef, image_ids: Sequence[str], batch_size: int):
     table = loader.open_table(view.uri, view.name, view.version)
     pixels, collate = PixelReader.of(view.uri, table), loader.DecodeCollate()
     wanted = pa.array(list(image_ids), type=pa.string())
-    for batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), filter=view.where,
+    for batch in table.to_lance().to_batches(columns=pixels.columns(loader.read_columns(table)), filter=view.where,
                                              batch_size=batch_size):
         batch = batch.filter(pc.is_in(batch["image_id"], value_set=wanted))
         if batch.num_rows:

@@ -163,7 +163,7 @@ def view_batches(uri: str, name: str, version: int, *, batch_size: int = 8, wher
     """
     table = loader.open_table(uri, name, version)
     pixels, collate = PixelReader.of(uri, table), loader.DecodeCollate()
-    for record_batch in table.to_lance().to_batches(columns=pixels.columns(loader.COLUMNS), filter=where,
+    for record_batch in table.to_lance().to_batches(columns=pixels.columns(loader.read_columns(table)), filter=where,
                                                     batch_size=batch_size):
         if record_batch.num_rows:
             yield collate(pixels.attach(record_batch))

@@ -471,7 +471,8 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
         "eval_frames": dict(eval_frames or {}),
         "report_dir": out_dir,
         "num_images": len(evaluation.image_ids),
-        "num_objects": sum(len(t["labels"]) for t in evaluation.targets),
+        "num_objects": sum(len(t["labels"]) - int(t["iscrowd"].sum()) if "iscrowd" in t else len(t["labels"])
+                           for t in evaluation.targets),  # crowd regions are no objects
         "models": {BASELINE: dict(baseline), FINETUNED: dict(finetuned)},
         "metrics": evaluation.metrics,
         "seconds_per_frame": {model: evaluation.seconds_per_frame(model) for model in (BASELINE, FINETUNED)},

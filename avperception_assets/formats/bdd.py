@@ -1,8 +1,10 @@
 """BDD100K label files: the three public layouts read into `LabelRecord`s.
 
 Layouts are detected from a file's content and name: per-image JSON (2018, `{name, frames}`),
-one list per split (2018) and det_20 (2020, `det_<split>.json`). Their category names follow
-the official mapping (`taxonomy`), which `records.normalize_objects` applies.
+one list per split (2018) and det_20 (2020, `det_<split>.json`); the MOT layout, box_track_20,
+is `mot`'s. Their category names follow the official mapping (`taxonomy`), which
+`records.normalize_objects` applies. Each of these images is the frame at the 10th second of the
+video named by its stem: that video is its clip (`clip_id`), at no known position in it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def is_per_image(payload) -> bool:
     return isinstance(payload, dict) and "frames" in payload
 
 
-def _image_id(name: str) -> str:
+def image_id(name: str) -> str:
     """An image file name stands for its stem; any other name is an id already."""
     stem, suffix = split_name(Path(name).name if "/" in name else name)
     return stem if suffix.lower() in IMAGE_SUFFIXES else name
@@ -37,12 +39,14 @@ def _record(entry: dict, rel: str, layout: str, split: str | None) -> LabelRecor
         objects, timestamp = entry.get("labels") or [], entry.get("timestamp")
     if not isinstance(objects, list):
         raise LabelFileError(f"objects of {entry['name']!r} are not a list")
+    frame_id = image_id(entry["name"])
     return LabelRecord(
-        image_id=_image_id(entry["name"]),
+        image_id=frame_id,
         label_file=rel, layout=layout, split=split,
         attributes=entry.get("attributes") or {},
         timestamp=int(timestamp) if isinstance(timestamp, (int, float)) else None,
         objects=objects,
+        clip_id=frame_id,  # a 100k image is a frame of the video named by its stem
     )
 
 

@@ -2,7 +2,8 @@
 `voc`, `coco`) into `LabelRecord`s.
 
 A batch's layout family is decided once, from the files that define one: BDD100K JSON label
-files, a YOLO class file (`data.yaml`, `data.yml` or `classes.txt`, anywhere in the batch),
+files (the detection layouts and the MOT one, box_track_20, which may share a batch as they share
+BDD100K's download), a YOLO class file (`data.yaml`, `data.yml` or `classes.txt`, anywhere in the batch),
 Pascal VOC XML (root element `<annotation>`) or a COCO JSON (an object with `images`,
 `annotations` and `categories`). A file that defines no layout is a stray (`unsupported_file`:
 a `notes.txt` beside BDD labels, an XML that is no annotation), except a JSON that fails to
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avperception_assets.formats import bdd, coco, voc, yolo
+from avperception_assets.formats import bdd, coco, mot, voc, yolo
 from avperception_assets.formats.class_names import CLASS_MAP_FILE, ClassMapError, class_table
 from avperception_assets.formats.records import LabelFileError, LabelRecord, read_json, split_name
 from avperception_assets.storage.quarantine import Rejection
@@ -44,7 +45,7 @@ class _File:
     rel: str  # path inside the batch
     path: str
     kind: str
-    content: object = None  # BDD records, a COCO payload or a VOC root element
+    content: object = None  # BDD (records, rejections), a COCO payload or a VOC root element
     problem: str = ""  # why it is no label file of the batch, should it be a stray
 
 
@@ -119,7 +120,9 @@ def _json_file(rel: str, path: str) -> _File:
                 raise LabelFileError(f"an object that is neither a BDD100K per-image label (no 'frames') nor a "
                                      f"COCO JSON (no {', '.join(repr(key) for key in missing)})")
             return _File(rel, path, _COCO_JSON, payload)
-        return _File(rel, path, _BDD_JSON, bdd.read_labels(payload, rel))
+        if mot.is_box_track(payload):
+            return _File(rel, path, _BDD_JSON, mot.read_labels(payload, rel))
+        return _File(rel, path, _BDD_JSON, (bdd.read_labels(payload, rel), []))
     except LabelFileError as exc:
         return _File(rel, path, _BAD_JSON, problem=str(exc))
 
@@ -175,7 +178,7 @@ def _class_table(files: list[_File]) -> dict[str, str | None]:
 
 
 def _read_bdd(files: list[_File]) -> BatchLabels:
-    return _collect(BDD, files, lambda f: (f.content, []) if f.kind == _BDD_JSON else None)
+    return _collect(BDD, files, lambda f: f.content if f.kind == _BDD_JSON else None)
 
 
 def _read_yolo(files: list[_File]) -> BatchLabels:

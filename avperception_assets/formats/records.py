@@ -4,7 +4,8 @@ normalised to det_20 detection boxes (the frames table's `ann_*` columns).
 A reader keeps its format's class names and box convention in the record; `normalize_objects`
 maps the names (BDD100K's official mapping, or the batch's class table for the other formats)
 and checks the boxes. A bad object is rejected on its own (with its reason) and the frame keeps
-its other boxes.
+its other boxes. An object whose attributes set `crowd` is an ignore region: it keeps its box
+with `ann_crowd` true, and is never a training target nor an object a detector must find.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class LabelRecord:
     # follow the official mapping instead.
     classes: Mapping[str, str | None] | None = None
     relative_boxes: bool = False  # box2d in fractions of the frame's width and height (YOLO)
+    clip_id: str | None = None  # the footage clip (video) the frame is of; None: a frame of its own
+    clip_frame_index: int | None = None  # its position in the clip, where known (MOT frames)
+    tracked: bool = False  # its objects carry track ids (`id`, a string), kept as `ann_track_ids`
 
 
 @dataclass
@@ -118,7 +122,7 @@ def _unknown_detail(record: LabelRecord, raw: str) -> str:
 def normalize_objects(record: LabelRecord, width: int, height: int) -> FrameBoxes:
     """Detection boxes of a frame in det_20 names, the rejected objects, how many boxes were
     clipped to the frame and which objects were ignored."""
-    categories, bboxes, occluded, truncated = [], [], [], []
+    categories, bboxes, occluded, truncated, crowd, track_ids = [], [], [], [], [], []
     rejections, clipped_count, ignored = [], 0, Counter()
     scale_x, scale_y = (float(width), float(height)) if record.relative_boxes else (1.0, 1.0)
 
@@ -167,5 +171,9 @@ def normalize_objects(record: LabelRecord, width: int, height: int) -> FrameBoxe
         bboxes.append(clipped)
         occluded.append(bool(attributes.get("occluded", False)))
         truncated.append(bool(attributes.get("truncated", False)) or was_clipped)
-    columns = {"ann_categories": categories, "ann_bboxes": bboxes, "ann_occluded": occluded, "ann_truncated": truncated}
+        crowd.append(bool(attributes.get("crowd", False)))
+        if record.tracked:
+            track_ids.append(str(obj["id"]))
+    columns = {"ann_categories": categories, "ann_bboxes": bboxes, "ann_occluded": occluded, "ann_truncated": truncated,
+               "ann_crowd": crowd, "ann_track_ids": track_ids if record.tracked else None}
     return FrameBoxes(columns, rejections, clipped_count, ignored)

@@ -29,6 +29,10 @@ NAME_MAPPING = {
     "trailer": "truck",
 }
 
+# The "ignored-as" classes: BDD100K's evaluations treat their boxes as ignore regions, like crowd
+# boxes (the box_track toolkit, `tracking.metrics`, and MOT ingest, `formats.mot`).
+IGNORED_AS = frozenset({"other person", "other vehicle", "trailer"})
+
 # Pedestrians under any BDD name count as persons.
 PERSON_CLASSES = frozenset({"pedestrian"})
 

@@ -51,3 +51,19 @@ def undecodable_frames(table, where: str | None = None) -> list[str]:
         ids, blobs = batch["image_id"].to_pylist(), batch["image_bytes"].to_pylist()
         bad.extend(i for i, ok in zip(ids, on_frame_threads(_decodes, blobs)) if not ok)
     return bad
+
+
+def clips_in_two_splits(table, where: str | None = None) -> list[str]:
+    """Clip ids of the selected rows whose frames, over the whole table, are in more than one split:
+    only those clips' rows are read (ingestion settles every frame in its clip's split)."""
+    if storage.CLIP_ID not in table.schema.names:  # a table from before clips has none
+        return []
+    dataset = table.to_lance()
+    if where is None:
+        rows = dataset.to_table(columns=[storage.CLIP_ID, "split"], filter=f"{storage.CLIP_ID} IS NOT NULL")
+    else:
+        selected = dataset.to_table(columns=[storage.CLIP_ID], filter=storage.and_where(where, f"{storage.CLIP_ID} IS NOT NULL"))
+        rows = storage.rows_with(dataset, storage.CLIP_ID, pc.unique(selected[storage.CLIP_ID]).to_pylist(),
+                                 [storage.CLIP_ID, "split"])
+    splits = rows.group_by(storage.CLIP_ID).aggregate([("split", "count_distinct")])
+    return sorted(splits.filter(pc.greater(splits["split_count_distinct"], 1))[storage.CLIP_ID].to_pylist())

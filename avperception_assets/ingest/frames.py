@@ -1,7 +1,8 @@
 """Landing batches → the `bdd100k` Lance table; every rejected input goes to `quarantine`.
 
 A landing batch (see `landing`) holds images (JPEG/PNG) and labels in one layout: any of the
-three BDD100K ones, YOLO, Pascal VOC or COCO (see `formats.layouts`). Ingestion
+three BDD100K detection ones and its MOT one (box_track_20), YOLO, Pascal VOC or COCO (see
+`formats.layouts`). Frames of footage clips take their clip's split (see `clips`). Ingestion
 never stops on bad input: each bad file, frame or object becomes a quarantine record with its
 reason, and every good frame of the batch lands in one commit. A batch whose layout is ambiguous
 (or whose class names cannot be read) is refused whole: one record, no frame. Re-ingesting a
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import itertools
 import os
 import time
@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from avperception_assets.storage import tables as storage
 from avperception_assets.ingest.image_checks import CorruptImageError, NotAnImageError, inspect_image
 from avperception_assets.formats.layouts import read_batch
-from avperception_assets.formats.records import IMAGE_SUFFIXES, SPLITS, LabelRecord, normalize_objects, split_name
+from avperception_assets.formats.records import IMAGE_SUFFIXES, LabelRecord, normalize_objects, split_name
+from avperception_assets.ingest import clips
 from avperception_assets.ingest.landing import READY_MARKER, ready_batches, validate_batch_id
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
@@ -46,6 +47,7 @@ class BatchSummary:
     boxes: int = 0
     boxes_clipped: int = 0
     objects_ignored: Counter = field(default_factory=Counter)  # by why: "class dog", "crowd region"
+    clips: set[str] = field(default_factory=set)  # footage clips (MOT videos) the ingested frames are of
     seconds: float = 0.0
     first_ingest_seq: int = 0  # the batch's frames take ingest_seq from here on
     refused: str | None = None  # why the whole batch was refused (nothing ingested)
@@ -58,15 +60,10 @@ class BatchSummary:
             "boxes": self.boxes,
             "boxes_clipped_to_frame": self.boxes_clipped,
             "objects_ignored": dict(sorted(self.objects_ignored.items())),
+            "clips": len(self.clips),
             "refused": self.refused,
             "seconds": round(self.seconds, 2),
         }
-
-
-def assign_split(image_id: str, val_fraction: float = 0.2) -> str:
-    """Deterministic split for frames whose labels do not name one: a hash of the image id."""
-    bucket = int.from_bytes(hashlib.sha1(image_id.encode()).digest()[:4], "big") / 2**32
-    return "val" if bucket < val_fraction else "train"
 
 
 def _walk(root: str, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -128,6 +125,7 @@ class _Candidate:
     rel: str
     path: str
     label: LabelRecord
+    split: str | None = None  # decided with its clip's (`clips.settle`)
 
 
 def _load_candidate(candidate: _Candidate) -> tuple[bytes | None, tuple | None, Rejection | None]:
@@ -219,7 +217,15 @@ class BatchIngestor:
                 self._reject(Rejection(rel, "image_without_labels", f"no label record names {image_id}"))
             else:
                 candidates.append(_Candidate(rel, path, label))
-        return candidates
+        return self._settle(table, candidates, {image_id: n for n, image_id in enumerate(labels)})
+
+    def _settle(self, table, candidates: list[_Candidate], order: dict[str, int]) -> list[_Candidate]:
+        """The candidates in their clips' splits, less those the clip rules reject."""
+        known = clips.known_clips(table, {c.label.clip_id for c in candidates if c.label.clip_id is not None})
+        settled = clips.settle(candidates, known, self.val_fraction, order)
+        for rejection in settled.rejections:
+            self._reject(rejection)
+        return settled.frames
 
     def _frame(self, candidate: _Candidate, data: bytes, info: tuple, seq: int, now: datetime) -> dict:
         """One frames-table row; the label's bad objects are rejected on the way."""
@@ -231,14 +237,16 @@ class BatchIngestor:
         self.summary.objects_ignored.update(boxes.ignored)
         for item in boxes.rejections:
             self._reject(item)
-        split = label.split if label.split in SPLITS else assign_split(label.image_id, self.val_fraction)
+        if label.clip_frame_index is not None:
+            self.summary.clips.add(label.clip_id)
         return {
             "image_id": label.image_id, "batch_id": self.batch_id, "source_file": candidate.rel,
-            "label_format": label.layout, "split": split, "image_bytes": data,
+            "label_format": label.layout, "split": candidate.split, "image_bytes": data,
             "image_format": image_format, "width": width, "height": height,
             "weather": label.attributes.get("weather"), "scene": label.attributes.get("scene"),
             "timeofday": label.attributes.get("timeofday"), "timestamp": label.timestamp,
             **boxes.columns, "ingest_seq": seq, "ingested_at": now,
+            "clip_id": label.clip_id, "clip_frame_index": label.clip_frame_index,
         }
 
     def _rows(self, candidates: list[_Candidate], first_seq: int) -> Iterator[pa.RecordBatch]:
@@ -270,7 +278,7 @@ class BatchIngestor:
         started = time.perf_counter()
         if not (self.batch_dir / READY_MARKER).is_file():
             raise FileNotFoundError(f"batch {self.batch_id} has no {READY_MARKER} marker: it may still be copying")
-        table = storage.open_or_create(self.conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
+        table = storage.open_frames(self.conn)
         next_seq = next_ingest_seq(table)
         self.summary.first_ingest_seq = next_seq
         candidates = self._scan(table)
@@ -289,13 +297,8 @@ class BatchIngestor:
 def known_frames(table, image_ids: Iterable[str], chunk: int = 1000) -> dict[str, str]:
     """image_id → batch_id of those `image_ids` already in the table, looked up 1,000 at a time
     through the btree index on image_id (maintenance keeps it current): the cost follows the batch."""
-    ids, found = sorted(image_ids), {}
-    dataset = table.to_lance()
-    for start in range(0, len(ids), chunk):
-        where = f"image_id IN ({storage.sql_list(ids[start:start + chunk])})"
-        rows = dataset.to_table(columns=["image_id", "batch_id"], filter=where)
-        found.update(zip(rows["image_id"].to_pylist(), rows["batch_id"].to_pylist()))
-    return found
+    rows = storage.rows_with(table.to_lance(), "image_id", image_ids, ["image_id", "batch_id"], chunk)
+    return dict(zip(rows["image_id"].to_pylist(), rows["batch_id"].to_pylist()))
 
 
 def next_ingest_seq(table) -> int:

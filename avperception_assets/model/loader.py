@@ -18,7 +18,10 @@ to choose its best epoch. The split happens where the row ids are read, so a bat
 Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
 "person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
 class a COCO head has. Boxes are clipped to the frame; boxes with no area after clipping are
-dropped; frames without boxes stay in as negatives (empty targets).
+dropped; frames without boxes stay in as negatives (empty targets). Crowd boxes (`ann_crowd`,
+where the table has it) are ignore regions: never training targets, and in evaluation targets
+COCO's `iscrowd`, so a detection on one is neither a hit nor a false positive and the region is
+never a miss.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ from avperception_assets.storage.decoding import decode, on_frame_threads
 from avperception_assets.storage.pixels import PixelReader
 
 COLUMNS = ["image_id", "image_bytes", "ann_categories", "ann_bboxes"]  # what the collate reads
+CROWD = "ann_crowd"  # read too where the table has it (tables and views from before clips lack it)
+
+
+def read_columns(table) -> list[str]:
+    """The columns the collate reads from `table`: `COLUMNS`, and the crowd flags where it has them."""
+    return COLUMNS + [CROWD] if CROWD in table.schema.names else list(COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,9 @@ def build_permutation(view: ViewRef, seed: int | None = None, columns=("image_id
 def frames_dataset(view: ViewRef, seed: int | None = None, weights: Mapping[str, float] | None = None,
                    shard: tuple[int, int] = (0, 1)) -> FramesDataset:
     """The loader's Dataset over `view`: its rows in the permutation's order, with their pixels."""
-    pixels = PixelReader.of(view.uri, open_table(view.uri, view.name, view.version))
-    return FramesDataset(build_permutation(view, seed, pixels.columns(COLUMNS), weights, shard), pixels)
+    table = open_table(view.uri, view.name, view.version)
+    pixels = PixelReader.of(view.uri, table)
+    return FramesDataset(build_permutation(view, seed, pixels.columns(read_columns(table)), weights, shard), pixels)
 
 
 class Batch(NamedTuple):
@@ -243,14 +253,18 @@ def _next_batches(offsets: tuple[int, ...], length: int, count: int) -> list[tup
     return batches
 
 
-def coco_target(categories, boxes, width: int, height: int) -> dict:
-    """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame."""
+def coco_target(categories, boxes, width: int, height: int, crowd=None, *, ignore_regions: bool = True) -> dict:
+    """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame. Boxes `crowd` flags
+    (None: no flags) are ignore regions: `iscrowd` 1 in the target (which has `iscrowd` only when
+    the frame has one), or left out with `ignore_regions` False (a training target)."""
     import torch
 
-    kept_boxes, labels = [], []
-    for category, box in zip(categories or [], boxes or []):
+    boxes = boxes or []
+    crowd = crowd or [False] * len(boxes)
+    kept_boxes, labels, kept_crowd = [], [], []
+    for category, box, is_crowd in zip(categories or [], boxes, crowd):
         label = COCO_IDS.get(category)
-        if label is None or box is None or len(box) != 4:
+        if label is None or box is None or len(box) != 4 or (is_crowd and not ignore_regions):
             continue
         x1, y1, x2, y2 = (float(v) for v in box)
         x1, x2 = max(0.0, min(x1, width)), max(0.0, min(x2, width))
@@ -259,10 +273,14 @@ def coco_target(categories, boxes, width: int, height: int) -> dict:
             continue
         kept_boxes.append([x1, y1, x2, y2])
         labels.append(label)
-    return {
+        kept_crowd.append(int(bool(is_crowd)))
+    target = {
         "boxes": torch.tensor(kept_boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
+    if any(kept_crowd):
+        target["iscrowd"] = torch.tensor(kept_crowd, dtype=torch.int64)
+    return target
 
 
 def train_transform(min_size: int, max_size: int, crop: int | None = None):
@@ -321,22 +339,23 @@ class DecodeCollate:
 
     def __call__(self, batch: pa.RecordBatch) -> Batch:
         sample = self._eval_sample if self.transform is None else self._augmented_sample
+        crowd = batch.column(CROWD).to_pylist() if CROWD in batch.schema.names else [None] * batch.num_rows
         rows = zip(decode_all(batch.column("image_bytes")), batch.column("ann_categories").to_pylist(),
-                   batch.column("ann_bboxes").to_pylist())
+                   batch.column("ann_bboxes").to_pylist(), crowd)
         images, targets = zip(*(sample(*row) for row in rows)) if batch.num_rows else ((), ())
         return Batch(list(images), list(targets), batch.column("image_id").to_pylist())
 
     @staticmethod
-    def _eval_sample(image, categories, boxes) -> tuple:
-        return image, coco_target(categories, boxes, image.shape[-1], image.shape[-2])
+    def _eval_sample(image, categories, boxes, crowd) -> tuple:
+        return image, coco_target(categories, boxes, image.shape[-1], image.shape[-2], crowd)
 
-    def _augmented_sample(self, image, categories, boxes) -> tuple:
+    def _augmented_sample(self, image, categories, boxes, crowd) -> tuple:
         import torch
         from torchvision import tv_tensors
 
         image = tv_tensors.Image(image)
         height, width = image.shape[-2:]
-        target = coco_target(categories, boxes, width, height)
+        target = coco_target(categories, boxes, width, height, crowd, ignore_regions=False)
         target["boxes"] = tv_tensors.BoundingBoxes(
             target["boxes"], format="XYXY", canvas_size=(height, width))
         image, target = self.transform(image, target)

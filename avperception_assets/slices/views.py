@@ -40,7 +40,7 @@ from avperception_assets.cluster.ray import require_ray
 from avperception_assets.patches.geneva import release_job_tracker
 from avperception_assets.failure_modes.registry import FailureMode
 from avperception_assets.storage.pixels import IMAGE_BYTES
-from avperception_assets.storage.tables import FRAMES_TABLE, reflected_version, table_exists
+from avperception_assets.storage.tables import FRAMES_SCHEMA, FRAMES_TABLE, reflected_version, table_exists
 from avperception_assets.discovery.vector_index import VECTOR_COLUMN
 
 SPLITS = ("train", "val")
@@ -181,12 +181,18 @@ def create_view(conn, source, name: str, where: str):
     return conn.create_materialized_view(name, source.search().select(_view_select(source.schema)).where(where))
 
 
-def _recreate_reason(view, wanted: str) -> str | None:
+def _recreate_reason(view, wanted: str, source) -> str | None:
     """Why an existing view must be dropped and created again (None: it is kept)."""
     if view_filter_of(view) != wanted:
         return "its filter is not the registry's"
     if IMAGE_BYTES in view.schema.names:
         return "it holds image bytes (created before views read pixels from the frames table)"
+    # A view selects the source's columns as they were when it was created: one from before the
+    # clip columns would choose held-out frames without clips and score crowd regions as objects.
+    missing = [f.name for f in FRAMES_SCHEMA if f.name in source.schema.names
+               and f.name not in view.schema.names and f.name != IMAGE_BYTES]
+    if missing:
+        return f"it lacks frames-table columns added since it was created: {', '.join(missing)}"
     return None
 
 
@@ -201,7 +207,7 @@ def _prepare(conn, source, mode: FailureMode, split: str):
     name, wanted = view_name(mode, split), view_filter(mode, split)
     if table_exists(conn, name):
         view = conn.open_table(name)
-        reason = _recreate_reason(view, wanted)
+        reason = _recreate_reason(view, wanted, source)
         if reason is None:
             return view, _fragment_rows(view), None, None
         previous = view_filter_of(view)

@@ -18,6 +18,7 @@ SOURCE_ROW_ID = "__source_row_id"  # Geneva's column: the source row a view row 
 STABLE_ROW_IDS = {"new_table_enable_stable_row_ids": "true"}
 
 BOX = pa.list_(pa.float32())  # [x1, y1, x2, y2] in pixels
+CLIP_ID = "clip_id"
 
 FRAMES_SCHEMA = pa.schema(
     [
@@ -42,6 +43,11 @@ FRAMES_SCHEMA = pa.schema(
         pa.field("ann_truncated", pa.list_(pa.bool_())),
         pa.field("ingest_seq", pa.int64(), nullable=False),  # global ingestion order
         pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+        # Added with footage clips (tables created before gain them, NULL: `open_frames`).
+        pa.field(CLIP_ID, pa.string()),  # the video a frame is of; NULL: a frame of its own (YOLO, VOC, COCO)
+        pa.field("clip_frame_index", pa.int64()),  # its frameIndex in the clip; NULL where unknown (100k images)
+        pa.field("ann_track_ids", pa.list_(pa.string())),  # per box; a track is (clip_id, id); NULL: no tracks
+        pa.field("ann_crowd", pa.list_(pa.bool_())),  # per box: an ignore region, never an object to find
     ]
 )
 
@@ -54,6 +60,26 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("quarantined_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+def open_frames(conn):
+    """The frames table, created on first use. A table created before a column of `FRAMES_SCHEMA`
+    existed gains it, NULL in its rows: a schema change only, no data rewritten."""
+    table = open_or_create(conn, FRAMES_TABLE, FRAMES_SCHEMA)
+    missing = [field for field in FRAMES_SCHEMA if field.name not in table.schema.names]
+    if not missing:
+        return table
+    table.to_lance().add_columns(pa.schema(missing))
+    return conn.open_table(FRAMES_TABLE)
+
+
+def rows_with(dataset, column: str, values, columns: list[str], chunk: int = 1000) -> pa.Table:
+    """The `columns` of the rows whose `column` is one of `values`, looked up `chunk` values at a
+    time (through the column's scalar index where maintenance built one): the cost follows the values."""
+    values = sorted(set(values))
+    parts = [dataset.to_table(columns=columns, filter=f"{column} IN ({sql_list(values[start:start + chunk])})")
+             for start in range(0, len(values), chunk)]
+    return pa.concat_tables(parts) if parts else dataset.schema.empty_table().select(columns)
 
 
 def rows_since(first_ingest_seq: int | None) -> str | None:

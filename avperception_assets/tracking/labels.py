@@ -5,7 +5,8 @@ object with such a list under `frames`; a folder holds one such file per video (
 recursive). Each label has `id`, `category`, `box2d` {x1, y1, x2, y2} and optionally `attributes`
 ({occluded, truncated, crowd}) and `score` (tracker output). Track ids are strings unique only
 within a video, so a track is keyed by (video, id): `Video` keeps each video's frames apart.
-Anything malformed raises `MotFileError` naming the file and the frame.
+Anything malformed raises `MotFileError` naming the file and the frame. The fields of frames and
+labels are read by `formats.mot`, as ingest reads them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
-
-class MotFileError(ValueError):
-    """A MOT label file that cannot be read as box_track_20."""
+from avperception_assets.formats.mot import MotFileError, frame_fields, frame_list, track_id
 
 
 @dataclass(frozen=True)
@@ -51,17 +50,10 @@ def _number(value, what: str, where: str) -> float:
 
 
 def _box(label, where: str) -> Box:
-    if not isinstance(label, dict):
-        raise MotFileError(f"{where}: a label is not an object")
-    track_id, category = label.get("id"), label.get("category")
-    # Ids are strings in the files; integer ids from a tracker name the same track as their digits.
-    if isinstance(track_id, int) and not isinstance(track_id, bool):
-        track_id = str(track_id)
-    if not isinstance(track_id, str) or not track_id:
-        raise MotFileError(f"{where}: a label has no string 'id'")
+    tid, category = track_id(label, where), label.get("category")
     if not isinstance(category, str):
-        raise MotFileError(f"{where}: label {track_id!r} has no 'category'")
-    where = f"{where}, label {track_id!r}"
+        raise MotFileError(f"{where}: label {tid!r} has no 'category'")
+    where = f"{where}, label {tid!r}"
     box2d = label.get("box2d")
     if not isinstance(box2d, dict):
         raise MotFileError(f"{where}: no 'box2d'")
@@ -72,24 +64,13 @@ def _box(label, where: str) -> Box:
     if not isinstance(attributes, dict):
         raise MotFileError(f"{where}: 'attributes' is not an object")
     score = label.get("score")
-    return Box(track_id, category, x1, y1, x2, y2, crowd=bool(attributes.get("crowd", False)),
+    return Box(tid, category, x1, y1, x2, y2, crowd=bool(attributes.get("crowd", False)),
                score=None if score is None else _number(score, "score", where))
 
 
 def _frame(entry, source: str) -> tuple[str, Frame]:
-    if not isinstance(entry, dict):
-        raise MotFileError(f"{source}: a frame is not an object")
-    name, video, index = entry.get("name"), entry.get("videoName"), entry.get("frameIndex")
+    name, video, index, labels = frame_fields(entry, source)
     where = f"{source}: frame {name!r}"
-    if not isinstance(name, str):
-        raise MotFileError(f"{source}: a frame has no 'name'")
-    if not isinstance(video, str) or not video:
-        raise MotFileError(f"{where}: no 'videoName'")
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise MotFileError(f"{where}: 'frameIndex' is not an integer")
-    labels = entry.get("labels") or []
-    if not isinstance(labels, list):
-        raise MotFileError(f"{where}: 'labels' is not a list")
     boxes = tuple(_box(label, where) for label in labels)
     ids = [box.track_id for box in boxes]
     if len(set(ids)) != len(ids):
@@ -102,11 +83,10 @@ def _frames_of(path: Path) -> list:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MotFileError(f"{path}: not readable as JSON: {error}") from error
-    if isinstance(payload, dict) and isinstance(payload.get("frames"), list):
-        return payload["frames"]
-    if not isinstance(payload, list):
+    frames = frame_list(payload)
+    if frames is None:
         raise MotFileError(f"{path}: neither a list of frames nor an object with 'frames'")
-    return payload
+    return frames
 
 
 def read_videos(path: str | Path) -> dict[str, Video]:

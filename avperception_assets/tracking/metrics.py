@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from avperception_assets.formats.taxonomy import IGNORED_AS
 from avperception_assets.tracking.labels import Box, Frame, MotFileError, Video, read_videos
 
 SUPER_CLASSES = {
@@ -56,7 +57,7 @@ SUPER_CLASSES = {
 }
 CLASSES = tuple(name for members in SUPER_CLASSES.values() for name in members)
 NAME_MAPPING = {"bike": "bicycle", "caravan": "car", "motor": "motorcycle", "person": "pedestrian", "van": "car"}
-IGNORE_CATEGORIES = frozenset({"other person", "other vehicle", "trailer"})
+IGNORE_CATEGORIES = IGNORED_AS
 MIN_IOU = 0.5
 MAX_IGNORED_SHARE = 0.5  # a prediction more than this share inside an ignore region is dropped
 MOSTLY_TRACKED, MOSTLY_LOST = 0.8, 0.2
