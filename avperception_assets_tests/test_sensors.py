@@ -44,7 +44,7 @@ def test_only_the_modes_grown_past_the_policy_retrain_once(instance, tmp_path):
     assert request.run_key == "rider@5" and request.tags["avp/failure_modes"] == "rider"
     assert request.tags["dagster/max_runtime"] == str(2 * 3600)  # the cpu profile's limit (no CUDA here)
     assert [k.to_user_string() for k in request.asset_selection] == [
-        "rider_checkpoint", "rider_eval_report", "failure_mode_summary"]
+        "rider_checkpoint", "rider_eval_report", "base_detector_report", "failure_mode_summary"]
     _trained(instance, "rider", 5, 150)
     assert isinstance(_tick(instance, tmp_path), dg.SkipReason)  # the same growth never retrains twice
 

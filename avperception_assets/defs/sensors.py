@@ -15,7 +15,7 @@ from avperception_assets.workspace import Workspace, variable_for
 from avperception_assets.failure_modes.registry import check_registry
 from avperception_assets.model.retrain_policy import RetrainPolicy
 from avperception_assets.defs.ingest_assets import RawFramesConfig
-from avperception_assets.defs.names import BASE_DETECTOR, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key, eval_report_key, latest_metadata, view_key
+from avperception_assets.defs.names import BASE_DETECTOR, BASE_DETECTOR_REPORT, DEPLOYMENT, EVALUATION, FAILURE_MODE_SUMMARY, RAW_FRAMES, TRAINING, checkpoint_key, eval_report_key, latest_metadata, view_key
 from avperception_assets.defs.resources import WorkspaceResource
 
 # Ingestion and everything that refreshes with it; retraining is the growth sensor's call, and an
@@ -79,7 +79,8 @@ def _retrain_request(due: dict[str, int], with_base: bool) -> dg.RunRequest:
     return dg.RunRequest(
         # Mode and view version: however many ticks see the same growth, it retrains once.
         run_key="+".join(f"{m}@{v}" for m, v in sorted(due.items())),
-        asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, FAILURE_MODE_SUMMARY],
+        # The base's report re-scores it on the val frames the new footage added (no training).
+        asset_selection=[*([BASE_DETECTOR] if with_base else []), *keys, BASE_DETECTOR_REPORT, FAILURE_MODE_SUMMARY],
         tags={"avp/failure_modes": ",".join(sorted(due)),
               # run monitoring fails a training run that overstays its profile's limit
               "dagster/max_runtime": str(detector.MAX_RUN_SECONDS[detector.default_profile_name()])},
