@@ -31,10 +31,10 @@ DEFS = dg.Definitions.merge(
     dg.Definitions(resources={"workspace": WorkspaceResource()}),
 )
 FRAME_SIZE = dict(width=320, height=180)
-# The first rider train view holds one frame, in hash bucket 5: the default 10 % share would hold
-# it out and leave nothing to train on. At 5 % the retrain after batch 2 holds out one of four.
+# The first rider train view holds 7 frames, one in hash bucket 5 and none below; batch 2 adds 3,
+# none below 6. A 6 % share holds out that one frame, in both trainings.
 TINY_TRAINING = {"config": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "min_size": 96,
-                            "max_size": 160, "num_workers": 0, "selection_pct": 5}}
+                            "max_size": 160, "num_workers": 0, "selection_pct": 6}}
 TRAINING_ASSETS = ["base_detector", *(f"{m.name}_checkpoint" for m in MODES)]
 VIEWS = [slices.view_name(m, split) for m in MODES for split in slices.SPLITS]
 
@@ -150,7 +150,7 @@ def test_new_footage_retrains_the_mode_once_it_grew_past_the_policy(loop):
     # Pinned to the new version, report rewritten for it.
     assert checkpoint["train_view_version"] == report["train_view_version"] == after["view_version"]
     # Its best epoch chosen on a frame of the Geneva view held out from training, as it was counted.
-    assert (checkpoint["train_rows"], checkpoint["selection_rows"]) == (3, 1)
+    assert (checkpoint["train_rows"], checkpoint["selection_rows"]) == (9, 1)
     assert checkpoint["dagster/row_count"] == after["dagster/row_count"]
     data = json.loads(open(report["report_json"]).read())
     assert data["val_view"]["version"] == report["val_view_version"]
