@@ -27,6 +27,7 @@ MODES = default_failure_modes()[:1]  # rider: each view refresh is a Geneva job;
 DEFS = dg.Definitions.merge(
     ingest_assets.defs, curation_assets.build_curation_defs(MODES), slice_assets.build_slice_defs(MODES),
     training_assets.build_training_defs(MODES), evaluation_assets.build_evaluation_defs(MODES),
+    evaluation_assets.build_base_report_defs(MODES),
     sensors.build_sensor_defs(MODES), maintenance_assets.build_maintenance_defs(MODES),
     dg.Definitions(resources={"workspace": WorkspaceResource()}),
 )
