@@ -180,8 +180,8 @@ def _clip(box, width, height):
 # depth distributions: the failure modes stay small, dark and (in frames) rare.
 VEHICLES_PER_FRAME = ((1, 0.1), (2, 0.15), (3, 0.2), (4, 0.2), (5, 0.15), (6, 0.1), (7, 0.05), (8, 0.05))
 VEHICLE_KINDS = (("car", 0.57), ("truck", 0.28), ("bus", 0.15))
-PERSON_SCENES = (("none", 0.2), ("distant crowd", 0.18), ("mixed", 0.62))
-DISTANT_CROWD = (6, 15)  # pedestrians, inclusive-exclusive as numpy's integers
+PERSON_SCENES = (("none", 0.2), ("distant crowd", 0.12), ("mixed", 0.68))
+DISTANT_CROWD = (10, 21)  # pedestrians, inclusive-exclusive as numpy's integers
 MIXED_PEDESTRIANS = (4, 13)
 RIDER_FRAME_SHARE = 0.2
 RIDERS_PER_FRAME = (2, 8)
