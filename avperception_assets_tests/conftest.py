@@ -298,7 +298,7 @@ def curated_db(tmp_path_factory, local_ray) -> CuratedDB:
     backfilled: built once per session (each Geneva job costs seconds). Tests that write take a
     copy (`copy_curated_db`); it holds no view, since a view records its source table's path."""
     root = tmp_path_factory.mktemp("curated")
-    synthetic.write_batch(root / "landing", "b1", 14, seed=3, **CURATED_SIZE)
+    synthetic.write_batch(root / "landing", "b1", 14, seed=11, **CURATED_SIZE)
     conn = storage.connect(str(root / "lancedb"))
     ingest.ingest_batches(conn, root / "landing")
     table = conn.open_table(storage.FRAMES_TABLE)
