@@ -65,15 +65,17 @@ def test_two_gloo_ranks_cover_the_epoch_once_and_write_one_checkpoint(tmp_path):
     assert cli.stdout.splitlines()[1:] == ranks[1] and "rank 1 of 2" in cli.stdout
 
 
-def _worker_pids() -> list[int]:
-    """The training ranks torchrun started below this test process."""
-    found = []
+def _worker_pids(out: Path) -> list[int]:
+    """The training ranks torchrun started for the checkpoint folder `out` (whose run.json they
+    read): never another run's on the same machine."""
+    found, folder = [], str(out).encode()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"avperception_assets.training_worker" in args and b"train" in args and b"launch" not in args:
+        if (b"avperception_assets.training_worker" in args and b"train" in args and b"launch" not in args
+                and any(arg.startswith(folder) for arg in args)):
             found.append(int(cmdline.parent.name))
     return found
 
@@ -83,7 +85,7 @@ def _kill_after_first_epoch(out: Path, killed: list, then) -> None:
     while time.monotonic() < deadline:
         metadata = out / checkpoints.METADATA_FILE
         if metadata.is_file() and len(json.loads(metadata.read_text())["epochs"]) == 1:
-            for pid in _worker_pids():
+            for pid in _worker_pids(out):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             then()
