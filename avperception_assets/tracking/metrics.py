@@ -57,7 +57,6 @@ SUPER_CLASSES = {
 }
 CLASSES = tuple(name for members in SUPER_CLASSES.values() for name in members)
 NAME_MAPPING = {"bike": "bicycle", "caravan": "car", "motor": "motorcycle", "person": "pedestrian", "van": "car"}
-IGNORE_CATEGORIES = IGNORED_AS
 MIN_IOU = 0.5
 MAX_IGNORED_SHARE = 0.5  # a prediction more than this share inside an ignore region is dropped
 MOSTLY_TRACKED, MOSTLY_LOST = 0.8, 0.2
@@ -224,7 +223,7 @@ def _split(frame: Frame | None) -> tuple[dict[str, list[Box]], list[Box]]:
     ignore: list[Box] = []
     for box in frame.boxes if frame else ():
         category = NAME_MAPPING.get(box.category, box.category)
-        if category in IGNORE_CATEGORIES or (category in by_class and box.crowd):
+        if category in IGNORED_AS or (category in by_class and box.crowd):
             ignore.append(box)
         elif category in by_class:
             by_class[category].append(box)
