@@ -55,7 +55,7 @@ test: install browser
 # What a change to one stage runs first, in under a minute: no Ray, no Dagster run, no training,
 # no browser (pyproject's markers; conftest fails a test that does one of them unmarked).
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 -m "not (ray or dagster_run or training or browser)" avperception_assets_tests
+	$(BIN)/python -m pytest -q -n 2 -m "not (ray or dagster_run or training or browser or fresh_interpreter)" avperception_assets_tests
 
 # The web UI and the daemon (sensors, run queue) on http://$(HOST):$(PORT).
 dev: install instance

@@ -134,9 +134,10 @@ def pytest_collection_modifyitems(items):
 
 
 # The guard that keeps the tiers honest: a test that starts Ray, a Dagster run, a dagster, ray
-# or torchrun process, or an optimizer step over a model, without the marker for it, fails
-# naming itself and the marker. It runs in every run, so `make test` checks the markers too.
-# (What a Python subprocess does inside itself is not seen: mark such tests by hand.)
+# or torchrun process, a fresh interpreter (`python -c`), or an optimizer step over a model,
+# without the marker for it, fails naming itself and the marker. It runs in every run, so
+# `make test` checks the markers too. (What a Python subprocess does inside itself is not seen:
+# mark such tests by hand.)
 COMMAND_MARKERS = {"dagster": "dagster_run", "dagster-webserver": "dagster_run", "dagster-daemon": "dagster_run",
                    "ray": "ray", "torchrun": "training", "torch.distributed.run": "training"}
 _running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
@@ -154,6 +155,8 @@ def _command_marker(args) -> str | None:
     if isinstance(args, (str, bytes, os.PathLike)):
         args = os.fsdecode(args).split()
     argv = [os.fsdecode(a) for a in args]
+    if argv[0] == sys.executable and argv[1:2] == ["-c"]:
+        return "fresh_interpreter"
     module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
     return COMMAND_MARKERS.get(Path(argv[0]).name) or COMMAND_MARKERS.get(module) or \
         COMMAND_MARKERS.get((module or "").split(".")[0])

@@ -15,6 +15,10 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fresh_interpreter
+
 OLD_FRAMES, NEW_FRAMES = 300, 10
 SIZE = {"width": 640, "height": 360}
 

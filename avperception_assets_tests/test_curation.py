@@ -317,6 +317,7 @@ def test_the_error_table_exists_before_any_backfill_job_starts(tmp_path, local_r
     assert launched.value.args == (True,)
 
 
+@pytest.mark.fresh_interpreter
 def test_plain_functions_never_start_ray(tmp_path):
     """Ray belongs to whoever runs the stage (the Dagster resource in runs): without one, a
     backfill and a view refresh fail with a message that says so, in a process with no Ray."""

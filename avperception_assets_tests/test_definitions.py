@@ -184,6 +184,7 @@ classes = ["pedestrian"]
     assert _parents(replaced) == _parents(defs)  # same assets, same dependencies
 
 
+@pytest.mark.fresh_interpreter
 def test_a_broken_users_file_fails_when_the_definitions_load_naming_file_and_line(tmp_path):
     _write_user_modes(tmp_path, NIGHT_RIDER.replace('"timeofday = \'night\' AND has_rider = true"', "has_rider"))
     env = {**os.environ, "AVP_DATA_DIR": str(tmp_path)}
@@ -219,6 +220,7 @@ def test_sensors_start_in_the_workspace_default_status(tmp_path):
     assert stopped == {dg.DefaultSensorStatus.STOPPED} and loop <= names
 
 
+@pytest.mark.fresh_interpreter
 def test_the_code_location_refuses_a_bad_setting_naming_its_variable():
     env = {**os.environ, "AVP_RETRAIN_MIN_GROWTH": "a quarter"}
     result = subprocess.run([sys.executable, "-c", "import avperception_assets.definitions"],

@@ -40,7 +40,7 @@ def test_the_shipped_modes_are_the_platforms_three():
     assert distant == FailureMode(
         "distant_person", "has_person = true AND person_bbox_area_pct < 0.5", ("pedestrian",),
         "Frames whose largest pedestrian is small, i.e. far away.", min_input_size=448,
-        tiling=Tiling(448, overlap=0.2, whole_frame=True, train_on_tiles=True), finetune_epochs=8)
+        tiling=Tiling(448, overlap=0.2, whole_frame=True, train_on_tiles=True), finetune_epochs=6)
     assert distant.train_crop == 448
 
 

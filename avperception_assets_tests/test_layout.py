@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import avperception_assets
 
 PACKAGE = Path(avperception_assets.__file__).parent
@@ -156,6 +158,7 @@ def test_production_code_never_imports_the_synthetic_generator():
     assert importers == set()
 
 
+@pytest.mark.fresh_interpreter
 def test_the_code_location_loads_without_torch():
     probe = "import sys, avperception_assets.definitions; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)

@@ -41,6 +41,7 @@ def python(probe: str, *path: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.fresh_interpreter
 def test_importing_the_package_changes_no_other_library():
     probe = ("import sys, avperception_assets, avperception_assets.geneva_workarounds, avperception_assets.curation.columns; "
              "print([m for m in sys.modules if m.split('.')[0] in ('kubernetes', 'lance_namespace_urllib3_client')])")
@@ -49,6 +50,7 @@ def test_importing_the_package_changes_no_other_library():
 
 
 @pytest.mark.parametrize("entry_point", ["avperception_assets", "avperception_assets.definitions"])
+@pytest.mark.fresh_interpreter
 def test_kubernetes_and_dagster_k8s_work_beside_the_package(entry_point):
     """Beside a plain import of the package, and in the code location's process, where the
     imports are deferred."""
@@ -56,6 +58,7 @@ def test_kubernetes_and_dagster_k8s_work_beside_the_package(entry_point):
     assert result.stdout.split() == ["avp:1", "avp:2", "True"], result.stderr
 
 
+@pytest.mark.fresh_interpreter
 def test_the_code_location_defers_what_it_never_calls():
     probe = f"import sys, avperception_assets.definitions, geneva.runners.ray.pipeline; print(*[m in sys.modules for m in {DEFERRED!r}])"
     result = python(probe)
@@ -97,6 +100,7 @@ def test_a_correctness_patch_on_another_version_refuses(tmp_path, monkeypatch):
         patches.geneva.create_error_table(None)
 
 
+@pytest.mark.fresh_interpreter
 def test_the_code_location_starts_without_a_skipped_patch_and_imports_whole(tmp_path):
     probe = ("import sys, avperception_assets.definitions, geneva.runners.ray.pipeline; "
              f"print({K8S_MODELS!r} in sys.modules)")
@@ -105,6 +109,7 @@ def test_the_code_location_starts_without_a_skipped_patch_and_imports_whole(tmp_
     assert "patch kubernetes.defer_client" in result.stderr and "not applied" in result.stderr
 
 
+@pytest.mark.fresh_interpreter
 def test_the_code_location_fails_to_start_on_a_geneva_its_patches_were_not_written_for(tmp_path):
     result = python("import avperception_assets.definitions", str(fake_distribution(tmp_path, "geneva", "99.0.0")))
     assert result.returncode != 0 and "PatchVersionError: patches met versions" in result.stderr, result.stderr

@@ -6,6 +6,10 @@ applied, and whole for code that uses it."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.fresh_interpreter
+
 K8S_MODELS = "kubernetes.client.models.v1_pod_spec"  # one of the 721 models `kubernetes.client` imports
 K8S_CONFIG = "kubernetes.config.kube_config"  # imports google-auth and cryptography
 

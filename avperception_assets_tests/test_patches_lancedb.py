@@ -6,6 +6,10 @@ code that uses it."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.fresh_interpreter
+
 ENDPOINTS = "lance_namespace_urllib3_client.api.table_api"
 
 
