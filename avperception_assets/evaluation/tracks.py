@@ -38,10 +38,9 @@ from avperception_assets.tracking.tracker import Detection, TrackerSettings, tra
 
 CLIP_COLUMNS = ("image_id", "clip_id", "clip_frame_index", "ann_categories", "ann_bboxes", "ann_track_ids",
                 "ann_crowd")
-# The detector's label space in box_track's names: each COCO id as the first BDD class it stands for
-TRACKED_CLASSES: dict[int, str] = {}
-for _name in metrics.CLASSES:
-    TRACKED_CLASSES.setdefault(COCO_IDS[_name], _name)
+# The detector's label space in box_track's names: each COCO id as the first of the classes it
+# stands for (person: pedestrian). Built from the last class back, so that the first one stays.
+TRACKED_CLASSES = {COCO_IDS[name]: name for name in reversed(metrics.CLASSES)}
 GROUND_TRUTH_FILE = "tracks_ground_truth.json"
 PREDICTIONS_FILE = "tracks_{model}.json"
 UNDER = 0.5  # a track found in fewer of its frames than this share is counted apart
