@@ -162,9 +162,10 @@ def _track_rows(by_model: Mapping[str, Mapping[tuple[str, str], tuple[str, Track
     longest gap, then most frames)."""
     rows = []
     for (clip, track), (category, cover) in by_model[worst_by].items():
-        models = {model: {"found": tracks[clip, track][1].found, "coverage": tracks[clip, track][1].coverage,
-                          "longest_gap": tracks[clip, track][1].longest_gap} for model, tracks in by_model.items()}
-        rows.append({"clip_id": clip, "track_id": track, "category": category, "frames": cover.frames, **models})
+        covers = {model: tracks[clip, track][1] for model, tracks in by_model.items()}
+        rows.append({"clip_id": clip, "track_id": track, "category": category, "frames": cover.frames,
+                     **{model: {"found": c.found, "coverage": c.coverage, "longest_gap": c.longest_gap}
+                        for model, c in covers.items()}})
     return sorted(rows, key=lambda r: (r[worst_by]["coverage"], -r[worst_by]["longest_gap"], -r["frames"],
                                        r["clip_id"], r["track_id"]))
 
@@ -179,7 +180,7 @@ def write_tracking(out_dir: Path, clips: Mapping[str, list[ClipFrame]] | None, *
     write."""
     files = {"ground_truth": GROUND_TRUTH_FILE, **{model: PREDICTIONS_FILE.format(model=model) for model in predictions}}
     if not clips:
-        for stale in (GROUND_TRUTH_FILE, *(PREDICTIONS_FILE.format(model=m) for m in predictions)):
+        for stale in files.values():
             (Path(out_dir) / stale).unlink(missing_ok=True)
         return None
     (Path(out_dir) / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth_frames(clips)))
