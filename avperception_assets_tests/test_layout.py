@@ -91,7 +91,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"formats", "storage"},
     "ingest": {"formats", "storage"},
     "model": {"formats", "storage"},
-    "evaluation": {"model", "formats", "storage"},
+    "evaluation": {"tracking", "model", "formats", "storage"},
     "discovery": {"evaluation", "model", "formats", "storage", "cluster"},
     "failure_modes": {"discovery", "formats", "storage"},
     "curation": {"failure_modes", "discovery", "model", "formats", "storage", "cluster", "patches"},

@@ -39,6 +39,10 @@ class EvalReportConfig(dg.Config):
     tile_overlap: Optional[float] = Field(None, description="Overlap of neighbouring tiles, a fraction of a tile.")
     tile_whole_frame: Optional[bool] = Field(None, description="Also run the whole frame and merge its boxes "
                                              "with the tiles' (SAHI's standard prediction).")
+    track_min_score: float = Field(0.5, description="On clips: detections below this score are not linked into tracks.")
+    track_min_iou: float = Field(0.3, description="On clips: least IoU between a track's last box and a detection "
+                                 "that continues it.")
+    track_max_missed: int = Field(2, description="On clips: frames in a row a track may go undetected and continue.")
 
     def resolve_tiling(self, mode: FailureMode) -> Tiling | None:
         """The mode's tiling with this config's overrides; None when not tiling."""
@@ -108,6 +112,29 @@ def _tiling_metadata(report) -> dict:
             "tiling_spec": dg.MetadataValue.json(tiling["spec"])}
 
 
+def _tracking_metadata(report, view: dict) -> dict:
+    """Both models' MOTA and IDF1 on the view's clips and their coverage of the mode's tracks, as
+    a section and as plottable figures; a line saying there are none on a view without clips."""
+    from avperception_assets.evaluation import reports, tracks
+    from avperception_assets.evaluation.comparison import BASELINE, FINETUNED
+
+    tracking = report.data["tracking"]
+    if not tracking:
+        return {"tracking": f"no frames of clips in {view['name']}@{view['version']}: no tracking figures"}
+    section = "\n\n".join([reports.tracking_description(tracking), tracks.figures_markdown(tracking, reports.MODEL_TITLES),
+                            reports.coverage_description(report.data),
+                            tracks.coverage_markdown(tracking, reports.MODEL_TITLES)])
+    figures = {"tracking_clips": tracking["clips"], "tracks": tracking["coverage"][FINETUNED]["tracks"]}
+    for model in (BASELINE, FINETUNED):
+        coverage = tracking["coverage"][model]
+        figures.update({f"tracking_mota_{model}": tracking["figures"][model]["MOTA"],
+                        f"tracking_idf1_{model}": tracking["figures"][model]["IDF1"],
+                        f"track_coverage_mean_{model}": coverage["mean_coverage"],
+                        f"tracks_under_half_{model}": coverage["tracks_under_half"]})
+    return {"tracking": dg.MetadataValue.md(section),
+            **{k: dg.MetadataValue.null() if v is None else v for k, v in figures.items()}}
+
+
 def _inference_spec(spec: Tiling) -> dict:
     """How the tiled figures were made (`train_on_tiles` is the checkpoint's profile's `train_crop`)."""
     return {"tile_size": spec.tile_size, "overlap": spec.overlap, "whole_frame": spec.whole_frame}
@@ -155,13 +182,15 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                     f"intervals, the paired difference in points and a verdict, by object size, "
                     f"precision-recall curves, the confusion between classes and the worst frames, with "
                     f"COCO JSON and panels under `reports/{mode.name}/{{val view version}}/`; every frame's "
-                    f"matches in the `{mode.name}_eval_frames` table."
+                    f"matches in the `{mode.name}_eval_frames` table. On the view's frames of clips, both models' "
+                    "detections linked into tracks with BDD100K's MOTA and IDF1, and each track's coverage."
                     + (f" Both models also on {mode.tiling.tile_size} px full-resolution tiles, side by side with "
                        "the untiled figures (run config `tiling`, `tile_size`, `tile_overlap`)." if mode.tiling else ""),
     )
     def _report(context: dg.AssetExecutionContext, config: EvalReportConfig,
                 workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import comparison as evaluation, reports
+        from avperception_assets.tracking.tracker import TrackerSettings
 
         spec = config.resolve_tiling(mode)
         finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
@@ -179,11 +208,13 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         report = reports.write_report(
             workspace.layout.reports_dir_for(mode.name) / str(view["version"]), result, mode=mode.name, val_view=view,
             baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
-            eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None, frames=stored)
+            eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None, frames=stored,
+            tracker=TrackerSettings(config.track_min_iou, config.track_min_score, config.track_max_missed))
         table = reports.rows_markdown(report.rows)
         intervals = reports.intervals_markdown(report.data["intervals"])
         context.log.info(f"{mode.name} on {val_name}@{view['version']}: {report.data['verdict']}\n{intervals}\n\n{table}")
-        tiling_metadata = _tiling_metadata(report)
+        tiling_metadata, tracking_metadata = _tiling_metadata(report), _tracking_metadata(report, view)
+        context.log.info(f"{mode.name}, tracks on clips: {reports.tracks_markdown({mode.name: report.data}) or 'no clips'}")
         if tiling_metadata:
             context.log.info(f"{mode.name}, untiled and tiled ({reports.tiling_description(report.data['tiling']['spec'])})"
                              f":\n{tiling_metadata['tiling'].value}")
@@ -204,6 +235,7 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 **_figures(report),
                 **_tiled_figures(report),
                 **tiling_metadata,
+                **tracking_metadata,
                 "val_view": view["name"],
                 "val_view_version": view["version"],
                 "source_table_version": view["source_table_version"],

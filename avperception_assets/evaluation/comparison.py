@@ -20,7 +20,7 @@ from torch import Tensor
 from avperception_assets.model import loader
 from avperception_assets.storage import tables as storage
 from avperception_assets.model.detections import coco_category_names, compute_metrics, mode_class_ids, predict
-from avperception_assets.evaluation import frame_errors
+from avperception_assets.evaluation import frame_errors, tracks
 from avperception_assets.evaluation.frame_errors import FrameErrors, match_frame
 from avperception_assets.storage.pixels import PixelReader
 
@@ -58,6 +58,7 @@ class Evaluation:
     frame_errors: dict[str, list[FrameErrors]] = field(default_factory=dict)  # per model, in frame order
     worst_frames: list[PanelFrame] = field(default_factory=list)  # the fine-tuned model's, worst first
     seconds: dict[str, float] = field(default_factory=dict)  # per model: wall time of its inference alone
+    clips: pa.Table | None = None  # the frames of clips and their tracks (`tracks.clip_rows`); None: none
 
     def seconds_per_frame(self, model: str) -> float:
         return self.seconds[model] / len(self.image_ids)
@@ -173,8 +174,8 @@ def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module
                   version: int | None = None, batch_size: int = 8, panel_count: int = 3,
                   worst_count: int = 3) -> tuple[Evaluation, dict]:
     """Evaluate the baseline and fine-tuned models on a val view pinned to one version; returns the
-    evaluation and what was evaluated on (the view's name, version and the frames-table version
-    it reflects)."""
+    evaluation, with the view's frames of clips, and what was evaluated on (the view's name,
+    version and the frames-table version it reflects)."""
     missing = {BASELINE, FINETUNED} - set(models)
     if missing:
         raise ValueError(f"models must include {sorted(missing)}")
@@ -182,6 +183,7 @@ def evaluate_view(uri: str, view_name: str, models: Mapping[str, torch.nn.Module
     source_table, source_version = storage.source_table_version(uri, view.name, view.version)
     batches = view_batches(uri, view.name, view.version, batch_size=batch_size)
     result = evaluate(models, batches, classes=classes, panel_count=panel_count, worst_count=worst_count)
+    result.clips = tracks.clip_rows(uri, view.name, view.version)
     val_view = {"name": view.name, "version": view.version, "uri": uri,
                 "source_table": source_table, "source_table_version": source_version}
     return result, val_view

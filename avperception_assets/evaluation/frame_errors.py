@@ -156,6 +156,13 @@ def _outcome(matched: bool, ignored: bool, hit: str, miss: str) -> str:
     return IGNORED if ignored else hit if matched else miss
 
 
+def ground_truth_order(labels: Sequence[int]) -> list[int]:
+    """The target index of each ground-truth box of `match_frame`'s `boxes`, in their order:
+    class by class (ascending COCO id), in target order within a class. It ties a stored box back
+    to the frame's own boxes (and their track ids)."""
+    return [int(i) for i in np.argsort(np.asarray(labels, dtype=np.int64), kind="stable")]
+
+
 def match_frame(prediction: Mapping[str, Tensor], target: Mapping[str, Tensor], names: Sequence[str]) -> FrameErrors:
     """Every box of one frame with its outcome at IoU 0.5 and whether it matched (and was
     ignored) at each of IOU_THRESHOLDS, and the counts per class at IoU 0.5. `match` of a box is

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 from torch import Tensor
 
-from avperception_assets.evaluation import base_report, bootstrap, frame_errors
+from avperception_assets.evaluation import base_report, bootstrap, frame_errors, tracks
 from avperception_assets.evaluation.comparison import BASELINE, FINETUNED, Evaluation, PanelFrame, frame_rows, tiled_name
 from avperception_assets.formats import coco
 from avperception_assets.model.detections import METRIC_BACKEND, SIZES, coco_category_names
+from avperception_assets.tracking.tracker import TrackerSettings
 
 MODEL_TITLES = {BASELINE: "baseline", FINETUNED: "fine-tuned"}
 COLORS = {"ground truth": "green", BASELINE: "red", FINETUNED: "blue"}
@@ -435,9 +436,19 @@ def _tiling_data(out_dir: Path, evaluation: Evaluation, tiled: Evaluation | None
             "files": {f"{k}_predictions": v for k, v in TILED_PREDICTIONS_FILES.items()}}
 
 
+def _tracking_data(out_dir: Path, evaluation: Evaluation, frames: pa.Table, tracker: TrackerSettings) -> dict | None:
+    """Both models' tracks on the val view's clips and the coverage of the mode's tracks
+    (`tracks.write_tracking`); None when the view has no frame of a clip."""
+    clips = None if evaluation.clips is None else tracks.clips_of(evaluation.clips, evaluation.image_ids)
+    return tracks.write_tracking(out_dir, clips, image_sizes=evaluation.sizes,
+                                 predictions={model: evaluation.predictions[model] for model in (BASELINE, FINETUNED)},
+                                 frames=frames, classes=evaluation.classes, worst_by=FINETUNED, settings=tracker)
+
+
 def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: Mapping, baseline: Mapping, finetuned: Mapping,
                  score_threshold: float = 0.5, eval_frames: Mapping | None = None, tiled: Evaluation | None = None,
-                 tiling: Mapping | None = None, frames: pa.Table | None = None) -> Report:
+                 tiling: Mapping | None = None, frames: pa.Table | None = None,
+                 tracker: TrackerSettings = TrackerSettings()) -> Report:
     """Write COCO JSON (ground truth + both models), panels, the precision-recall curves, the
     bootstrap intervals and their plot, report.json and report.md.
 
@@ -447,18 +458,22 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
     its rows as stored, from which the intervals are computed (default: the rows this
     evaluation makes, `comparison.frame_rows`). `tiled`, the same frames evaluated with tiled
     inference as `tiling` describes it (tile_size, overlap, whole_frame), adds a table of both
-    models untiled and tiled. Rewrites the folder's files, so re-running for the same view
-    version is safe.
+    models untiled and tiled. Where the evaluation has frames of clips, both models' detections
+    are linked into tracks by `tracker` and scored against the clips' tracks, with the coverage
+    of each track of the mode's classes (`tracks`; report.json's `tracking`, None without clips).
+    Rewrites the folder's files, so re-running for the same view version is safe.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"ground_truth": GROUND_TRUTH_FILE, **{f"{k}_predictions": v for k, v in PREDICTIONS_FILES.items()}}
-    intervals = report_intervals(frame_rows(evaluation, tiled) if frames is None else frames, evaluation.class_ids)
+    frames = frame_rows(evaluation, tiled) if frames is None else frames
+    intervals = report_intervals(frames, evaluation.class_ids)
     verdict = bootstrap.verdict(intervals[DELTA][bootstrap.VERDICT_METRIC])
     coco_ground_truth(evaluation).write(out_dir / GROUND_TRUTH_FILE)
     for name, filename in PREDICTIONS_FILES.items():
         (out_dir / filename).write_text(json.dumps(coco_detections(evaluation.predictions[name])))
     tiling_data = _tiling_data(out_dir, evaluation, tiled, tiling)
+    tracking = _tracking_data(out_dir, evaluation, frames, tracker)
     panels, worst = _write_pictures(out_dir, evaluation, score_threshold)
     draw_intervals(intervals, verdict, mode).savefig(out_dir / INTERVALS_FILE, format="png")
     rows = metric_rows(evaluation.metrics[BASELINE], evaluation.metrics[FINETUNED])
@@ -477,6 +492,7 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
         "metrics": evaluation.metrics,
         "seconds_per_frame": {model: evaluation.seconds_per_frame(model) for model in (BASELINE, FINETUNED)},
         "tiling": tiling_data,
+        "tracking": tracking,
         "intervals": intervals,
         "verdict": verdict,
         "delta_points": {row["metric"]: row["delta_points"] for row in rows},
@@ -496,6 +512,10 @@ def write_report(out_dir: Path, evaluation: Evaluation, *, mode: str, val_view: 
                                 f"{bootstrap.BETTER} above 0, {bootstrap.WORSE} below 0, "
                                 f"otherwise {bootstrap.NO_DIFFERENCE}",
                      "delta": "fine-tuned − baseline in points (AP x 100)",
+                     "tracking": "on the val view's frames of clips: each model's detections linked into tracks "
+                                 "(tracking.tracker), BDD100K box_track figures in percent (tracking.metrics) in the "
+                                 "detector's label space; per-track coverage of the mode's classes from the frame "
+                                 f"matches at IoU {frame_errors.IOU_THRESHOLD}",
                      "panel_score_threshold": score_threshold},
         "files": {**files, "panels": [str(p.relative_to(out_dir)) for p in panels], "pr_curves": PR_CURVES_FILE,
                   "intervals": INTERVALS_FILE},
@@ -526,6 +546,42 @@ def _tiling_section(data: Mapping) -> list[str]:
             tiling_markdown(tiling["rows"]), ""]
 
 
+def tracking_description(tracking: Mapping) -> str:
+    """How the tracks were made and scored, in one paragraph."""
+    tracker, files = tracking["tracker"], tracking["files"]
+    return (f"{tracking['clips']} clip(s), {tracking['frames']} frame(s) of the val view. Each model's detections "
+            f"scoring at least {tracker['min_score']} are linked frame to frame (IoU at least {tracker['min_iou']} "
+            f"with a track's last box, an optimal assignment per class, a track kept through {tracker['max_missed']} "
+            "missed frames) and scored against the clips' ground-truth tracks with BDD100K's box_track figures "
+            "(ratios in percent), in the detector's label space: COCO person counts BDD pedestrians and riders "
+            "alike, as pedestrian. To re-run: `python -m avperception_assets.tracking evaluate --gt "
+            f"{files['ground_truth']} --pred {files[FINETUNED]}`.")
+
+
+def coverage_description(data: Mapping) -> str:
+    return (f"Coverage of each ground-truth track of {', '.join(data['classes'])}: the share of its frames in "
+            f"which the model found it (matched at IoU {frame_errors.IOU_THRESHOLD}, as the frame errors), and its "
+            f"longest run of missed frames; crowd regions are no tracks. The {tracks.WORST_TRACKS} worst tracks of "
+            "the fine-tuned model:")
+
+
+def _tracking_files(data: Mapping) -> list[str]:
+    if not data.get("tracking"):
+        return []
+    files = data["tracking"]["files"]
+    return [f"- clips' ground-truth tracks: `{files['ground_truth']}` (BDD100K MOT)",
+            *(f"- {title} tracks: `{files[model]}` (BDD100K MOT)" for model, title in MODEL_TITLES.items())]
+
+
+def _tracking_section(data: Mapping) -> list[str]:
+    tracking = data.get("tracking")
+    if not tracking:
+        return []
+    return ["## Tracks on clips", "", tracking_description(tracking), "",
+            tracks.figures_markdown(tracking, MODEL_TITLES), "", coverage_description(data), "",
+            tracks.coverage_markdown(tracking, MODEL_TITLES), ""]
+
+
 def report_markdown(data: Mapping) -> str:
     """report.md: the tables, what was evaluated, and the pictures (as relative links)."""
     view, frames = data["val_view"], data.get("eval_frames") or {}
@@ -554,6 +610,7 @@ def report_markdown(data: Mapping) -> str:
         "the parentheses name the mode's classes it stands for.",
         "",
         *_tiling_section(data),
+        *_tracking_section(data),
         "## By object size",
         rows_markdown(data["size_rows"]),
         "",
@@ -575,6 +632,7 @@ def report_markdown(data: Mapping) -> str:
               f"- ground truth: `{data['files']['ground_truth']}` (COCO dataset)",
               *[f"- {MODEL_TITLES[k]} predictions: `{v}` (COCO results)"
                 for k, v in PREDICTIONS_FILES.items()],
+              *_tracking_files(data),
               "", "## Panels", "Ground truth green · baseline red · fine-tuned blue", ""]
     lines += [f"![{Path(p).stem}]({p})" for p in data["files"]["panels"]]
     return "\n".join(lines) + "\n"
@@ -601,10 +659,30 @@ def verdicts_markdown(reports: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
+def tracks_markdown(reports: Mapping[str, Mapping]) -> str:
+    """One line per failure mode whose val view has clips: both models' MOTA and IDF1 (all tracked
+    classes) and their coverage of the mode's tracks; empty when no mode has clips."""
+    with_clips = {mode: data for mode, data in reports.items() if data.get("tracking")}
+    if not with_clips:
+        return ""
+    lines = ["| failure mode (clips) | clips | tracks | MOTA | IDF1 | mean track coverage | tracks found in under half "
+             "their frames |", "|---|---:|---:|---:|---:|---:|---:|"]
+    models = (BASELINE, FINETUNED)
+    for mode, data in with_clips.items():
+        figures, coverage = data["tracking"]["figures"], data["tracking"]["coverage"]
+        cells = [" → ".join(tracks.fmt(figures[m][key]) for m in models) for key in ("MOTA", "IDF1")]
+        cells += [" → ".join(tracks.share(coverage[m]["mean_coverage"]) for m in models),
+                  " → ".join(str(coverage[m]["tracks_under_half"]) for m in models)]
+        lines.append(f"| {mode} | {data['tracking']['clips']} | {coverage[FINETUNED]['tracks']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "Baseline → fine-tuned; MOTA and IDF1 in percent."])
+
+
 def summary_markdown(reports: Mapping[str, Mapping]) -> str:
-    """The verdicts with their intervals, then one table over every failure mode: metric,
-    baseline, fine-tuned, Δ in points."""
-    lines = [verdicts_markdown(reports), "",
+    """The verdicts with their intervals, the tracking figures of the modes with clips, then one
+    table over every failure mode: metric, baseline, fine-tuned, Δ in points."""
+    tracked = tracks_markdown(reports)
+    lines = [verdicts_markdown(reports), "", *([tracked, ""] if tracked else []),
              "| failure mode | metric | baseline | fine-tuned | Δ (points) |", "|---|---|---:|---:|---:|"]
     for row in summary_rows(reports):
         lines.append(f"| {row['mode']} | {row['metric']} | {_fmt(row['baseline'])} | "
@@ -622,7 +700,8 @@ def write_summary(out_dir: Path, reports: Mapping[str, Mapping], base: Mapping |
     md_path, json_path = out_dir / "summary.md", out_dir / "summary.json"
     md_path.write_text("# Failure modes: baseline vs fine-tuned\n\n" + markdown + "\n")
     sources = {mode: {"val_view": data["val_view"], "models": data["models"], "report_dir": data["report_dir"],
-                      "verdict": data["verdict"], "intervals": data["intervals"]} for mode, data in reports.items()}
+                      "verdict": data["verdict"], "intervals": data["intervals"],
+                      "tracking": tracks.headline(data.get("tracking"))} for mode, data in reports.items()}
     base_figures = base and {key: base[key] for key in ("frames_table", "report_dir", "outside", "modes")}
     json_path.write_text(json.dumps(_json_safe({
         "generated_at": datetime.now(timezone.utc).isoformat(),

@@ -253,16 +253,20 @@ def _next_batches(offsets: tuple[int, ...], length: int, count: int) -> list[tup
     return batches
 
 
-def coco_target(categories, boxes, width: int, height: int, crowd=None, *, ignore_regions: bool = True) -> dict:
-    """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame. Boxes `crowd` flags
-    (None: no flags) are ignore regions: `iscrowd` 1 in the target (which has `iscrowd` only when
-    the frame has one), or left out with `ignore_regions` False (a training target)."""
-    import torch
+class TargetBox(NamedTuple):
+    index: int  # the box's position in the frame's `ann_*` lists
+    label: int  # COCO id
+    box: list[float]  # x1, y1, x2, y2, clipped to the frame
+    crowd: bool
 
+
+def target_boxes(categories, boxes, width: int, height: int, crowd=None, *,
+                 ignore_regions: bool = True) -> list[TargetBox]:
+    """The boxes of one frame that its target keeps, in the target's order (`coco_target`)."""
     boxes = boxes or []
     crowd = crowd or [False] * len(boxes)
-    kept_boxes, labels, kept_crowd = [], [], []
-    for category, box, is_crowd in zip(categories or [], boxes, crowd):
+    kept = []
+    for index, (category, box, is_crowd) in enumerate(zip(categories or [], boxes, crowd)):
         label = COCO_IDS.get(category)
         if label is None or box is None or len(box) != 4 or (is_crowd and not ignore_regions):
             continue
@@ -271,9 +275,18 @@ def coco_target(categories, boxes, width: int, height: int, crowd=None, *, ignor
         y1, y2 = max(0.0, min(y1, height)), max(0.0, min(y2, height))
         if x2 - x1 < 1.0 or y2 - y1 < 1.0:
             continue
-        kept_boxes.append([x1, y1, x2, y2])
-        labels.append(label)
-        kept_crowd.append(int(bool(is_crowd)))
+        kept.append(TargetBox(index, label, [x1, y1, x2, y2], bool(is_crowd)))
+    return kept
+
+
+def coco_target(categories, boxes, width: int, height: int, crowd=None, *, ignore_regions: bool = True) -> dict:
+    """COCO-id labels and clipped, non-degenerate xyxy boxes for one frame. Boxes `crowd` flags
+    (None: no flags) are ignore regions: `iscrowd` 1 in the target (which has `iscrowd` only when
+    the frame has one), or left out with `ignore_regions` False (a training target)."""
+    import torch
+
+    kept = target_boxes(categories, boxes, width, height, crowd, ignore_regions=ignore_regions)
+    kept_boxes, labels, kept_crowd = [k.box for k in kept], [k.label for k in kept], [int(k.crowd) for k in kept]
     target = {
         "boxes": torch.tensor(kept_boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
