@@ -169,7 +169,7 @@ class CoverageStats:
 def new_clips(table) -> list[str]:
     """Clips with a frame whose coverage is not computed yet: a batch's new footage (and a clip a
     later batch extended). Reads the filter's columns, never the frames' pixels."""
-    rows = table.to_lance().to_table(columns=["clip_id"], filter=f"{CLIP_FRAMES} AND {MODEL_COLUMN} IS NULL")
+    rows = ensure_columns(table).to_lance().to_table(columns=["clip_id"], filter=f"{CLIP_FRAMES} AND {MODEL_COLUMN} IS NULL")
     return sorted(set(rows["clip_id"].to_pylist()))
 
 
