@@ -32,6 +32,13 @@ def _prediction(boxes, labels, scores) -> dict:
             "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores, dtype=torch.float32)}
 
 
+def test_the_columns_name_the_classes_mot_tracks_and_frame_errors_threshold():
+    from avperception_assets.evaluation.frame_errors import CONFIDENT
+    from avperception_assets.tracking.metrics import CLASSES
+
+    assert coverage.TRACK_CLASSES == CLASSES and coverage.SCORE_THRESHOLD == CONFIDENT
+
+
 def test_a_box_is_found_by_a_confident_detection_of_its_class_at_iou_half():
     boxes = [[0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100], [0, 200, 100, 300], [200, 200, 300, 300]]
     categories = ["pedestrian", "car", "pedestrian", "rider", "car"]

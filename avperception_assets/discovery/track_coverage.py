@@ -47,7 +47,9 @@ MIN_COVERAGE_TYPE = pa.struct([(name, pa.float32()) for name in TRACK_CLASSES])
 FIELDS = (pa.field(ANN_TRACK_COVERAGE, pa.list_(pa.float32())), pa.field(MIN_TRACK_COVERAGE, MIN_COVERAGE_TYPE),
           pa.field(MODEL_COLUMN, pa.string()))
 COLUMNS = tuple(f.name for f in FIELDS)
-IOU = 0.5  # the matching threshold (frame_errors' first)
+# A box counts as found from this score on: `frame_errors.CONFIDENT` (under it a true positive is
+# weak), named here so that definitions load without torch (which frame_errors imports).
+SCORE_THRESHOLD = 0.5
 
 # A clip frame counts when it has a position in its clip; 100k detection images carry their
 # video's clip id but no position and no tracks.
