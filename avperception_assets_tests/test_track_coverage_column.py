@@ -179,3 +179,21 @@ def test_a_track_coverage_mode_selects_the_frames_of_lost_tracks_in_real_views(t
         assert slices.check_view(conn, LOST_PEDESTRIAN, split).passed
     assert sum(s.row_count for s in stats.values()) == len([r for r in rows if r["image_id"] in lost
                                                             and (r["split"] == "val" or r["is_duplicate"] is False)])
+
+
+@pytest.mark.dagster_run
+def test_a_footage_run_before_any_base_detector_records_no_coverage_and_goes_on(tmp_path):
+    import dagster as dg
+
+    from avperception_assets.defs.resources import WorkspaceResource
+    from avperception_assets.defs.track_coverage_assets import build_track_coverage_defs
+
+    _, table = _land(tmp_path, "c1", 1, seed=3)
+    [asset] = build_track_coverage_defs([LOST_PEDESTRIAN]).assets
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([asset], instance=instance,
+                                resources={"workspace": WorkspaceResource(data_location=str(tmp_path))})
+    [event] = result.asset_materializations_for_node("track_coverage")
+    assert event.metadata["clips_computed"].value == 0 and "no base_detector" in event.metadata["note"].value
+    table.checkout_latest()
+    assert coverage.new_clips(table) == sorted({r["clip_id"] for r in _rows(table)})  # all still to compute
