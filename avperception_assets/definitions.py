@@ -7,7 +7,7 @@ from avperception_assets import patches
 
 patches.apply_at_startup()  # the code location's entry point: before the stages import lancedb and geneva
 
-from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, training_assets  # noqa: E402
+from avperception_assets.defs import audit_jobs, curation_assets, deployment_assets, evaluation_assets, export_jobs, ingest_assets, maintenance_assets, run_recovery, search_jobs, sensors, slice_assets, track_coverage_assets, training_assets  # noqa: E402
 from avperception_assets.defs.modes import location_modes  # noqa: E402
 from avperception_assets.defs.resources import WorkspaceResource  # noqa: E402
 from avperception_assets.workspace import Workspace  # noqa: E402
@@ -23,6 +23,7 @@ def build_definitions(modes, workspace: Workspace | None = None) -> dg.Definitio
         slice_assets.build_slice_defs(modes),
         maintenance_assets.build_maintenance_defs(modes),
         training_assets.build_training_defs(modes),
+        track_coverage_assets.build_track_coverage_defs(modes),
         evaluation_assets.build_evaluation_defs(modes),
         evaluation_assets.build_base_report_defs(modes),
         deployment_assets.build_deployment_defs(modes),

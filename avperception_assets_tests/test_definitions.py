@@ -20,6 +20,7 @@ COLUMNS = ("has_person", "has_rider", "num_persons", "scene_description", "perso
 MODE_COLUMNS = {"rider": {"has_rider"}, "nighttime_person": {"has_person"},
                 "distant_person": {"has_person", "person_bbox_area_pct"}}
 CROWD = FailureMode("crowded_night", "timeofday = 'night' AND num_persons >= 3", ("pedestrian",))
+LOST_PEDESTRIAN = FailureMode("lost_pedestrian", "", ("pedestrian",), track_coverage_below=0.5)
 LOOKALIKES = FailureMode("night_lookalikes", "timeofday = 'night'", ("pedestrian",), exemplars=("frame-1",),
                          max_distance=0.3)
 
@@ -137,6 +138,24 @@ def test_a_mode_defined_by_example_adds_its_distance_column():
     assert parents["bdd100k_night_lookalikes_val"] == {"raw_frames", "night_lookalikes_distance", "dhash",
                                                        "table_maintenance"}
     assert "night_lookalikes_distance" in parents["table_maintenance"]  # maintained before its views refresh
+
+
+def test_a_mode_defined_by_track_coverage_adds_the_coverage_asset_and_its_job():
+    assert "track_coverage" not in _parents(defs)  # no mode reads it: no run pays for the detector pass
+    grown = build_definitions([*default_failure_modes(), LOST_PEDESTRIAN])
+    dg.Definitions.validate_loadable(grown)
+    parents, groups = _parents(grown), _groups(grown)
+    assert set(parents) - set(_parents(defs)) == {
+        "track_coverage", "bdd100k_lost_pedestrian_train", "bdd100k_lost_pedestrian_val",
+        "lost_pedestrian_checkpoint", "lost_pedestrian_eval_report", "lost_pedestrian_onnx_model"}
+    assert parents["track_coverage"] == {"raw_frames", "base_detector"} and groups["track_coverage"] == "curation"
+    assert parents["bdd100k_lost_pedestrian_val"] == {"raw_frames", "track_coverage", "dhash", "table_maintenance"}
+    assert "track_coverage" not in parents["bdd100k_rider_val"]
+    job = grown.resolve_job_def("track_coverage_refresh")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
+        "track_coverage", "bdd100k_lost_pedestrian_train", "bdd100k_lost_pedestrian_val"}
+    [pool] = {a.op.pool for a in grown.assets if a.node_def.name == "track_coverage"}
+    assert pool == "lancedb_writes"
 
 
 def _write_user_modes(data_dir, text: str) -> None:

@@ -103,6 +103,61 @@ max_distance = 0.3
     assert mode.exemplars == ("frame-1", "frame-2") and mode.where == "like_these_distance <= 0.3"
 
 
+# The registry docs' example of a mode defined by track behaviour (default.toml's comment).
+LOST_PEDESTRIANS = '''
+[modes.lost_pedestrian]
+description = "Pedestrians the base detector finds in under half of their track's frames."
+classes = ["pedestrian"]
+track_coverage_below = 0.5
+'''
+
+
+def test_a_mode_defined_by_track_coverage_needs_no_filter(tmp_path):
+    [*_, lost] = _load(tmp_path, LOST_PEDESTRIANS)
+    assert lost.where == "(min_track_coverage.pedestrian < 0.5)"
+    assert lost.track_columns == lost.columns == ("min_track_coverage",)
+
+
+def test_track_coverage_joins_the_filter_for_each_class(tmp_path):
+    [*_, mode] = _load(tmp_path, '''
+[modes.lost_at_night]
+filter = "timeofday = 'night'"
+classes = ["rider", "bicycle"]
+track_coverage_below = 0.25
+''')
+    assert mode.where == ("(min_track_coverage.rider < 0.25 OR min_track_coverage.bicycle < 0.25) "
+                          "AND (timeofday = 'night')")
+    assert set(mode.columns) == {"timeofday", "min_track_coverage"} and mode.curation_columns == ()
+
+
+def test_a_filter_may_read_the_coverage_columns_itself(tmp_path):
+    [*_, mode] = _load(tmp_path, '''
+[modes.any_lost_box]
+filter = "array_min(ann_track_coverage) < 0.2"
+classes = ["car"]
+''')
+    assert mode.track_columns == ("ann_track_coverage",)
+
+
+@pytest.mark.parametrize("table, says", [
+    (LOST_PEDESTRIANS.replace("0.5", "0"), "'lost_pedestrian', field 'track_coverage_below': must be a share of "
+                                           "a track's frames in \\(0, 1\\], got 0"),
+    (LOST_PEDESTRIANS.replace("0.5", "1.5"), "'lost_pedestrian', field 'track_coverage_below': must be a share"),
+    (LOST_PEDESTRIANS.replace("0.5", "'half'"), "'lost_pedestrian', field 'track_coverage_below': must be a number"),
+    (LOST_PEDESTRIANS.replace("0.5", "true"), "'lost_pedestrian', field 'track_coverage_below': must be a number"),
+    (LOST_PEDESTRIANS.replace('["pedestrian"]', '["pedestrian", "traffic light"]'),
+     "'lost_pedestrian', field 'track_coverage_below': needs classes that BDD100K MOT tracks .*"
+     "\\['traffic light'\\] have no tracks"),
+    (LOST_PEDESTRIANS.replace('classes = ["pedestrian"]', ""),
+     "'lost_pedestrian', field 'classes': missing required field"),
+    (LOST_PEDESTRIANS + "filter = \"min_track_coverage.pedestrain < 0.5\"\n",
+     "'lost_pedestrian', field 'filter': invalid filter .*pedestrain not found"),
+])
+def test_a_bad_track_coverage_mode_is_an_error_naming_the_field(tmp_path, table, says):
+    message = _error(tmp_path, table)
+    assert re.search(f"failure mode {says}", message), message
+
+
 @pytest.mark.parametrize("table, says", [
     (RIDER_TABLE + 'clases = ["rider"]\n', "'night_rider', field 'clases': unknown field"),
     (RIDER_TABLE + "min_input_size = '448'\n", "'night_rider', field 'min_input_size': must be an integer"),

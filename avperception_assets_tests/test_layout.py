@@ -92,7 +92,7 @@ ALLOWED: dict[str, set[str]] = {
     "ingest": {"formats", "storage"},
     "model": {"formats", "storage"},
     "evaluation": {"tracking", "model", "formats", "storage"},
-    "discovery": {"evaluation", "model", "formats", "storage", "cluster"},
+    "discovery": {"evaluation", "model", "tracking", "formats", "storage", "cluster"},
     "failure_modes": {"discovery", "formats", "storage"},
     "curation": {"failure_modes", "discovery", "model", "formats", "storage", "cluster", "patches"},
     "slices": {"failure_modes", "discovery", "model", "formats", "storage", "cluster", "patches"},

@@ -33,6 +33,7 @@ BASE_DETECTOR = dg.AssetKey("base_detector")
 BASE_DETECTOR_REPORT = dg.AssetKey("base_detector_report")
 FAILURE_MODE_SUMMARY = dg.AssetKey("failure_mode_summary")
 TABLE_MAINTENANCE = dg.AssetKey("table_maintenance")
+TRACK_COVERAGE = dg.AssetKey("track_coverage")  # the base detector's coverage of each clip's tracks
 
 
 def _mode_name(mode: FailureMode | str) -> str:

@@ -11,17 +11,19 @@ import dagster as dg
 
 from avperception_assets.slices import views as slices
 from avperception_assets.failure_modes.registry import CURATION_COLUMNS, FailureMode, check_registry
-from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, column_key, view_key
+from avperception_assets.defs.names import FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, SLICES, TABLE_MAINTENANCE, TRACK_COVERAGE, column_key, view_key
 from avperception_assets.defs.resources import WorkspaceResource
 
 CHECK_NAME = "row_count_matches_source"
 
 
 def view_deps(mode: FailureMode, split: str) -> list[dg.AssetKey]:
-    """raw_frames, the curation columns the view's filter reads, and table_maintenance (which
-    runs before the refresh, so the view reflects the maintained version)."""
+    """raw_frames, the curation columns the view's filter reads, track_coverage when it reads the
+    base detector's track coverage, and table_maintenance (which runs before the refresh, so the
+    view reflects the maintained version)."""
     curation_columns = [c for c in slices.view_columns(mode, split) if c in CURATION_COLUMNS or c == mode.distance_column]
-    return [RAW_FRAMES, *(column_key(c) for c in curation_columns), TABLE_MAINTENANCE]
+    coverage = [TRACK_COVERAGE] if mode.track_columns else []
+    return [RAW_FRAMES, *(column_key(c) for c in curation_columns), *coverage, TABLE_MAINTENANCE]
 
 
 def _spec(mode: FailureMode, split: str) -> dg.AssetSpec:

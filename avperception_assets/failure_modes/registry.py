@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from avperception_assets.discovery import embeddings
-from avperception_assets.formats.taxonomy import CLASSES
+from avperception_assets.discovery import embeddings, track_coverage
+from avperception_assets.formats.taxonomy import CLASSES, TRACK_CLASSES
 from avperception_assets.storage.tables import FRAMES_SCHEMA
 
 # Types of the curation columns (avperception_assets.curation writes them; names must match
@@ -42,7 +42,9 @@ CURATION_FIELDS = (
     pa.field("embedding", pa.list_(pa.float32())),  # fixed-size in the table; its size is the model's
     pa.field("uniqueness", pa.float32()),
 )
-FILTER_SCHEMA = pa.schema(list(FRAMES_SCHEMA) + list(CURATION_FIELDS))
+# The base detector's track coverage (`discovery.track_coverage`): its own asset, not a curation column.
+TRACK_COVERAGE_COLUMNS = track_coverage.COLUMNS
+FILTER_SCHEMA = pa.schema(list(FRAMES_SCHEMA) + list(CURATION_FIELDS) + list(track_coverage.FIELDS))
 CURATION_COLUMNS = tuple(f.name for f in CURATION_FIELDS)
 
 DISTANCE_SUFFIX = "_distance"  # column of a mode defined by example: `<name>_distance`
@@ -100,7 +102,8 @@ def validate_filter(mode_name: str, sql: str, schema: pa.Schema = FILTER_SCHEMA)
         else _filter_error(sql, None if schema is FILTER_SCHEMA else schema)
     if error is not None:
         raise _field_error(mode_name, "filter", f"invalid filter {sql!r}: {error}. Filters may use the frames "
-                                                f"columns and the curation columns {', '.join(CURATION_COLUMNS)}.")
+                                                f"columns, the curation columns {', '.join(CURATION_COLUMNS)} and the "
+                                                f"base detector's track coverage {', '.join(TRACK_COVERAGE_COLUMNS)}.")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,14 @@ class FailureMode:
     the cosine distance from the nearest exemplar within which a frame belongs. Curation then
     fills a column `<name>_distance` from each frame's embedding, and the slice filters on it,
     so its views refresh incrementally like any other.
+
+    A mode may be defined by track behaviour: with `track_coverage_below`, it keeps the frames
+    showing an object of its classes whose track the BASE detector (`base_detector`, the
+    checkpoint its latest materialization records) finds in under that share of the track's
+    frames, e.g. 0.5 for pedestrians found in under half of their frames. The coverage is
+    computed on the frames of each footage batch's new clips (`track_coverage` asset) and over
+    every clip by the `track_coverage_refresh` job after the base changed; frames that are not
+    a position in a clip have none and never qualify.
     """
 
     name: str
@@ -147,6 +158,7 @@ class FailureMode:
     exemplars: tuple[str, ...] = ()
     text_query: str | None = None
     max_distance: float | None = None
+    track_coverage_below: float | None = None
     where: str = field(init=False)  # the slice's SQL: the filter and, by example, the distance (derived)
     columns: tuple[str, ...] = field(init=False)  # what `where` reads (derived)
 
@@ -168,13 +180,18 @@ class FailureMode:
             raise FailureModeError(f"failure mode {self.name!r}: the name is the base detector's own "
                                    f"(reserved: {', '.join(sorted(RESERVED_NAMES))})")
         self._check_settings()
-        schema = FILTER_SCHEMA
-        where = self.filter
+        schema, clauses = FILTER_SCHEMA, []
         if self.by_example:
             self._check_example()
             schema = FILTER_SCHEMA.append(pa.field(self.distance_column, pa.float32()))
-            clause = f"{self.distance_column} <= {float(self.max_distance)!r}"
-            where = f"{clause} AND ({self.filter})" if self.filter.strip() else clause
+            clauses.append(f"{self.distance_column} <= {float(self.max_distance)!r}")
+        if self.track_coverage_below is not None:
+            clauses.append(self._track_clause())
+        if not clauses and not (isinstance(self.filter, str) and self.filter.strip()):
+            validate_filter(self.name, self.filter, schema)  # names the missing filter
+        # A filter alone stays as written: a view whose filter text changes is recreated.
+        where = " AND ".join(clauses + [f"({self.filter})"]) if clauses and self.filter.strip() \
+            else " AND ".join(clauses) or self.filter
         validate_filter(self.name, where, schema)
         object.__setattr__(self, "where", where)
         object.__setattr__(self, "columns", filter_columns(where, schema))
@@ -202,6 +219,26 @@ class FailureMode:
         if isinstance(self.max_distance, bool) or not isinstance(self.max_distance, (int, float)) \
                 or not 0 < self.max_distance <= 2:
             raise _field_error(self.name, "max_distance", f"must be a cosine distance in (0, 2], got {self.max_distance!r}")
+
+    def _track_clause(self) -> str:
+        """The frames showing a track of the mode's classes found in under `track_coverage_below`
+        of its frames."""
+        value = self.track_coverage_below
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise _field_error(self.name, "track_coverage_below",
+                               f"must be a share of a track's frames in (0, 1], got {value!r}")
+        untracked = [c for c in self.classes if c not in TRACK_CLASSES]
+        if untracked:
+            raise _field_error(self.name, "track_coverage_below",
+                               f"needs classes that BDD100K MOT tracks ({', '.join(TRACK_CLASSES)}); "
+                               f"{untracked} have no tracks")
+        column = track_coverage.MIN_TRACK_COVERAGE
+        return "(" + " OR ".join(f"{column}.{c} < {float(value)!r}" for c in self.classes) + ")"
+
+    @property
+    def track_columns(self) -> tuple[str, ...]:
+        """The base detector's track-coverage columns its slice reads (what its views wait for)."""
+        return tuple(c for c in self.columns if c in TRACK_COVERAGE_COLUMNS)
 
     @property
     def train_crop(self) -> int | None:
@@ -269,6 +306,7 @@ MODE_FIELDS = {
     "exemplars": (_strings, "a list of image ids"),
     "text_query": (_of(str), "a string"),
     "max_distance": (_of(int, float), "a number"),
+    "track_coverage_below": (_of(int, float), "a number (a share of a track's frames)"),
 }
 TILING_FIELDS = {
     "tile_size": (_of(int), "an integer (pixels)"),
@@ -294,7 +332,8 @@ def _check_fields(mode: str, table: dict, fields: dict, required: tuple[str, ...
 def _mode_from_toml(name: str, table: dict) -> FailureMode:
     """A FailureMode from its TOML table, every field checked."""
     by_example = "exemplars" in table or "text_query" in table
-    required = ("classes", "max_distance") if by_example else ("filter", "classes")
+    required = ("classes", "max_distance") if by_example else \
+        ("classes",) if "track_coverage_below" in table else ("filter", "classes")
     _check_fields(name, table, MODE_FIELDS, required)
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in table.items()}
     if "tiling" in values:

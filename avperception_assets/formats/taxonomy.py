@@ -29,6 +29,10 @@ NAME_MAPPING = {
     "trailer": "truck",
 }
 
+# The classes BDD100K's MOT labels track (box_track's eight; `tracking.metrics.CLASSES`, which a
+# test holds to this): traffic lights and signs have no tracks.
+TRACK_CLASSES = tuple(c for c in CLASSES if c not in ("traffic light", "traffic sign"))
+
 # The "ignored-as" classes: BDD100K's evaluations treat their boxes as ignore regions, like crowd
 # boxes (the box_track toolkit, `tracking.metrics`, and MOT ingest, `formats.mot`).
 IGNORED_AS = frozenset({"other person", "other vehicle", "trailer"})

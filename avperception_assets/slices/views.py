@@ -113,6 +113,16 @@ def _fragment_rows(view) -> dict[int, int]:
     return {fragment.fragment_id: fragment.count_rows() for fragment in view.to_lance().get_fragments()}
 
 
+def drop_views(conn, targets: Iterable[tuple[FailureMode, str]]) -> list[str]:
+    """Drop the views `targets` [(mode, split)] that exist, so that their next refresh creates them
+    anew (a new version history): for views whose rows were chosen by values since recomputed.
+    Returns the names dropped."""
+    dropped = [view_name(mode, split) for mode, split in targets if table_exists(conn, view_name(mode, split))]
+    for name in dropped:
+        conn.drop_table(name)
+    return dropped
+
+
 # --- refresh --------------------------------------------------------------------------
 
 

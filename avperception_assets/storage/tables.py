@@ -73,13 +73,44 @@ def open_frames(conn):
     return conn.open_table(FRAMES_TABLE)
 
 
-def rows_with(dataset, column: str, values, columns: list[str], chunk: int = 1000) -> pa.Table:
-    """The `columns` of the rows whose `column` is one of `values`, looked up `chunk` values at a
-    time (through the column's scalar index where maintenance built one): the cost follows the values."""
+def rows_with(dataset, column: str, values, columns: list[str], chunk: int = 1000, *, where: str | None = None,
+              with_row_address: bool = False) -> pa.Table:
+    """The `columns` of the rows whose `column` is one of `values` (and that `where` keeps), looked
+    up `chunk` values at a time (through the column's scalar index where maintenance built one):
+    the cost follows the values."""
     values = sorted(set(values))
-    parts = [dataset.to_table(columns=columns, filter=f"{column} IN ({sql_list(values[start:start + chunk])})")
+    parts = [dataset.to_table(columns=columns, with_row_address=with_row_address,
+                              filter=and_where(f"{column} IN ({sql_list(values[start:start + chunk])})", where))
              for start in range(0, len(values), chunk)]
-    return pa.concat_tables(parts) if parts else dataset.schema.empty_table().select(columns)
+    if parts:
+        return pa.concat_tables(parts)
+    empty = dataset.schema.empty_table().select(columns)
+    return empty.append_column("_rowaddr", pa.array([], pa.uint64())) if with_row_address else empty
+
+
+def update_in_place(table, key: str, rows: pa.Table) -> int:
+    """Write the other columns of `rows` into the rows of `table` whose `key` matches, in place:
+    each fragment holding such rows gains new data files for those columns alone, as a Geneva
+    backfill writes them, so rows keep their fragment, stable row id and every other column (no
+    pixels rewritten), and a view refresh sees their new values. One commit; returns the version."""
+    import lance
+
+    dataset = table.to_lance()
+    found = rows_with(dataset, key, rows[key].to_pylist(), [key], with_row_address=True)
+    fragment_ids = sorted({address >> 32 for address in found["_rowaddr"].to_pylist()})  # upper 32 bits
+    updated, fields, offsets = [], set(), {}
+    for fragment_id in fragment_ids:
+        metadata, modified, matched = dataset.get_fragment(fragment_id).update_columns(
+            rows, left_on=key, with_offsets=True)
+        updated.append(metadata)
+        fields.update(modified)
+        offsets[fragment_id] = matched
+    if updated:
+        operation = lance.LanceOperation.Update(updated_fragments=updated, fields_modified=sorted(fields),
+                                                update_mode="rewrite_columns", updated_fragment_offsets=offsets)
+        lance.LanceDataset.commit(dataset, operation, read_version=dataset.version)  # its storage options too
+    table.checkout_latest()
+    return table.version
 
 
 def rows_since(first_ingest_seq: int | None) -> str | None:
