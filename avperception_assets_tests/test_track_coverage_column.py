@@ -197,3 +197,36 @@ def test_a_footage_run_before_any_base_detector_records_no_coverage_and_goes_on(
     assert event.metadata["clips_computed"].value == 0 and "no base_detector" in event.metadata["note"].value
     table.checkout_latest()
     assert coverage.new_clips(table) == sorted({r["clip_id"] for r in _rows(table)})  # all still to compute
+
+
+@pytest.mark.dagster_run
+@pytest.mark.training
+def test_a_footage_run_after_base_detector_computes_coverage_with_that_base(tmp_path):
+    """The model path: the base detector of the latest base_detector materialization runs on the
+    clips' frames, and every clip frame records its coverage and which base computed it."""
+    import dagster as dg
+
+    from avperception_assets.defs import training_assets
+    from avperception_assets.defs.resources import WorkspaceResource
+    from avperception_assets.defs.track_coverage_assets import build_track_coverage_defs
+
+    from .conftest import TINY_TRAINING
+
+    _, table = _land(tmp_path, "c1", 2, seed=3)
+    [asset] = build_track_coverage_defs([LOST_PEDESTRIAN]).assets
+    resources = {"workspace": WorkspaceResource(data_location=str(tmp_path))}
+    with dg.instance_for_test() as instance:
+        dg.materialize([training_assets.base_detector], instance=instance, resources=resources,
+                       run_config={"ops": {"base_detector": {"config": TINY_TRAINING}}})
+        result = dg.materialize([asset], instance=instance, resources=resources)
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("track_coverage")[0].metadata.items()}
+    assert (metadata["clips_computed"], metadata["frames_computed"], metadata["rows_from_another_base"]) == (2, 12, 0)
+    table.checkout_latest()
+    rows = _rows(table)
+    key = {r["track_coverage_model"] for r in rows}
+    assert key == {coverage.model_key(metadata["base_digest"], 96, 160, coverage.SCORE_THRESHOLD)}
+    for row in rows:
+        values = row["ann_track_coverage"]
+        assert len(values) == len(row["ann_categories"])
+        assert all(v is None or 0.0 <= v <= 1.0 for v in values)
+    assert coverage.new_clips(table) == []
