@@ -148,7 +148,8 @@ def test_stride_draws_the_clip_frames_on_stride_and_every_other_frame(footage):
     rows = _frames(footage.uri)
     view = loader.pin_view(footage.uri, storage.FRAMES_TABLE)
     for step in (1, 2, 4):
-        drawn = loader.image_ids(loader.ViewRef(view.uri, view.name, view.version, draw=clip_draws.parse(f"stride:{step}")))
+        strided = loader.ViewRef(view.uri, view.name, view.version, draw=clip_draws.parse(f"stride:{step}"))
+        drawn = loader.image_ids(strided)
         assert set(drawn) == _expected(rows, lambda clip, index: index % step == 0) and len(drawn) == len(set(drawn))
     assert sum(r["clip_id"] is None for r in rows) == 4 and sum(r["clip_frame_index"] is None for r in rows) == 10
     # A stride reads no embedding: the first version has none.
@@ -175,7 +176,8 @@ def test_novelty_draws_what_moved_on_from_the_last_frame_drawn_of_the_clip(foota
     shuffled = [clip_rows[i] for i in order]
     keeps = draw.keeps([r["clip_id"] for r in shuffled], [r["clip_frame_index"] for r in shuffled],
                        np.array([vectors[r["image_id"]] for r in shuffled]))
-    assert {r["image_id"] for r, kept in zip(shuffled, keeps) if kept} == set(drawn) & {r["image_id"] for r in clip_rows}
+    clip_ids = {r["image_id"] for r in clip_rows}
+    assert {r["image_id"] for r, kept in zip(shuffled, keeps) if kept} == set(drawn) & clip_ids
 
     # A clip frame without its embedding is a clear error, not a silent keep.
     missing = {**vectors, clip_rows[0]["image_id"]: None}
@@ -200,7 +202,8 @@ def test_a_geneva_view_draws_by_the_frames_tables_embeddings(footage, tmp_path, 
     draw = clip_draws.parse(f"novelty:{NOVELTY}")
     assert clip_draws.EMBEDDING not in view.schema.names
     on_view = loader.image_ids(loader.ViewRef(footage.uri, "clips_train", pinned.version, draw=draw))
-    on_table = loader.image_ids(loader.ViewRef(footage.uri, storage.FRAMES_TABLE, version, "split = 'train'", draw=draw))
+    on_table = loader.image_ids(loader.ViewRef(footage.uri, storage.FRAMES_TABLE, version, "split = 'train'",
+                                               draw=draw))
     assert sorted(on_view) == sorted(on_table)
     assert set(on_view) == _expected(rows, lambda clip, index: index in DRAWN_BY_NOVELTY[clip])
 
@@ -211,9 +214,9 @@ def test_the_selection_share_is_never_drawn(footage):
     plain = Recipe.on(view, profile, selection_pct=SELECTION_PCT)
     strided = plain.replace(clip_draw="stride:4")
     assert loader.image_ids(strided.selection) == loader.image_ids(plain.selection)
-    held_out = {r["clip_id"] for r in _frames(footage.uri) if r["image_id"] in loader.image_ids(plain.selection)}
-    trained = set(loader.image_ids(plain.train)) - set(loader.image_ids(strided.train))
-    assert trained and not {r["clip_id"] for r in _frames(footage.uri) if r["image_id"] in trained} & held_out
+    held_out_clips = {r["clip_id"] for r in _frames(footage.uri) if r["image_id"] in loader.image_ids(plain.selection)}
+    left_out = set(loader.image_ids(plain.train)) - set(loader.image_ids(strided.train))
+    assert left_out and not {r["clip_id"] for r in _frames(footage.uri) if r["image_id"] in left_out} & held_out_clips
 
 
 @pytest.mark.training

@@ -4,10 +4,10 @@ A `Recipe` is everything that decides what a run computes: the view it trains on
 version, the share of that view's frames held out to choose its best epoch (`selection`), the
 profile (network, input size, optimiser, schedule: one of `detector.PROFILES` with overrides),
 the starting weights, the seed, the record of how its per-frame sampling weights were made,
-when it draws frames by them, and which frames of each footage clip it trains on (`clip_draw`). Its fields are the serialised keys: the Dagster config
-builds one, the training processes start from `as_dict()` in run.json, a checkpoint's
-metadata.json holds the same keys at its top level beside what the run measured, and
-`reproduce` reads it back from there.
+when it draws frames by them, and which frames of each footage clip it trains on (`clip_draw`).
+Its fields are the serialised keys: the Dagster config builds one, the training processes start
+from `as_dict()` in run.json, a checkpoint's metadata.json holds the same keys at its top level
+beside what the run measured, and `reproduce` reads it back from there.
 """
 
 from __future__ import annotations
