@@ -10,6 +10,8 @@ import dagster as dg
 import pyarrow.compute as pc
 import pytest
 
+from avperception_assets import synthetic
+from avperception_assets.ingest import frames as ingest
 from avperception_assets.model import checkpoints, detector, loader, selection, training
 from avperception_assets.curation import maintenance
 from avperception_assets.discovery import hard_examples
@@ -138,6 +140,29 @@ def test_a_mined_fine_tune_scores_its_view_and_records_its_sampling(trained_ride
     assert stats.versions_after < stats.versions_before  # the unpinned ones went
     kept = checkpoints.read_sample_weights(folder)
     assert hard_examples.rebuild_weights(folder) == kept and training.reproduce_order(folder) == order
+
+
+def test_a_fine_tune_draws_each_clips_frames_by_its_run_config(trained_rider, tmp_path):
+    """`clip_draw` from the UI's run config: the materialization shows the frames before and after
+    the draw, and its row count stays the view's (what the retrain policy compares growth with)."""
+    landing = tmp_path / "landing"
+    synthetic.write_clip_batch(landing, "drawn", 2, 5, seed=1, val_fraction=0.0, width=320, height=180)
+    footage = storage.connect(str(tmp_path / "lancedb"))
+    ingest.ingest_batches(footage, landing)
+    mode = FailureMode("drawn", "split = 'train'", ("pedestrian",), "every frame: a stand-in slice")
+    workspace = Workspace(data_location=str(trained_rider.root))
+    _write_views(storage.connect(workspace.lancedb_uri), footage.open_table(storage.FRAMES_TABLE).to_arrow(), mode.name)
+    (checkpoint,) = [a for a in build_training_defs([mode]).assets if a.key == dg.AssetKey("drawn_checkpoint")]
+    config = dg.RunConfig(ops={"drawn_checkpoint": FineTuneConfig(**TINY_TRAINING, selection_pct=0,
+                                                                  clip_draw="stride:2")})
+    meta = _metadata(dg.materialize([checkpoint], instance=trained_rider.instance, run_config=config,
+                                    resources={"workspace": WorkspaceResource(data_location=workspace.data_location)}),
+                     "drawn_checkpoint")
+    assert meta["clip_draw"] == "stride:2" and meta["dagster/row_count"] == meta["frames_before_draw"] == 10
+    assert meta["frames_after_draw"] == meta["train_rows"] == 6  # frames 0, 2 and 4 of each clip
+    rows = footage.open_table(storage.FRAMES_TABLE).to_lance().to_table(columns=["image_id", "clip_frame_index"])
+    on_stride = {r["image_id"] for r in rows.to_pylist() if r["clip_frame_index"] % 2 == 0}
+    assert set(training.reproduce_order(Path(meta["checkpoint_dir"]))) == on_stride
 
 
 def test_a_mode_input_size_raises_the_profile_and_run_config_still_wins():

@@ -9,7 +9,7 @@ saves under `checkpoints/<mode>/<view version>/`. Both keep the epoch that score
 mAP@0.5 on their train frames' selection share (`selection_pct`, held out from training by a
 hash of each frame's id), never on the val split the reports score. Runs go through the
 `training` concurrency pool. The run config builds the recipe (`model.recipe.Recipe`: profile,
-weights, seed, selection share, schedule overrides); with hard-example mining, the assets score
+weights, seed, selection share, clip draw, schedule overrides); with hard-example mining, the assets score
 the frames trained on and hand the trainer their sampling weights with mining's record. Torch is
 imported inside the asset bodies only.
 """
@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from avperception_assets.workspace import BASE_CHECKPOINTS, BASE_LONG_CHECKPOINTS
 from avperception_assets.failure_modes.registry import FailureMode, check_registry
+from avperception_assets.model import clip_draws
 from avperception_assets.model.selection import DEFAULT_PCT as DEFAULT_SELECTION_PCT
 from avperception_assets.slices.views import view_name
 from avperception_assets.storage.tables import FRAMES_TABLE
@@ -62,6 +63,10 @@ class TrainingConfig(dg.Config):
     selection_pct: int = Field(DEFAULT_SELECTION_PCT, ge=0, lt=100, description="Percent of the train frames "
                                "held out from training to choose the best epoch (by a hash of each frame's clip "
                                "or image id: a frame keeps its role as footage is added); 0: none, best = last.")
+    clip_draw: str = Field(clip_draws.ALL, description="Which frames of each footage clip are trained on: 'all', "
+                           "'stride:K' (clip frames whose index is a multiple of K) or 'novelty:T' (a clip's first "
+                           "frame, then each whose embedding is at cosine distance >= T from the last one drawn). "
+                           "Frames without a clip, the selection share and val are never drawn.")
     epochs: Optional[int] = Field(None, description="Override the profile's (fine-tune) epochs.")
     batch_size: Optional[int] = None
     lr: Optional[float] = Field(None, description="Override the profile's (fine-tune) learning rate.")
@@ -75,6 +80,11 @@ class TrainingConfig(dg.Config):
                        "worker on the others (README) against rendezvous_endpoint.")
     rendezvous_endpoint: Optional[str] = Field(None, description="host:port of this node for torchrun's c10d "
                                                "rendezvous (only with nodes > 1).")
+
+    @field_validator("clip_draw")
+    @classmethod
+    def _valid_clip_draw(cls, value: str) -> str:
+        return clip_draws.canonical(value)  # a ValueError names the forms it takes
 
     def resolve_profile(self, finetune: bool, min_input_size: int | None = None, train_crop: int | None = None,
                         finetune_epochs: int | None = None):
@@ -194,7 +204,8 @@ def base_detector(context: dg.AssetExecutionContext, config: BaseDetectorConfig,
     folder = long_base if training_long_base else workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
     versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
     train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where=BASE_TRAIN_WHERE)
-    recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed)
+    recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed,
+                       clip_draw=config.clip_draw)
     return dg.MaterializeResult(metadata={**_train(context, recipe, folder / str(train_view.version), config),
                                           "reused_long_base": False})
 
@@ -303,7 +314,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
         profile = config.mode_profile(mode)
         recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=base_weights(context),
-                           seed=config.seed)
+                           seed=config.seed, clip_draw=config.clip_draw)
         sample_weights, scored = None, {}
         if config.hard_example_mining:
             recipe, sample_weights, scored = _mining(context, config, mode, workspace, recipe)

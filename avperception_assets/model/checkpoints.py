@@ -6,7 +6,8 @@ A run trains on `view@version` and writes, under `<root>/<run name>/<version>/`:
   selection share, the view's frames held out from training),
 - `train_state.pt`: optimiser, LR schedule, grad scaler and epoch (`engine.TrainState`), for resuming,
 - `metadata.json`: the recipe (`Recipe.as_dict()`, its keys at the top level) and what the run
-  found: rows trained on and held out (with the rule that split them), source table version,
+  found: rows trained on and held out (with the rule that split them), the rows before the
+  clip draw and a digest of the ids drawn (`clip_draws`), source table version,
   code version, device, per-epoch loss and mAP@0.5 on the selection share (`val_map_50`), the
   best epoch (rewritten after every epoch),
 - `run.json`: the recipe the training processes were started with,
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from avperception_assets.model.detector import (WEIGHTS_COCO, build_detector, coco_weights_path, get_profile, load_weights,
                                                 set_input_size, weights_digest)
+from avperception_assets.model.clip_draws import ALL
 from avperception_assets.model.recipe import Recipe
 from avperception_assets.model.selection import RULE as SELECTION_RULE
 
@@ -44,6 +46,8 @@ RUN_FILE = "run.json"
 SAMPLE_WEIGHTS_FILE = "sample_weights.json"
 FAILURE_FILE = "failure.json"
 COMPLETE = "complete"  # metadata.json's status once the run's last epoch is saved
+FRAMES_BEFORE_DRAW = "frames_before_draw"  # the rows trained on before the clip draw (train_rows: after)
+DRAWN_DIGEST = "drawn_frames_sha256"  # `clip_draws.digest` of the frames trained on
 
 
 def save_torch(obj, path: Path) -> None:
@@ -112,13 +116,16 @@ def code_version() -> str:
             return "unknown"
 
 
-def new_metadata(recipe: Recipe, *, train_rows: int, selection_rows: int, source: tuple[str, int], device,
-                 amp: bool, world_size: int) -> dict:
+def new_metadata(recipe: Recipe, *, train_rows: int, selection_rows: int, draw: tuple[int, str],
+                 source: tuple[str, int], device, amp: bool, world_size: int) -> dict:
     """A fresh run's metadata.json: its recipe and what it runs on, before any epoch: the rows it
-    trains on, and how many rows were held out to choose its best epoch by which rule (so that
+    trains on, as drawn from how many (`draw`: rows before the clip draw, digest of the drawn
+    ids), and how many rows were held out to choose its best epoch by which rule (so that
     `training.selection_frames` rebuilds them)."""
     source_table, source_version = source
+    before_draw, drawn_digest = draw
     return {**recipe.as_dict(), "status": "training", "train_rows": train_rows, "selection_rows": selection_rows,
+            FRAMES_BEFORE_DRAW: before_draw, DRAWN_DIGEST: drawn_digest,
             "selection_rule": SELECTION_RULE, "source_table": source_table,
             "source_table_version": source_version, "code_version": code_version(), "device": str(device),
             "amp": amp, "world_size": world_size, "epochs": [], "best_epoch": None, "best_val_map_50": None,
@@ -159,16 +166,19 @@ def save_epoch(out: Path, state, metadata: dict, record: dict) -> None:
 
 def run_summary(metadata: dict, out: Path) -> dict:
     """A run's metadata.json facts, flat: what its asset materialization shows. Its row count is
-    the view's rows at the pinned version, trained on or held out: what the retrain policy
-    compares the view's growth with."""
+    the view's rows at the pinned version, trained on, left out by the clip draw or held out:
+    what the retrain policy compares the view's growth with."""
     epochs = metadata["epochs"]
+    before_draw = metadata.get(FRAMES_BEFORE_DRAW, metadata["train_rows"])  # no draw before it was recorded
     return {
         "checkpoint_dir": str(out), "weights": str(out / BEST_FILE),
         "train_view": metadata["train_view"], "train_view_version": metadata["train_view_version"],
         "train_filter": metadata["train_filter"] or "", "source_table": metadata["source_table"],
         "source_table_version": metadata["source_table_version"],
-        "dagster/row_count": metadata["train_rows"] + metadata["selection_rows"],
+        "dagster/row_count": before_draw + metadata["selection_rows"],
         "train_rows": metadata["train_rows"], "selection_rows": metadata["selection_rows"],
+        "clip_draw": metadata.get("clip_draw", ALL), "frames_before_draw": before_draw,
+        "frames_after_draw": metadata["train_rows"],
         "selection_pct": metadata["selection_pct"], "selection_rule": metadata["selection_rule"],
         "profile": metadata["profile"]["name"], "hyper_parameters": metadata["profile"],
         "weights_source": metadata["weights_source"], "seed": metadata["seed"],

@@ -14,6 +14,8 @@ version, seed, epoch) always yields the same rows in the same order; that is wha
 `training.reproduce_order` relies on. A `ViewRef` with a `share` reads one side of the view's
 rows split by the selection rule (`selection`): the frames a run trains on, or those held out
 to choose its best epoch. The split happens where the row ids are read, so a batch costs the same.
+A `ViewRef` with a `draw` (`clip_draws`) then keeps only the drawn frames of each footage clip,
+before any order is made.
 
 Labels are COCO category ids (`bdd100k.COCO_IDS`): pedestrian and rider are both COCO
 "person" (1), and traffic sign, which COCO lacks, is COCO "stop sign" (13), the only sign
@@ -37,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from avperception_assets.formats.taxonomy import COCO_IDS
+from avperception_assets.model.clip_draws import EMBEDDING, FRAME_INDEX, ClipDraw
 from avperception_assets.model.selection import CLIP_ID, KEY_COLUMNS, Share
 from avperception_assets.storage.decoding import decode, on_frame_threads
 from avperception_assets.storage.pixels import PixelReader
@@ -59,6 +62,7 @@ class ViewRef:
     version: int
     where: str | None = None  # optional SQL filter, e.g. "split = 'train'" on the frames table
     share: Share | None = None  # one side of the rows split by the selection rule; None: every row
+    draw: ClipDraw | None = None  # the frames of each clip drawn from those rows; None: every frame
 
 
 def open_table(uri: str, name: str, version: int | None = None):
@@ -79,21 +83,61 @@ def pin_view(uri: str, name: str, version: int | None = None, where: str | None 
 
 
 def count_rows(view: ViewRef) -> int:
-    if view.share is None:
+    if view.share is None and view.draw is None:
         return open_table(view.uri, view.name, view.version).count_rows(view.where)
     return view_rows(view).num_rows
 
 
 def view_rows(view: ViewRef, with_row_id: bool = False) -> pa.Table:
     """The image ids (and row ids) of the view's rows at its version: those its filter keeps,
-    on its side of the selection rule when it has a `share`."""
-    table = open_table(view.uri, view.name, view.version).to_lance()
-    columns = [c for c in KEY_COLUMNS if c in table.schema.names] if view.share else ["image_id"]
-    rows = table.to_table(columns=columns, filter=view.where, with_row_id=with_row_id)
-    if view.share is None:
+    on its side of the selection rule when it has a `share`, drawn by its `draw` when it has one."""
+    table = open_table(view.uri, view.name, view.version)
+    names = table.schema.names
+    columns = [c for c in KEY_COLUMNS if c in names] if view.share or view.draw else ["image_id"]
+    if view.draw is not None and FRAME_INDEX in names:
+        columns.append(FRAME_INDEX)
+        if view.draw.needs_embeddings:
+            columns = _embedding_columns(view, table, columns)
+    rows = table.to_lance().to_table(columns=columns, filter=view.where, with_row_id=with_row_id)
+    if view.share is not None:
+        clips = rows[CLIP_ID].to_pylist() if CLIP_ID in rows.column_names else None
+        rows = rows.filter(pa.array(view.share.keeps(rows["image_id"].to_pylist(), clips)))
+    return rows if view.draw is None else _drawn(view, table, rows)
+
+
+def _drawn(view: ViewRef, table, rows: pa.Table) -> pa.Table:
+    """`rows` less the clip frames `view.draw` does not draw; frames without a clip or without a
+    position in it are kept (all of them where the table has no clips)."""
+    if FRAME_INDEX not in rows.column_names:
         return rows
-    clips = rows[CLIP_ID].to_pylist() if CLIP_ID in rows.column_names else None
-    return rows.filter(pa.array(view.share.keeps(rows["image_id"].to_pylist(), clips)))
+    in_clip = np.asarray(rows[CLIP_ID].is_valid()) & np.asarray(rows[FRAME_INDEX].is_valid())
+    clip_rows = rows.filter(pa.array(in_clip))
+    if not clip_rows.num_rows:
+        return rows
+    vectors = _embeddings(view, table, clip_rows) if view.draw.needs_embeddings else None
+    keep = np.ones(rows.num_rows, dtype=bool)
+    keep[in_clip] = view.draw.keeps(clip_rows[CLIP_ID].to_pylist(), clip_rows[FRAME_INDEX].to_numpy(), vectors)
+    return rows.filter(pa.array(keep))
+
+
+def _embedding_columns(view: ViewRef, table, columns: list[str]) -> list[str]:
+    """`columns` and what gives the rows' embeddings: the column itself on the frames table, the
+    source row id on a view (which holds none; `_embeddings` takes them for the clip rows only)."""
+    pixels = PixelReader.of(view.uri, table)
+    if pixels.holds_bytes and EMBEDDING not in table.schema.names:
+        raise ValueError(f"a {view.draw} draw needs curation's {EMBEDDING!r} column, which {view.name} lacks: "
+                         f"materialize {EMBEDDING!r} first")
+    return pixels.columns([*columns, EMBEDDING], EMBEDDING)
+
+
+def _embeddings(view: ViewRef, table, clip_rows: pa.Table) -> np.ndarray:
+    """The clip frames' embeddings, as `_embedding_columns` read them."""
+    pixels = PixelReader.of(view.uri, table)
+    column = pixels.attach(clip_rows.combine_chunks().to_batches()[0], EMBEDDING).column(EMBEDDING)
+    if column.null_count:
+        raise ValueError(f"a {view.draw} draw needs every clip frame's {EMBEDDING!r}; {column.null_count} frames "
+                         f"of {view.name}@{view.version} have none: materialize {EMBEDDING!r} first")
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1)
 
 
 def image_ids(view: ViewRef) -> list[str]:

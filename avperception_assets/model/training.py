@@ -9,7 +9,10 @@ gets a new folder and starts fresh from the starting weights.
 
 Every epoch's order is a LanceDB shuffle seeded by seed + epoch or, with per-frame sampling
 weights (e.g. from hard-example mining), a draw in proportion to them seeded the same way; the
-folder keeps the weights, so `reproduce` rebuilds the exact order from it.
+folder keeps the weights, so `reproduce` rebuilds the exact order from it. The frames a run
+trains on are those its clip draw (`clip_draws`) draws; metadata.json records how many of how
+many, with a digest of their ids, and `reproduce` stops with `DrawMismatch` when the
+time-travelled view draws others.
 
 CLI: `python -m avperception_assets.model.training reproduce <checkpoint dir> [--epoch N]` prints the
 image ids of that epoch in training order, read from the time-travelled view; with `--selection`,
@@ -19,14 +22,25 @@ the frames held out to choose its best epoch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from avperception_assets.model import checkpoints, loader
+from avperception_assets.model import checkpoints, clip_draws, loader
 from avperception_assets.model.detector import Profile, build_detector
 from avperception_assets.model.engine import Log, Process, TrainState, device_for, evaluate, train_one_epoch
 from avperception_assets.model.recipe import Recipe
 from avperception_assets.storage import tables as storage
+
+
+class DrawMismatch(ValueError):
+    """The frames a checkpoint's recipe draws today are not the ones its run recorded."""
+
+
+def drawn_frames(view: loader.ViewRef) -> tuple[list[str], int]:
+    """The image ids `view` draws (its clip draw's), and how many rows it held before drawing."""
+    drawn = loader.image_ids(view)
+    return drawn, (len(drawn) if view.draw is None else loader.count_rows(dataclasses.replace(view, draw=None)))
 
 
 def steps_per_epoch(rows: int, profile: Profile) -> int:
@@ -65,12 +79,14 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
         raise ValueError("a run drawn by sampling weights records how they were made in recipe.mining, and a run "
                          "that records mining needs its sampling weights")
     train_view, profile, process = recipe.train, recipe.profile, Process.current()
-    rows = loader.count_rows(train_view)
+    drawn, before_draw = drawn_frames(train_view)
+    rows = len(drawn)
     if rows == 0:
         held_out = (f" outside its {recipe.selection_pct}% selection share (a lower selection_pct holds out fewer)"
                     if recipe.selection_pct else "")
         raise ValueError(f"{train_view.name}@{train_view.version} has no training rows"
-                         f"{f' matching {train_view.where!r}' if train_view.where else ''}{held_out}")
+                         f"{f' matching {train_view.where!r}' if train_view.where else ''}{held_out}"
+                         f"{f' drawn by {recipe.clip_draw}' if train_view.draw else ''}")
     selection_rows = loader.count_rows(recipe.selection) if recipe.selection else 0
     selection = recipe.selection if selection_rows else None
     if recipe.selection_pct and not selection_rows:
@@ -89,6 +105,7 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     state = TrainState.create(model, profile, device, steps_per_epoch(-(-rows // process.world), profile), process)
     metadata = checkpoints.new_metadata(
         recipe, train_rows=rows, selection_rows=selection_rows, device=device, amp=state.amp,
+        draw=(before_draw, clip_draws.digest(drawn)),
         world_size=process.world, source=storage.source_table_version(train_view.uri, train_view.name,
                                                                       train_view.version))
     if saved:
@@ -134,6 +151,7 @@ def reproduce_order(checkpoint_dir: Path, *, epoch: int = 0, uri: str | None = N
     positions of it in a distributed run."""
     metadata = checkpoints.read_metadata(checkpoint_dir)
     recipe = Recipe.from_dict(metadata, uri=uri)
+    check_draw(recipe, metadata)
     weights = checkpoints.read_sample_weights(checkpoint_dir)
     if recipe.mining and weights is None:  # mined by code up to c618fc9, which kept no weights
         raise FileNotFoundError(
@@ -143,6 +161,22 @@ def reproduce_order(checkpoint_dir: Path, *, epoch: int = 0, uri: str | None = N
     shard = (0, 1) if rank is None else (rank, metadata.get("world_size", 1))
     permutation = loader.build_permutation(recipe.train, recipe.seed + epoch, weights=weights, shard=shard)
     return permutation.__getitems__(list(range(permutation.num_rows))).column("image_id").to_pylist()
+
+
+def check_draw(recipe: Recipe, metadata: Mapping) -> None:
+    """Raise `DrawMismatch` when the frames `recipe` draws from its time-travelled view are not
+    those its run recorded (a folder from before the record has nothing to check)."""
+    recorded = metadata.get(checkpoints.DRAWN_DIGEST)
+    if recorded is None:
+        return
+    drawn, before_draw = drawn_frames(recipe.train)
+    now = (before_draw, len(drawn), clip_draws.digest(drawn))
+    then = (metadata[checkpoints.FRAMES_BEFORE_DRAW], metadata["train_rows"], recorded)
+    if now != then:
+        raise DrawMismatch(
+            f"{recipe.train_view}@{recipe.train_view_version} clip draw {recipe.clip_draw!r} now draws {now[1]} of "
+            f"{now[0]} frames (ids sha256 {now[2][:12]}), but the run recorded {then[1]} of {then[0]} "
+            f"({then[2][:12]}): the view's rows at that version or the draw's code changed since")
 
 
 def selection_frames(checkpoint_dir: Path, *, uri: str | None = None) -> list[str]:
@@ -173,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     order = reproduce_order(args.checkpoint_dir, epoch=args.epoch, uri=args.uri, rank=args.rank)
     of_rank = "" if args.rank is None else f" rank {args.rank} of {metadata.get('world_size', 1)}"
     print(f"# {metadata['train_view']}@{metadata['train_view_version']} seed {metadata['seed']} "
-          f"epoch {args.epoch}{of_rank}: {len(order)} rows")
+          f"epoch {args.epoch}{of_rank}: {len(order)} rows (clip draw {metadata.get('clip_draw', clip_draws.ALL)})")
     print("\n".join(order))
 
 
