@@ -78,10 +78,12 @@ def _spec(name: str, config: curation.CurationConfig, workspace: Workspace) -> d
 
 
 def open_frames(workspace: WorkspaceResource, conn=None):
+    """The frames table, with every column of the frames schema: a table from before a column
+    existed gains it (the annotation UDFs read `ann_crowd`; Geneva refuses a missing input column)."""
     conn = conn or workspace.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
-    return conn.open_table(storage.FRAMES_TABLE)
+    return storage.open_frames(conn)
 
 
 def _metadata(stats: curation.ColumnStats) -> dict:
