@@ -311,7 +311,9 @@ def near_duplicate_rows(table, sources: list[tuple[str, float, int]], batch_id: 
         row = dict(by_id[image_id])
         row["image_bytes"], row["width"], row["height"] = _variant(row["image_bytes"], scale, quality)
         row["ann_bboxes"] = [[v * scale for v in box] for box in row["ann_bboxes"]]
-        row.update(image_id=f"copy-{batch_id}-{n}-{image_id}", batch_id=batch_id, ingest_seq=seq + n)
+        copy_id = f"copy-{batch_id}-{n}-{image_id}"
+        # Landed as a detection image of its own: the clip of its stem, as ingestion gives it.
+        row.update(image_id=copy_id, clip_id=copy_id, batch_id=batch_id, ingest_seq=seq + n)
         rows.append(row)
     return rows
 
