@@ -25,11 +25,13 @@ from avperception_assets.discovery.vector_index import nearest_each, vectors_mat
 from avperception_assets.storage.tables import CLIP_ID, and_where, sql_list
 
 # Cosine distance within which two frames' embeddings are one scene. Measured with the default
-# `color_layout` model on synthetic footage (30 clips of 20 frames and 150 detection frames,
-# 640x360): consecutive frames of a clip lie at most 0.012 apart (median 0.002), frames of
-# different clips or scenes at least 0.076 (median 0.57; 275,000 pairs). 0.03 sits between with
-# a factor of about 2.5 to each side; a 1-pixel change lies 0.0001 from its original.
-LEAK_COSINE_DISTANCE = 0.03
+# `color_layout` model on synthetic footage: consecutive frames of a clip lie at most 0.012 apart
+# (median 0.002; 30 clips of 20 frames at 640x360, and the demo's 4 clips of 15 at 1280x720),
+# frames of different clips or scenes at least 0.076 (275,000 pairs at 640x360) and 0.054
+# (the demo's 1,000 detection frames: 560,000 pairs); a 1-pixel change lies 0.0001 from its
+# original. The nearest different scenes come nearer as pairs grow, the consecutive frames do
+# not, so the threshold sits nearer these: 1.6 times their largest distance.
+LEAK_COSINE_DISTANCE = 0.02
 # Neighbours searched per frame by embedding: a frame's pairs beyond them are not counted (a
 # leak is found all the same), so one query a batch of frames stays bounded.
 LEAK_NEIGHBOURS = 10

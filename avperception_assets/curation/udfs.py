@@ -35,13 +35,17 @@ COCO_PERSON_LABEL = 1  # torchvision COCO heads (and this project's detector) us
 CROWD_BOXES_RULE = "skipped"  # recorded on the annotation columns: crowd boxes are ignore regions
 
 
-def _categories(ann_categories, ann_crowd=None) -> list[str]:
-    """The classes of a frame's boxes, crowd boxes (ignore regions, not objects) left out;
-    `ann_crowd` NULL: no crowd box."""
-    if ann_categories is None:
+def _not_crowd(values, ann_crowd) -> list:
+    """Per-box `values` of a frame's boxes, crowd boxes (ignore regions, not objects) left out;
+    `values` NULL: no box, `ann_crowd` NULL: no crowd box."""
+    if values is None:
         return []
-    crowd = [False] * len(ann_categories) if ann_crowd is None else ann_crowd
-    return [str(c) for c, is_crowd in zip(ann_categories, crowd) if not is_crowd]
+    crowd = [False] * len(values) if ann_crowd is None else ann_crowd
+    return [value for value, is_crowd in zip(values, crowd) if not is_crowd]
+
+
+def _categories(ann_categories, ann_crowd=None) -> list[str]:
+    return [str(c) for c in _not_crowd(ann_categories, ann_crowd)]
 
 
 def count_persons(ann_categories, ann_crowd=None) -> int:
@@ -61,11 +65,8 @@ def person_area_pct_from_boxes(boxes, width: float, height: float) -> float:
 
 def annotated_person_area_pct(ann_categories, ann_bboxes, width, height, ann_crowd=None) -> float:
     """Largest annotated person box (crowd boxes left out) as a percentage of the frame area."""
-    categories = [] if ann_categories is None else list(ann_categories)
-    boxes = [] if ann_bboxes is None else list(ann_bboxes)
-    crowd = [False] * len(categories) if ann_crowd is None else list(ann_crowd)
-    persons = [np.asarray(b, dtype=np.float64) for c, b, is_crowd in zip(categories, boxes, crowd)
-               if str(c) in PERSON_CLASSES and not is_crowd]
+    boxes = zip(_categories(ann_categories, ann_crowd), _not_crowd(ann_bboxes, ann_crowd))
+    persons = [np.asarray(b, dtype=np.float64) for c, b in boxes if c in PERSON_CLASSES]
     return person_area_pct_from_boxes(persons, width, height)
 
 
