@@ -389,14 +389,13 @@ def _novelty_udf(table, config: CurationConfig, params: dict[str, dict[str, Any]
                       "novelty_columns", version=version)
 
 
-def reference_hashes(table, where: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dhash, ingest_seq, clip key: `clip_keys`) of every frame that has a dhash (among those
-    `where` selects)."""
+def reference_hashes(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dhash, ingest_seq, clip key: `clip_keys`) of every frame that has a dhash."""
     if "dhash" not in table.schema.names:
         raise CurationError("is_duplicate reads dhash, which does not exist yet: backfill dhash first")
     has_clips = storage.CLIP_ID in table.schema.names  # a table from before clips has none
     data = table.to_lance().to_table(columns=["dhash", "ingest_seq", *([storage.CLIP_ID] if has_clips else [])],
-                                     filter=storage.and_where("dhash IS NOT NULL", where))
+                                     filter="dhash IS NOT NULL")
     seqs = data["ingest_seq"].to_numpy().astype(np.int64)
     return (data["dhash"].to_numpy().astype(np.uint64), seqs,
             clip_keys(data[storage.CLIP_ID] if has_clips else None, seqs))
