@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import shutil
@@ -32,6 +33,7 @@ patches.apply_at_startup()  # as the code location does, before the stages impor
 from avperception_assets.cluster.ray import ray_context  # noqa: E402
 from avperception_assets.curation import columns as curation
 from avperception_assets.ingest import frames as ingest
+from avperception_assets.ingest.landing import READY_MARKER
 from avperception_assets.storage import pixels, tables as storage
 from avperception_assets import synthetic
 from avperception_assets.slices import views as slices
@@ -269,6 +271,35 @@ def damaged_inside(jpeg: bytes) -> bytes:
     return bytes(damaged)
 
 
+def one_pixel_changed(jpeg: bytes) -> bytes:
+    """The frame with one pixel inverted, encoded again."""
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    image.putpixel((0, 0), tuple(255 - v for v in image.getpixel((0, 0))))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_leak_batch(landing: Path, batch_id: str, video: str, split: str, images: list[bytes]) -> list[str]:
+    """A READY MOT landing batch of one clip, `video` in `split`, whose frames are `images` (copies
+    of frames already ingested in the other split: a planted leak); returns its image ids."""
+    batch = Path(landing) / batch_id
+    names = [f"{video}-{k:07d}" for k in range(1, len(images) + 1)]
+    for name, image in zip(names, images):
+        path = batch / "images" / "track" / split / video / f"{name}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image)
+    car = {"id": "1", "category": "car", "attributes": {"occluded": False, "truncated": False, "crowd": False},
+           "box2d": {"x1": 10.0, "y1": 10.0, "x2": 60.0, "y2": 40.0}}
+    labels = [{"name": f"{name}.jpg", "videoName": video, "frameIndex": k, "labels": [car]}
+              for k, name in enumerate(names)]
+    label_file = batch / "labels" / "box_track_20" / split / f"{video}.json"
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    label_file.write_text(json.dumps(labels))
+    (batch / READY_MARKER).write_text("")
+    return names
+
+
 def append_rows(table, rows: list[dict]) -> None:
     table.add(pa.Table.from_pylist(rows, schema=storage.FRAMES_SCHEMA))
 
@@ -283,7 +314,9 @@ def near_duplicate_rows(table, sources: list[tuple[str, float, int]], batch_id: 
         row = dict(by_id[image_id])
         row["image_bytes"], row["width"], row["height"] = _variant(row["image_bytes"], scale, quality)
         row["ann_bboxes"] = [[v * scale for v in box] for box in row["ann_bboxes"]]
-        row.update(image_id=f"copy-{batch_id}-{n}-{image_id}", batch_id=batch_id, ingest_seq=seq + n)
+        copy_id = f"copy-{batch_id}-{n}-{image_id}"
+        # Landed as a detection image of its own: the clip of its stem, as ingestion gives it.
+        row.update(image_id=copy_id, clip_id=copy_id, batch_id=batch_id, ingest_seq=seq + n)
         rows.append(row)
     return rows
 

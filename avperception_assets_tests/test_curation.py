@@ -193,7 +193,7 @@ def test_source_is_recorded_and_never_mixed(curated, tmp_path):
     table = curated["table"]
     metadata = table.schema.field("person_bbox_area_pct").metadata
     assert metadata[curation.META_SOURCE.encode()] == b"annotations"
-    assert curated["run2"]["person_bbox_area_pct"].params == {"source": "annotations"}
+    assert curated["run2"]["person_bbox_area_pct"].params == {"source": "annotations", "crowd_boxes": "skipped"}
     checkpoint = tmp_path / "other.pt"
     checkpoint.write_bytes(b"weights")
     with pytest.raises(curation.CurationError, match="never mixes sources"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
 from avperception_assets.ingest import frames as ingest
@@ -12,7 +13,7 @@ from avperception_assets.defs import curation_assets
 from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.failure_modes.registry import default_failure_modes
 
-from .conftest import copy_curated_db
+from .conftest import copy_curated_db, write_leak_batch
 
 pytestmark = pytest.mark.dagster_run
 
@@ -39,7 +40,14 @@ def runs(tmp_path_factory, curated_db):
     table = conn.open_table(storage.FRAMES_TABLE)
     with dg.instance_for_test() as instance:
         subset = _materialize(resource, instance, selection=["dhash"])
-        yield dict(subset=subset, nulls_after_subset={c: table.count_rows(f"{c} IS NULL") for c in ("has_person", "is_duplicate")})
+        nulls = {c: table.count_rows(f"{c} IS NULL") for c in ("has_person", "is_duplicate")}
+        # A leak lands: a train frame again, the same bytes, as the frame of a val clip.
+        [original] = table.to_lance().to_table(columns=["image_id", "image_bytes"], filter="split = 'train'",
+                                                limit=1).to_pylist()
+        [copy] = write_leak_batch(landing, "leak", "leak-val", "val", [original["image_bytes"]])
+        ingest.ingest_batches(conn, landing, ["leak"])
+        leak = _materialize(resource, instance, selection=["dhash", "is_duplicate"])
+        yield dict(subset=subset, nulls_after_subset=nulls, leak=leak, leaked=(original["image_id"], copy))
 
 
 def _materializations(result) -> dict[str, dict]:
@@ -54,6 +62,27 @@ def test_subset_backfills_only_the_new_rows_of_selected_columns(runs):
     assert runs["nulls_after_subset"] == {"has_person": NEW_ROWS, "is_duplicate": NEW_ROWS}  # not selected: untouched
     checks = {(e.asset_key.path[-1], e.check_name) for e in runs["subset"].get_asset_check_evaluations()}
     assert checks == {("dhash", "full_coverage")}
+
+
+def test_a_planted_leak_fails_the_leak_check_and_the_run_goes_on(runs):
+    assert runs["leak"].success  # the leak check does not block
+    checks = {(e.asset_key.path[-1], e.check_name): e for e in runs["leak"].get_asset_check_evaluations()}
+    leak = checks[("is_duplicate", "no_split_leaks")]
+    assert not leak.passed and leak.severity == dg.AssetCheckSeverity.ERROR
+    assert leak.metadata["pairs_by_dhash"].value >= 1 and leak.metadata["pairs_by_embedding"].value >= 1
+    worst = leak.metadata["worst_pairs"].value[0]
+    assert {f["image_id"] for f in worst["frames"]} == set(runs["leaked"]) and worst["dhash_bits"] == 0
+    original = runs["leaked"][0]  # a detection image: the clip of its stem
+    assert {(f["split"], f["clip_id"]) for f in worst["frames"]} == {("train", original), ("val", "leak-val")}
+    assert leak.metadata["scope"].value.startswith("rows of the latest materialization")
+    assert checks[("is_duplicate", "one_survivor_per_group")].passed  # the copy is flagged: another clip's
+
+
+def test_a_table_from_before_clips_gains_the_columns_the_udfs_read(tmp_path):
+    resource = WorkspaceResource(data_location=str(tmp_path))
+    old = pa.schema([f for f in storage.FRAMES_SCHEMA if f.name != "ann_crowd"])
+    storage.open_or_create(resource.connect(), storage.FRAMES_TABLE, old)
+    assert "ann_crowd" in curation_assets.open_frames(resource).schema.names
 
 
 def test_missing_table_is_a_clear_failure(tmp_path):

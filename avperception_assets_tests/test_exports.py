@@ -1,8 +1,9 @@
 """Slice exports: a pinned view version as COCO JSON and as a YOLO folder, read back by
-pycocotools, by hand and by ingestion itself."""
+pycocotools, by hand and by ingestion itself; crowd boxes as COCO's `iscrowd`, out of YOLO."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 
 from avperception_assets.slices import exports
@@ -150,3 +152,48 @@ def test_slice_export_job_and_clear_errors(slice_db, data_dir, capsys, monkeypat
     assert (data_dir / "exports" / f"{VIEW}@v{slice_db.view_version}_coco" / "annotations").is_dir()
     assert exports_command.main([VIEW, "--version", "999"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _landed_crowd(landing: Path, conn) -> dict[str, dict]:
+    """Ingest `landing`; the frames' categories, boxes and crowd flags by image id."""
+    ingest.ingest_batches(conn, landing)
+    rows = conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(
+        columns=["image_id", "ann_categories", "ann_bboxes", "ann_crowd"]).to_pylist()
+    return {r["image_id"]: {k: v for k, v in r.items() if k != "image_id"} for r in rows}
+
+
+def test_crowd_boxes_round_trip_through_coco_and_stay_out_of_yolo(tmp_path):
+    """COCO with an `iscrowd` annotation → ingest (a crowd box) → COCO export (`iscrowd` 1, read
+    back the same) and YOLO export (left out)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 180), (90, 120, 60)).save(buffer, format="JPEG")
+    batch = tmp_path / "landing" / "coco"
+    (batch / "images" / "val").mkdir(parents=True)
+    (batch / "images" / "val" / "street.jpg").write_bytes(buffer.getvalue())
+    (batch / "annotations").mkdir()
+    # The crowd's mask (uncompressed RLE, column by column): rows 30-79 of columns 100-179.
+    crowd_rle = [100 * 180 + 30, 50, *[130, 50] * 79, 100 + 140 * 180]
+    (batch / "annotations" / "instances_val.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "street.jpg", "width": 320, "height": 180}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 20, 30, 60], "iscrowd": 0},
+                        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [100, 30, 80, 50], "iscrowd": 1,
+                         "segmentation": {"size": [180, 320], "counts": crowd_rle}},
+                        {"id": 3, "image_id": 7, "category_id": 3, "bbox": [200, 90, 60, 40], "iscrowd": 0}]}))
+    (batch / READY_MARKER).write_text("")
+    uri = str(tmp_path / "lancedb")
+    landed = _landed_crowd(tmp_path / "landing", storage.connect(uri))
+    assert landed["street"]["ann_crowd"] == [False, True, False]
+
+    export = exports.export_view(uri, storage.FRAMES_TABLE, exports.COCO, tmp_path / "exports")
+    assert (export.boxes, export.crowd_boxes) == (3, 1)
+    [crowd] = [a for a in COCO(str(export.path / "annotations" / "instances_val.json")).dataset["annotations"]
+               if a["iscrowd"]]
+    assert (CLASSES[crowd["category_id"] - 1], crowd["bbox"]) == ("pedestrian", [100.0, 30.0, 80.0, 50.0])
+    shutil.copytree(export.path, tmp_path / "again" / "reimport")
+    (tmp_path / "again" / "reimport" / READY_MARKER).write_text("")
+    assert _landed_crowd(tmp_path / "again", storage.connect(str(tmp_path / "lancedb2"))) == landed
+
+    yolo = exports.export_view(uri, storage.FRAMES_TABLE, exports.YOLO, tmp_path / "exports")
+    lines = (yolo.path / "labels" / "val" / "street.txt").read_text().splitlines()
+    assert [CLASSES[int(line.split()[0])] for line in lines] == ["pedestrian", "car"]  # no crowd box

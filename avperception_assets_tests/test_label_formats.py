@@ -49,7 +49,8 @@ def _ingest(tmp_path: Path, files: dict, batch_id: str = "b1"):
 
 def _frames(conn) -> dict[str, dict]:
     rows = conn.open_table(storage.FRAMES_TABLE).to_lance().to_table(columns=[
-        "image_id", "split", "label_format", "ann_categories", "ann_bboxes", "ann_occluded", "ann_truncated", *SCENE])
+        "image_id", "split", "label_format", "ann_categories", "ann_bboxes", "ann_occluded", "ann_truncated", "ann_crowd",
+        *SCENE])
     return {row["image_id"]: row for row in rows.to_pylist()}
 
 
@@ -152,6 +153,7 @@ def test_voc_batch_lands_with_one_or_many_objects_and_zero_based_boxes(tmp_path)
     assert set(rows) == {"one", "many"} and {r["label_format"] for r in rows.values()} == {"pascal_voc"}
     one, many = rows["one"], rows["many"]
     assert (one["ann_categories"], _boxes(one)) == (["pedestrian"], [[0, 0, 50, 40]])  # difficult objects stay
+    assert (one["ann_crowd"], many["ann_crowd"]) == ([True], [False, False])  # as ignore regions
     assert (one["ann_occluded"], one["ann_truncated"]) == ([True], [True])
     assert many["ann_categories"] == ["motorcycle", "car"]
     assert _boxes(many) == [[10, 5, 30, 25], [40, 10, 100, 50]]
@@ -188,7 +190,7 @@ def _compressed_rle(rows: slice, columns: slice) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].decode()}
 
 
-def test_coco_batch_lands_with_crowds_skipped_and_boxes_from_segmentations(tmp_path):
+def test_coco_batch_lands_with_crowd_boxes_and_boxes_from_segmentations(tmp_path):
     categories = {1: "person", 3: "car", 18: "dog", 77: "spaceship"}  # ids need not be contiguous
     val = _coco([(10, "a.jpg"), (20, "b.jpg"), (30, "val2017/c.jpg")], categories, [
         {"image_id": 10, "category_id": 1, "bbox": [10, 5, 20, 30]},  # a/0
@@ -215,7 +217,8 @@ def test_coco_batch_lands_with_crowds_skipped_and_boxes_from_segmentations(tmp_p
 
     rows = _frames(conn)
     assert set(rows) == {"a", "b", "c", "d"} and {r["label_format"] for r in rows.values()} == {"coco"}
-    assert (rows["a"]["ann_categories"], _boxes(rows["a"])) == (["pedestrian"], [[10, 5, 30, 35]])
+    assert (rows["a"]["ann_categories"], _boxes(rows["a"])) == (["pedestrian", "car"], [[10, 5, 30, 35], [0, 0, 100, 50]])
+    assert rows["a"]["ann_crowd"] == [False, True]  # the crowd region: an ignore region
     assert rows["b"]["ann_categories"] == []  # an image without annotations is a frame without boxes
     assert rows["c"]["ann_categories"] == ["car", "pedestrian", "car"]
     assert _boxes(rows["c"]) == [[10, 10, 40, 30], [60, 0, 70, 50], [20, 5, 30, 15]]
@@ -229,8 +232,8 @@ def test_coco_batch_lands_with_crowds_skipped_and_boxes_from_segmentations(tmp_p
         (f"{val_file}#annotations/7", "unknown_image_id"),
         ("notes.txt", "unsupported_file"),
     }
-    assert summary.objects_ignored == {"class dog": 1, "crowd region": 1}
-    assert summary.boxes == 5
+    assert summary.objects_ignored == {"class dog": 1}
+    assert summary.boxes == 6
 
 
 # --- class mapping, refusals, strays ----------------------------------------------------------

@@ -9,16 +9,19 @@ on the columns in `curation_checks`.
 
 - `has_person`, `has_rider`, `num_persons`, `scene_description` ("night, rainy, city street;
   2 pedestrians, 1 rider"): from the (already det_20-normalised) annotations and scene
-  attributes.
+  attributes. Crowd boxes (`ann_crowd`) are ignore regions, never objects: every column from
+  the annotations skips them (recorded as `crowd_boxes: skipped` in the columns' parameters).
 - `person_bbox_area_pct`: largest person box as a percentage of the frame area, from a
   torchvision detector (COCO weights from the torch hub cache, or a local state_dict) or,
   where no weights are available, from the annotations. The source is recorded in the
   column's field metadata; a run with another source refuses to extend the column unless
   the column is recomputed (`CurationConfig.recompute`).
 - `dhash` (64-bit difference hash of the decoded image) and `is_duplicate`: a frame is a
-  duplicate iff an earlier-ingested frame is within `dup_threshold` bits (Hamming), so
-  exactly the earliest frame of each duplicate group stays unflagged and values of old rows
-  never change when new rows arrive.
+  duplicate iff an earlier-ingested frame of another clip is within `dup_threshold` bits
+  (Hamming; a frame without a clip is a clip of its own), so the earliest frame of each
+  duplicate group stays unflagged and values of old rows never change when new rows arrive.
+  Frames of one clip never flag each other: consecutive frames are alike by nature (in the
+  synthetic clips their hashes differ by 0 bits at the median, 6 at most).
 - `embedding`: a unit vector per frame from its pixels alone, by the configured model
   (`embeddings`; recorded in the column's metadata, changed only with a recompute), and
   `uniqueness`: cosine distance to the nearest earlier-ingested frame, so again old rows never
@@ -66,7 +69,7 @@ from avperception_assets.discovery.vector_index import vectors_matrix
 from avperception_assets.cluster.ray import require_ray
 from avperception_assets.patches import geneva as geneva_patches
 from avperception_assets.storage import tables as storage
-from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, person_bbox_area_pct_annotations
+from avperception_assets.curation.udfs import ANNOTATION_COLUMNS_TYPE, CROWD_BOXES_RULE, UNIQUENESS_CAP, ExemplarDistance, NoveltyColumns, PersonAreaDetector, PixelColumns, annotation_columns, clip_keys, person_bbox_area_pct_annotations
 from avperception_assets.failure_modes.registry import FailureMode
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
@@ -300,13 +303,14 @@ def _group_plan(name: str, make_udf: Callable[[Any], Any], params: dict[str, dic
 
 def plan_columns(config: CurationConfig) -> dict[str, ColumnPlan]:
     """The job (UDF and defining parameters) of every curation column under `config`, by job name."""
-    annotation_params = {c: {} for c in UDF_GROUPS["annotation_columns"]}
+    annotation_params = {c: {"crowd_boxes": CROWD_BOXES_RULE} for c in UDF_GROUPS["annotation_columns"]}
     plans = {"annotation_columns": _group_plan("annotation_columns", lambda t: _group_udf(
         annotation_columns, ANNOTATION_COLUMNS_TYPE, annotation_params, "annotation_columns"), annotation_params,
         light=True)}
     source = resolve_person_area_source(config)
     pct_params: dict[str, Any] = {"source": source.label}
     if source.kind == SOURCE_ANNOTATIONS:
+        pct_params["crowd_boxes"] = CROWD_BOXES_RULE
         pct = lambda t: _udf(person_bbox_area_pct_annotations, pa.float32(), pct_params, "pct")  # noqa: E731
     else:
         pct_params["score_threshold"] = config.score_threshold
@@ -338,7 +342,8 @@ def _embedding_plans(config: CurationConfig) -> dict[str, ColumnPlan]:
     pixel_type = pa.struct([("dhash", pa.uint64()), ("embedding", pa.list_(pa.float32(), model.dim))])
     pixels = PixelColumns(model, config.embedding_batch_size)
     novelty_params = {
-        "is_duplicate": {"hamming_threshold": config.dup_threshold, "rule": "earlier_ingest_within_threshold"},
+        "is_duplicate": {"hamming_threshold": config.dup_threshold,
+                         "rule": "earlier_ingest_of_another_clip_within_threshold"},
         "uniqueness": {"embedding_model": model.label, "rule": "cosine_distance_to_nearest_earlier_ingest",
                        "cap": UNIQUENESS_CAP}}
     return {
@@ -375,22 +380,25 @@ def exemplar_vectors(table, mode: FailureMode, model: embeddings.EmbeddingModel)
 
 
 def _novelty_udf(table, config: CurationConfig, params: dict[str, dict[str, Any]]):
-    hashes, seqs = reference_hashes(table)
+    hashes, seqs, clips = reference_hashes(table)
     # The version names the reference set, so checkpoints are reused only for the same one.
-    digest = hashlib.sha1(hashes.tobytes() + seqs.tobytes()).hexdigest()[:12]
+    digest = hashlib.sha1(hashes.tobytes() + seqs.tobytes() + clips.tobytes()).hexdigest()[:12]
     version = hashlib.sha1(json.dumps([params, digest], sort_keys=True).encode()).hexdigest()[:12]
-    novelty = NoveltyColumns(hashes, seqs, config.dup_threshold, table.uri.rsplit("/", 1)[0], table.name)
+    novelty = NoveltyColumns(hashes, seqs, clips, config.dup_threshold, table.uri.rsplit("/", 1)[0], table.name)
     return _group_udf(novelty, pa.struct([("is_duplicate", pa.bool_()), ("uniqueness", pa.float32())]), params,
                       "novelty_columns", version=version)
 
 
-def reference_hashes(table) -> tuple[np.ndarray, np.ndarray]:
-    """(dhash, ingest_seq) of every frame that has a dhash."""
+def reference_hashes(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dhash, ingest_seq, clip key: `clip_keys`) of every frame that has a dhash."""
     if "dhash" not in table.schema.names:
         raise CurationError("is_duplicate reads dhash, which does not exist yet: backfill dhash first")
-    data = table.to_lance().to_table(columns=["dhash", "ingest_seq"], filter="dhash IS NOT NULL")
-    return (data["dhash"].to_numpy(zero_copy_only=False).astype(np.uint64),
-            data["ingest_seq"].to_numpy(zero_copy_only=False).astype(np.int64))
+    has_clips = storage.CLIP_ID in table.schema.names  # a table from before clips has none
+    data = table.to_lance().to_table(columns=["dhash", "ingest_seq", *([storage.CLIP_ID] if has_clips else [])],
+                                     filter="dhash IS NOT NULL")
+    seqs = data["ingest_seq"].to_numpy().astype(np.int64)
+    return (data["dhash"].to_numpy().astype(np.uint64), seqs,
+            clip_keys(data[storage.CLIP_ID] if has_clips else None, seqs))
 
 
 

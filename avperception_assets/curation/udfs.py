@@ -11,14 +11,17 @@ parameter's annotation with `pa.RecordBatch` itself, unevaluated. Annotations na
 are strings, so definitions load without importing Geneva.
 """
 
+import hashlib
 import io
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from avperception_assets.formats.taxonomy import CLASSES, PERSON_CLASSES
 from avperception_assets.storage.decoding import decode
+from avperception_assets.storage.tables import CLIP_ID
 from avperception_assets.discovery.embeddings import EmbeddingModel
 from avperception_assets.discovery.embeddings import load as load_embedder
 from avperception_assets.discovery.vector_index import nearest_each, vectors_matrix
@@ -29,12 +32,24 @@ if TYPE_CHECKING:  # Geneva resolves `Columns` in return annotations itself: no 
 COCO_PERSON_LABEL = 1  # torchvision COCO heads (and this project's detector) use COCO ids
 
 
-def _categories(ann_categories) -> list[str]:
-    return [] if ann_categories is None else [str(c) for c in ann_categories]
+CROWD_BOXES_RULE = "skipped"  # recorded on the annotation columns: crowd boxes are ignore regions
 
 
-def count_persons(ann_categories) -> int:
-    return sum(c in PERSON_CLASSES for c in _categories(ann_categories))
+def _not_crowd(values, ann_crowd) -> list:
+    """Per-box `values` of a frame's boxes, crowd boxes (ignore regions, not objects) left out;
+    `values` NULL: no box, `ann_crowd` NULL: no crowd box."""
+    if values is None:
+        return []
+    crowd = [False] * len(values) if ann_crowd is None else ann_crowd
+    return [value for value, is_crowd in zip(values, crowd) if not is_crowd]
+
+
+def _categories(ann_categories, ann_crowd=None) -> list[str]:
+    return [str(c) for c in _not_crowd(ann_categories, ann_crowd)]
+
+
+def count_persons(ann_categories, ann_crowd=None) -> int:
+    return sum(c in PERSON_CLASSES for c in _categories(ann_categories, ann_crowd))
 
 
 def person_area_pct_from_boxes(boxes, width: float, height: float) -> float:
@@ -48,10 +63,10 @@ def person_area_pct_from_boxes(boxes, width: float, height: float) -> float:
     return float(min(100.0, 100.0 * areas.max() / (width * height)))
 
 
-def annotated_person_area_pct(ann_categories, ann_bboxes, width, height) -> float:
-    categories = _categories(ann_categories)
-    boxes = [] if ann_bboxes is None else list(ann_bboxes)
-    persons = [np.asarray(b, dtype=np.float64) for c, b in zip(categories, boxes) if c in PERSON_CLASSES]
+def annotated_person_area_pct(ann_categories, ann_bboxes, width, height, ann_crowd=None) -> float:
+    """Largest annotated person box (crowd boxes left out) as a percentage of the frame area."""
+    boxes = zip(_categories(ann_categories, ann_crowd), _not_crowd(ann_bboxes, ann_crowd))
+    persons = [np.asarray(b, dtype=np.float64) for c, b in boxes if c in PERSON_CLASSES]
     return person_area_pct_from_boxes(persons, width, height)
 
 
@@ -74,26 +89,50 @@ def hamming(a: np.ndarray, b) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
 
 
-def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, ref_hashes: np.ndarray, ref_seqs: np.ndarray,
-                    threshold: int, chunk: int = 256) -> np.ndarray:
-    """True where some reference frame ingested earlier is within `threshold` bits."""
-    hashes, seqs = np.asarray(hashes, dtype=np.uint64), np.asarray(seqs, dtype=np.int64)
-    ref_hashes, ref_seqs = np.asarray(ref_hashes, dtype=np.uint64), np.asarray(ref_seqs, dtype=np.int64)
+def clip_keys(clip_ids: pa.Array | pa.ChunkedArray | None, seqs: np.ndarray) -> np.ndarray:
+    """An int64 key of each frame's clip: a hash of its `clip_id` (non-negative), or for a frame
+    without a clip (NULL, or a table from before clips: `clip_ids` None) its own `-1 - ingest_seq`,
+    so it is a clip of its own. 8 bytes a frame, where the ids would be tens."""
+    keys = -1 - np.asarray(seqs, dtype=np.int64)
+    if clip_ids is None:
+        return keys
+    if isinstance(clip_ids, pa.ChunkedArray):
+        clip_ids = clip_ids.combine_chunks()
+    encoded = pc.dictionary_encode(clip_ids)  # each distinct id hashed once
+    hashes = np.array([_clip_hash(c) for c in encoded.dictionary.to_pylist()] or [0], dtype=np.int64)
+    has_clip = encoded.indices.is_valid().to_numpy(zero_copy_only=False)
+    keys[has_clip] = hashes[encoded.indices.fill_null(0).to_numpy()][has_clip]
+    return keys
+
+
+def _clip_hash(clip_id: str) -> int:
+    digest = int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little")
+    return digest >> 1  # 63 bits: never one of the negative keys of frames without a clip
+
+
+def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, clips: np.ndarray, ref_hashes: np.ndarray,
+                    ref_seqs: np.ndarray, ref_clips: np.ndarray, threshold: int, chunk: int = 256) -> np.ndarray:
+    """True where a reference frame of another clip (`clip_keys`), ingested earlier, is within
+    `threshold` bits. Frames of one clip never flag each other: consecutive frames are alike by nature."""
+    hashes, seqs, clips = (np.asarray(hashes, dtype=np.uint64), np.asarray(seqs, dtype=np.int64),
+                           np.asarray(clips, dtype=np.int64))
+    ref_hashes, ref_seqs, ref_clips = (np.asarray(ref_hashes, dtype=np.uint64), np.asarray(ref_seqs, dtype=np.int64),
+                                       np.asarray(ref_clips, dtype=np.int64))
     flags = np.zeros(len(hashes), dtype=bool)
     for start in range(0, len(hashes), chunk):  # bounded memory: chunk x reference matrix
-        h, s = hashes[start:start + chunk, None], seqs[start:start + chunk, None]
-        near = hamming(h, ref_hashes[None, :]) <= threshold
-        flags[start:start + chunk] = (near & (ref_seqs[None, :] < s)).any(axis=1)
+        rows = slice(start, start + chunk)
+        near = hamming(hashes[rows, None], ref_hashes[None, :]) <= threshold
+        earlier_elsewhere = (ref_seqs[None, :] < seqs[rows, None]) & (ref_clips[None, :] != clips[rows, None])
+        flags[rows] = (near & earlier_elsewhere).any(axis=1)
     return flags
 
 
+def has_person(ann_categories, ann_crowd=None) -> bool:
+    return count_persons(ann_categories, ann_crowd) > 0
 
-def has_person(ann_categories) -> bool:
-    return count_persons(ann_categories) > 0
 
-
-def has_rider(ann_categories) -> bool:
-    return "rider" in _categories(ann_categories)
+def has_rider(ann_categories, ann_crowd=None) -> bool:
+    return "rider" in _categories(ann_categories, ann_crowd)
 
 
 # Plural names of the det_20 classes, for scene descriptions.
@@ -103,11 +142,11 @@ PLURALS = {"pedestrian": "pedestrians", "rider": "riders", "car": "cars", "truck
 UNDEFINED = "undefined"
 
 
-def scene_description(timeofday, weather, scene, ann_categories) -> str:
+def scene_description(timeofday, weather, scene, ann_categories, ann_crowd=None) -> str:
     """'night, rainy, city street; 2 pedestrians, 1 rider, 3 cars': the scene attributes, then
-    the count of each class in det_20 order (what full-text search indexes)."""
+    the count of each class in det_20 order, crowd boxes left out (what full-text search indexes)."""
     attributes = [a for a in (timeofday, weather, scene) if a and a != UNDEFINED]
-    categories = _categories(ann_categories)
+    categories = _categories(ann_categories, ann_crowd)
     counts = [f"{n} {c if n == 1 else PLURALS[c]}" for c in CLASSES if (n := categories.count(c))]
     return f"{', '.join(attributes) or 'unknown scene'}; {', '.join(counts) or 'no objects'}"
 
@@ -123,17 +162,18 @@ ANNOTATION_COLUMNS_TYPE = pa.struct([("has_person", pa.bool_()), ("has_rider", p
                                      ("num_persons", pa.int32()), ("scene_description", pa.string())])
 
 
-def annotation_columns(ann_categories: np.ndarray, timeofday: str, weather: str,
+def annotation_columns(ann_categories: np.ndarray, ann_crowd: np.ndarray, timeofday: str, weather: str,
                        scene: str) -> "Columns[AnnotationColumns]":
     """`has_person`, `has_rider`, `num_persons` and `scene_description`: one UDF, so one Geneva
-    job fills all four."""
-    return AnnotationColumns(has_person(ann_categories), has_rider(ann_categories), count_persons(ann_categories),
-                             scene_description(timeofday, weather, scene, ann_categories))
+    job fills all four. Crowd boxes (`ann_crowd`) are ignore regions: no object of any of them."""
+    return AnnotationColumns(has_person(ann_categories, ann_crowd), has_rider(ann_categories, ann_crowd),
+                             count_persons(ann_categories, ann_crowd),
+                             scene_description(timeofday, weather, scene, ann_categories, ann_crowd))
 
 
-def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray,
+def person_bbox_area_pct_annotations(ann_categories: np.ndarray, ann_bboxes: np.ndarray, ann_crowd: np.ndarray,
                                      width: int, height: int) -> float:
-    return annotated_person_area_pct(ann_categories, ann_bboxes, width, height)
+    return annotated_person_area_pct(ann_categories, ann_bboxes, width, height, ann_crowd)
 
 
 def dhash(image_bytes: bytes) -> int:
@@ -246,8 +286,9 @@ class NoveltyColumns:
     before it, one Geneva job for both. Earlier frames only, so a value never changes when
     footage lands.
 
-    - is_duplicate: an earlier frame is within `threshold` bits of its dhash. The reference
-      hashes (every frame with a dhash, old and new) travel with the UDF: 16 bytes a frame.
+    - is_duplicate: an earlier frame of another clip is within `threshold` bits of its dhash
+      (`duplicate_flags`). The reference hashes, seqs and clip keys (every frame with a dhash, old
+      and new) travel with the UDF: 24 bytes a frame.
     - uniqueness: cosine distance from its embedding to the nearest earlier frame's, capped at
       `UNIQUENESS_CAP` (the first frame ever scores the cap). The frames before the batch's
       first are searched in one indexed (or, on a small table, exact) query for the whole batch;
@@ -255,9 +296,11 @@ class NoveltyColumns:
       compared directly. The cost follows the new rows.
     """
 
-    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, threshold: int, uri: str, table_name: str):
+    def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, ref_clips: np.ndarray, threshold: int, uri: str,
+                 table_name: str):
         self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
         self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
+        self.ref_clips = np.asarray(ref_clips, dtype=np.int64)
         self.threshold = threshold
         self.uri = uri  # the database's, not the table's
         self.table_name = table_name
@@ -268,7 +311,9 @@ class NoveltyColumns:
         if batch["dhash"].null_count or batch["embedding"].null_count:
             raise ValueError("frame has no dhash or embedding (its image could not be decoded)")
         seqs = batch["ingest_seq"].to_numpy()
-        flags = duplicate_flags(batch["dhash"].to_numpy(), seqs, self.ref_hashes, self.ref_seqs, self.threshold)
+        clips = clip_keys(batch[CLIP_ID] if CLIP_ID in batch.schema.names else None, seqs)
+        flags = duplicate_flags(batch["dhash"].to_numpy(), seqs, clips, self.ref_hashes, self.ref_seqs, self.ref_clips,
+                                self.threshold)
         table = lancedb.connect(self.uri).open_table(self.table_name)
         values = uniqueness(table, vectors_matrix(batch["embedding"]), seqs)
         return pa.StructArray.from_arrays([pa.array(flags, type=pa.bool_()), pa.array(values, type=pa.float32())],

@@ -38,6 +38,8 @@ def _curation_audits(table, columns: tuple[str, ...]) -> dict[str, tuple[bool, d
         outcomes["uniqueness.value_range"] = curation_checks.check_uniqueness_range(table)
     if "is_duplicate" in present:
         outcomes["is_duplicate.one_survivor_per_group"] = curation_checks.check_duplicate_groups(table)
+        if "embedding" in present:
+            outcomes["is_duplicate.no_split_leaks"] = curation_checks.check_split_leaks(table)
     return {name: (o.passed or o.warn_only, o.metadata) for name, o in outcomes.items()}
 
 

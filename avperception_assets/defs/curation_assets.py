@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from avperception_assets.curation import columns as curation, checks as curation_checks
+from avperception_assets.curation import columns as curation, checks as curation_checks, leaks
 from avperception_assets.storage import tables as storage
 from avperception_assets.workspace import BASE_CHECKPOINTS, Workspace, variable_for
 from avperception_assets.defs.names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, column_key, latest_metadata
@@ -23,8 +23,9 @@ DESCRIPTIONS = {
     "person_bbox_area_pct": "Largest person box as a percentage of the frame area, from the configured "
                             "detector or the annotations (metadata `source` says which).",
     "dhash": "64-bit difference hash of the decoded image (perceptual near-duplicate key).",
-    "is_duplicate": "Frame is within `dup_threshold` bits of an earlier-ingested frame; each duplicate "
-                    "group keeps its earliest frame unflagged.",
+    "is_duplicate": "Frame is within `dup_threshold` bits of an earlier-ingested frame of another clip (a frame "
+                    "without a clip is a clip of its own); each duplicate group keeps its earliest frame unflagged. "
+                    "Frames of one clip never flag each other: consecutive frames are alike by nature.",
     "scene_description": "The scene attributes and the count of each class ('night, rainy, city street; "
                          "2 pedestrians, 1 rider'), full-text indexed by table_maintenance.",
     "embedding": "Unit vector of the frame from its pixels alone (metadata `model` says which model and weights; "
@@ -77,10 +78,12 @@ def _spec(name: str, config: curation.CurationConfig, workspace: Workspace) -> d
 
 
 def open_frames(workspace: WorkspaceResource, conn=None):
+    """The frames table, with every column of the frames schema: a table from before a column
+    existed gains it (the annotation UDFs read `ann_crowd`; Geneva refuses a missing input column)."""
     conn = conn or workspace.connect()
     if not storage.table_exists(conn, storage.FRAMES_TABLE):
         raise dg.Failure(f"table {storage.FRAMES_TABLE!r} does not exist yet: materialize raw_frames first")
-    return conn.open_table(storage.FRAMES_TABLE)
+    return storage.open_frames(conn)
 
 
 def _metadata(stats: curation.ColumnStats) -> dict:
@@ -188,6 +191,15 @@ def duplicate_groups(context: dg.AssetCheckExecutionContext, workspace: Workspac
     return _scoped(context, workspace, "is_duplicate", curation_checks.check_duplicate_groups)
 
 
+@dg.asset_check(asset=column_key("is_duplicate"), name="no_split_leaks",
+                description="No near-duplicate pair of frames across splits (train and val), by dhash within "
+                "`dup_threshold` bits or by embedding within a cosine distance of "
+                f"{leaks.LEAK_COSINE_DISTANCE}; only pairs with a frame of the run are searched. Splits are by "
+                "clip, so any pair found is a leak: it fails the check (not blocking) and the worst pairs are listed.")
+def split_leaks(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
+    return _scoped(context, workspace, "is_duplicate", curation_checks.check_split_leaks)
+
+
 @dg.asset_check(asset=column_key("embedding"), name="unit_vectors", blocking=True,
                 description="Every embedding the run filled has the model's dimension and unit norm.")
 def embedding_vectors(context: dg.AssetCheckExecutionContext, workspace: WorkspaceResource) -> dg.AssetCheckResult:
@@ -206,6 +218,7 @@ def build_curation_checks(modes) -> list:
         *(_consistency_check(name) for name in curation.UDF_GROUPS["annotation_columns"]),
         person_area_range,
         duplicate_groups,
+        split_leaks,
         embedding_vectors,
         uniqueness_range,
     ]

@@ -1,6 +1,7 @@
 """COCO JSON: a data set (`images`, `annotations` with `bbox` = x, y, width, height, `categories`
 whose ids need not be contiguous) read into `LabelRecord`s; data sets and detection results
-written from corner boxes.
+written from corner boxes. An `iscrowd` 1 annotation is a crowd box both ways: read with its
+box (from its segmentation where it has no bbox) as `ann_crowd` true, written from it as `iscrowd` 1.
 
 `Dataset` is the one writer of COCO data sets (a slice export's `instances_<split>.json` through
 `CocoWriter`, an evaluation report's ground truth) and `detections` the one writer of COCO
@@ -19,7 +20,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from avperception_assets.formats.records import (
-    BadObject, IgnoredObject, LabelFileError, LabelRecord, split_from_path, stem,
+    BadObject, LabelFileError, LabelRecord, split_from_path, stem,
 )
 from avperception_assets.storage.quarantine import Rejection
 
@@ -54,8 +55,6 @@ def read_dataset(payload: dict, rel: str, classes: dict) -> tuple[list[LabelReco
 
 
 def _object(annotation: dict, categories: dict):
-    if annotation.get("iscrowd"):
-        return IgnoredObject("crowd region")  # one region over many instances: not an instance box
     category_id = annotation.get("category_id")
     name = categories.get(category_id) if isinstance(category_id, (int, str)) else None
     if name is None:
@@ -64,7 +63,8 @@ def _object(annotation: dict, categories: dict):
         box = _box(annotation)
     except ValueError as exc:
         return BadObject("malformed_box", f"annotation {annotation.get('id')!r}: {exc}")
-    return {"category": name, "box2d": box, "attributes": {}}
+    # `iscrowd` 1: one region over many instances, kept as a crowd box (an ignore region).
+    return {"category": name, "box2d": box, "attributes": {"crowd": bool(annotation.get("iscrowd"))}}
 
 
 def _box(annotation: dict) -> dict:
@@ -152,7 +152,7 @@ def detections(image_id: int, category_ids: Sequence[int], boxes, scores: Sequen
 
 class CocoWriter:
     """Frames (frames-table columns: `image_id`, `split`, `width`, `height`, `ann_categories`,
-    `ann_bboxes` in pixels) as a COCO data set under `root`: one `annotations/instances_<split>.json`
+    `ann_bboxes` in pixels, `ann_crowd` where present) as a COCO data set under `root`: one `annotations/instances_<split>.json`
     per split, written at the end, category ids from 1 in the order of `names`, each image's
     `frame_id` its frame's image id. The images themselves (`images/<split>/`) are the caller's."""
 
@@ -169,7 +169,7 @@ class CocoWriter:
             self.splits[frame["split"]] = split
         category_ids = [self.names.index(category) + 1 for category in frame["ann_categories"]]
         split.add_image(file_name, frame["width"], frame["height"], category_ids, frame["ann_bboxes"],
-                        frame_id=frame["image_id"])
+                        frame.get("ann_crowd"), frame_id=frame["image_id"])
 
     def close(self) -> None:
         (self.root / "annotations").mkdir(exist_ok=True)

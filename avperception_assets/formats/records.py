@@ -37,13 +37,6 @@ class BadObject:
     detail: str
 
 
-@dataclass(frozen=True)
-class IgnoredObject:
-    """An object that is no detection box by design (a COCO crowd region): counted, not quarantined."""
-
-    why: str
-
-
 @dataclass
 class LabelRecord:
     image_id: str  # file stem of the image it labels
@@ -52,7 +45,7 @@ class LabelRecord:
     split: str | None
     attributes: dict
     timestamp: int | None
-    objects: list  # BDD-shaped dicts ({category, box2d, attributes}), BadObject or IgnoredObject
+    objects: list  # BDD-shaped dicts ({category, box2d, attributes}) or BadObject
     # Class name → det_20 class or None (ignored), for formats other than BDD's, whose names
     # follow the official mapping instead.
     classes: Mapping[str, str | None] | None = None
@@ -133,9 +126,6 @@ def normalize_objects(record: LabelRecord, width: int, height: int) -> FrameBoxe
     for index, obj in enumerate(record.objects):
         if isinstance(obj, BadObject):
             reject(index, obj.reason, obj.detail)
-            continue
-        if isinstance(obj, IgnoredObject):
-            ignored[obj.why] += 1
             continue
         if not isinstance(obj, dict):
             reject(index, "malformed_object", f"object is {type(obj).__name__}")

@@ -1,5 +1,11 @@
 """Pascal VOC labels: one XML per image (`annotation/object/name`, `bndbox/xmin,ymin,xmax,ymax`
-in 1-based pixels, `occluded`, `truncated`), splits listed in `ImageSets/Main/{train,val}.txt`.
+in 1-based pixels, `occluded`, `truncated`, `difficult`), splits listed in
+`ImageSets/Main/{train,val}.txt`.
+
+A `difficult` object is read as an ignore region (`ann_crowd` true), VOC's nearest notion of a
+crowd box: VOC's own evaluation neither requires nor penalises a detection of one, and
+mmdetection's VOC reader puts such boxes among its ignored ones. It is kept, never a training
+target, and never counted as a miss.
 
 There is no VOC writer: exports write COCO or YOLO.
 """
@@ -67,7 +73,8 @@ def _object(element: ElementTree.Element):
         return BadObject("malformed_box", f"the <bndbox> of {name!r} lacks numeric xmin, ymin, xmax, ymax")
     # 1-based pixel indices, both ends inclusive → 0-based continuous corners.
     return {"category": name, "box2d": {"x1": xmin - 1, "y1": ymin - 1, "x2": xmax, "y2": ymax},
-            "attributes": {"occluded": _flag(element, "occluded"), "truncated": _flag(element, "truncated")}}
+            "attributes": {"occluded": _flag(element, "occluded"), "truncated": _flag(element, "truncated"),
+                           "crowd": _flag(element, "difficult")}}
 
 
 def _flag(element: ElementTree.Element, tag: str) -> bool:

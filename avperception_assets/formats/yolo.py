@@ -4,6 +4,9 @@ class names in `data.yaml` (`names`: a list or index → name) or `classes.txt` 
 `read_labels` reads one label file into a `LabelRecord` whose boxes are fractions of the frame
 (`relative_boxes`); `YoloWriter` writes frames as a data set (`labels/<split>/<stem>.txt` and
 `data.yaml`), which `read_labels` reads back.
+
+YOLO has no notion of a crowd box (an ignore region): the writer leaves crowd boxes out, so a
+tool training on the export sees their pixels as background. Export COCO (`iscrowd` 1) to keep them.
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ def _values(line: str) -> tuple[int, float, float, float, float]:
 
 class YoloWriter:
     """Frames (frames-table columns: `split`, `width`, `height`, `ann_categories`, `ann_bboxes` in
-    pixels) as YOLO labels under `root`: one label file per image as it comes, `data.yaml` at the
-    end, naming the splits' image folders (`images/<split>`, written by the caller) and `info`."""
+    pixels, `ann_crowd` where present) as YOLO labels under `root`: one label file per image as it
+    comes, crowd boxes left out, `data.yaml` at the end, naming the splits' image folders
+    (`images/<split>`, written by the caller) and `info`."""
 
     def __init__(self, root: Path, info: dict, names: Sequence[str]):
         self.root, self.info, self.names = root, info, list(names)
@@ -99,10 +103,12 @@ class YoloWriter:
     def add(self, frame: dict, file_name: str) -> None:
         self.splits.add(frame["split"])
         width, height = frame["width"], frame["height"]
+        crowd = frame.get("ann_crowd") or [False] * len(frame["ann_categories"])
         lines = [
             f"{self.names.index(category)} {(x1 + x2) / 2 / width:.7f} {(y1 + y2) / 2 / height:.7f} "
             f"{(x2 - x1) / width:.7f} {(y2 - y1) / height:.7f}"
-            for category, (x1, y1, x2, y2) in zip(frame["ann_categories"], frame["ann_bboxes"])
+            for category, (x1, y1, x2, y2), is_crowd in zip(frame["ann_categories"], frame["ann_bboxes"], crowd)
+            if not is_crowd
         ]
         target = self.root / "labels" / frame["split"] / f"{Path(file_name).stem}.txt"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ class BatchSummary:
     quarantined: Counter = field(default_factory=Counter)
     boxes: int = 0
     boxes_clipped: int = 0
-    objects_ignored: Counter = field(default_factory=Counter)  # by why: "class dog", "crowd region"
+    objects_ignored: Counter = field(default_factory=Counter)  # by why: "class dog"
     clips: set[str] = field(default_factory=set)  # footage clips (MOT videos) the ingested frames are of
     seconds: float = 0.0
     first_ingest_seq: int = 0  # the batch's frames take ingest_seq from here on

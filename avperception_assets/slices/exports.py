@@ -5,6 +5,8 @@ names the view, its version and the frames-table version it reflects. YOLO (Ultr
 `images/<split>/`, `labels/<split>/<image id>.txt` (`class cx cy w h`, normalised) and
 `data.yaml`, which names the same. Both use the det_20 class names, in `bdd100k.CLASSES` order
 (COCO category ids from 1, YOLO class indices from 0), and the image bytes exactly as stored.
+Crowd boxes (`ann_crowd`, ignore regions) are COCO annotations with `iscrowd` 1; YOLO has no
+such notion, so its labels leave them out (`Export.crowd_boxes` counts them either way).
 Both layouts are among those ingestion reads, so an export lands again as a batch. The label
 files are written by `formats.coco` and `formats.yolo`; this module reads the pinned view and
 writes the images.
@@ -49,13 +51,14 @@ class Export:
     source_table: str
     source_table_version: int | None
     frames: int
-    boxes: int
+    boxes: int  # every box of the frames, crowd boxes included
+    crowd_boxes: int
     splits: tuple[str, ...]
 
     def as_metadata(self) -> dict:
         return {"path": str(self.path), "format": self.format, "view": self.view, "view_version": self.version,
                 "source_table": self.source_table, "source_table_version": self.source_table_version,
-                "frames": self.frames, "boxes": self.boxes, "splits": list(self.splits), "classes": list(CLASSES)}
+                "frames": self.frames, "boxes": self.boxes, "crowd_boxes": self.crowd_boxes, "splits": list(self.splits), "classes": list(CLASSES)}
 
 
 def export_name(view: str, version: int, fmt: str) -> str:
@@ -64,12 +67,14 @@ def export_name(view: str, version: int, fmt: str) -> str:
 
 
 def _frames(view: loader.ViewRef, batch_size: int = 64) -> Iterator[dict]:
-    """Every frame of the pinned view as a dict of `_COLUMNS`, image bytes included."""
+    """Every frame of the pinned view as a dict of `_COLUMNS` (and `ann_crowd` where the view has
+    it: views from before clips lack it), image bytes included."""
     table = loader.open_table(view.uri, view.name, view.version)
     pixels = PixelReader.of(view.uri, table)
-    for batch in table.to_lance().to_batches(columns=pixels.columns(_COLUMNS), batch_size=batch_size):
+    columns = _COLUMNS + [loader.CROWD] if loader.CROWD in table.schema.names else _COLUMNS
+    for batch in table.to_lance().to_batches(columns=pixels.columns(columns), batch_size=batch_size):
         if batch.num_rows:
-            yield from pixels.attach(batch).select(_COLUMNS).to_pylist()
+            yield from pixels.attach(batch).select(columns).to_pylist()
 
 
 def _image_file(frame: dict) -> str:
@@ -104,10 +109,11 @@ def export_view(uri: str, view_name: str, fmt: str, out_dir: Path, version: int 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        writer, frames, boxes = _WRITERS[fmt](staging, info, CLASSES), 0, 0
+        writer, frames, boxes, crowd_boxes = _WRITERS[fmt](staging, info, CLASSES), 0, 0, 0
         for frame in _frames(view):
             writer.add(frame, _write_image(staging, frame))
             frames, boxes = frames + 1, boxes + len(frame["ann_categories"])
+            crowd_boxes += sum(frame.get(loader.CROWD) or [])
             if frames % 500 == 0:
                 log(f"{target.name}: {frames} frames written")
         writer.close()
@@ -116,9 +122,10 @@ def export_view(uri: str, view_name: str, fmt: str, out_dir: Path, version: int 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"{target.name}: {frames} frames, {boxes} boxes")
+    log(f"{target.name}: {frames} frames, {boxes} boxes ({crowd_boxes} crowd boxes)")
     splits = tuple(sorted(p.name for p in (target / "images").iterdir())) if frames else ()
-    return Export(target, fmt, view.name, view.version, source_table, source_version, frames, boxes, splits)
+    return Export(target, fmt, view.name, view.version, source_table, source_version, frames, boxes, crowd_boxes,
+                  splits)
 
 
 def main(argv: list[str] | None, *, uri: str, exports_dir: Path) -> int:
