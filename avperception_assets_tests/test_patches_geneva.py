@@ -181,8 +181,8 @@ def test_a_cluster_address_without_an_empty_manifest_needs_geneva_s_uploader(tmp
 
 def test_a_backfill_with_an_explicit_filter_logs_advice_the_patch_drops(tmp_path, caplog, monkeypatch):
     """Planning a backfill takes the same path as running one and needs no Ray."""
-    table = geneva.connect(str(tmp_path)).create_table(
-        "frames", pa.table({"ann_categories": [["person"], ["car"]]}), storage_options=storage.STABLE_ROW_IDS)
+    frames = pa.table({"ann_categories": [["person"], ["car"]], "ann_crowd": [[False], [False]]})
+    table = geneva.connect(str(tmp_path)).create_table("frames", frames, storage_options=storage.STABLE_ROW_IDS)
     table.add_columns({"has_person": geneva.udf(curation_udfs.has_person, data_type=pa.bool_())})
     logger = logging.getLogger("geneva.table")
     monkeypatch.setattr(logger, "filters", [])  # unpatched, whatever ran before in this process

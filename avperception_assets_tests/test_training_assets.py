@@ -180,7 +180,7 @@ def test_a_mode_that_trains_on_tiles_gives_its_fine_tune_crops_of_the_tile_size_
     distant = get_mode("distant_person")
     assert distant.train_crop == distant.tiling.tile_size == distant.min_input_size  # crops go in unscaled
     profile = TrainingConfig(profile="cpu").mode_profile(distant)
-    assert (profile.train_crop, profile.min_size, profile.epochs) == (448, 448, 8)
+    assert (profile.train_crop, profile.min_size, profile.epochs) == (448, 448, 6)
     assert TrainingConfig(profile="cpu", max_steps_per_epoch=3).mode_profile(distant) == profile.replace(
         max_steps_per_epoch=3)  # run config wins
     assert TrainingConfig(profile="cpu", epochs=3).resolve_profile(True, finetune_epochs=20).epochs == 3  # run config wins
