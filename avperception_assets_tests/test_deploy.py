@@ -24,17 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 MANIFESTS = ("settings.yaml", "secrets.template.yaml", "raycluster.yaml")
 RELEASE = "dagster"  # the Helm release name deploy/README.md installs
+BUCKET_SECRET = "avp-bucket"
 BUCKET_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 BUCKET_SETTINGS = {"AWS_ENDPOINT_URL", "AWS_REGION"}
-POSTGRES_PASSWORD_KEY = "postgresql-password"  # the key the chart reads from global.postgresqlSecretName
 
-# The Dagster chart's top-level values (its values schema), and how its instance template writes
+# The Dagster chart's top-level values and a code location's (its values schema), and how its instance template writes
 # `runLauncher.config.k8sRunLauncher` into the K8sRunLauncher's config
 # (templates/helpers/instance/_run-launcher.tpl of dagster/dagster).
 CHART_VALUES = {"dagsterWebserver", "dagster-user-deployments", "postgresql", "generatePostgresqlPasswordSecret",
                 "generateCeleryConfigSecret", "rabbitmq", "redis", "flower", "ingress", "imagePullSecrets",
                 "computeLogManager", "scheduler", "runLauncher", "pythonLogs", "dagsterDaemon", "busybox", "migrate",
                 "telemetry", "serviceAccount", "global", "retention", "concurrency", "additionalInstanceConfig"}
+USER_DEPLOYMENT = {"name", "image", "port", "dagsterApiGrpcArgs", "codeServerArgs", "includeConfigInLaunchedRuns",
+                   "env", "envConfigMaps", "envSecrets", "annotations", "nodeSelector", "affinity", "tolerations",
+                   "podSecurityContext", "securityContext", "resources", "livenessProbe", "readinessProbe",
+                   "startupProbe", "labels", "volumeMounts", "volumes", "schedulerName", "initContainers",
+                   "sidecarContainers"}
 LAUNCHER_FIELDS = {"loadInclusterConfig": "load_incluster_config", "kubeconfigFile": "kubeconfig_file",
                    "jobNamespace": "job_namespace", "imagePullPolicy": "image_pull_policy", "envVars": "env_vars",
                    "volumeMounts": "volume_mounts", "volumes": "volumes", "labels": "labels",
@@ -93,7 +98,7 @@ def launcher_config(values: dict) -> dict:
               "service_account_name": RELEASE}
     for key, value in chart.items():
         if key in LAUNCHER_ENV_SOURCES:
-            config[LAUNCHER_ENV_SOURCES[key]] = sorted(names(value))
+            config[LAUNCHER_ENV_SOURCES[key]] = [source["name"] for source in value]
         elif key == "image":
             config["job_image"] = f"{value['repository']}:{value['tag']}"
         elif key == "runK8sConfig":
@@ -101,6 +106,30 @@ def launcher_config(values: dict) -> dict:
         else:
             config[LAUNCHER_FIELDS[key]] = value
     return config
+
+
+def run_job(values: dict, kubeconfig: Path, tags: dict[str, str] | None = None):
+    """The Kubernetes Job the run launcher these values configure builds for a run of the code
+    location, as its `launch_run` does, short of sending it (a kubeconfig pointing nowhere stands in
+    for the in-cluster config)."""
+    import dagster_k8s
+    from dagster._config import process_config
+    from dagster._core.storage.dagster_run import DagsterRun
+    from dagster_k8s.job import construct_dagster_k8s_job
+
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "here",
+        "clusters": [{"name": "here", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "here"}}],
+        "users": [{"name": "here", "user": {"token": "none"}}]}))
+    config = {**launcher_config(values), "load_incluster_config": False, "kubeconfig_file": str(kubeconfig)}
+    launcher = dagster_k8s.K8sRunLauncher.from_config_value(
+        None, process_config(dagster_k8s.K8sRunLauncher.config_type(), config).value)
+    context = launcher.get_container_context_for_run(DagsterRun(job_name="__ASSET_JOB", run_id="r1", tags=tags or {}))
+    image = code_location(values)["image"]
+    job_config = context.get_k8s_job_config(job_image=f"{image['repository']}:{image['tag']}", run_launcher=launcher)
+    return construct_dagster_k8s_job(job_config, ["dagster", "api", "execute_run"], "dagster-run-r1",
+                                     user_defined_k8s_config=context.run_k8s_config)
 
 
 def unknown_fields(data, api_type: str, path: str = "") -> list[str]:
@@ -150,8 +179,32 @@ def test_the_helm_values_give_a_run_launcher_config_dagster_k8s_accepts():
     result = process_config(dagster_k8s.K8sRunLauncher.config_type(), config)
     assert result.success, [error.message for error in result.errors]
     assert set(config["env_config_maps"]) == {name for kind, name in manifests() if kind == "ConfigMap"}
-    assert set(config["env_secrets"]) == {"avp-bucket"}
+    assert set(config["env_secrets"]) == {BUCKET_SECRET}
     assert unknown_fields(config["resources"], "V1ResourceRequirements") == []
+
+
+def test_a_run_pod_gets_the_image_the_settings_the_bucket_and_postgres(tmp_path):
+    values = helm_values()
+    job = run_job(values, tmp_path / "kubeconfig")
+    (container,) = job.spec.template.spec.containers
+    image = code_location(values)["image"]
+    assert container.image == f"{image['repository']}:{image['tag']}"
+    assert [(s.config_map_ref and s.config_map_ref.name, s.secret_ref and s.secret_ref.name)
+            for s in container.env_from] == [(only("ConfigMap")["metadata"]["name"], None), (None, BUCKET_SECRET)]
+    (password,) = [env.value_from.secret_key_ref for env in container.env if env.name == "DAGSTER_PG_PASSWORD"]
+    assert password.key in manifests()[("Secret", password.name)]["stringData"]
+    assert container.resources.requests == values["runLauncher"]["config"]["k8sRunLauncher"]["resources"]["requests"]
+
+
+def test_a_training_jobs_tag_adds_a_gpu_to_the_run_pod(tmp_path):
+    """deploy/README.md's way to give training runs a GPU."""
+    gpu = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}
+    values = helm_values()
+    job = run_job(values, tmp_path / "kubeconfig", {"dagster-k8s/config": json.dumps(gpu)})
+    (container,) = job.spec.template.spec.containers
+    launcher_resources = values["runLauncher"]["config"]["k8sRunLauncher"]["resources"]
+    assert container.resources.limits == {**launcher_resources["limits"], "nvidia.com/gpu": "1"}
+    assert container.resources.requests == launcher_resources["requests"]
 
 
 @pytest.mark.parametrize("mistake", [
@@ -188,7 +241,7 @@ def test_dagster_k8s_resolves_beside_the_installed_kubernetes_and_dagster():
     assert Requirement(next(r for r in metadata.requires("geneva") if r.startswith("kubernetes"))).specifier.contains(
         metadata.version("kubernetes"))
     assert dagster_k8s.K8sRunLauncher.__module__.startswith("dagster_k8s") and client.V1Job.__name__ == "V1Job"
-    extra = {Requirement(r).name: Requirement(r).specifier for r in pyproject()["project"]["optional-dependencies"]["k8s"]}
+    extra = {r.name: r.specifier for r in map(Requirement, pyproject()["project"]["optional-dependencies"]["k8s"])}
     assert set(extra) == {"dagster-k8s", "dagster-postgres"}
     assert extra["dagster-k8s"] == extra["dagster-postgres"] == SpecifierSet(f"=={metadata.version('dagster-k8s')}")
 
@@ -211,6 +264,7 @@ def test_every_manifest_uses_only_fields_its_api_type_has():
             assert document["apiVersion"] == "v1"
             assert unknown_fields(document, f"V1{kind}") == [], name
     location = code_location(helm_values())
+    assert set(location) <= USER_DEPLOYMENT, f"not fields of a code location: {set(location) - USER_DEPLOYMENT}"
     assert unknown_fields(location["resources"], "V1ResourceRequirements") == []
 
 
@@ -258,7 +312,7 @@ def test_the_settings_are_variables_the_workspace_reads():
 
 
 def test_every_pod_that_runs_the_code_gets_the_settings_and_the_bucket():
-    settings, bucket = only("ConfigMap")["metadata"]["name"], "avp-bucket"
+    settings, bucket = only("ConfigMap")["metadata"]["name"], BUCKET_SECRET
     location = code_location(helm_values())
     assert (names(location["envConfigMaps"]), names(location["envSecrets"])) == ({settings}, {bucket})
     for container in containers(only("RayCluster")):
@@ -270,9 +324,9 @@ def test_every_pod_that_runs_the_code_gets_the_settings_and_the_bucket():
 def test_the_secrets_are_templates_of_what_the_deployment_reads():
     found = manifests()
     values = helm_values()
-    bucket = found[("Secret", "avp-bucket")]["stringData"]
+    bucket = found[("Secret", BUCKET_SECRET)]["stringData"]
     postgres = found[("Secret", values["global"]["postgresqlSecretName"])]["stringData"]
-    assert set(bucket) == BUCKET_CREDENTIALS and set(postgres) == {POSTGRES_PASSWORD_KEY}
+    assert set(bucket) == BUCKET_CREDENTIALS
     placeholders = [*bucket.values(), *postgres.values()]
     assert all(re.fullmatch(r"<[^<>]+>", value) for value in placeholders), "real credentials in a template"
     assert not values["generatePostgresqlPasswordSecret"] and not values["postgresql"]["enabled"]
