@@ -56,7 +56,8 @@ def test_a_footage_run_keeps_every_table_in_the_bucket(s3_server, s3_location, t
     assert ingest.pending_batches(conn, workspace.layout.landing, workspace.storage_options) == ["b1"]  # b2 still copying
 
     defs = dg.Definitions.merge(ingest_assets.defs, curation_assets.build_curation_defs(MODES),
-                                slice_assets.build_slice_defs(MODES), maintenance_assets.build_maintenance_defs(MODES))
+                                slice_assets.build_slice_defs(MODES), maintenance_assets.build_maintenance_defs(MODES),
+                                dg.Definitions(resources={"workspace": workspace}))
     selection = sensors.FOOTAGE_SELECTION.resolve(defs.resolve_asset_graph())
     ops = {"raw_frames": {"config": {"batch_ids": ["b1"]}},
            "curation_columns": {"config": {"concurrency": 1, "person_area_source": curation.SOURCE_ANNOTATIONS}}}
@@ -121,6 +122,8 @@ def test_two_ingestions_in_two_processes_both_land_in_the_bucket(s3_server, s3_l
                 writer.kill()
                 writer.wait()
     dataset = conn.open_table(storage.FRAMES_TABLE).to_lance()
+    appends = [t for t in dataset.get_transactions() if t is not None and type(t.operation).__name__ == "Append"]
+    assert len(appends) == 2 and appends[0].read_version == appends[1].read_version, "the writers did not commit at once"
     rows = dataset.to_table(columns=["image_id", "batch_id", "ingest_seq"])
     counts = rows.group_by("batch_id").aggregate([("image_id", "count_distinct"), ("image_id", "count")])
     assert dict(zip(counts["batch_id"].to_pylist(), counts["image_id_count"].to_pylist())) == sizes

@@ -289,9 +289,34 @@ class BatchIngestor:
             batches = _ahead(self._rows(candidates, next_seq), depth=2)
             reader = pa.RecordBatchReader.from_batches(storage.FRAMES_SCHEMA, batches)
             table.add(reader)  # one commit for the whole batch: a crash leaves nothing half-written
+            if self.summary.ingested:
+                self.summary.first_ingest_seq = claim_ingest_order(table, self.batch_id, next_seq, self.summary.ingested)
         record_quarantine(self.conn, self.batch_id, self.rejections)
         self.summary.seconds = time.perf_counter() - started
         return self.summary
+
+
+def claim_ingest_order(table, batch_id: str, first: int, count: int) -> int:
+    """Where the batch's `count` frames, appended with ingest_seq from `first` on, stand in the
+    ingestion order once settled with concurrent ingestions; returns their first ingest_seq.
+
+    Two ingestions that read the table before either committed number their frames alike, and
+    Lance's commit rebases the later append onto the earlier one (both land). Of batches whose
+    numbers overlap, the one appended later (its fragments have the higher ids) takes fresh ones
+    past the largest in the table, rewriting that column of its rows alone, until none overlap."""
+    while True:
+        table.checkout_latest()
+        rows = table.to_lance().to_table(columns=["image_id", "batch_id", "ingest_seq"], with_row_address=True,
+                                         filter=f"ingest_seq >= {first} AND ingest_seq < {first + count}")
+        fragments = pc.shift_right(rows["_rowaddr"], 32)
+        mine = pc.equal(rows["batch_id"], batch_id)
+        earlier = pc.less(fragments, pc.min(pc.filter(fragments, mine)))
+        if not pc.any(pc.and_(pc.invert(mine), earlier)).as_py():
+            return first
+        first = next_ingest_seq(table)
+        own = rows.filter(mine).sort_by("ingest_seq")
+        renumbered = pa.table({"image_id": own["image_id"], "ingest_seq": pa.array(range(first, first + own.num_rows), pa.int64())})
+        storage.update_in_place(table, "image_id", renumbered)
 
 
 def known_frames(table, image_ids: Iterable[str], chunk: int = 1000) -> dict[str, str]:
