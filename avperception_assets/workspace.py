@@ -14,8 +14,10 @@ working as it is):
     <data>/config/                 the user's own configuration files (failure_modes.toml)
     <data>/dagster_home/           Dagster's instance storage, where `make` points DAGSTER_HOME
 
-The data location is a local folder today; it is kept as a string so that an object-store URI
-(`s3://bucket/prefix`) can take its place, and `Workspace.path` refuses to treat one as a folder.
+The data location is a local folder by default, or an object-store URI (`s3://bucket/prefix`):
+then the tables (`lancedb_uri`), the landing zone (`landing`) and what `location` names live
+there, reached with `storage_options` or the standard AWS variables; `Workspace.path` and the
+`*_dir` folders refuse to treat a URI as a folder.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ class Workspace:
         if _is_uri(self.data_location):
             raise WorkspaceError(f"the data location {self.data_location} is not a local folder")
         return Path(self.data_location)
+
+    @property
+    def is_object_store(self) -> bool:
+        return _is_uri(self.data_location)
+
+    def location(self, name: str) -> str:
+        """`<data>/<name>` as a folder path or, for an object store, a URI: what code that reads
+        and writes through `storage.locations` (either kind) takes."""
+        return self._under(name)
+
+    @property
+    def landing(self) -> str:
+        """The landing zone, a folder or an object-store prefix (`storage.locations`)."""
+        return self._under("landing")
 
     @property
     def landing_dir(self) -> Path:

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +254,76 @@ def local_ray():
     """One local Ray for the whole session: its start costs seconds."""
     with ray_context():
         yield
+
+
+S3_BUCKET = "avp-test"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # http://127.0.0.1:<port>
+    bucket: str
+    credentials: dict[str, str]  # the standard AWS variables the fixture exported
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.credentials["AWS_REGION"],
+                            aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def remove(self, prefix: str) -> None:
+        client, keys = self.client(), self.keys(prefix)
+        for start in range(0, len(keys), 1000):  # S3's most per request
+            client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto's server did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1, one bucket, and the standard AWS variables
+    pointing at it exported for the session (Ray workers started later inherit them; Geneva
+    jobs also get them as the connection's storage options, see Workspace.object_store_options)."""
+    [port] = free_ports(1)
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process)
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+        server = S3Server(f"http://127.0.0.1:{port}", S3_BUCKET, credentials)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {**credentials, "AWS_ENDPOINT_URL": server.endpoint,
+                                "AWS_ALLOW_HTTP": "true",
+                                "AWS_EC2_METADATA_DISABLED": "true"}.items():
+                patch.setenv(name, value)
+            server.client().create_bucket(Bucket=S3_BUCKET)
+            yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_location(s3_server, request) -> str:
+    """`s3://<bucket>/<prefix>`, a prefix of this test's own, removed afterwards."""
+    prefix = f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
+    yield f"s3://{s3_server.bucket}/{prefix}"
+    s3_server.remove(prefix + "/")
 
 
 def _variant(jpeg: bytes, scale: float, quality: int) -> tuple[bytes, int, int]:

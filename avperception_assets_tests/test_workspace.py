@@ -77,6 +77,14 @@ def test_an_object_store_data_location_is_not_a_folder():
     assert workspace.lancedb_uri == "s3://bucket/avp/lancedb"
     with pytest.raises(WorkspaceError, match="s3://bucket/avp/ is not a local folder"):
         workspace.landing_dir
+    assert workspace.is_object_store
+    assert (workspace.landing, workspace.location("checkpoints")) == ("s3://bucket/avp/landing", "s3://bucket/avp/checkpoints")
+
+
+def test_a_local_data_location_names_the_same_places_as_folders(tmp_path):
+    workspace = Workspace(data_location=str(tmp_path))
+    assert not workspace.is_object_store
+    assert (workspace.landing, workspace.location("reports")) == (str(workspace.landing_dir), str(workspace.reports_dir))
 
 
 def test_the_configuration_table_lists_every_variable_with_its_default():

@@ -45,9 +45,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from avperception_assets.storage import tables as storage
+from avperception_assets.storage import locations, tables as storage
 from avperception_assets.storage.tables import DIFFICULTY_SUFFIX, EVAL_FRAMES_SUFFIX, FRAMES_TABLE, reflected_version, table_exists
 from avperception_assets.discovery.vector_index import INDEX_MIN_ROWS, VECTOR_COLUMN, ensure_vector_index
 
@@ -107,17 +107,18 @@ def _per_mode_table_names(conn) -> list[str]:
     return sorted(name for name in storage.table_names(conn) if name.endswith((EVAL_FRAMES_SUFFIX, DIFFICULTY_SUFFIX)))
 
 
-def pinned_versions(conn, checkpoints_dir: Path, reports_dir: Path, views: Iterable[str]) -> dict[str, set[int]]:
-    """Table name → versions that must survive cleanup: those checkpoints and reports record,
-    and the frames-table version each of `views` reflects."""
+def pinned_versions(conn, checkpoints_dir: str | Path, reports_dir: str | Path, views: Iterable[str],
+                    storage_options: Mapping[str, str] | None = None) -> dict[str, set[int]]:
+    """Table name → versions that must survive cleanup: those checkpoints and reports record
+    (folders or object-store prefixes), and the frames-table version each of `views` reflects."""
     pins: dict[str, set[int]] = defaultdict(set)
-    for path in Path(checkpoints_dir).rglob("metadata.json"):
-        metadata = json.loads(path.read_text())
+    for text in locations.files_named(checkpoints_dir, "metadata.json", storage_options):
+        metadata = json.loads(text)
         _record_pins(pins, metadata, [("train_view", "train_view_version"), ("val_view", "val_view_version"),
                                       ("source_table", "source_table_version")])
         _record_pins(pins, metadata.get("mining") or {}, [("table", "version")])
-    for path in Path(reports_dir).rglob("report.json"):
-        report = json.loads(path.read_text())
+    for text in locations.files_named(reports_dir, "report.json", storage_options):
+        report = json.loads(text)
         _record_pins(pins, report.get("val_view", {}), [("name", "version"), ("source_table", "source_table_version")])
         _record_pins(pins, report.get("eval_frames", {}), [("table", "version")])
         _record_pins(pins, report.get("frames_table", {}), [("name", "version")])  # base_detector_report's
@@ -215,8 +216,9 @@ def maintain(table, name: str, pinned: Iterable[int], *, older_than: timedelta,
         indexes=indexed, indexes_created=created, indexes_updated=updated, elapsed_s=time.perf_counter() - started)
 
 
-def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
-                 older_than: timedelta = timedelta(hours=1)) -> dict[str, MaintenanceStats]:
+def maintain_all(conn, checkpoints_dir: str | Path, reports_dir: str | Path, *,
+                 older_than: timedelta = timedelta(hours=1),
+                 storage_options: Mapping[str, str] | None = None) -> dict[str, MaintenanceStats]:
     """Maintain the frames table (compacted, with its scalar indexes), every slice view and
     every `<mode>_eval_frames` and `<mode>_difficulty` table (cleaned up only: a compaction
     commit would give their rows a new version number, and checkpoints, reports and the view
@@ -224,7 +226,7 @@ def maintain_all(conn, checkpoints_dir: Path, reports_dir: Path, *,
     if not table_exists(conn, FRAMES_TABLE):
         return {}
     views = _view_names(conn)
-    pins = pinned_versions(conn, checkpoints_dir, reports_dir, views)
+    pins = pinned_versions(conn, checkpoints_dir, reports_dir, views, storage_options)
     stats = {FRAMES_TABLE: maintain(conn.open_table(FRAMES_TABLE), FRAMES_TABLE, pins.get(FRAMES_TABLE, ()),
                                     older_than=older_than, indexes=COLUMN_INDEXES,
                                     vector_index_min_rows=INDEX_MIN_ROWS)}

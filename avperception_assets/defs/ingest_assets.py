@@ -40,8 +40,9 @@ def _batch_table(summaries: list[ingest.BatchSummary]) -> str:
 def raw_frames(context: dg.AssetExecutionContext, config: RawFramesConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
     started = time.perf_counter()
     conn = workspace.connect()
-    summaries = ingest.ingest_batches(conn, workspace.layout.landing_dir, config.batch_ids or None,
-                                      val_fraction=config.val_fraction, log=context.log.info)
+    summaries = ingest.ingest_batches(conn, workspace.layout.landing, config.batch_ids or None,
+                                      val_fraction=config.val_fraction, log=context.log.info,
+                                      storage_options=workspace.storage_options)
     table = storage.open_or_create(conn, storage.FRAMES_TABLE, storage.FRAMES_SCHEMA)
     quarantined: dict[str, int] = {}
     for s in summaries:

@@ -32,8 +32,9 @@ def _table_rows(stats: dict[str, maintenance.MaintenanceStats]) -> str:
 
 def table_maintenance(config: MaintenanceConfig, workspace: WorkspaceResource) -> dg.MaterializeResult:
     layout = workspace.layout
-    stats = maintenance.maintain_all(workspace.connect(), layout.checkpoints_dir, layout.reports_dir,
-                                     older_than=timedelta(minutes=config.keep_minutes))
+    stats = maintenance.maintain_all(workspace.connect(), layout.location("checkpoints"), layout.location("reports"),
+                                     older_than=timedelta(minutes=config.keep_minutes),
+                                     storage_options=workspace.storage_options)
     if not stats:
         raise dg.Failure("table 'bdd100k' does not exist yet: materialize raw_frames first")
     return dg.MaterializeResult(metadata={

@@ -45,7 +45,7 @@ def _footage_sensors(default_status: dg.DefaultSensorStatus) -> list[dg.SensorDe
     def new_footage_sensor(context: dg.SensorEvaluationContext, workspace: WorkspaceResource):
         # Decided by batch id, not by modification time: a batch that lands late with an old mtime
         # (`cp -p`, `rsync -a`) is still picked up.
-        batches = ingest.pending_batches(workspace.connect(), workspace.layout.landing_dir)
+        batches = ingest.pending_batches(workspace.connect(), workspace.layout.landing, workspace.storage_options)
         if not batches:
             return dg.SkipReason("no new READY batch in the landing zone")
         return [footage_request(batch_id) for batch_id in batches]

@@ -18,7 +18,7 @@ import os
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ from avperception_assets.ingest.image_checks import CorruptImageError, NotAnImag
 from avperception_assets.formats.layouts import read_batch
 from avperception_assets.formats.records import IMAGE_SUFFIXES, LabelRecord, normalize_objects, split_name
 from avperception_assets.ingest import clips
-from avperception_assets.ingest.landing import READY_MARKER, ready_batches, validate_batch_id
+from avperception_assets.ingest.landing import READY_MARKER, local_batch, ready_batches, validate_batch_id
 from avperception_assets.storage.quarantine import Rejection, record_quarantine
 
 CHUNK_FRAMES = 64  # frames per Arrow record batch: bounds memory whatever the batch size
@@ -289,9 +289,34 @@ class BatchIngestor:
             batches = _ahead(self._rows(candidates, next_seq), depth=2)
             reader = pa.RecordBatchReader.from_batches(storage.FRAMES_SCHEMA, batches)
             table.add(reader)  # one commit for the whole batch: a crash leaves nothing half-written
+            if self.summary.ingested:
+                self.summary.first_ingest_seq = claim_ingest_order(table, self.batch_id, next_seq, self.summary.ingested)
         record_quarantine(self.conn, self.batch_id, self.rejections)
         self.summary.seconds = time.perf_counter() - started
         return self.summary
+
+
+def claim_ingest_order(table, batch_id: str, first: int, count: int) -> int:
+    """Where the batch's `count` frames, appended with ingest_seq from `first` on, stand in the
+    ingestion order once settled with concurrent ingestions; returns their first ingest_seq.
+
+    Two ingestions that read the table before either committed number their frames alike, and
+    Lance's commit rebases the later append onto the earlier one (both land). Of batches whose
+    numbers overlap, the one appended later (its fragments have the higher ids) takes fresh ones
+    past the largest in the table, rewriting that column of its rows alone, until none overlap."""
+    while True:
+        table.checkout_latest()
+        rows = table.to_lance().to_table(columns=["image_id", "batch_id", "ingest_seq"], with_row_address=True,
+                                         filter=f"ingest_seq >= {first} AND ingest_seq < {first + count}")
+        fragments = pc.shift_right(rows["_rowaddr"], 32)
+        mine = pc.equal(rows["batch_id"], batch_id)
+        earlier = pc.less(fragments, pc.min(pc.filter(fragments, mine)))
+        if not pc.any(pc.and_(pc.invert(mine), earlier)).as_py():
+            return first
+        first = next_ingest_seq(table)
+        own = rows.filter(mine).sort_by("ingest_seq")
+        renumbered = pa.table({"image_id": own["image_id"], "ingest_seq": pa.array(range(first, first + own.num_rows), pa.int64())})
+        storage.update_in_place(table, "image_id", renumbered)
 
 
 def known_frames(table, image_ids: Iterable[str], chunk: int = 1000) -> dict[str, str]:
@@ -326,22 +351,22 @@ def ingested_batch_ids(conn) -> set[str]:
     return done
 
 
-def pending_batches(conn, landing_dir: Path) -> list[str]:
-    """READY batches with no frame in the table yet."""
-    done = ingested_batch_ids(conn)
-    return [b for b in ready_batches(landing_dir) if b not in done]
+def pending_batches(conn, landing: str | Path, storage_options: Mapping[str, str] | None = None) -> list[str]:
+    """READY batches with no frame in the table yet (a folder or an object-store prefix: `landing`)."""
+    return ready_batches(landing, storage_options, skip=ingested_batch_ids(conn))
 
 
-def ingest_batches(conn, landing_dir: Path, batch_ids: Iterable[str] | None = None, *,
-                   val_fraction: float = 0.2, log: Callable[[str], None] | None = None) -> list[BatchSummary]:
-    """Ingest the named batches (default: every READY batch not ingested yet), in order."""
-    landing_dir = Path(landing_dir)
+def ingest_batches(conn, landing: str | Path, batch_ids: Iterable[str] | None = None, *,
+                   val_fraction: float = 0.2, log: Callable[[str], None] | None = None,
+                   storage_options: Mapping[str, str] | None = None) -> list[BatchSummary]:
+    """Ingest the named batches (default: every READY batch not ingested yet), in order, from a
+    landing folder or an object-store prefix (each batch is read from a local copy then)."""
     if batch_ids is None:
-        batch_ids = pending_batches(conn, landing_dir)
+        batch_ids = pending_batches(conn, landing, storage_options)
     summaries = []
     for batch_id in batch_ids:
-        summary = BatchIngestor(conn, landing_dir, batch_id, val_fraction=val_fraction, log=log).run()
+        with local_batch(landing, validate_batch_id(batch_id), storage_options) as landing_dir:
+            summary = BatchIngestor(conn, landing_dir, batch_id, val_fraction=val_fraction, log=log).run()
         (log or (lambda message: None))(f"{batch_id}: {summary.as_metadata()}")
         summaries.append(summary)
     return summaries
-
