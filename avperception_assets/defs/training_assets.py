@@ -15,6 +15,7 @@ imported inside the asset bodies only.
 """
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -74,10 +75,12 @@ class TrainingConfig(dg.Config):
     min_size: Optional[int] = Field(None, description="Shorter image side fed to the network.")
     max_size: Optional[int] = None
     num_workers: Optional[int] = None
+    log_every_steps: Optional[int] = Field(None, ge=1, description="Log a step's loss to the run every N steps "
+                                           "(and each epoch's last step).")
     processes_per_node: int = Field(1, ge=1, description="torchrun processes on this node (data-parallel "
                                     "ranks; one GPU each under the gpu profile).")
     nodes: int = Field(1, ge=1, description="Machines in the job; with more than one, start the same "
-                       "worker on the others (README) against rendezvous_endpoint.")
+                       "worker on the others: the run logs the command (README).")
     rendezvous_endpoint: Optional[str] = Field(None, description="host:port of this node for torchrun's c10d "
                                                "rendezvous (only with nodes > 1).")
 
@@ -98,7 +101,8 @@ class TrainingConfig(dg.Config):
         return profile.with_min_input(min_input_size).replace(train_crop=train_crop, **{k: v for k, v in {
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
             "max_steps_per_epoch": self.max_steps_per_epoch, "min_size": self.min_size,
-            "max_size": self.max_size, "num_workers": self.num_workers}.items() if v is not None})
+            "max_size": self.max_size, "num_workers": self.num_workers,
+            "log_every_steps": self.log_every_steps}.items() if v is not None})
 
     def mode_profile(self, mode: FailureMode):
         """The profile of `mode`'s fine-tune: its input size, crops and epochs, then this config's
@@ -122,17 +126,30 @@ class BaseDetectorConfig(TrainingConfig):
                                   "of this profile's architecture completed there.")
 
 
-def _torchrun_options(config: TrainingConfig, run_id: str) -> list[str]:
-    """One node: a standalone rendezvous on a free port. Several: this run's node is rank 0 of a
-    c10d rendezvous at `rendezvous_endpoint` (the other nodes start the same worker, see README)."""
+def _torchrun_options(config: TrainingConfig, run_id: str, *, hosts_rendezvous: bool = True) -> list[str]:
+    """One node: a standalone rendezvous on a free port. Several: a c10d rendezvous named after
+    the run, whose store this run's node hosts at `rendezvous_endpoint` (`hosts_rendezvous`;
+    the other nodes join it). c10d ranks the nodes itself; the Dagster run's node leads
+    whatever its rank (`model.worker`)."""
     per_node = f"--nproc-per-node={config.processes_per_node}"
     if config.nodes == 1:
         return ["--standalone", per_node]
     if not config.rendezvous_endpoint:
         raise dg.Failure("nodes > 1 needs rendezvous_endpoint (host:port of this node, reachable from the others)",
                          allow_retries=False)
-    return [f"--nnodes={config.nodes}", "--node-rank=0", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={config.rendezvous_endpoint}", f"--rdzv-id={run_id}", per_node]
+    return [f"--nnodes={config.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={config.rendezvous_endpoint}",
+            f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(hosts_rendezvous)}", per_node]
+
+
+def _worker_command(python: str, run_file: Path, out: Path, torchrun_options: list[str]) -> list[str]:
+    return [python, "-m", "avperception_assets.training_worker", "launch", str(run_file), str(out), *torchrun_options]
+
+
+def other_node_command(config: TrainingConfig, run_id: str, run_file: Path, out: Path) -> str:
+    """The shell command that starts a training node other than the Dagster run's, on its own
+    machine (the run logs it): the same worker and run.json, joining the run's rendezvous."""
+    return shlex.join(_worker_command("python", run_file, out,
+                                      _torchrun_options(config, run_id, hosts_rendezvous=False)))
 
 
 def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: dict | None = None) -> dict:
@@ -143,12 +160,14 @@ def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: d
 
     from avperception_assets.model import checkpoints
 
-    options = _torchrun_options(config, context.run_id)
+    options = _torchrun_options(config, context.run.run_id)
     out.mkdir(parents=True, exist_ok=True)
     run_file = checkpoints.write_run(out, recipe, sample_weights)
     (out / checkpoints.FAILURE_FILE).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "avperception_assets.training_worker", "launch", str(run_file), str(out),
-               *options]
+    command = _worker_command(sys.executable, run_file, out, options)
+    if config.nodes > 1:  # what the operator of each other node runs there
+        context.log.info(f"waiting for {config.nodes - 1} other node(s), with {out} and the tables at the same "
+                         f"paths; start each with: {other_node_command(config, context.run.run_id, run_file, out)}")
     try:
         invocation = dg.PipesSubprocessClient().run(context=context, command=command)
     except DagsterPipesExecutionError as exc:

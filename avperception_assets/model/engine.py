@@ -32,24 +32,35 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass(frozen=True)
 class Process:
     """Where this process sits in a run: rank and world size of a torch.distributed job
-    (torchrun sets them; `training_worker` joins the group), (0, 1) when training alone."""
+    (torchrun sets them; `training_worker` joins the group), (0, 1) when training alone, and
+    which rank leads."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    leader_rank: int = 0
 
     @classmethod
-    def current(cls) -> "Process":
+    def current(cls, asks_to_lead: bool = False) -> "Process":
+        """This process in the joined group (every rank calls it: the ranks agree on the leader).
+        The leader is the lowest rank that asks to lead, else rank 0: c10d's rendezvous ranks
+        nodes by host name and launcher pid, so the process that must report to the Dagster run
+        asks to lead wherever its node was ranked."""
+        import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return cls()
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        asking = torch.tensor([rank if asks_to_lead else world])
+        dist.all_reduce(asking, op=dist.ReduceOp.MIN)
+        leader = int(asking.item())
+        return cls(rank, world, int(os.environ.get("LOCAL_RANK", "0")), leader if leader < world else 0)
 
     @property
     def leader(self) -> bool:
-        """Rank 0: the one that validates, writes checkpoints and reports."""
-        return self.rank == 0
+        """The one that validates, writes checkpoints and reports (`leader_rank`)."""
+        return self.rank == self.leader_rank
 
     def wrap(self, model, device):
         """The model as the optimiser steps it: DistributedDataParallel across a world."""

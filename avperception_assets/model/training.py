@@ -62,7 +62,7 @@ def epoch_loader(view: loader.ViewRef, profile: Profile, seed: int, epoch: int, 
 
 
 def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | None = None,
-          log: Log = print) -> dict:
+          log: Log = print, asks_to_lead: bool = False) -> dict:
     """Train (or resume, or reuse a finished run of) `recipe` in folder `out`; returns the metadata.
 
     The run trains on the view's rows outside its selection share and keeps as best.pt the epoch
@@ -71,14 +71,15 @@ def train(recipe: Recipe, out: Path, *, sample_weights: Mapping[str, float] | No
     in proportion to them; `recipe.mining` records how they were made. In a torch.distributed job
     every process calls it: each trains on its own positions of the epoch's order
     (`engine.Process`), gradients are averaged by DDP, and only the leader scores the selection
-    share and writes; the others wait for it at the end of each epoch."""
+    share and writes; the others wait for it at the end of each epoch. The leader is the lowest
+    rank whose call `asks_to_lead` (the one reporting to Dagster), else rank 0."""
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
     if (sample_weights is None) != (recipe.mining is None):  # else a resume could mix weighted and plain epochs
         raise ValueError("a run drawn by sampling weights records how they were made in recipe.mining, and a run "
                          "that records mining needs its sampling weights")
-    train_view, profile, process = recipe.train, recipe.profile, Process.current()
+    train_view, profile, process = recipe.train, recipe.profile, Process.current(asks_to_lead)
     drawn, before_draw = drawn_frames(train_view)
     rows = len(drawn)
     if rows == 0:

@@ -7,9 +7,11 @@ through Dagster Pipes.
     python -m avperception_assets.training_worker train <run.json> <out>
         one rank (what torchrun runs): joins the process group (gloo on the CPU, NCCL on GPUs)
         when there is more than one, trains the recipe in run.json, drawing frames by the
-        sampling weights beside it when there are any (`checkpoints.write_run`), into `out`, and
-        on rank 0, when started through Pipes, streams the log lines and reports the
-        checkpoint's metadata as the asset's materialization.
+        sampling weights beside it when there are any (`checkpoints.write_run`), into `out`.
+        The first process torchrun starts through Pipes (local rank 0 of the Dagster run's node)
+        leads, whatever global rank the rendezvous gave it: it validates, writes the checkpoint,
+        streams its log lines to the run and reports the checkpoint's metadata as the asset's
+        materialization. Without Pipes (a node an operator started, a plain launch), rank 0 leads.
 
 Knows nothing of Dagster but the Pipes protocol (`dagster_pipes`).
 """
@@ -46,12 +48,17 @@ def _pipes_metadata(summary: dict) -> dict:
     return {key: {"raw_value": value, "type": PIPES_TYPES.get(key, "__infer__")} for key, value in summary.items()}
 
 
+def reports_to_dagster() -> bool:
+    """Whether this process is the one of its job that reports to a Dagster run through Pipes."""
+    return "DAGSTER_PIPES_CONTEXT" in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def _run(recipe: Recipe, weights: dict[str, float] | None, out: Path, rank: int) -> None:
-    if rank == 0 and "DAGSTER_PIPES_CONTEXT" in os.environ:
+    if reports_to_dagster():
         from dagster_pipes import open_dagster_pipes
 
         with open_dagster_pipes() as pipes:
-            metadata = training.train(recipe, out, sample_weights=weights, log=pipes.log.info)
+            metadata = training.train(recipe, out, sample_weights=weights, log=pipes.log.info, asks_to_lead=True)
             pipes.report_asset_materialization(metadata=_pipes_metadata(checkpoints.run_summary(metadata, out)))
     else:
         training.train(recipe, out, sample_weights=weights, log=lambda line: print(f"[rank {rank}] {line}", flush=True))
