@@ -41,7 +41,9 @@ def die_with_parent() -> None:
 
 
 def backend(recipe: Recipe) -> str:
-    return "nccl" if device_for(recipe.profile).type == "cuda" else "gloo"
+    # On CUDA, NCCL for the gradients and gloo for the small CPU tensors of `engine.Process`
+    # (the leader vote, summed losses), which a NCCL-only group rejects.
+    return "cpu:gloo,cuda:nccl" if device_for(recipe.profile).type == "cuda" else "gloo"
 
 
 def _pipes_metadata(summary: dict) -> dict:
