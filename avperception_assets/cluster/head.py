@@ -120,14 +120,15 @@ def _group(pgid: int) -> list[int]:
 
 
 def stop_head(temp_dir: Path, grace_s: float = 20) -> list[int]:
-    """Stop the head recorded in `temp_dir`: SIGTERM to its process group (`ray start --block`
-    stops its node's processes), then SIGKILL to the group's processes still running after
+    """Stop the head recorded in `temp_dir`: SIGTERM to its `ray start --block` process, which
+    stops the node's processes (about 2 s here; SIGTERM to the whole group at once left the GCS
+    running for more than 20 s), then SIGKILL to the group's processes still running after
     `grace_s`. Drivers attached to it are other processes' and are left alone. Returns the pids
     that had to be killed."""
     head = running_head(Path(temp_dir))
     if head is None:
         return []
-    os.killpg(head.pid, signal.SIGTERM)
+    os.kill(head.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while (left := _group(head.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
