@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def _open_files_matching(pattern: re.Pattern) -> dict[int, set[str]]:
-    """Live process → the first groups of `pattern` in the paths of the files it holds open."""
+    """Live process → what `pattern`'s first group matched in the paths of the files it holds open."""
     found: dict[int, set[str]] = {}
     for fds in Path("/proc").glob("[0-9]*/fd"):
         try:
