@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped the Ray head at {running.address}" + (f" ({len(killed)} processes killed)" if killed else "")
               if running else f"no Ray head recorded in {temp_dir}")
         return
-    head = shared_head.start_head(args.port, args.num_cpus, dashboard=Workspace.from_env().ray_dashboard,
-                                  client_port=args.client_port, temp_dir=temp_dir)
+    try:
+        head = shared_head.start_head(args.port, args.num_cpus, dashboard=Workspace.from_env().ray_dashboard,
+                                      client_port=args.client_port, temp_dir=temp_dir)
+    except shared_head.HeadError as error:
+        raise SystemExit(f"error: {error}") from None
     print(f"Ray head running (pid {head.pid}, log {head.log}); attach runs to it with\n"
           f"  export {variable_for('ray_address')}={head.address}")
 
