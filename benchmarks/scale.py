@@ -34,6 +34,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -324,6 +325,7 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool, shared_r
                               frames + batches + n + 1, shared, ray_address=head.address)
             finally:
                 shared_head.stop_head(temp_dir)
+                shutil.rmtree(temp_dir, ignore_errors=True)
     uri = Path(workspace.lancedb_uri)
     table_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}.lance"))
     views_disk = sum(disk_bytes(p) for p in uri.iterdir() if p.name.startswith(f"{storage.FRAMES_TABLE}_"))
