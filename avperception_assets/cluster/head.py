@@ -80,7 +80,7 @@ def start_head(port: int = DEFAULT_PORT, num_cpus: int | None = None, dashboard:
     address = f"127.0.0.1:{port}"
     if head_answers(address):
         raise HeadError(f"something already listens on {address}: a head started before (`make ray-stop` stops "
-                        f"it), or another server; choose another port (RAY_PORT=…)")
+                        f"it), or another server; choose another port (--port; RAY_PORT=… for make ray)")
     temp_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,  # made only if missing
