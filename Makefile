@@ -13,8 +13,13 @@ DEMO_CLIPS ?= 4
 DEMO_CLIP_FRAMES ?= 15
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# The shared Ray head (`make ray`): its GCS port, the CPUs it gives jobs (empty: all) and the port
+# of the Ray Client server Ray starts beside it (runs attach as drivers and never use it).
+RAY_PORT ?= 6379
+RAY_CPUS ?=
+RAY_CLIENT_PORT ?= 10001
 
-.PHONY: install browser demo base test test-fast dev instance clean
+.PHONY: install browser demo base test test-fast dev instance clean ray ray-stop
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +65,15 @@ test-fast: install
 # The web UI and the daemon (sensors, run queue) on http://$(HOST):$(PORT).
 dev: install instance
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+# A long-lived local Ray head that runs attach to instead of starting their own: set
+# AVP_RAY_ADDRESS=127.0.0.1:$(RAY_PORT) where runs start (the command prints it).
+ray: install
+	$(BIN)/python -m avperception_assets.ray_head start --port $(RAY_PORT) --client-port $(RAY_CLIENT_PORT) \
+	  $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS))
+
+ray-stop:
+	$(BIN)/python -m avperception_assets.ray_head stop --port $(RAY_PORT)
 
 clean:
 	rm -rf "$(AVP_DATA_DIR)/landing" "$(AVP_DATA_DIR)/lancedb" "$(AVP_DATA_DIR)/checkpoints" \

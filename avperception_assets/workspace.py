@@ -31,6 +31,7 @@ from typing import Any
 
 DEFAULT_DATA_LOCATION = "data"
 SENSOR_STATUSES = ("running", "stopped")
+RAY_FALLBACKS = ("fail", "local")  # what a run does when the Ray head at `ray_address` does not answer
 BASE_CHECKPOINTS = "base"  # base_detector's folder under checkpoints/
 BASE_LONG_CHECKPOINTS = "base_long"  # the long base `make base` trains, under checkpoints/
 BASE_REPORTS = "base"  # base_detector_report's folder under reports/ (and its `base_eval_frames` table)
@@ -55,7 +56,8 @@ class Workspace:
     data_location: str = DEFAULT_DATA_LOCATION
     lancedb_uri: str | None = None
     storage_options: Mapping[str, str] = field(default_factory=dict)  # LanceDB's, for object stores
-    ray_address: str | None = None  # None: a local Ray per run
+    ray_address: str | None = None  # a Ray head's GCS address (`host:port`); None: a local Ray per run
+    ray_fallback: str = "fail"  # a run whose head does not answer: fails, or starts a local Ray
     ray_dashboard: bool = False  # the local Ray's dashboard UI
     embedding_model: str = "color_layout"  # `discovery.embeddings.resolve` spec
     dead_run_check: bool = True
@@ -68,6 +70,10 @@ class Workspace:
             object.__setattr__(self, "data_location", str(Path(self.data_location).expanduser().absolute()))
         if self.lancedb_uri is None:
             object.__setattr__(self, "lancedb_uri", self._under("lancedb"))
+        if self.ray_address is not None:
+            _ray_address(variable_for("ray_address"), self.ray_address)
+        if self.ray_fallback not in RAY_FALLBACKS:
+            raise WorkspaceError(f"ray_fallback must be one of {RAY_FALLBACKS}, not {self.ray_fallback!r}")
         if self.sensors_default_status not in SENSOR_STATUSES:
             raise WorkspaceError(f"sensors_default_status must be one of {SENSOR_STATUSES}, "
                                  f"not {self.sensors_default_status!r}")
@@ -173,6 +179,24 @@ def _fraction(name: str, raw: str) -> float:
     return value
 
 
+def _ray_address(name: str, raw: str) -> str:
+    """A Ray head's GCS address, which runs attach to as drivers. Not Ray Client's `ray://`: a
+    Ray Client session runs no worker set-up hook (the Geneva patches) and relays every object
+    through one proxy."""
+    host, _, port = raw.rpartition(":")
+    if "://" in raw or not host or not port.isdigit():
+        raise WorkspaceError(f"{name}={raw!r}: expected a Ray head's GCS address host:port, as `ray start --head "
+                             "--port` opens it (`make ray`: 127.0.0.1:6379); runs attach to it as drivers, "
+                             "not through Ray Client (ray://)")
+    return raw
+
+
+def _ray_fallback(name: str, raw: str) -> str:
+    if raw not in RAY_FALLBACKS:
+        raise WorkspaceError(f"{name}={raw!r}: expected {' or '.join(RAY_FALLBACKS)}")
+    return raw
+
+
 def _sensor_status(name: str, raw: str) -> str:
     if raw not in SENSOR_STATUSES:
         raise WorkspaceError(f"{name}={raw!r}: expected {' or '.join(SENSOR_STATUSES)}")
@@ -197,7 +221,11 @@ VARIABLES = (
     Variable("AVP_LANCEDB_URI", "lancedb_uri", "`<data>/lancedb`",
              "LanceDB location; may be an object store (`s3://`, `gs://`, `az://`).", _text),
     Variable("AVP_RAY_ADDRESS", "ray_address", "none: a local Ray per run",
-             "Ray cluster that runs backfills and view refreshes (`ray://host:10001`).", _text),
+             "GCS address (`host:port`) of the Ray head that runs attach to as drivers for backfills and view "
+             "refreshes: `make ray` starts one at `127.0.0.1:6379`.", _ray_address),
+    Variable("AVP_RAY_FALLBACK", "ray_fallback", "`fail`",
+             "When no head answers at `AVP_RAY_ADDRESS`: `fail` (the run fails naming the address and `make ray`) "
+             "or `local` (the run starts a local Ray of its own, with a warning).", _ray_fallback),
     Variable("AVP_RAY_DASHBOARD", "ray_dashboard", "`off`",
              "`on`: the local Ray starts its dashboard UI (about 2.5 s more per start).", _flag),
     Variable("AVP_EMBEDDING_MODEL", "embedding_model", "`color_layout`",

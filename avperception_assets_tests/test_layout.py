@@ -108,6 +108,7 @@ ALLOWED: dict[str, set[str]] = {
     "summary": {"evaluation", "workspace"},
     "training_worker": {"model", "patches"},
     "geneva_workarounds": {"patches"},
+    "ray_head": {"cluster", "workspace"},
 }
 
 

@@ -16,7 +16,8 @@ PACKAGE = Path(avperception_assets.__file__).parent
 EXAMPLES = {
     "AVP_DATA_DIR": ("/srv/avp", "/srv/avp"),
     "AVP_LANCEDB_URI": ("s3://bucket/lancedb", "s3://bucket/lancedb"),
-    "AVP_RAY_ADDRESS": ("ray://head:10001", "ray://head:10001"),
+    "AVP_RAY_ADDRESS": ("head:6379", "head:6379"),
+    "AVP_RAY_FALLBACK": ("local", "local"),
     "AVP_RAY_DASHBOARD": ("1", True),
     "AVP_EMBEDDING_MODEL": ("clip:/models/tiny", "clip:/models/tiny"),
     "AVP_DEAD_RUN_CHECK": ("off", False),
@@ -38,6 +39,7 @@ def test_defaults_keep_the_layout_of_existing_data_folders(tmp_path, monkeypatch
     assert workspace.reports_dir_for("rider") == data / "reports" / "rider"
     assert (workspace.config_dir, workspace.dagster_home) == (data / "config", data / "dagster_home")
     assert (workspace.ray_address, workspace.ray_dashboard, workspace.embedding_model) == (None, False, "color_layout")
+    assert workspace.ray_fallback == "fail"
     assert (workspace.dead_run_check, workspace.retrain_min_new_rows, workspace.retrain_min_growth) == (True, 100, 0.25)
     assert workspace.sensors_default_status == "running" and workspace.storage_options == {}
 
@@ -66,6 +68,7 @@ def test_flags_read_the_usual_words(raw, on):
     ("AVP_RAY_DASHBOARD", "maybe"), ("AVP_DEAD_RUN_CHECK", "disabled"), ("AVP_RETRAIN_MIN_NEW_ROWS", "ten"),
     ("AVP_RETRAIN_MIN_NEW_ROWS", "-1"), ("AVP_RETRAIN_MIN_NEW_ROWS", "2.5"), ("AVP_RETRAIN_MIN_GROWTH", "a quarter"),
     ("AVP_RETRAIN_MIN_GROWTH", "-0.1"), ("AVP_RETRAIN_MIN_GROWTH", "nan"), ("AVP_SENSORS_DEFAULT_STATUS", "paused"),
+    ("AVP_RAY_ADDRESS", "ray://head:10001"), ("AVP_RAY_ADDRESS", "head"), ("AVP_RAY_FALLBACK", "start"),
 ])
 def test_a_bad_value_is_a_clear_error_naming_the_variable(name, raw):
     with pytest.raises(WorkspaceError, match="^" + re.escape(f"{name}={raw!r}: expected ")):

@@ -7,6 +7,10 @@ and stay alive minutes after a SIGKILL, holding memory; ray-project/ray#2005). T
 by Ray's session folder, which Ray names after its driver's pid (`session_<date>_<pid>`) and in
 which every Ray process keeps its log files open (the agents get an environment of Ray's own,
 so an environment variable cannot mark them). Linux only (`/proc`).
+
+A shared head (`cluster.head`, `make ray`) is never taken for a run's Ray: a run attached to it
+as a driver names no session after itself, and the head's session, named after its
+`ray start --block` process, is older than any run that could later get that pid.
 """
 
 from __future__ import annotations
@@ -16,29 +20,47 @@ import os
 import re
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 
-def ray_processes_of(worker_pid: int) -> list[int]:
-    """Live processes of the local Ray that the (dead) process `worker_pid` started."""
-    session = re.compile(rf"/session_[^/]+_{worker_pid}/")
-    found = []
+def _open_files_matching(pattern: re.Pattern) -> dict[int, set[str]]:
+    """Live process → what `pattern`'s first group matched in the paths of the files it holds open."""
+    found: dict[int, set[str]] = {}
     for fds in Path("/proc").glob("[0-9]*/fd"):
         try:
-            if any(session.search(os.readlink(fd)) for fd in fds.iterdir()):
-                found.append(int(fds.parent.name))
+            matches = {m.group(1) for fd in fds.iterdir() if (m := pattern.search(os.readlink(fd)))}
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        if matches:
+            found[int(fds.parent.name)] = matches
     return found
 
 
-def kill_ray_of(worker_pid: int) -> list[int]:
-    """SIGKILL the local Ray a dead run worker left running; returns the pids killed. Nothing is
-    killed while a live process holds `worker_pid` again: its own Ray's session would match."""
+def _session_started(name: str) -> float:
+    """When Ray made a session folder, from its name (`session_<local date and time>_<pid>`)."""
+    stamp = name.removeprefix("session_").rsplit("_", 1)[0]
+    return datetime.strptime(stamp, "%Y-%m-%d_%H-%M-%S_%f").timestamp()
+
+
+def ray_processes_of(worker_pid: int, started_after: float | None = None) -> list[int]:
+    """Live processes of the local Ray that the (dead) process `worker_pid` started: those of a
+    session named after that pid and, when `started_after` (the run's start) is given, made after
+    it. A shared head's session is named after its `ray start` process, whose pid a later run
+    worker can get once that process has exited; such a session is older than the run."""
+    held = _open_files_matching(re.compile(rf"/(session_[^/]+_{worker_pid})/"))
+    return [pid for pid, sessions in held.items()
+            if started_after is None or any(_session_started(s) >= started_after for s in sessions)]
+
+
+def kill_ray_of(worker_pid: int, started_after: float | None = None) -> list[int]:
+    """SIGKILL the local Ray a dead run worker left running (see `ray_processes_of`); returns the
+    pids killed. Nothing is killed while a live process holds `worker_pid` again: its own Ray's
+    session would match."""
     if process_alive(worker_pid, time.time()):
         return []
     killed = []
-    for pid in ray_processes_of(worker_pid):
+    for pid in ray_processes_of(worker_pid, started_after):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

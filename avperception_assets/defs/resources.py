@@ -30,6 +30,7 @@ class WorkspaceResource(dg.ConfigurableResource):
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB's storage options "
                                             "(credentials, region, endpoint of an object store).")
     ray_address: str | None = _from_env("ray_address")
+    ray_fallback: str = _from_env("ray_fallback")
     ray_dashboard: bool = _from_env("ray_dashboard")
     embedding_model: str = _from_env("embedding_model")
     dead_run_check: bool = _from_env("dead_run_check")
@@ -43,7 +44,8 @@ class WorkspaceResource(dg.ConfigurableResource):
         """The plain workspace of these fields: folders under the data location, LanceDB's URI."""
         return Workspace(data_location=self.data_location, lancedb_uri=self.lancedb_uri,
                          storage_options=self.storage_options, ray_address=self.ray_address,
-                         ray_dashboard=self.ray_dashboard, embedding_model=self.embedding_model,
+                         ray_fallback=self.ray_fallback, ray_dashboard=self.ray_dashboard,
+                         embedding_model=self.embedding_model,
                          dead_run_check=self.dead_run_check, retrain_min_new_rows=self.retrain_min_new_rows,
                          retrain_min_growth=self.retrain_min_growth)
 
@@ -60,13 +62,14 @@ class WorkspaceResource(dg.ConfigurableResource):
         return storage.connect(self.layout.lancedb_uri, self.storage_options)
 
     def ensure_ray(self) -> None:
-        """Start Ray once; later calls in the same run, or a Ray already running in this
-        process (a test session's), are reused: Ray's start costs seconds."""
+        """Start Ray once, or attach to the shared head at `ray_address`; later calls in the same
+        run, or a Ray already running in this process (a test session's), are reused: Ray's
+        start costs seconds."""
         import ray
 
         if self._ray_stack is None and not ray.is_initialized():
             stack = contextlib.ExitStack()
-            stack.enter_context(ray_context(self.ray_address, dashboard=self.ray_dashboard))
+            stack.enter_context(ray_context(self.ray_address, dashboard=self.ray_dashboard, fallback=self.ray_fallback))
             self._ray_stack = stack
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

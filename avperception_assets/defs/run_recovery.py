@@ -3,7 +3,8 @@ the pool slots they claimed, so every later ingestion, backfill and refresh wait
 `lancedb_writes` forever. Dagster's run monitoring cannot see this with the default run
 launcher (it has no worker health check), so we check ourselves: a STARTED run whose worker
 process is gone is marked failed with the reason and its slots are freed. The local Ray
-the run had started outlives it, so it is killed with the run (`cluster.processes`).
+the run had started outlives it, so it is killed with the run (`cluster.processes`); a shared
+Ray head that runs attach to (`make ray`) is left running.
 
 The check runs when any run starts (the `workspace` resource, so the command line is covered
 without a daemon) and on `dead_run_sensor` under the daemon. It assumes run workers on this
@@ -39,8 +40,8 @@ def fail_dead_runs(instance: dg.DagsterInstance, exclude_run_id: str | None = No
         worker = None if run.run_id == exclude_run_id else _worker(instance, run.run_id)
         if worker is None or process_alive(*worker):
             continue
-        pid, _ = worker
-        left = kill_ray_of(pid)
+        pid, started = worker
+        left = kill_ray_of(pid, started_after=started)
         dagster_patches.report_run_failed(
             instance, run, f"run worker process {pid} is gone (killed?): marked failed, {len(left)} processes it "
                            "had started killed, and its pool slots freed so later runs can proceed")
@@ -59,7 +60,7 @@ def kill_ray_of_failed_runs(instance: dg.DagsterInstance, within_s: float = 3600
     for run in instance.get_runs(filters=ended):
         worker = _worker(instance, run.run_id)
         if worker is not None:
-            killed += kill_ray_of(worker[0])
+            killed += kill_ray_of(*worker)
     return killed
 
 

@@ -1,5 +1,5 @@
 """Patches of other libraries' behaviour, one module per library (`lancedb`, `kubernetes`,
-`geneva`, `dagster`), each written against exact versions (pinned in pyproject.toml) and
+`geneva`, `dagster`, `ray`), each written against exact versions (pinned in pyproject.toml) and
 checked against the installed ones (`versions`). Each module's docstring says the version, the
 symptom and the upstream issue; each has a test in `test_patches_<library>.py` that fails once
 the library no longer needs it.
@@ -11,10 +11,10 @@ Importing this package changes nothing. Entry points apply the patches explicitl
 
 from __future__ import annotations
 
-from avperception_assets.patches import dagster, geneva, kubernetes, lancedb
+from avperception_assets.patches import dagster, geneva, kubernetes, lancedb, ray
 from avperception_assets.patches.versions import PatchVersionError
 
-PATCHES = (*lancedb.PATCHES, *kubernetes.PATCHES, *geneva.PATCHES, *dagster.PATCHES)
+PATCHES = (*lancedb.PATCHES, *kubernetes.PATCHES, *geneva.PATCHES, *dagster.PATCHES, *ray.PATCHES)
 
 
 def apply_at_startup() -> None:

@@ -29,9 +29,10 @@ public issue tracker; its code cites LanceDB's internal one).
   `conn.context(cluster=...)`) take no `runtime_env`, which carries this project's worker set-up
   hook, so the private `runners.ray._mgr.ray_cluster` is used. On a cluster address it would zip
   the local code for an uploader that only namespace connections have ("Geneva was not
-  initialized") and pip-install geneva into a fresh virtualenv on every node (GBs, and without
-  lancedb); the cluster's nodes run this project's image instead, so an empty manifest skips
-  the first and clearing `pip` the second.
+  initialized"), pip-install geneva into a fresh virtualenv on every node (GBs, and without
+  lancedb) and upload its own package as a `py_modules` zip on every attach; the cluster's
+  nodes run this project's environment instead, so an empty manifest skips the first and
+  clearing `pip` and `py_modules` the others.
 
 `geneva.where_advisory` (the code is correct without it): a backfill with an explicit `where`
   always logs "Column X has an explicit where filter provided. Rows already computed with a
@@ -183,15 +184,16 @@ def local_ray(runtime_env: dict[str, Any], **ray_init_kwargs):
 
 
 def remote_ray(address: str, runtime_env: dict[str, Any]):
-    """Context manager: the Ray cluster at `address` (`ray://host:10001`) for Geneva's jobs, its
-    nodes running this project's image, its workers started with `runtime_env`."""
+    """Context manager: this process attached as a driver to the Ray head at `address` (its GCS,
+    `host:port`) for Geneva's jobs, the nodes running this project's environment, its workers
+    started with `runtime_env`. Leaving it disconnects; the head runs on."""
     RAY_CLUSTER.applies()
     from geneva.manifest.mgr import GenevaManifest
     from geneva.runners.ray._mgr import ray_cluster
 
     return ray_cluster(addr=address, use_portforwarding=False,
                        manifest=GenevaManifest(name="avperception_assets", zips=[]),
-                       ray_init_kwargs={"runtime_env": {**runtime_env, "pip": None}})
+                       ray_init_kwargs={"runtime_env": {**runtime_env, "pip": None, "py_modules": None}})
 
 
 # --- geneva.where_advisory --------------------------------------------------------------
