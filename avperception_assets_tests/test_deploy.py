@@ -194,6 +194,11 @@ def test_a_run_pod_gets_the_image_the_settings_the_bucket_and_postgres(tmp_path)
     (password,) = [env.value_from.secret_key_ref for env in container.env if env.name == "DAGSTER_PG_PASSWORD"]
     assert password.key in manifests()[("Secret", password.name)]["stringData"]
     assert container.resources.requests == values["runLauncher"]["config"]["k8sRunLauncher"]["resources"]["requests"]
+    # it joins the RayCluster before the run (the image's entrypoint), so its runs can be Ray drivers
+    assert any(env.name == "AVP_JOIN_RAY" and env.value == "1" for env in container.env)
+    entrypoint = (DEPLOY / "entrypoint.sh").read_text()
+    assert 'ray start --address="$AVP_RAY_ADDRESS" --num-cpus=0' in entrypoint and 'exec "$@"' in entrypoint
+    assert 'ENTRYPOINT ["/usr/local/bin/avp-entrypoint"]' in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_a_training_jobs_tag_adds_a_gpu_to_the_run_pod(tmp_path):
