@@ -217,7 +217,8 @@ class Variable:
 
 VARIABLES = (
     Variable("AVP_DATA_DIR", "data_location", "`data` (in the working directory)",
-             "Root of all state: landing zone, LanceDB, checkpoints, reports, exports, config.", _text),
+             "Root of all state: landing zone, LanceDB, checkpoints, reports, exports, config; may be "
+             "`s3://bucket/prefix` (see Scaling out).", _text),
     Variable("AVP_LANCEDB_URI", "lancedb_uri", "`<data>/lancedb`",
              "LanceDB location; may be an object store (`s3://`, `gs://`, `az://`).", _text),
     Variable("AVP_RAY_ADDRESS", "ray_address", "none: a local Ray per run",
