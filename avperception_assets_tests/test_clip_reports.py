@@ -20,21 +20,10 @@ from avperception_assets.storage import tables as storage
 from avperception_assets.tracking import __main__ as tracking_command
 from avperception_assets.tracking.metrics import evaluate_paths
 
+from .test_reports import Replay
+
 CLASSES = ["pedestrian", "rider"]
 SIZE = {"width": 320, "height": 180}
-
-
-class Replay(torch.nn.Module):
-    """Stands in for a detector: returns the detections it was given, frame after frame."""
-
-    def __init__(self, outputs):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))  # `predict` reads the device from it
-        self.outputs, self.served = list(outputs), 0
-
-    def forward(self, images):
-        self.served += len(images)
-        return self.outputs[self.served - len(images):self.served]
 
 
 def _missed_by_baseline(row: dict, category: str, track: str | None) -> bool:

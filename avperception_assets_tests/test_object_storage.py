@@ -47,7 +47,9 @@ def _storage_options(s3_server) -> dict[str, str]:
 
 @pytest.mark.ray
 @pytest.mark.dagster_run
-def test_a_footage_run_keeps_every_table_in_the_bucket(s3_server, s3_location, tmp_path):
+def test_a_footage_run_keeps_every_table_in_the_bucket(local_ray, s3_server, s3_location, tmp_path):
+    """Ray started before the server's AWS variables were set (`local_ray` first): whatever a
+    UDF opens in its workers must come with the workspace's storage options."""
     workspace = WorkspaceResource(data_location=s3_location, storage_options=_storage_options(s3_server))
     _land(tmp_path, s3_location, "b1", 12, seed=3)
     _land(tmp_path, s3_location, "b2", 2, seed=4)

@@ -28,6 +28,7 @@ from avperception_assets.cluster.ray import RayHeadUnreachable, ray_context
 from avperception_assets.defs.resources import WorkspaceResource
 from avperception_assets.defs.run_recovery import dead_run_sensor
 from avperception_assets_tests.conftest import free_ports
+from avperception_assets_tests.test_run_recovery import run_logging
 
 pytestmark = pytest.mark.ray
 
@@ -110,7 +111,7 @@ def test_run_recovery_leaves_the_shared_head_running(head, tmp_path):
         run = subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "avperception_assets.definitions",
                                 "--select", "raw_frames,dhash"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run_id = _started_run_logging(instance, run, "dhash: backfilling")
+        run_id = run_logging(instance, run, "dhash: backfilling")
         assert _driver_logs(head, run.pid), "the run did not attach to the head as a driver"
         run.send_signal(signal.SIGKILL)
         run.wait()
@@ -120,17 +121,6 @@ def test_run_recovery_leaves_the_shared_head_running(head, tmp_path):
         assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert shared_head.running_head(head.temp_dir) == head
     assert before <= _head_processes(head), "run recovery killed processes of the shared head"
-
-
-def _started_run_logging(instance, process: subprocess.Popen, text: str) -> str:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
-            if any(text in (entry.user_message or "") for entry in instance.all_logs(run.run_id)):
-                return run.run_id
-        assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
-        time.sleep(0.2)
-    raise AssertionError(f"no run logged {text!r}")
 
 
 def test_a_head_session_older_than_the_run_is_never_taken_for_the_runs_ray(head):

@@ -130,7 +130,7 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _run_logging(instance, process: subprocess.Popen, text: str) -> str:
+def run_logging(instance, process: subprocess.Popen, text: str) -> str:
     """The id of the started run once one of its log messages contains `text`."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -147,7 +147,7 @@ def _run_logging(instance, process: subprocess.Popen, text: str) -> str:
 def test_a_run_killed_during_a_backfill_takes_its_ray_along_and_the_next_run_fills_the_column(deployment):
     instance, env, data = deployment
     process = _materialize(env, "raw_frames,dhash")
-    dead = _run_logging(instance, process, "dhash: backfilling")
+    dead = run_logging(instance, process, "dhash: backfilling")
     ray = _descendants(process.pid)
     assert ray, "the run started no local Ray"
     process.send_signal(signal.SIGKILL)

@@ -384,7 +384,8 @@ def _novelty_udf(table, config: CurationConfig, params: dict[str, dict[str, Any]
     # The version names the reference set, so checkpoints are reused only for the same one.
     digest = hashlib.sha1(hashes.tobytes() + seqs.tobytes() + clips.tobytes()).hexdigest()[:12]
     version = hashlib.sha1(json.dumps([params, digest], sort_keys=True).encode()).hexdigest()[:12]
-    novelty = NoveltyColumns(hashes, seqs, clips, config.dup_threshold, table.uri.rsplit("/", 1)[0], table.name)
+    novelty = NoveltyColumns(hashes, seqs, clips, config.dup_threshold, table.uri.rsplit("/", 1)[0], table.name,
+                             storage.storage_options_of(table))
     return _group_udf(novelty, pa.struct([("is_duplicate", pa.bool_()), ("uniqueness", pa.float32())]), params,
                       "novelty_columns", version=version)
 

@@ -297,13 +297,16 @@ class NoveltyColumns:
     """
 
     def __init__(self, ref_hashes: np.ndarray, ref_seqs: np.ndarray, ref_clips: np.ndarray, threshold: int, uri: str,
-                 table_name: str):
+                 table_name: str, storage_options: dict[str, str] | None = None):
         self.ref_hashes = np.asarray(ref_hashes, dtype=np.uint64)
         self.ref_seqs = np.asarray(ref_seqs, dtype=np.int64)
         self.ref_clips = np.asarray(ref_clips, dtype=np.int64)
         self.threshold = threshold
         self.uri = uri  # the database's, not the table's
         self.table_name = table_name
+        # An object store's options travel with the UDF: a Ray worker started before the AWS
+        # variables were set (a shared or session Ray) has none of them.
+        self.storage_options = dict(storage_options or {})
 
     def __call__(self, batch: pa.RecordBatch) -> "Columns[NoveltyValues]":
         import lancedb
@@ -314,7 +317,7 @@ class NoveltyColumns:
         clips = clip_keys(batch[CLIP_ID] if CLIP_ID in batch.schema.names else None, seqs)
         flags = duplicate_flags(batch["dhash"].to_numpy(), seqs, clips, self.ref_hashes, self.ref_seqs, self.ref_clips,
                                 self.threshold)
-        table = lancedb.connect(self.uri).open_table(self.table_name)
+        table = lancedb.connect(self.uri, storage_options=self.storage_options or None).open_table(self.table_name)
         values = uniqueness(table, vectors_matrix(batch["embedding"]), seqs)
         return pa.StructArray.from_arrays([pa.array(flags, type=pa.bool_()), pa.array(values, type=pa.float32())],
                                           names=list(NoveltyValues._fields))

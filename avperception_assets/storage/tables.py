@@ -138,6 +138,12 @@ def connect(uri: str, storage_options: dict[str, str] | None = None):
     return geneva.connect(uri, storage_options=storage_options or None)
 
 
+def storage_options_of(table) -> dict[str, str]:
+    """The object-store options `table` was opened with (geneva 0.17 keeps its connection's in
+    the private `_storage_options`; a plain LanceDB table has none here)."""
+    return dict(getattr(table, "_storage_options", None) or {})
+
+
 def table_names(conn) -> set[str]:
     """Every table and view name (list_tables pages its answer)."""
     names, token = set(), None
