@@ -46,7 +46,8 @@ def _direct_order(view, seed: int) -> list[str]:
         "image_id").to_pylist()
 
 
-@pytest.mark.parametrize("num_workers, seed", [(0, None), (2, 5)])
+# Two workers are spawned interpreters (seconds of imports each): a fresh_interpreter test.
+@pytest.mark.parametrize("num_workers, seed", [(0, None), pytest.param(2, 5, marks=pytest.mark.fresh_interpreter)])
 def test_batches_equal_the_view_rows(frames_uri, num_workers, seed):
     """Every row once with its pixels and labels: in the stored order without a seed, in the
     seeded permutation's order with one (spawned workers and their read-aheads included)."""
