@@ -19,8 +19,10 @@ from avperception_assets.discovery import track_coverage as coverage
 from avperception_assets.failure_modes.registry import check_registry
 from avperception_assets.slices import views as slices
 from avperception_assets.storage import tables as storage
-from avperception_assets.defs.names import BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES, TRACK_COVERAGE, latest_metadata, view_key
+from avperception_assets.defs.names import (BASE_DETECTOR, CURATION, FOLLOWS_FOOTAGE, LANCEDB_WRITES_POOL, RAW_FRAMES,
+                                            TRACK_COVERAGE, latest_metadata, view_key)
 from avperception_assets.defs.resources import WorkspaceResource
+from avperception_assets.defs.training_assets import deployed_base_model
 
 REFRESH_JOB = "track_coverage_refresh"
 
@@ -62,8 +64,6 @@ def build_track_coverage_defs(modes) -> dg.Definitions:
                           f"(`{coverage.MODEL_COLUMN}`): computed on the clips with new frames; the "
                           f"`{REFRESH_JOB}` job recomputes every clip after base_detector changed.")
     def track_coverage(context: dg.AssetExecutionContext, config: TrackCoverageConfig, workspace: WorkspaceResource):
-        from avperception_assets.defs.training_assets import deployed_base_model
-
         conn = workspace.connect()
         table = coverage.ensure_columns(conn.open_table(storage.FRAMES_TABLE))
         if latest_metadata(context.instance, BASE_DETECTOR) is None:

@@ -34,7 +34,7 @@ from avperception_assets.formats.taxonomy import COCO_IDS
 from avperception_assets.model import loader
 from avperception_assets.tracking import metrics
 from avperception_assets.tracking.coverage import TrackCoverage, track_coverage
-from avperception_assets.tracking.tracker import Detection, TrackerSettings, track_clip
+from avperception_assets.tracking.tracker import Detection, TrackerSettings, box2d, track_clip
 
 CLIP_COLUMNS = ("image_id", "clip_id", "clip_frame_index", "ann_categories", "ann_bboxes", "ann_track_ids",
                 "ann_crowd")
@@ -82,16 +82,12 @@ def clips_of(rows: pa.Table, image_ids: Sequence[str]) -> dict[str, list[ClipFra
     return {clip: sorted(frames, key=lambda f: f.frame_index) for clip, frames in sorted(clips.items())}
 
 
-def _box2d(box) -> dict:
-    return dict(zip(("x1", "y1", "x2", "y2"), (float(v) for v in box)))
-
-
 def ground_truth_frames(clips: Mapping[str, list[ClipFrame]]) -> list[dict]:
     """The clips' ground truth as BDD100K MOT frames, in the detector's label space."""
     frames = []
     for clip, clip_frames in clips.items():
         for frame in clip_frames:
-            labels = [{"id": track, "category": TRACKED_CLASSES[COCO_IDS[category]], "box2d": _box2d(box),
+            labels = [{"id": track, "category": TRACKED_CLASSES[COCO_IDS[category]], "box2d": box2d(box),
                        "attributes": {"crowd": bool(crowd)}}
                       for category, box, track, crowd in zip(frame.categories, frame.boxes, frame.track_ids, frame.crowd)
                       if COCO_IDS.get(category) in TRACKED_CLASSES and box is not None]

@@ -99,6 +99,11 @@ class Tracker:
         return tracked
 
 
+def box2d(box) -> dict:
+    """An (x1, y1, x2, y2) box as BDD100K's `box2d`."""
+    return dict(zip(("x1", "y1", "x2", "y2"), (float(v) for v in box)))
+
+
 def track_clip(video: str, frames: Sequence[tuple[str, int, Sequence[Detection]]],
                settings: TrackerSettings = TrackerSettings()) -> list[dict]:
     """One clip's frames, each (name, frame index, its detections) in clip order, tracked and
@@ -106,6 +111,6 @@ def track_clip(video: str, frames: Sequence[tuple[str, int, Sequence[Detection]]
     tracker = Tracker(settings)
     return [{"name": name, "videoName": video, "frameIndex": index,
              "labels": [{"id": track_id, "category": d.category, "score": d.score,
-                         "box2d": dict(zip(("x1", "y1", "x2", "y2"), d.box))}
+                         "box2d": box2d(d.box)}
                         for track_id, d in tracker.update(index, detections)]}
             for name, index, detections in frames]
