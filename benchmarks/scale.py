@@ -22,9 +22,13 @@ nothing to the figures above.
 
 Frames are made quickly: a pool of rendered synthetic frames, each copy overlaid with its own
 random 9x8 block pattern so every frame has a distinct difference hash (none is a duplicate);
-labels are the pool frame's. The tables are kept under --root for `benchmarks/search.py`.
+labels are the pool frame's. The tables are kept under --root for `benchmarks/search.py` and for
+later runs: a size whose table --root already holds (`built.json` beside it) is measured on it as
+it is, the batches of earlier runs included, without building it again (a 100,000-frame table
+takes hours here: build it once with --build-only, in the background).
 
     .venv/bin/python benchmarks/scale.py [--sizes 2000 20000] [--batches 3] [--new 500] [--shared-ray]
+                                         [--root DIR [--build-only]]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ BATCH_GOAL_S = 60.0
 SHARED_RAY_BATCH_GOAL_S = 45.0
 POOL_FRAMES = 64
 STAGES = ("raw_frames", "curation_columns", "slice_views", "table_maintenance")
+BUILT = "built.json"  # beside a kept table: it was built and curated (see the module docstring)
 
 
 # --- quick distinct frames ---------------------------------------------------------------
@@ -305,23 +310,22 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool, shared_r
     from avperception_assets.workspace import Workspace
 
     workspace = Workspace(data_location=str(root))
-    landing = workspace.landing_dir
-    print(f"\n== {frames} frames: building the table", flush=True)
-    started = time.perf_counter()
-    land_batch(landing, "base", frames, pool, seed=frames)
+    landing, run = workspace.landing_dir, time.strftime("%Y%m%d%H%M%S")  # batch ids of this run's own
     own, shared = Batches(), Batches()
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance, \
             TreeSampler() as sampler:
-        footage_run(instance, "base", workspace.data_location)
-        print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
+        build_table(instance, root, workspace, frames, pool)
+        rows = storage.connect(workspace.lancedb_uri).open_table(storage.FRAMES_TABLE).count_rows()
+        print(f"   the table holds {rows} frames before this run's batches", flush=True)
         for n in range(batches):
-            run_batch(instance, sampler, landing, workspace.data_location, f"new-{n}", new, pool, frames + n + 1, own)
+            run_batch(instance, sampler, landing, workspace.data_location, f"new-{run}-{n}", new, pool,
+                      frames + n + 1, own)
         if shared_ray:
             temp_dir = Path(tempfile.mkdtemp(prefix="avpb", dir="/tmp"))  # short: Ray's socket paths
             head = shared_head.start_head(_free_port(), client_port=_free_port(), temp_dir=temp_dir)
             try:
                 for n in range(batches):
-                    run_batch(instance, sampler, landing, workspace.data_location, f"shared-{n}", new, pool,
+                    run_batch(instance, sampler, landing, workspace.data_location, f"shared-{run}-{n}", new, pool,
                               frames + batches + n + 1, shared, ray_address=head.address)
             finally:
                 shared_head.stop_head(temp_dir)
@@ -333,6 +337,32 @@ def measure_size(root: Path, frames: int, batches: int, new: int, pool, shared_r
     return {"stage_s": {k: statistics.median(v) for k, v in own.stage_s.items()},
             "stage_rss": {k: max(v) for k, v in own.stage_rss.items()}, **own.medians(),
             "shared": shared.medians() if shared_ray else None, "views_fraction": views_disk / table_disk}
+
+
+def build_table(instance, root: Path, workspace, frames: int, pool) -> None:
+    """Land `frames` distinct frames as one batch and run its footage run (ingest, curation, views),
+    untimed, unless `root` holds such a table already."""
+    marker = root / BUILT
+    if marker.is_file():
+        print(f"\n== {frames} frames: reusing the table built before ({marker.read_text().strip()})", flush=True)
+        return
+    print(f"\n== {frames} frames: building the table", flush=True)
+    started = time.perf_counter()
+    land_batch(workspace.landing_dir, "base", frames, pool, seed=frames)
+    footage_run(instance, "base", workspace.data_location)
+    marker.write_text(json.dumps({"frames": frames, "seconds": round(time.perf_counter() - started),
+                                  "built": time.strftime("%Y-%m-%d %H:%M")}))
+    print(f"   built and curated in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def build_tables(root: Path, sizes: list[int], pool) -> None:
+    import dagster as dg
+
+    from avperception_assets.workspace import Workspace
+
+    for size in sizes:  # an instance each: both tables' runs are tagged batch=base
+        with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance:
+            build_table(instance, root / f"{size}", Workspace(data_location=str(root / f"{size}")), size, pool)
 
 
 def _free_port() -> int:
@@ -350,10 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=None, help="where the tables are kept (default: a temp dir)")
     parser.add_argument("--shared-ray", action="store_true",
                         help="also run --batches batches attached to one long-lived Ray head (see above)")
+    parser.add_argument("--build-only", action="store_true", help="build the tables under --root, measure nothing")
     args = parser.parse_args(argv)
+    if args.build_only and args.root is None:
+        parser.error("--build-only keeps the tables for later runs: give --root")
     root = args.root or Path(tempfile.mkdtemp(prefix="avp-bench-scale-"))
     print(f"tables under {root}; {os.cpu_count()} CPUs; frames 1280x720", flush=True)
     pool = _pool(root, 1280, 720)
+    if args.build_only:
+        build_tables(root, args.sizes, pool)
+        return
     small, large = (measure_size(root / f"{size}", size, args.batches, args.new, pool, args.shared_ray)
                     for size in args.sizes)
 
