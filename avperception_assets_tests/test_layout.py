@@ -109,6 +109,7 @@ ALLOWED: dict[str, set[str]] = {
     "training_worker": {"model", "patches"},
     "geneva_workarounds": {"patches"},
     "ray_head": {"cluster", "workspace"},
+    "clean": {"storage", "workspace"},
 }
 
 

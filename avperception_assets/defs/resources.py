@@ -36,6 +36,7 @@ class WorkspaceResource(dg.ConfigurableResource):
     dead_run_check: bool = _from_env("dead_run_check")
     retrain_min_new_rows: int = _from_env("retrain_min_new_rows")
     retrain_min_growth: float = _from_env("retrain_min_growth")
+    cache_dir: str = _from_env("cache_dir")
 
     _ray_stack: contextlib.ExitStack | None = PrivateAttr(default=None)
 
@@ -47,7 +48,7 @@ class WorkspaceResource(dg.ConfigurableResource):
                          ray_fallback=self.ray_fallback, ray_dashboard=self.ray_dashboard,
                          embedding_model=self.embedding_model,
                          dead_run_check=self.dead_run_check, retrain_min_new_rows=self.retrain_min_new_rows,
-                         retrain_min_growth=self.retrain_min_growth)
+                         retrain_min_growth=self.retrain_min_growth, cache_dir=self.cache_dir)
 
     def retrain_policy(self) -> RetrainPolicy:
         return RetrainPolicy(self.retrain_min_new_rows, self.retrain_min_growth)
