@@ -158,10 +158,10 @@ def _rider_stand_in_views(conn) -> None:
 @pytest.mark.dagster_run
 @pytest.mark.training
 def test_a_fine_tune_keeps_its_checkpoints_and_report_in_the_bucket(s3_server, s3_location, tmp_path, monkeypatch):
-    """base_detector, rider_checkpoint and rider_eval_report on a data location in the bucket:
-    their files land there, the local disk holds only the cache; with the cache emptied, the
-    checkpoint resumes from the bucket's epochs (nothing left to train) and the report reads
-    the bucket's checkpoints."""
+    """base_detector and rider_checkpoint on a data location in the bucket: their files land
+    there, the local disk holds only the cache. With the cache emptied, as on a fresh machine,
+    rider_checkpoint reuses the bucket's finished run and rider_eval_report reads the bucket's
+    checkpoints and writes its report there."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AVP_DATA_DIR", str(tmp_path / "data"))  # a data folder nothing may write to
     cache = tmp_path / "cache"
@@ -171,34 +171,34 @@ def test_a_fine_tune_keeps_its_checkpoints_and_report_in_the_bucket(s3_server, s
     conn = workspace.connect()
     ingest.ingest_batches(conn, workspace.layout.landing, storage_options=workspace.storage_options)
     _rider_stand_in_views(conn)
+    train_version = conn.open_table(slices.view_name(RIDER, "train")).version
+    val_version = conn.open_table(slices.view_name(RIDER, "val")).version
     assets = [*training_assets.build_training_defs([RIDER]).assets, *evaluation_assets.build_evaluation_defs([RIDER]).assets]
-    report_config = {"batch_size": 4, "panel_count": 1, "worst_count": 0, "tiling": False}
-    run_config = {"ops": {"base_detector": {"config": TINY_TRAINING}, "rider_checkpoint": {"config": TINY_FINETUNE},
-                          "rider_eval_report": {"config": report_config}}}
-    selection = dg.AssetSelection.assets("base_detector", "rider_checkpoint", "rider_eval_report")
+    ops = {"base_detector": {"config": TINY_TRAINING}, "rider_checkpoint": {"config": TINY_FINETUNE},
+           "rider_eval_report": {"config": {"batch_size": 4, "panel_count": 1, "worst_count": 0, "tiling": False}}}
+
+    def materialize(*names):
+        return dg.materialize(assets, selection=dg.AssetSelection.assets(*names), instance=instance,
+                              run_config={"ops": {name: ops[name] for name in names}}, resources={"workspace": workspace})
+
     with dg.instance_for_test() as instance:
-        first = dg.materialize(assets, selection=selection, instance=instance, run_config=run_config,
-                               resources={"workspace": workspace})
-        assert first.success
-        train_version = conn.open_table(slices.view_name(RIDER, "train")).version
-        val_version = conn.open_table(slices.view_name(RIDER, "val")).version
+        trained = materialize("base_detector", "rider_checkpoint")
+        assert trained.success
         assert {f"{train_version}/best.pt", f"{train_version}/metadata.json"} <= _keys(s3_server, s3_location, "checkpoints/rider")
         assert {"best.pt", "metadata.json"} <= {key.split("/")[-1] for key in _keys(s3_server, s3_location, "checkpoints/base")}
-        assert f"{val_version}/report.json" in _keys(s3_server, s3_location, "reports/rider")
-        [checkpoint] = first.asset_materializations_for_node("rider_checkpoint")
+        [checkpoint] = trained.asset_materializations_for_node("rider_checkpoint")
         assert checkpoint.metadata["checkpoint_dir"].value == f"{s3_location}/checkpoints/rider/{train_version}"
-        [report] = first.asset_materializations_for_node("rider_eval_report")
-        assert report.metadata["report_json"].value == f"{s3_location}/reports/rider/{val_version}/report.json"
-        assert not (tmp_path / "data").exists() and sorted(os.listdir(tmp_path)) == ["cache", "staging"]
 
         shutil.rmtree(cache)
-        again = dg.materialize(assets, selection=dg.AssetSelection.assets("rider_checkpoint", "rider_eval_report"),
-                               instance=instance, run_config=run_config, resources={"workspace": workspace})
-    assert again.success
-    [resumed] = again.asset_materializations_for_node("rider_checkpoint")
-    assert resumed.metadata["resumed_from_epoch"].value == 1  # the bucket's epoch: the same recipe, nothing retrained
+        again = materialize("rider_checkpoint", "rider_eval_report")
+        assert again.success
+        logs = [event.user_message for event in instance.all_logs(again.run_id)]
+    assert any("already holds this run (complete); nothing to train" in line for line in logs)
+    assert f"{val_version}/report.json" in _keys(s3_server, s3_location, "reports/rider")
     [report] = again.asset_materializations_for_node("rider_eval_report")
-    assert report.metadata["verdict"].value and (cache / s3_location.split("://")[1] / "checkpoints" / "rider").is_dir()
+    assert report.metadata["report_json"].value == f"{s3_location}/reports/rider/{val_version}/report.json"
+    assert report.metadata["checkpoint"].value == f"{s3_location}/checkpoints/rider/{train_version}/best.pt"
+    assert not (tmp_path / "data").exists() and sorted(os.listdir(tmp_path)) == ["cache", "staging"]
 
 
 def test_pull_and_push_copy_only_what_the_other_side_lacks_or_holds_otherwise(s3_server, s3_location, tmp_path):
