@@ -12,7 +12,6 @@ figures. Torch is imported inside the asset bodies only.
 """
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import dagster as dg

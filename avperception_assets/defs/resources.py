@@ -77,11 +77,11 @@ class WorkspaceResource(dg.ConfigurableResource):
         pulled whole, or only the files `names` in it."""
         try:
             path = self.layout.working_copy(location)
+            for name in names or ("",):
+                self.pull(path / name)
         except WorkspaceError as exc:
             raise dg.Failure(f"{exc}: it was written by a workspace with another data location",
                              allow_retries=False) from exc
-        for name in names or ("",):
-            self.pull(path / name)
         return path
 
     def connect(self):
