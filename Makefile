@@ -75,6 +75,12 @@ ray: install
 ray-stop:
 	$(BIN)/python -m avperception_assets.ray_head stop --port $(RAY_PORT)
 
-clean:
+# A data location in a bucket (s3://bucket/prefix): its project prefixes and its local cache.
+clean: $(if $(findstring ://,$(AVP_DATA_DIR)),install)
+ifneq (,$(findstring ://,$(AVP_DATA_DIR)))
+	$(BIN)/python -m avperception_assets.clean
+else
 	rm -rf "$(AVP_DATA_DIR)/landing" "$(AVP_DATA_DIR)/lancedb" "$(AVP_DATA_DIR)/checkpoints" \
-	       "$(AVP_DATA_DIR)/reports" "$(AVP_DATA_DIR)/dagster_home"
+	       "$(AVP_DATA_DIR)/reports"
+endif
+	rm -rf "$(AVP_DATA_DIR)/dagster_home"

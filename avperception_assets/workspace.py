@@ -16,8 +16,12 @@ working as it is):
 
 The data location is a local folder by default, or an object-store URI (`s3://bucket/prefix`):
 then the tables (`lancedb_uri`), the landing zone (`landing`) and what `location` names live
-there, reached with `storage_options` or the standard AWS variables; `Workspace.path` and the
-`*_dir` folders refuse to treat a URI as a folder.
+there, reached with `storage_options` or the standard AWS variables; `Workspace.path` refuses to
+treat a URI as a folder. Checkpoints, reports and exports are written by libraries that write
+local files (torch, matplotlib, onnx, the exporters): on an object store the `checkpoints_dir`,
+`reports_dir` and `exports_dir` folders are a local working copy in the cache
+(`<cache_dir>/<bucket>/<prefix>/...`), which `storage.artifacts` pulls from and pushes to the
+bucket, the source of truth (`location_of` and `working_copy` map between the two).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA_LOCATION = "data"
+DEFAULT_CACHE_DIR = "~/.cache/avperception"
 SENSOR_STATUSES = ("running", "stopped")
 RAY_FALLBACKS = ("fail", "local")  # what a run does when the Ray head at `ray_address` does not answer
 BASE_CHECKPOINTS = "base"  # base_detector's folder under checkpoints/
@@ -64,10 +69,12 @@ class Workspace:
     retrain_min_new_rows: int = 100
     retrain_min_growth: float = 0.25
     sensors_default_status: str = "running"
+    cache_dir: str = DEFAULT_CACHE_DIR  # working copies of an object store's artifacts
 
     def __post_init__(self):
         if not _is_uri(self.data_location):
             object.__setattr__(self, "data_location", str(Path(self.data_location).expanduser().absolute()))
+        object.__setattr__(self, "cache_dir", str(Path(self.cache_dir).expanduser().absolute()))
         if self.lancedb_uri is None:
             object.__setattr__(self, "lancedb_uri", self._under("lancedb"))
         if self.ray_address is not None:
@@ -114,8 +121,39 @@ class Workspace:
         return self.path / "landing"
 
     @property
+    def working_root(self) -> Path:
+        """Where checkpoints, reports and exports are written: the data folder itself, or for an
+        object store its working copy in the cache, `<cache_dir>/<bucket>/<prefix>`."""
+        if not self.is_object_store:
+            return self.path
+        return Path(self.cache_dir) / self.data_location.partition("://")[2].strip("/")
+
+    def location_of(self, path: str | Path) -> str:
+        """Where a file or folder of the working copy lives in the data location: its URI on an
+        object store (what asset metadata shows), the path itself for a local folder."""
+        if not self.is_object_store:
+            return str(path)
+        try:
+            relative = Path(path).relative_to(self.working_root)
+        except ValueError:
+            raise WorkspaceError(f"{path} is not in the working copy {self.working_root} of {self.data_location}") from None
+        return self._under(relative.as_posix()) if relative.parts else self.data_location.rstrip("/")
+
+    def working_copy(self, location: str | Path) -> Path:
+        """The local path of a file or folder of the data location (`location_of`'s inverse);
+        a local path stays as it is."""
+        if not _is_uri(str(location)):
+            return Path(location)
+        root = self.data_location.rstrip("/")
+        if str(location).rstrip("/") == root:
+            return self.working_root
+        if not str(location).startswith(root + "/"):
+            raise WorkspaceError(f"{location} is not under the data location {self.data_location}")
+        return self.working_root / str(location)[len(root) + 1:]
+
+    @property
     def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.working_root / "checkpoints"
 
     def checkpoints_dir_for(self, model: str) -> Path:
         """One model's checkpoints, a folder per train-view version: `base` or a failure mode's name."""
@@ -123,7 +161,7 @@ class Workspace:
 
     @property
     def reports_dir(self) -> Path:
-        return self.path / "reports"
+        return self.working_root / "reports"
 
     def reports_dir_for(self, mode: str) -> Path:
         """One failure mode's evaluation reports, a folder per val-view version."""
@@ -131,7 +169,7 @@ class Workspace:
 
     @property
     def exports_dir(self) -> Path:
-        return self.path / "exports"
+        return self.working_root / "exports"
 
     @property
     def config_dir(self) -> Path:
@@ -244,6 +282,10 @@ VARIABLES = (
     Variable("AVP_SENSORS_DEFAULT_STATUS", "sensors_default_status", "`running`",
              "`stopped`: the sensors start stopped (the UI without the loop); the UI can start them.",
              _sensor_status),
+    Variable("AVP_CACHE_DIR", "cache_dir", f"`{DEFAULT_CACHE_DIR}`",
+             "With an object-store data location: the local working copies of its checkpoints, reports and "
+             "exports (`<cache>/<bucket>/<prefix>/`), a cache the bucket is the source of truth of; unused for a "
+             "local data folder.", _text),
 )
 
 

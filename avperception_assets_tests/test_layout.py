@@ -103,12 +103,13 @@ ALLOWED: dict[str, set[str]] = {
     # Command-line entry points kept under their historical names: each wraps one stage, after the
     # patches its processes need; those that need the data location read the workspace for it.
     "search": {"discovery", "patches", "workspace"},
-    "exports": {"slices", "patches", "workspace"},
+    "exports": {"slices", "storage", "patches", "workspace"},
     "onnx_export": {"deployment", "patches"},
-    "summary": {"evaluation", "workspace"},
+    "summary": {"evaluation", "storage", "workspace"},
     "training_worker": {"model", "patches"},
     "geneva_workarounds": {"patches"},
     "ray_head": {"cluster", "workspace"},
+    "clean": {"storage", "workspace"},
 }
 
 

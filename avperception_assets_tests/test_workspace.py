@@ -24,6 +24,7 @@ EXAMPLES = {
     "AVP_RETRAIN_MIN_NEW_ROWS": ("20", 20),
     "AVP_RETRAIN_MIN_GROWTH": ("0.5", 0.5),
     "AVP_SENSORS_DEFAULT_STATUS": ("stopped", "stopped"),
+    "AVP_CACHE_DIR": ("/var/cache/avp", "/var/cache/avp"),
 }
 
 
@@ -42,6 +43,7 @@ def test_defaults_keep_the_layout_of_existing_data_folders(tmp_path, monkeypatch
     assert workspace.ray_fallback == "fail"
     assert (workspace.dead_run_check, workspace.retrain_min_new_rows, workspace.retrain_min_growth) == (True, 100, 0.25)
     assert workspace.sensors_default_status == "running" and workspace.storage_options == {}
+    assert workspace.working_root == data and workspace.location_of(data / "reports") == str(data / "reports")
 
 
 def test_every_variable_sets_its_field():
@@ -82,6 +84,22 @@ def test_an_object_store_data_location_is_not_a_folder():
         workspace.landing_dir
     assert workspace.is_object_store
     assert (workspace.landing, workspace.location("checkpoints")) == ("s3://bucket/avp/landing", "s3://bucket/avp/checkpoints")
+
+
+def test_an_object_store_writes_its_artifacts_to_a_working_copy_in_the_cache(tmp_path):
+    workspace = Workspace(data_location="s3://bucket/avp/", cache_dir=str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "bucket" / "avp"
+    assert (workspace.checkpoints_dir_for("rider"), workspace.reports_dir, workspace.exports_dir) == (
+        root / "checkpoints" / "rider", root / "reports", root / "exports")
+    best = workspace.checkpoints_dir_for("rider") / "7" / "best.pt"
+    assert workspace.location_of(best) == "s3://bucket/avp/checkpoints/rider/7/best.pt"
+    assert workspace.working_copy("s3://bucket/avp/checkpoints/rider/7/best.pt") == best
+    assert workspace.working_copy(str(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
+    with pytest.raises(WorkspaceError, match="not under the data location"):
+        workspace.working_copy("s3://bucket/other/checkpoints")
+    with pytest.raises(WorkspaceError, match="not in the working copy"):
+        workspace.location_of(tmp_path / "elsewhere")
+    assert Workspace(data_location="s3://bucket/avp").cache_dir == str(Path("~/.cache/avperception").expanduser())
 
 
 def test_a_local_data_location_names_the_same_places_as_folders(tmp_path):

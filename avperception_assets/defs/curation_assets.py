@@ -61,12 +61,18 @@ class CurationRunConfig(dg.Config):
             recompute=tuple(self.recompute), concurrency=self.concurrency, modes=tuple(modes))
 
 
-def _embeds_with_base_detector(workspace: Workspace) -> bool:
-    """The configured embedding model is the backbone of a base_detector checkpoint: the column
-    then depends on that asset."""
+def _base_detector_weights(workspace: Workspace) -> Path | None:
+    """The weights file in base_detector's checkpoints (its working copy on an object store) that
+    the configured embedding model is the backbone of; None when it embeds with something else."""
     kind, _, path = workspace.embedding_model.partition(":")
     weights = Path(path.partition(":")[0]).expanduser().resolve()
-    return kind == "detector" and weights.is_relative_to(workspace.checkpoints_dir_for(BASE_CHECKPOINTS).resolve())
+    base = workspace.checkpoints_dir_for(BASE_CHECKPOINTS)
+    return base / weights.relative_to(base.resolve()) if kind == "detector" and weights.is_relative_to(base.resolve()) else None
+
+
+def _embeds_with_base_detector(workspace: Workspace) -> bool:
+    """The column then depends on base_detector."""
+    return _base_detector_weights(workspace) is not None
 
 
 def _spec(name: str, config: curation.CurationConfig, workspace: Workspace) -> dg.AssetSpec:
@@ -103,6 +109,8 @@ def _backfill(context: dg.AssetExecutionContext, run_config: CurationRunConfig, 
     selected = [key.path[-1] for key in context.selected_asset_keys]
     conn = workspace.connect()
     table = open_frames(workspace, conn)
+    if (weights := _base_detector_weights(workspace.layout)) is not None:
+        workspace.pull(weights)  # the embedding model reads the checkpoint's working copy
     workspace.ensure_ray()
     stats = curation.backfill_columns(table, selected, run_config.to_curation(workspace.embedding_model, modes),
                                       log=context.log.info)

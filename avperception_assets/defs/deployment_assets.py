@@ -35,8 +35,10 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
     def _onnx_model(context: dg.AssetExecutionContext, config: OnnxExportConfig,
                     workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.deployment import onnx as onnx_export
+        from avperception_assets.model import checkpoints
 
-        folder = latest_checkpoint_dir(context.instance, mode)
+        folder = workspace.pulled(latest_checkpoint_dir(context.instance, mode), checkpoints.BEST_FILE,
+                                  checkpoints.METADATA_FILE)
         try:
             result = onnx_export.export_checked(folder, frames=config.frames, uri=workspace.layout.lancedb_uri)
         except (FileNotFoundError, ValueError) as exc:
@@ -50,7 +52,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
         data, source = result.metadata["data_version"], result.metadata["source_checkpoint"]
         return dg.MaterializeResult(
             metadata={
-                "onnx_model": dg.MetadataValue.path(str(result.path)),
+                "onnx_model": dg.MetadataValue.path(workspace.push(result.path)),
                 "exported_part": result.metadata["exported_part"],
                 "export_seconds": result.export_seconds,
                 "frames_checked": result.parity.frames,
@@ -62,7 +64,7 @@ def build_onnx_model_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 "train_view_version": data["train_view_version"],
                 "source_table_version": data["source_table_version"],
                 "selection_pct": data["selection_pct"],
-                "checkpoint": dg.MetadataValue.path(source["weights"]),
+                "checkpoint": dg.MetadataValue.path(workspace.layout.location_of(source["weights"])),
                 "input_size": dg.MetadataValue.json(result.metadata["input_size"]),
                 "class_map": dg.MetadataValue.json(result.metadata["class_map"]),
             },

@@ -12,7 +12,6 @@ figures. Torch is imported inside the asset bodies only.
 """
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -55,17 +54,19 @@ class EvalReportConfig(dg.Config):
         return dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode):
-    """The mode's latest checkpoint (best epoch) and what the report records about it."""
+def _finetuned(context: dg.AssetExecutionContext, mode: FailureMode, workspace: WorkspaceResource):
+    """The mode's latest checkpoint (best epoch) and what the report records about it (its files
+    by their place in the data location)."""
     from avperception_assets.model import checkpoints
 
     key = checkpoint_key(mode)
-    folder = latest_checkpoint_dir(context.instance, mode)
+    location = latest_checkpoint_dir(context.instance, mode)
+    folder = workspace.pulled(location, checkpoints.BEST_FILE, checkpoints.METADATA_FILE)
+    best = workspace.layout.location_of(folder / checkpoints.BEST_FILE)
     if not (folder / checkpoints.BEST_FILE).is_file():
-        raise dg.Failure(f"checkpoint {folder / checkpoints.BEST_FILE} is gone; rematerialize {key.to_user_string()}")
+        raise dg.Failure(f"checkpoint {best} is gone; rematerialize {key.to_user_string()}")
     metadata = checkpoints.read_metadata(folder)
-    info = {"source": key.to_user_string(), "checkpoint": str(folder / checkpoints.BEST_FILE),
-            "checkpoint_dir": str(folder), "metadata": metadata}
+    info = {"source": key.to_user_string(), "checkpoint": best, "checkpoint_dir": location, "metadata": metadata}
     return checkpoints.load_checkpoint(folder), metadata, info
 
 
@@ -193,8 +194,8 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
         from avperception_assets.tracking.tracker import TrackerSettings
 
         spec = config.resolve_tiling(mode)
-        finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode)
-        baseline, baseline_info = base_model(context, finetuned_metadata["profile"])
+        finetuned, finetuned_metadata, finetuned_info = _finetuned(context, mode, workspace)
+        baseline, baseline_info = base_model(context, finetuned_metadata["profile"], workspace)
         models = {evaluation.BASELINE: baseline, evaluation.FINETUNED: finetuned}
         uri = workspace.layout.lancedb_uri
         try:
@@ -210,6 +211,7 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
             baseline=baseline_info, finetuned=finetuned_info, score_threshold=config.panel_score_threshold,
             eval_frames=eval_frames, tiled=tiled, tiling=_inference_spec(spec) if spec else None, frames=stored,
             tracker=TrackerSettings(config.track_min_iou, config.track_min_score, config.track_max_missed))
+        report_dir = workspace.push(report.out_dir)
         table = reports.rows_markdown(report.rows)
         intervals = reports.intervals_markdown(report.data["intervals"])
         context.log.info(f"{mode.name} on {val_name}@{view['version']}: {report.data['verdict']}\n{intervals}\n\n{table}")
@@ -244,8 +246,8 @@ def build_eval_report_asset(mode: FailureMode) -> dg.AssetsDefinition:
                 "checkpoint": dg.MetadataValue.path(finetuned_info["checkpoint"]),
                 "train_view_version": finetuned_metadata["train_view_version"],
                 "baseline_weights": baseline_info["weights"],
-                "report_dir": dg.MetadataValue.path(str(report.out_dir)),
-                "report_json": dg.MetadataValue.path(str(report.out_dir / reports.REPORT_JSON)),
+                "report_dir": dg.MetadataValue.path(report_dir),
+                "report_json": dg.MetadataValue.path(workspace.layout.location_of(report.out_dir / reports.REPORT_JSON)),
             },
             data_version=dg.DataVersion(f"{view['name']}@{view['version']}:{finetuned_info['checkpoint']}"),
         )
@@ -277,7 +279,7 @@ def build_base_report_asset(modes) -> dg.AssetsDefinition:
                      workspace: WorkspaceResource) -> dg.MaterializeResult:
         from avperception_assets.evaluation import base_report, comparison, frame_errors
 
-        model, info = deployed_base_model(context)
+        model, info = deployed_base_model(context, workspace)
         uri, conn = workspace.layout.lancedb_uri, workspace.connect()
         try:
             sets = base_report.frame_sets(uri, val_views)
@@ -292,6 +294,7 @@ def build_base_report_asset(modes) -> dg.AssetsDefinition:
         out_dir = workspace.layout.reports_dir_for(BASE_REPORTS) / str(sets.frames_version)
         data = base_report.write_report(out_dir, figures, sets=sets, model=info, eval_frames=eval_frames,
                                         num_images=len(result.image_ids))
+        report_dir = workspace.push(out_dir)
         outside, modes_table = base_report.outside_markdown(data), base_report.modes_markdown(data)
         context.log.info(f"base detector outside every slice:\n{outside}\n\n{modes_table}")
         figures_metadata = {k: dg.MetadataValue.null() if v is None else v
@@ -309,8 +312,8 @@ def build_base_report_asset(modes) -> dg.AssetsDefinition:
                 "dagster/row_count": data["num_images"],
                 "weights": info["weights"],
                 "reused_long_base": info["reused_long_base"],
-                "report_dir": dg.MetadataValue.path(str(out_dir)),
-                "report_json": dg.MetadataValue.path(str(out_dir / base_report.REPORT_JSON)),
+                "report_dir": dg.MetadataValue.path(report_dir),
+                "report_json": dg.MetadataValue.path(workspace.layout.location_of(out_dir / base_report.REPORT_JSON)),
             },
             data_version=dg.DataVersion(f"bdd100k@{sets.frames_version}:{info['weights']}"),
         )
@@ -318,12 +321,13 @@ def build_base_report_asset(modes) -> dg.AssetsDefinition:
     return _base_report
 
 
-def _latest_report(context: dg.AssetExecutionContext, key: dg.AssetKey) -> dict | None:
-    """The report.json the latest materialization of `key` wrote; None when there is none."""
+def _latest_report(context: dg.AssetExecutionContext, key: dg.AssetKey, workspace: WorkspaceResource) -> dict | None:
+    """The report.json the latest materialization of `key` wrote (pulled from the data location);
+    None when there is none."""
     from avperception_assets.evaluation import reports
 
     recorded = latest_metadata(context.instance, key)
-    path = Path(recorded["report_json"]) if recorded and "report_json" in recorded else None
+    path = workspace.pulled(recorded["report_json"]) if recorded and "report_json" in recorded else None
     return reports.read_report(path) if path is not None and path.is_file() else None
 
 
@@ -341,12 +345,12 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
 
         written, missing = {}, []
         for mode in modes:
-            data = _latest_report(context, eval_report_key(mode))
+            data = _latest_report(context, eval_report_key(mode), workspace)
             if data is None:
                 missing.append(mode.name)
             else:
                 written[mode.name] = data
-        base = _latest_report(context, BASE_DETECTOR_REPORT)
+        base = _latest_report(context, BASE_DETECTOR_REPORT, workspace)
         if not written and base is None:
             raise dg.Failure(f"no evaluation report yet for any failure mode ({', '.join(missing)}) nor for the "
                              "base detector; materialize the <mode>_eval_report assets or base_detector_report first")
@@ -358,8 +362,8 @@ def build_summary_asset(modes) -> dg.AssetsDefinition:
             "modes": dg.MetadataValue.json(sorted(written)),
             "modes_without_report": dg.MetadataValue.json(missing),
             "base_detector_report": base is not None,
-            "summary_md": dg.MetadataValue.path(str(md_path)),
-            "summary_json": dg.MetadataValue.path(str(json_path)),
+            "summary_md": dg.MetadataValue.path(workspace.push(md_path)),
+            "summary_json": dg.MetadataValue.path(workspace.push(json_path)),
         })
 
     return _summary

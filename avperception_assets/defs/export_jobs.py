@@ -31,7 +31,7 @@ def export_slice(context: dg.OpExecutionContext, config: SliceExportConfig, work
                                      config.version, log=context.log.info)
     except (ValueError, LookupError) as exc:  # no such view or version, or its pixels are gone
         raise dg.Failure(str(exc)) from exc
-    metadata = export.as_metadata()
+    metadata = {**export.as_metadata(), "path": workspace.push(export.path)}
     context.add_output_metadata({**{k: v for k, v in metadata.items() if k not in ("path", "splits", "classes")},
                                  "path": dg.MetadataValue.path(metadata["path"]),
                                  "splits": dg.MetadataValue.json(metadata["splits"]),

@@ -3,8 +3,6 @@ of an asset's latest materialization metadata."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 
 from avperception_assets.failure_modes.registry import FailureMode
@@ -68,11 +66,12 @@ def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict | No
     return {name: value.value for name, value in event.asset_materialization.metadata.items()}
 
 
-def latest_checkpoint_dir(instance: dg.DagsterInstance, mode: FailureMode) -> Path:
-    """The folder of the mode's latest checkpoint materialization; a clear failure when there is none."""
+def latest_checkpoint_dir(instance: dg.DagsterInstance, mode: FailureMode) -> str:
+    """Where the folder of the mode's latest checkpoint materialization lives in the data location
+    (a folder, or a URI on an object store); a clear failure when there is none."""
     key = checkpoint_key(mode)
     recorded = latest_metadata(instance, key)
     if recorded is None or "checkpoint_dir" not in recorded:
         raise dg.Failure(f"{key.to_user_string()} has not been materialized; materialize it first",
                          allow_retries=False)
-    return Path(recorded["checkpoint_dir"])
+    return recorded["checkpoint_dir"]

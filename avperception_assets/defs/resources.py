@@ -1,14 +1,15 @@
 """Dagster resources shared by every stage."""
 
 import contextlib
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from avperception_assets.cluster.ray import ray_context
 from avperception_assets.model.retrain_policy import RetrainPolicy
-from avperception_assets.storage import tables as storage
-from avperception_assets.workspace import Workspace, env_settings, variable_for
+from avperception_assets.storage import artifacts, tables as storage
+from avperception_assets.workspace import Workspace, WorkspaceError, env_settings, variable_for
 from avperception_assets.defs.run_recovery import fail_dead_runs
 
 
@@ -36,6 +37,7 @@ class WorkspaceResource(dg.ConfigurableResource):
     dead_run_check: bool = _from_env("dead_run_check")
     retrain_min_new_rows: int = _from_env("retrain_min_new_rows")
     retrain_min_growth: float = _from_env("retrain_min_growth")
+    cache_dir: str = _from_env("cache_dir")
 
     _ray_stack: contextlib.ExitStack | None = PrivateAttr(default=None)
 
@@ -47,7 +49,7 @@ class WorkspaceResource(dg.ConfigurableResource):
                          ray_fallback=self.ray_fallback, ray_dashboard=self.ray_dashboard,
                          embedding_model=self.embedding_model,
                          dead_run_check=self.dead_run_check, retrain_min_new_rows=self.retrain_min_new_rows,
-                         retrain_min_growth=self.retrain_min_growth)
+                         retrain_min_growth=self.retrain_min_growth, cache_dir=self.cache_dir)
 
     def retrain_policy(self) -> RetrainPolicy:
         return RetrainPolicy(self.retrain_min_new_rows, self.retrain_min_growth)
@@ -57,6 +59,30 @@ class WorkspaceResource(dg.ConfigurableResource):
         if self.dead_run_check and context.instance is not None:
             for run_id in fail_dead_runs(context.instance, exclude_run_id=context.run.run_id if context.run else None):
                 context.log.warning(f"run {run_id} had lost its worker process: marked failed, pool slots freed")
+
+    def pull(self, path: Path) -> Path:
+        """A file or folder of the working copy (checkpoints, reports, exports), brought up to date
+        from an object-store data location before it is read (`storage.artifacts`); returns it."""
+        artifacts.pull(self.layout, path)
+        return path
+
+    def push(self, path: Path) -> str:
+        """Upload a file or folder of the working copy to an object-store data location after it
+        was written; returns where it lives there (its URI), what asset metadata shows."""
+        artifacts.push(self.layout, path)
+        return self.layout.location_of(path)
+
+    def pulled(self, location: str, *names: str) -> Path:
+        """The working copy of a file or folder that metadata recorded by its location (`push`),
+        pulled whole, or only the files `names` in it."""
+        try:
+            path = self.layout.working_copy(location)
+            for name in names or ("",):
+                self.pull(path / name)
+        except WorkspaceError as exc:
+            raise dg.Failure(f"{exc}: it was written by a workspace with another data location",
+                             allow_retries=False) from exc
+        return path
 
     def connect(self):
         return storage.connect(self.layout.lancedb_uri, self.storage_options)

@@ -49,9 +49,9 @@ def search_frames(context: dg.OpExecutionContext, config: FrameSearchConfig, wor
         "frames": results.num_rows,
         "results": dg.MetadataValue.md(search.results_markdown(results)),
         "contact_sheet": dg.MetadataValue.md(reports.png_markdown(sheet)),
-        "contact_sheet_path": dg.MetadataValue.path(str(sheet)),
+        "contact_sheet_path": dg.MetadataValue.path(workspace.push(sheet)),
     })
-    return {"image_ids": results["image_id"].to_pylist(), "contact_sheet": str(sheet)}
+    return {"image_ids": results["image_id"].to_pylist(), "contact_sheet": layout.location_of(sheet)}
 
 
 @dg.job(description="Find frames by example, text or scene description; the query is the run config.")

@@ -69,7 +69,7 @@ def build_track_coverage_defs(modes) -> dg.Definitions:
         if latest_metadata(context.instance, BASE_DETECTOR) is None:
             context.log.info("base_detector has not been materialized: no coverage yet (it follows base_detector)")
             return dg.MaterializeResult(metadata={"clips_computed": 0, "note": "no base_detector yet"})
-        model, info = deployed_base_model(context)
+        model, info = deployed_base_model(context, workspace)
         key = coverage.model_key(info["digest"], *info["input_size"], config.score_threshold)
         clips = coverage.all_clips(table) if config.recompute_all else coverage.new_clips(table)
         context.log.info(f"{len(clips)} clips to compute with {key}")

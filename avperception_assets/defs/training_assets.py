@@ -126,6 +126,25 @@ class BaseDetectorConfig(TrainingConfig):
                                   "of this profile's architecture completed there.")
 
 
+def _in_data_location(workspace: WorkspaceResource, metadata: dict) -> dict:
+    """A run summary with its checkpoint's folder and weights named where they live in the data
+    location (their s3:// URIs on an object store), not by their working copy."""
+    located = {key: workspace.layout.location_of(getattr(metadata[key], "value", metadata[key]))
+               for key in ("checkpoint_dir", "weights")}
+    return {**metadata, **{key: dg.MetadataValue.path(value) for key, value in located.items()}}
+
+
+def _train_and_push(context, workspace: WorkspaceResource, folder: Path, train) -> dict:
+    """`train()` into the model's checkpoint `folder`, pulled from the data location first (a
+    run on a fresh machine resumes from, or reuses, the bucket's epochs) and pushed back after,
+    failed or not (a failed run's completed epochs reach the bucket too)."""
+    workspace.pull(folder)
+    try:
+        return _in_data_location(workspace, train())
+    finally:
+        workspace.push(folder)
+
+
 def _torchrun_options(config: TrainingConfig, run_id: str, *, hosts_rendezvous: bool = True) -> list[str]:
     """One node: a standalone rendezvous on a free port. Several: a c10d rendezvous named after
     the run, whose store this run's node hosts at `rendezvous_endpoint` (`hosts_rendezvous`;
@@ -211,37 +230,50 @@ def base_detector(context: dg.AssetExecutionContext, config: BaseDetectorConfig,
             "profile": profile.name, "architecture": profile.architecture, "hyper_parameters": profile.as_dict(),
             "note": "COCO-pretrained weights are the base; nothing trained",
         })
-    long_base = workspace.layout.checkpoints_dir_for(BASE_LONG_CHECKPOINTS)
+    long_base = workspace.pull(workspace.layout.checkpoints_dir_for(BASE_LONG_CHECKPOINTS))
     training_long_base = profile.name == LONG_BASE_PROFILE
     cached = checkpoints.latest_complete(long_base, profile.architecture)
     if cached is not None and config.reuse_long_base and weights == WEIGHTS_NONE and not training_long_base:
-        context.log.info(f"reusing the long base in {cached} (make base); nothing trained")
+        location = workspace.layout.location_of(cached)
+        context.log.info(f"reusing the long base in {location} (make base); nothing trained")
         return dg.MaterializeResult(metadata={
-            **checkpoints.run_summary(checkpoints.read_metadata(cached), cached), "reused_long_base": True,
-            "note": f"the long base `make base` cached in {cached} is the base; nothing trained"})
+            **_in_data_location(workspace, checkpoints.run_summary(checkpoints.read_metadata(cached), cached)),
+            "reused_long_base": True, "note": f"the long base `make base` cached in {location} is the base; nothing trained"})
     uri = workspace.layout.lancedb_uri
     folder = long_base if training_long_base else workspace.layout.checkpoints_dir_for(BASE_CHECKPOINTS)
-    versions = _versions_this_run(context, folder, lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
-    train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where=BASE_TRAIN_WHERE)
-    recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed,
-                       clip_draw=config.clip_draw)
-    return dg.MaterializeResult(metadata={**_train(context, recipe, folder / str(train_view.version), config),
-                                          "reused_long_base": False})
+
+    def train() -> dict:
+        versions = _versions_this_run(context, folder,
+                                      lambda: {FRAMES_TABLE: loader.pin_view(uri, FRAMES_TABLE).version})
+        train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where=BASE_TRAIN_WHERE)
+        recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed,
+                           clip_draw=config.clip_draw)
+        return _train(context, recipe, folder / str(train_view.version), config)
+
+    return dg.MaterializeResult(metadata={**_train_and_push(context, workspace, folder, train), "reused_long_base": False})
 
 
-def base_weights(context: dg.AssetExecutionContext) -> str:
-    """The weights the latest base_detector materialization recorded ('coco' or a file)."""
+def base_weights(context: dg.AssetExecutionContext, workspace: WorkspaceResource) -> str:
+    """The weights the latest base_detector materialization recorded: 'coco', or the local file
+    of its checkpoint (on an object store its working copy, pulled with the checkpoint's
+    metadata.json, what `checkpoints.starting_model` reads)."""
+    from avperception_assets.model import checkpoints
+
     recorded = latest_metadata(context.instance, BASE_DETECTOR)
     if recorded is None:
         raise dg.Failure("base_detector has not been materialized; materialize it first", allow_retries=False)
     weights = recorded["weights"]
-    if weights != "coco" and not Path(weights).is_file():
+    if weights == "coco":
+        return weights
+    path = workspace.pulled(weights)
+    workspace.pull(path.parent / checkpoints.METADATA_FILE)  # what starting_model reads beside the weights
+    if not path.is_file():
         raise dg.Failure(f"base_detector weights {weights} are gone; rematerialize base_detector",
                          allow_retries=False)
-    return weights
+    return str(path)
 
 
-def deployed_base_model(context: dg.AssetExecutionContext):
+def deployed_base_model(context: dg.AssetExecutionContext, workspace: WorkspaceResource):
     """The base detector as a user deploys it, at its own profile's input size, and what a
     report records about it (`base_model`)."""
     from avperception_assets.model.detector import get_profile
@@ -251,17 +283,19 @@ def deployed_base_model(context: dg.AssetExecutionContext):
         raise dg.Failure("base_detector has not been materialized; materialize it first", allow_retries=False)
     # A COCO base recorded before its hyper-parameters were: its profile's defaults.
     profile = recorded.get("hyper_parameters") or get_profile(recorded["profile"]).as_dict()
-    model, info = base_model(context, profile)
+    model, info = base_model(context, profile, workspace)
     return model, {**info, "input_size": [profile["min_size"], profile["max_size"]],
                    "reused_long_base": recorded.get("reused_long_base", False)}
 
 
-def base_model(context: dg.AssetExecutionContext, profile: dict):
+def base_model(context: dg.AssetExecutionContext, profile: dict, workspace: WorkspaceResource):
     """The base detector at a fine-tune's profile (`checkpoints.starting_model`) and what a report
-    or a checkpoint records about it."""
+    or a checkpoint records about it (its files by their place in the data location)."""
     from avperception_assets.model import checkpoints
 
-    model, info = checkpoints.starting_model(base_weights(context), profile)
+    model, info = checkpoints.starting_model(base_weights(context, workspace), profile)
+    if info["weights"] != "coco":
+        info.update({key: workspace.layout.location_of(info[key]) for key in ("weights", "checkpoint_dir")})
     return model, {"source": "base_detector", **info}
 
 
@@ -296,7 +330,7 @@ class FineTuneConfig(TrainingConfig):
 def _mining(context, config: FineTuneConfig, mode: FailureMode, workspace: WorkspaceResource, recipe):
     """Mine with the base detector (`FineTuneConfig.mine`); the recipe with mining's record, the
     frames' sampling weights, and how many were scored."""
-    model, info = base_model(context, recipe.profile.as_dict())
+    model, info = base_model(context, recipe.profile.as_dict(), workspace)
     recipe, weights, stats = config.mine(workspace.connect(), mode, recipe, model, info["digest"], log=context.log.info)
     context.log.info(f"{mode.name}: {stats.scored} frames scored, {stats.already_scored} already scored with "
                      f"{stats.model}")
@@ -325,21 +359,25 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
         from avperception_assets.model.recipe import Recipe
 
         uri, folder = workspace.layout.lancedb_uri, workspace.layout.checkpoints_dir_for(mode.name)
-        try:
-            versions = _versions_this_run(context, folder,
-                                          lambda: {train_name: loader.pin_view(uri, train_name).version})
-            train_view = loader.pin_view(uri, train_name, versions[train_name])
-        except ValueError as exc:
-            raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
-        profile = config.mode_profile(mode)
-        recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=base_weights(context),
-                           seed=config.seed, clip_draw=config.clip_draw)
-        sample_weights, scored = None, {}
-        if config.hard_example_mining:
-            recipe, sample_weights, scored = _mining(context, config, mode, workspace, recipe)
-        out = folder / str(train_view.version)
-        return dg.MaterializeResult(metadata={**_train(context, recipe, out, config, sample_weights), **scored,
-                                              "failure_mode": mode.name})
+        scored = {}
+
+        def train() -> dict:
+            try:
+                versions = _versions_this_run(context, folder,
+                                              lambda: {train_name: loader.pin_view(uri, train_name).version})
+                train_view = loader.pin_view(uri, train_name, versions[train_name])
+            except ValueError as exc:
+                raise dg.Failure(f"{exc}; materialize the slice views first", allow_retries=False) from exc
+            recipe = Recipe.on(train_view, config.mode_profile(mode), selection_pct=config.selection_pct,
+                               weights=base_weights(context, workspace), seed=config.seed, clip_draw=config.clip_draw)
+            sample_weights = None
+            if config.hard_example_mining:
+                recipe, sample_weights, mined = _mining(context, config, mode, workspace, recipe)
+                scored.update(mined)
+            return _train(context, recipe, folder / str(train_view.version), config, sample_weights)
+
+        metadata = _train_and_push(context, workspace, folder, train)
+        return dg.MaterializeResult(metadata={**metadata, **scored, "failure_mode": mode.name})
 
     return _checkpoint
 
