@@ -15,7 +15,10 @@ imported inside the asset bodies only.
 """
 
 import json
+import os
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -37,6 +40,7 @@ AUTO_WEIGHTS = "auto"
 # resumes from the last saved epoch; the run's own errors are raised with allow_retries=False.
 TRAINING_RETRIES = dg.RetryPolicy(max_retries=2, delay=5)
 BASE_TRAIN_WHERE = "split = 'train'"  # the rows of bdd100k base_detector trains on
+RUN_PINS = "run_pins"  # under a model's checkpoint folder: the table versions each run pinned
 
 
 def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> dict[str, int]:
@@ -45,7 +49,7 @@ def _versions_this_run(context: dg.AssetExecutionContext, folder: Path, pin) -> 
     curation or a view refresh committed a newer version in between."""
     from avperception_assets.model import checkpoints
 
-    record = folder / "run_pins" / f"{context.run_id}.json"
+    record = folder / RUN_PINS / f"{context.run_id}.json"
     if context.retry_number and record.is_file():
         return json.loads(record.read_text())
     versions = pin()
@@ -135,10 +139,10 @@ def _in_data_location(workspace: WorkspaceResource, metadata: dict) -> dict:
 
 
 def _train_and_push(context, workspace: WorkspaceResource, folder: Path, train) -> dict:
-    """`train()` into the model's checkpoint `folder`, pulled from the data location first (a
-    run on a fresh machine resumes from, or reuses, the bucket's epochs) and pushed back after,
-    failed or not (a failed run's completed epochs reach the bucket too)."""
-    workspace.pull(folder)
+    """`train()` into a version folder of the model's checkpoint `folder` (`_train` pulls that one
+    from the data location: a run on a fresh machine resumes from, or reuses, the bucket's epochs),
+    then push the folder back, failed or not (a failed run's completed epochs reach the bucket too)."""
+    workspace.pull(folder / RUN_PINS)
     try:
         return _in_data_location(workspace, train())
     finally:
@@ -171,15 +175,15 @@ def other_node_command(config: TrainingConfig, run_id: str, run_file: Path, out:
                                       _torchrun_options(config, run_id, hosts_rendezvous=False)))
 
 
-def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: dict | None = None) -> dict:
+def _train(context, workspace: WorkspaceResource, recipe, out: Path, config: TrainingConfig,
+           sample_weights: dict | None = None) -> dict:
     """Train `recipe` (drawing frames by `sample_weights` when given) into `out` in torchrun's
     processes, launched through Dagster Pipes: their log lines reach the run, and rank 0 reports
     the checkpoint's metadata (returned here)."""
-    from dagster._core.errors import DagsterPipesExecutionError
-
     from avperception_assets.model import checkpoints
 
     options = _torchrun_options(config, context.run.run_id)
+    workspace.pull(out)  # on an object store: the epochs a run on another machine saved, to resume from
     out.mkdir(parents=True, exist_ok=True)
     run_file = checkpoints.write_run(out, recipe, sample_weights)
     (out / checkpoints.FAILURE_FILE).unlink(missing_ok=True)
@@ -187,15 +191,29 @@ def _train(context, recipe, out: Path, config: TrainingConfig, sample_weights: d
     if config.nodes > 1:  # what the operator of each other node runs there
         context.log.info(f"waiting for {config.nodes - 1} other node(s), with {out} and the tables at the same "
                          f"paths; start each with: {other_node_command(config, context.run.run_id, run_file, out)}")
-    try:
-        invocation = dg.PipesSubprocessClient().run(context=context, command=command)
-    except DagsterPipesExecutionError as exc:
+    exit_code, invocation = _run_through_pipes(context, command)
+    if exit_code:
         failure = out / checkpoints.FAILURE_FILE
         if failure.is_file():  # the run's own error (non-finite loss, no rows): retrying cannot help
-            raise dg.Failure(json.loads(failure.read_text())["message"], allow_retries=False) from exc
-        raise dg.Failure(f"the training processes of {out} died ({exc}); a retry resumes from the last "
-                         f"saved epoch") from exc
+            raise dg.Failure(json.loads(failure.read_text())["message"], allow_retries=False)
+        raise dg.Failure(f"the training processes of {out} died (exit code {exit_code}); a retry resumes from the "
+                         f"last saved epoch")
     return dict(invocation.get_materialize_result().metadata)
+
+
+def _run_through_pipes(context, command: list[str]) -> tuple[int, dg.PipesClientCompletedInvocation]:
+    """Run `command` in a Dagster Pipes session, as `PipesSubprocessClient` does, but return its
+    exit code: the client raises a failure as an exception Dagster does not export."""
+    with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
+                               message_reader=dg.PipesTempFileMessageReader()) as session:
+        process = subprocess.Popen(command, env={**os.environ, **session.get_bootstrap_env_vars()})
+        try:
+            process.wait()
+        except dg.DagsterExecutionInterruptedError:  # the run was terminated: torchrun stops its workers
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+            raise
+    return process.returncode, dg.PipesClientCompletedInvocation(session)
 
 
 @dg.asset(
@@ -248,7 +266,7 @@ def base_detector(context: dg.AssetExecutionContext, config: BaseDetectorConfig,
         train_view = loader.pin_view(uri, FRAMES_TABLE, versions[FRAMES_TABLE], where=BASE_TRAIN_WHERE)
         recipe = Recipe.on(train_view, profile, selection_pct=config.selection_pct, weights=weights, seed=config.seed,
                            clip_draw=config.clip_draw)
-        return _train(context, recipe, folder / str(train_view.version), config)
+        return _train(context, workspace, recipe, folder / str(train_view.version), config)
 
     return dg.MaterializeResult(metadata={**_train_and_push(context, workspace, folder, train), "reused_long_base": False})
 
@@ -374,7 +392,7 @@ def build_checkpoint_asset(mode: FailureMode) -> dg.AssetsDefinition:
             if config.hard_example_mining:
                 recipe, sample_weights, mined = _mining(context, config, mode, workspace, recipe)
                 scored.update(mined)
-            return _train(context, recipe, folder / str(train_view.version), config, sample_weights)
+            return _train(context, workspace, recipe, folder / str(train_view.version), config, sample_weights)
 
         metadata = _train_and_push(context, workspace, folder, train)
         return dg.MaterializeResult(metadata={**metadata, **scored, "failure_mode": mode.name})
