@@ -24,7 +24,8 @@ tiled better than untiled on each mode with tiling (better: the interval's low e
 Needs a data dir where `make demo` ran (views, embedding column, base_detector; the long base of
 `make base` when cached). Mining's scores go to the data dir's `<mode>_difficulty`, as the asset's
 do; the fine-tunes to a temporary folder, each removed once scored. Writes every figure as JSON
-to --out (default: reports/strategies.json in the data dir).
+to --out (default: reports/strategies.json in the data dir) as each mode is judged; run again
+with the same --out, seeds and base, it resumes at the first mode not judged yet.
 
 Usage: AVP_DATA_DIR=data .venv/bin/python benchmarks/strategies.py [--seeds 0 1 2] [--modes M ...] [--out FILE]
 """
@@ -240,15 +241,31 @@ def main() -> None:
     conn = storage.connect(uri, dict(workspace.storage_options))
     say(f"{label}; data {uri}; base detector {weights}; seeds {args.seeds}; modes {[m.name for m in modes]}")
     say(demo_estimate(workspace.checkpoints_dir, architecture, modes, len(ARMS) * len(args.seeds)))
-    with tempfile.TemporaryDirectory(prefix="avp-strategies-") as work:
-        by_mode = {mode.name: run_mode(uri, conn, mode, config, weights, args.seeds, Path(work)) for mode in modes}
-    print_table(by_mode)
     out = args.out or workspace.reports_dir / "strategies.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"protocol": not quick, "label": label, "seeds": args.seeds, "base_weights": weights,
-                               "modes": by_mode}, indent=1))
+    run = {"protocol": not quick, "label": label, "seeds": args.seeds, "base_weights": weights}
+    by_mode = finished_modes(out, run)
+    with tempfile.TemporaryDirectory(prefix="avp-strategies-") as work:
+        for mode in (m for m in modes if m.name not in by_mode):
+            by_mode[mode.name] = run_mode(uri, conn, mode, config, weights, args.seeds, Path(work))
+            out.write_text(json.dumps({**run, "modes": by_mode}, indent=1))  # a killed run keeps its finished modes
+            say(f"{mode.name} judged; results so far in {out}")
+    by_mode = {mode.name: by_mode[mode.name] for mode in modes}
+    print_table(by_mode)
     say(f"results in {out}; {label}")
     print_targets(by_mode)
+
+
+def finished_modes(out: Path, run: dict) -> dict:
+    """The modes an earlier run of the same protocol, seeds and base judged into `out` (a run
+    killed part-way resumes at its first unfinished mode)."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    if any(earlier.get(key) != value for key, value in run.items()):
+        return {}
+    say(f"resuming: {', '.join(earlier['modes'])} judged before in {out}")
+    return earlier["modes"]
 
 
 if __name__ == "__main__":
