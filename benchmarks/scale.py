@@ -74,7 +74,9 @@ def _pool(root: Path, width: int, height: int) -> list[tuple[bytes, dict, str]]:
     """Rendered synthetic frames: (JPEG, det_20 label record, split)."""
     from avperception_assets import synthetic
 
-    batch = synthetic.write_batch(root / "pool", "pool", POOL_FRAMES, seed=99, width=width, height=height)
+    batch = root / "pool" / "pool"  # a kept root's pool (the same seed) is read as it is
+    if not batch.is_dir():
+        synthetic.write_batch(root / "pool", "pool", POOL_FRAMES, seed=99, width=width, height=height)
     pool = []
     for labels_file in sorted((batch / "labels").glob("det_*.json")):
         split = labels_file.stem.removeprefix("det_")
