@@ -44,13 +44,17 @@ def _copy(source_fs: pafs.FileSystem, source: str, destination_fs: pafs.FileSyst
     return destination_fs.get_file_info(destination).mtime_ns
 
 
+def _both_sides(workspace: Workspace, working_copy: Path) -> tuple[pafs.FileSystem, tuple[pafs.FileSystem, str]]:
+    """The local filesystem, and (filesystem, path) of where `working_copy` lives in the bucket."""
+    return pafs.LocalFileSystem(), locations.filesystem(workspace.location_of(working_copy), workspace.storage_options)
+
+
 def pull(workspace: Workspace, working_copy: Path) -> list[str]:
     """Bring a file or folder of the working copy up to date from the bucket: download what it
     lacks, or holds at another size or older. Returns the paths downloaded (relative to it)."""
     if not workspace.is_object_store:
         return []
-    local, (fs, remote) = pafs.LocalFileSystem(), locations.filesystem(workspace.location_of(working_copy),
-                                                                      workspace.storage_options)
+    local, (fs, remote) = _both_sides(workspace, working_copy)
     here = _files(local, str(working_copy)) if working_copy.exists() else {}
     there = _files(fs, remote)
     stale = [name for name, info in there.items() if _newer_or_other(info, here.get(name))]
@@ -70,8 +74,7 @@ def push(workspace: Workspace, working_copy: Path) -> list[str]:
     paths uploaded (relative to it)."""
     if not workspace.is_object_store:
         return []
-    local, (fs, remote) = pafs.LocalFileSystem(), locations.filesystem(workspace.location_of(working_copy),
-                                                                      workspace.storage_options)
+    local, (fs, remote) = _both_sides(workspace, working_copy)
     there = _files(fs, remote)
     fresh = [(name, info) for name, info in _files(local, str(working_copy)).items()
              if not name.endswith(_PARTIAL) and _newer_or_other(info, there.get(name))]
