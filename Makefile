@@ -40,7 +40,7 @@ demo: install instance
 	$(BIN)/dagster asset materialize -m avperception_assets.definitions --select '*'
 	$(BIN)/python -m avperception_assets.summary
 
-# The long base detector (profile cpu_long: 42 epochs, about 40 minutes here) on the demo's
+# The long base detector (profile cpu_long: 40 epochs, about 40 minutes here) on the demo's
 # footage, cached in $(AVP_DATA_DIR)/checkpoints/base_long/: base_detector reuses it from then on
 # (make demo, the benchmarks) instead of training its short base.
 base: install instance

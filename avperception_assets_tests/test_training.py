@@ -220,7 +220,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_weights(uri, tmp_pa
     # The weights went bad at the end of epoch 1: the next step's loss is not finite.
     poisoned = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                 for k, v in torch.load(tmp_path / "last.pt", weights_only=True).items()}
-    torch.save(poisoned, tmp_path / "last.pt")
+    checkpoints.save_torch(poisoned, tmp_path / "last.pt")  # as the trainer writes it: best.pt keeps its bytes
     saved = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt", "train_state.pt")}
     with pytest.raises(engine.NonFiniteLossError, match=r"at epoch 2 step 1 \(global step 3, rank 0\)"):
         training.train(recipe, tmp_path, log=lambda _: None)
@@ -303,3 +303,24 @@ def test_profiles_match_the_reference():
     assert detector.get_profile("cpu", lr=0.5).lr == 0.5
     with pytest.raises(ValueError, match="unknown training profile"):
         detector.get_profile("tpu")
+
+
+def test_best_pt_keeps_the_best_epoch_while_last_pt_moves_on(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = type("State", (), {"model": model, "state_dict": lambda self: {"epoch": 0}})()
+    metadata = {"best_val_map_50": None, "best_epoch": None, "epochs": []}
+    weights_of_epoch = {}
+    for epoch, val_map in [(1, 0.5), (2, 0.3), (3, 0.6), (4, 0.6)]:
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        weights_of_epoch[epoch] = model.weight.clone()
+        checkpoints.save_epoch(tmp_path, state, metadata, {"epoch": epoch, "val_map_50": val_map})
+        best = torch.load(tmp_path / checkpoints.BEST_FILE, weights_only=True)["weight"]
+        last = torch.load(tmp_path / checkpoints.LAST_FILE, weights_only=True)["weight"]
+        assert torch.equal(last, weights_of_epoch[epoch])
+        assert torch.equal(best, weights_of_epoch[metadata["best_epoch"]])
+        # The latest epoch is the best: both names are one file on disk, not two copies.
+        same_file = (tmp_path / checkpoints.BEST_FILE).samefile(tmp_path / checkpoints.LAST_FILE)
+        assert same_file == (metadata["best_epoch"] == epoch)
+    assert [metadata["best_epoch"], checkpoints.read_metadata(tmp_path)["best_epoch"]] == [3, 3]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -8,8 +8,9 @@ launch), each run in a process of its own that starts its local Ray, as Dagster'
 and the lancedb resource do (so no run carries another's memory or Ray). Per stage the median
 seconds over the batches and the highest peak RSS of the run's process tree (its Ray included;
 sampled every 0.1 s) are compared between the sizes (targets: at 20,000 frames <= 1.2x the
-2,000-frame figure). Also: the views' disk next to the table's (target <= 10%), and the whole
-batch from READY to refreshed views, the run process's start and exit included and shown apart
+2,000-frame figure; at 100,000 or more, time <= 1.3x and RSS still <= 1.2x). Also: the views'
+disk next to the table's (target <= 10%), and the whole batch from READY to refreshed views, the
+run process's start and exit included and shown apart
 (goal <= 60 s at 20,000 frames on a quiet machine), and the CPU time the run's process tree
 used, per stage and per batch: divided by the CPUs, the least a batch can take here however its
 work is ordered.
@@ -59,6 +60,7 @@ from PIL import Image  # noqa: E402
 from targets import target  # noqa: E402
 
 RATIO_GOAL = 1.2
+TIME_RATIO_GOAL_100K = 1.3  # a stage's time at 100,000 frames or more
 VIEWS_DISK_GOAL = 0.10
 BATCH_GOAL_S = 60.0
 SHARED_RAY_BATCH_GOAL_S = 45.0
@@ -416,8 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU time of the run's process tree (median): {small['cpu_s']:.0f} s at {args.sizes[0]}, "
           f"{large['cpu_s']:.0f} s at {args.sizes[1]}: on {cpus} CPUs a batch takes at least "
           f"{large['cpu_s'] / cpus:.0f} s at {args.sizes[1]}")
+    time_goal = TIME_RATIO_GOAL_100K if args.sizes[1] >= 100_000 else RATIO_GOAL
     for stage in sorted(small["stage_s"]):
-        target(f"{stage}_time_ratio", large["stage_s"][stage] / small["stage_s"][stage], "<=", RATIO_GOAL)
+        target(f"{stage}_time_ratio", large["stage_s"][stage] / small["stage_s"][stage], "<=", time_goal)
         target(f"{stage}_rss_ratio", large["stage_rss"][stage] / small["stage_rss"][stage], "<=", RATIO_GOAL)
     target("views_disk_fraction", large["views_fraction"], "<=", VIEWS_DISK_GOAL)
     target("batch_ready_to_views_s", large["whole_s"], "<=", BATCH_GOAL_S, unit=" s", digits=1)

@@ -3,7 +3,8 @@
 A run trains on `view@version` and writes, under `<root>/<run name>/<version>/`:
 
 - `last.pt` / `best.pt`: model state_dicts (the latest epoch; the best by mAP@0.5 on the
-  selection share, the view's frames held out from training),
+  selection share, the view's frames held out from training); while the latest epoch is the
+  best they are one file under two names (a hard link), so replace them, never write into them,
 - `train_state.pt`: optimiser, LR schedule, grad scaler and epoch (`engine.TrainState`), for resuming,
 - `metadata.json`: the recipe (`Recipe.as_dict()`, its keys at the top level) and what the run
   found: rows trained on and held out (with the rule that split them), the rows before the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +58,19 @@ def save_torch(obj, path: Path) -> None:
 
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def link_or_copy(source: Path, path: Path) -> None:
+    """`path` atomically made the same file as `source`: a hard link where the filesystem has them
+    (a later `save_torch` to `source` replaces its name, so `path` keeps these bytes), else a copy.
+    best.pt is last.pt's link whenever the latest epoch is the best: half the disk of two copies."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, path)
 
 
@@ -157,7 +172,7 @@ def save_epoch(out: Path, state, metadata: dict, record: dict) -> None:
     save_torch(state.model.state_dict(), out / LAST_FILE)
     best = metadata["best_val_map_50"]
     if best is None or (record["val_map_50"] or 0.0) > best or not (out / BEST_FILE).is_file():
-        save_torch(state.model.state_dict(), out / BEST_FILE)
+        link_or_copy(out / LAST_FILE, out / BEST_FILE)
         metadata.update(best_epoch=record["epoch"], best_val_map_50=record["val_map_50"])
     metadata["epochs"].append(record)
     save_torch(state.state_dict(), out / STATE_FILE)
