@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -307,7 +308,7 @@ def test_profiles_match_the_reference():
 
 def test_best_pt_keeps_the_best_epoch_while_last_pt_moves_on(tmp_path):
     model = torch.nn.Linear(2, 2)
-    state = type("State", (), {"model": model, "state_dict": lambda self: {"epoch": 0}})()
+    state = SimpleNamespace(model=model, state_dict=lambda: {"epoch": 0})  # what save_epoch reads of a TrainState
     metadata = {"best_val_map_50": None, "best_epoch": None, "epochs": []}
     weights_of_epoch = {}
     for epoch, val_map in [(1, 0.5), (2, 0.3), (3, 0.6), (4, 0.6)]:

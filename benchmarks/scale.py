@@ -10,10 +10,9 @@ seconds over the batches and the highest peak RSS of the run's process tree (its
 sampled every 0.1 s) are compared between the sizes (targets: at 20,000 frames <= 1.2x the
 2,000-frame figure; at 100,000 or more, time <= 1.3x and RSS still <= 1.2x). Also: the views'
 disk next to the table's (target <= 10%), and the whole batch from READY to refreshed views, the
-run process's start and exit included and shown apart
-(goal <= 60 s at 20,000 frames on a quiet machine), and the CPU time the run's process tree
-used, per stage and per batch: divided by the CPUs, the least a batch can take here however its
-work is ordered.
+run process's start and exit included and shown apart (goal <= 60 s at 20,000 frames on a quiet
+machine), and the CPU time the run's process tree used, per stage and per batch: divided by the
+CPUs, the least a batch can take here however its work is ordered.
 
 With `--shared-ray` each size then lands `--batches` more batches whose runs attach as drivers
 to one long-lived Ray head (`cluster.head`, what `make ray` starts, with every CPU) instead of
