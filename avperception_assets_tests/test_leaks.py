@@ -141,6 +141,19 @@ def test_duplicate_flags_compare_frames_of_other_clips_only():
     assert udfs.duplicate_flags(far, seqs + 10, clips + 1, hashes, seqs, clips, threshold=3).all()
 
 
+def test_near_hashes_finds_every_pair_within_the_threshold_in_bounded_chunks(monkeypatch):
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, (40, 3)).astype(np.uint64)  # 1-3 bits from a reference
+    hashes = np.concatenate([refs[:40] ^ np.bitwise_xor.reduce(flips, axis=1), rng.integers(0, 2**63, 60, dtype=np.uint64)])
+    brute = udfs.hamming(hashes[:, None], refs[None, :])
+    expected = set(zip(*np.nonzero(brute <= 3)))
+    monkeypatch.setattr(udfs, "_PAIRS_AT_ONCE", 7 * len(refs))  # 15 chunks of 7 rows
+    rows, cols, bits = udfs.near_hashes(hashes, refs, 3)
+    assert set(zip(rows.tolist(), cols.tolist())) == {(int(i), int(j)) for i, j in expected} and len(rows) == len(expected)
+    assert (bits == brute[rows, cols]).all() and len(expected) >= 40
+
+
 def test_crowd_boxes_are_no_objects_in_the_annotation_columns(footage):
     rows = _rows(footage["table"])
     crowded = [r for r in rows if any(r["ann_crowd"] or [])]

@@ -104,6 +104,23 @@ def test_nearest_each_answers_every_query_as_nearest_does(tmp_path, indexed):
     assert nearest_each(table, queries, k=1, where="id < 0").num_rows == 0  # nothing matches: no rows
 
 
+def test_nearest_each_reranks_on_the_stored_vectors_and_searches_every_partition_when_short(tmp_path, monkeypatch):
+    rng = np.random.default_rng(8)
+    vectors = _unit(rng, 600)
+    table = _table(tmp_path, vectors)
+    monkeypatch.setattr(vector_index, "ROWS_PER_PARTITION", 25)  # 24 partitions, 1 probed
+    monkeypatch.setattr(vector_index, "MIN_NPROBES", 1)
+    monkeypatch.setattr(vector_index, "PROBE_FRACTION", 0.01)
+    assert ensure_vector_index(table, min_rows=MIN_ROWS) == "created"
+    queries, keep = _unit(rng, 4), np.arange(600) % 50 == 7
+    got = nearest_each(table, queries, k=5, where="id % 50 = 7", columns=["id"])
+    for i, query in enumerate(queries):
+        mine = got.filter(pa.compute.equal(got["query_index"], i))
+        expected = _true_nearest(vectors, query, 5, keep=keep)
+        assert mine["id"].to_pylist() == expected
+        assert np.allclose(mine["_distance"].to_numpy(), 1 - vectors[expected] @ query, atol=1e-5)  # exact, not PQ
+
+
 def test_uniqueness_is_the_distance_to_the_nearest_frame_ingested_earlier(tmp_path):
     """A batch's rows against brute force: earlier batches by one query, the rows it spans (its
     own, and another batch's between them) by a matrix; NULL vectors never count."""

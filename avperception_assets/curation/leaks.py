@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from avperception_assets.curation.udfs import hamming
+from avperception_assets.curation.udfs import hamming, near_hashes
 from avperception_assets.discovery.vector_index import nearest_each, vectors_matrix
 from avperception_assets.storage.tables import CLIP_ID, and_where, sql_list
 
@@ -84,7 +84,7 @@ def _other_splits(split: str) -> str:
     return f"split <> {sql_list([split])}"
 
 
-def dhash_pairs(table, where: str | None, threshold: int, chunk: int = 256) -> Pairs:
+def dhash_pairs(table, where: str | None, threshold: int) -> Pairs:
     """Pairs of frames in different splits, one among those `where` selects, within `threshold`
     bits of each other's dhash."""
     selected, parts = _selected(table, where, ["dhash"]), []
@@ -94,10 +94,8 @@ def dhash_pairs(table, where: str | None, threshold: int, chunk: int = 256) -> P
         others = table.to_lance().to_table(columns=["dhash", "ingest_seq"],
                                            filter=and_where("dhash IS NOT NULL", _other_splits(split)))
         ref_hashes, ref_seqs = others["dhash"].to_numpy().astype(np.uint64), others["ingest_seq"].to_numpy()
-        for start in range(0, len(hashes), chunk):  # bounded memory: chunk x the other splits
-            distances = hamming(hashes[start:start + chunk, None], ref_hashes[None, :])
-            rows, cols = np.nonzero(distances <= threshold)
-            parts.append((seqs[start:start + chunk][rows], ref_seqs[cols], distances[rows, cols]))
+        rows, cols, distances = near_hashes(hashes, ref_hashes, threshold)
+        parts.append((seqs[rows], ref_seqs[cols], distances))
     return _concat(parts)
 
 

@@ -89,6 +89,25 @@ def hamming(a: np.ndarray, b) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)))
 
 
+# Hash pairs compared at once by `near_hashes`: its XOR matrix is 8 bytes a pair, so 32 MB at
+# most, whatever the reference set's size (256 rows against 100,000 references were 205 MB).
+_PAIRS_AT_ONCE = 4_000_000
+
+
+def near_hashes(hashes: np.ndarray, ref_hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """(i, j, bits) of every pair with `hashes[i]` within `threshold` bits of `ref_hashes[j]`."""
+    hashes, ref_hashes = np.asarray(hashes, dtype=np.uint64), np.asarray(ref_hashes, dtype=np.uint64)
+    chunk, parts = max(1, _PAIRS_AT_ONCE // max(1, len(ref_hashes))), []
+    for start in range(0, len(hashes), chunk):
+        distances = hamming(hashes[start:start + chunk, None], ref_hashes[None, :])
+        rows, cols = np.nonzero(distances <= threshold)
+        parts.append((rows + start, cols, distances[rows, cols]))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
 def clip_keys(clip_ids: pa.Array | pa.ChunkedArray | None, seqs: np.ndarray) -> np.ndarray:
     """An int64 key of each frame's clip: a hash of its `clip_id` (non-negative), or for a frame
     without a clip (NULL, or a table from before clips: `clip_ids` None) its own `-1 - ingest_seq`,
@@ -111,19 +130,15 @@ def _clip_hash(clip_id: str) -> int:
 
 
 def duplicate_flags(hashes: np.ndarray, seqs: np.ndarray, clips: np.ndarray, ref_hashes: np.ndarray,
-                    ref_seqs: np.ndarray, ref_clips: np.ndarray, threshold: int, chunk: int = 256) -> np.ndarray:
+                    ref_seqs: np.ndarray, ref_clips: np.ndarray, threshold: int) -> np.ndarray:
     """True where a reference frame of another clip (`clip_keys`), ingested earlier, is within
     `threshold` bits. Frames of one clip never flag each other: consecutive frames are alike by nature."""
-    hashes, seqs, clips = (np.asarray(hashes, dtype=np.uint64), np.asarray(seqs, dtype=np.int64),
-                           np.asarray(clips, dtype=np.int64))
-    ref_hashes, ref_seqs, ref_clips = (np.asarray(ref_hashes, dtype=np.uint64), np.asarray(ref_seqs, dtype=np.int64),
-                                       np.asarray(ref_clips, dtype=np.int64))
-    flags = np.zeros(len(hashes), dtype=bool)
-    for start in range(0, len(hashes), chunk):  # bounded memory: chunk x reference matrix
-        rows = slice(start, start + chunk)
-        near = hamming(hashes[rows, None], ref_hashes[None, :]) <= threshold
-        earlier_elsewhere = (ref_seqs[None, :] < seqs[rows, None]) & (ref_clips[None, :] != clips[rows, None])
-        flags[rows] = (near & earlier_elsewhere).any(axis=1)
+    seqs, clips = np.asarray(seqs, dtype=np.int64), np.asarray(clips, dtype=np.int64)
+    ref_seqs, ref_clips = np.asarray(ref_seqs, dtype=np.int64), np.asarray(ref_clips, dtype=np.int64)
+    rows, cols, _ = near_hashes(hashes, ref_hashes, threshold)  # few pairs: the other tests only on them
+    earlier_elsewhere = (ref_seqs[cols] < seqs[rows]) & (ref_clips[cols] != clips[rows])
+    flags = np.zeros(len(seqs), dtype=bool)
+    flags[rows[earlier_elsewhere]] = True
     return flags
 
 
