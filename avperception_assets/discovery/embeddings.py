@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avperception_assets.discovery.vector_index import unit_rows
 from avperception_assets.model import detector
 
 COLOR_LAYOUT = "color_layout"
@@ -146,11 +147,6 @@ def _cached_clip_weights(architecture: str, tag: str) -> str | None:
     return None
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 # --- the offline default ---------------------------------------------------------------------
 
 
@@ -206,12 +202,12 @@ class Embedder:
         if not frames:
             return np.zeros((0, self.model.dim), dtype=np.float32)
         if self.model.kind == COLOR_LAYOUT:
-            return _unit(np.stack([_color_layout(f) for f in frames]))
+            return unit_rows(np.stack([_color_layout(f) for f in frames]))
         import torch
 
         with torch.inference_mode():
             features = self._clip_images(frames) if self.model.kind == "clip" else self._backbone(frames)
-        return _unit(features.float().numpy())
+        return unit_rows(features.float().numpy())
 
     def _clip_images(self, frames: list[bytes]):
         import torch
@@ -242,7 +238,7 @@ class Embedder:
         import torch
 
         with torch.inference_mode():
-            return _unit(self._net.encode_text(self._tokenizer(texts)).float().numpy())
+            return unit_rows(self._net.encode_text(self._tokenizer(texts)).float().numpy())
 
 
 _LOADED: dict[EmbeddingModel, Embedder] = {}

@@ -242,7 +242,7 @@ def _reranked(table, found: pa.Table, queries: np.ndarray, k: int, column: str) 
     row_ids, query_index = found["_rowid"].to_numpy(), found["query_index"].to_numpy()
     unique_ids, position = np.unique(row_ids, return_inverse=True)
     stored = vectors_matrix(table.take_row_ids(unique_ids.tolist()).select([column]).to_arrow()[column])
-    cosine = _unit(stored) @ _unit(queries).T  # one row per stored candidate, one column per query
+    cosine = unit_rows(stored) @ unit_rows(queries).T  # one row per stored candidate, one column per query
     distance = (1.0 - cosine[position, query_index]).astype(np.float32)
     order = np.lexsort((distance, query_index))
     rank = np.arange(len(order)) - np.searchsorted(query_index[order], query_index[order])
@@ -251,8 +251,10 @@ def _reranked(table, found: pa.Table, queries: np.ndarray, k: int, column: str) 
     return found.take(keep).drop_columns(["_rowid"])
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (float32; an all-zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 def vectors_matrix(column) -> np.ndarray:
     """A fixed-size list column (array or chunked, no NULLs) → (n, dim) float32."""
